@@ -1,0 +1,147 @@
+"""FASQConfig: the frozen, versioned description of how weights are product-quantized.
+
+Every field is validated in ``__post_init__``; a bad value raises ``ValueError`` naming the
+field, the value and what is allowed.  ``to_dict`` / ``from_dict`` give a JSON round trip that
+is stored as ``quantization_config`` in a saved model's ``config.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+CONFIG_VERSION = 1
+QUANT_METHOD = "fasq"
+
+SCALE_MODES = ("rms", "absmax", "none")
+ROTATIONS = ("none", "hadamard")
+KMEANS_BACKENDS = ("auto", "faiss", "torch")
+KMEANS_INITS = ("kmeans++", "random")
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+@dataclass(frozen=True)
+class FASQConfig:
+    """How to product-quantize the linear layers of a model.
+
+    Each weight ``W[out, in]`` is (optionally) rotated along ``in`` by a randomized block
+    Hadamard transform, split into groups of ``group_size`` input columns that get one fp16 scale
+    per (row, group), and cut into sub-vectors of ``subvector_dim`` columns.  Each sub-vector is
+    replaced by the index of its nearest centroid in a codebook of ``codebook_size`` entries,
+    learned by k-means on the layer's own weights (no calibration data).  With
+    ``num_codebooks > 1`` further codebooks quantize the residual of the previous ones.
+    """
+
+    subvector_dim: int = 2
+    codebook_size: int = 256
+    num_codebooks: int = 1
+    group_size: int = 128          # input columns per scale; 0 = one scale per row
+    scale_mode: str = "rms"        # how groups are normalized before clustering
+    rotation: str = "hadamard"     # "none" or randomized block "hadamard" along in_features
+    rotation_block: int = 256      # largest Hadamard block (a power of two)
+    kmeans_iters: int = 25
+    kmeans_init: str = "kmeans++"
+    kmeans_backend: str = "auto"   # "auto": faiss on CPU when installed, torch otherwise
+    kmeans_max_points: int = 65536  # sub-vectors sampled to train a codebook (all are assigned)
+    refine_iters: int = 2          # alternate (codes -> least-squares scales) this many times
+    skip_modules: tuple[str, ...] = ("lm_head", "embed_tokens")
+    seed: int = 0
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        # Accept lists from JSON for skip_modules.
+        if isinstance(self.skip_modules, list):
+            object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
+        ints = ("subvector_dim", "codebook_size", "num_codebooks", "group_size", "rotation_block",
+                "kmeans_iters", "kmeans_max_points", "refine_iters", "seed", "version")
+        for name in ints:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"FASQConfig.{name}={v!r}: must be an integer")
+        _check(self.version == CONFIG_VERSION, "version", self.version,
+               f"this fasq reads config version {CONFIG_VERSION}")
+        _check(1 <= self.subvector_dim <= 16, "subvector_dim", self.subvector_dim, "an integer from 1 to 16")
+        _check(2 <= self.codebook_size <= 65536, "codebook_size", self.codebook_size,
+               "an integer from 2 to 65536")
+        _check(1 <= self.num_codebooks <= 8, "num_codebooks", self.num_codebooks, "an integer from 1 to 8")
+        _check(self.group_size == 0 or (self.group_size > 0 and self.group_size % self.subvector_dim == 0),
+               "group_size", self.group_size,
+               f"0 (one scale per row) or a positive multiple of subvector_dim={self.subvector_dim}")
+        _check(self.scale_mode in SCALE_MODES, "scale_mode", self.scale_mode, f"one of {SCALE_MODES}")
+        _check(self.rotation in ROTATIONS, "rotation", self.rotation, f"one of {ROTATIONS}")
+        _check(_is_pow2(self.rotation_block) and self.rotation_block <= 4096, "rotation_block",
+               self.rotation_block, "a power of two from 1 to 4096")
+        _check(1 <= self.kmeans_iters <= 1000, "kmeans_iters", self.kmeans_iters, "an integer from 1 to 1000")
+        _check(self.kmeans_init in KMEANS_INITS, "kmeans_init", self.kmeans_init, f"one of {KMEANS_INITS}")
+        _check(self.kmeans_backend in KMEANS_BACKENDS, "kmeans_backend", self.kmeans_backend,
+               f"one of {KMEANS_BACKENDS}")
+        _check(self.kmeans_max_points >= 1024, "kmeans_max_points", self.kmeans_max_points, "at least 1024")
+        _check(0 <= self.refine_iters <= 20, "refine_iters", self.refine_iters, "an integer from 0 to 20")
+        _check(self.seed >= 0, "seed", self.seed, "a non-negative integer")
+        _check(all(isinstance(s, str) and s for s in self.skip_modules), "skip_modules", self.skip_modules,
+               "a tuple of non-empty module-name patterns")
+
+    # ----------------------------------------------------------------------------------------
+    @property
+    def code_bits(self) -> int:
+        """Bits stored per code: ceil(log2 K)."""
+        return max(1, (self.codebook_size - 1).bit_length())
+
+    @property
+    def nominal_bits_per_weight(self) -> float:
+        """Code bits per weight plus fp16 scales; ignores codebooks (use storage accounting for exact)."""
+        b = self.num_codebooks * self.code_bits / self.subvector_dim
+        if self.scale_mode != "none" and self.group_size:
+            b += 16.0 / self.group_size
+        return b
+
+    def replace(self, **changes: Any) -> "FASQConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["skip_modules"] = list(self.skip_modules)
+        d["quant_method"] = QUANT_METHOD
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FASQConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"FASQConfig.from_dict: expected a dict, got {type(data).__name__}")
+        data = dict(data)
+        method = data.pop("quant_method", QUANT_METHOD)
+        if method != QUANT_METHOD:
+            raise ValueError(f"quant_method={method!r}: fasq reads only {QUANT_METHOD!r} configs")
+        data.pop("modules", None)  # per-module settings live beside the config, see io.py
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"FASQConfig.from_dict: unknown fields {unknown}; known fields are {sorted(names)}")
+        return cls(**data)
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"FASQConfig.{name}={value!r} is invalid: allowed is {allowed}")
+
+
+# Named operating points; issue-4 experiments decide which settings these hold (docs/experiments.md).
+PRESETS: dict[str, dict[str, Any]] = {
+    "4bit": dict(subvector_dim=2, codebook_size=256, group_size=128),
+    "3bit": dict(subvector_dim=2, codebook_size=64, group_size=128),
+    "2bit": dict(subvector_dim=4, codebook_size=256, group_size=128),
+    "8bit": dict(subvector_dim=1, codebook_size=256, group_size=128),
+}
+
+
+def preset(name: str, **overrides: Any) -> FASQConfig:
+    if name not in PRESETS:
+        raise ValueError(f"preset={name!r} is unknown: allowed are {sorted(PRESETS)}")
+    return FASQConfig(**{**PRESETS[name], **overrides})

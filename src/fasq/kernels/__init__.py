@@ -1,0 +1,92 @@
+"""Kernel registry: a table of (name, devices, supports(), priority) choosing how PQLinear computes.
+
+Kernels register themselves lazily: nothing here imports Triton or compiles C++ at ``import fasq``.
+A kernel module listed in ``_PROVIDERS`` is imported the first time a layer runs on one of its
+devices; importing it calls :func:`register`.  The plain-PyTorch reference is the last resort; a
+CUDA input that falls back to it logs one warning.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .. import reference
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    devices: tuple[str, ...]               # e.g. ("cuda",), ("cpu",)
+    supports: Callable[..., bool]          # supports(layer, x) -> bool
+    fn: Callable[..., torch.Tensor]        # fn(x, layer) -> y
+    priority: int = 0                      # higher wins
+
+
+_KERNELS: dict[str, Kernel] = {}
+# device type -> modules that register kernels for it (imported on first use).
+_PROVIDERS: dict[str, list[str]] = {"cuda": ["fasq.kernels.triton_kernels"], "cpu": ["fasq.kernels.cpu"]}
+_loaded: set[str] = set()
+_warned: set[str] = set()
+
+
+def register(kernel: Kernel) -> None:
+    _KERNELS[kernel.name] = kernel
+
+
+def kernels() -> list[Kernel]:
+    return sorted(_KERNELS.values(), key=lambda k: -k.priority)
+
+
+def _load_providers(device_type: str) -> None:
+    if device_type in _loaded:
+        return
+    _loaded.add(device_type)
+    for mod in _PROVIDERS.get(device_type, []):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name and mod.startswith(e.name):
+                continue  # provider not written/installed: the reference serves
+            log.warning("fasq: kernels in %s unavailable (%s); using the reference", mod, e)
+        except Exception as e:  # a broken optional kernel must not break inference
+            log.warning("fasq: kernels in %s unavailable (%s); using the reference", mod, e)
+
+
+def _disabled() -> set[str]:
+    return {s for s in os.environ.get("FASQ_DISABLE_KERNELS", "").split(",") if s}
+
+
+def select(layer, x: torch.Tensor) -> Kernel | None:
+    """The highest-priority registered kernel that supports this layer and input, or None."""
+    dev = x.device.type
+    _load_providers(dev)
+    off = _disabled()
+    if "all" in off:
+        return None
+    for k in kernels():
+        if dev in k.devices and k.name not in off and k.supports(layer, x):
+            return k
+    return None
+
+
+def reference_linear(x: torch.Tensor, layer) -> torch.Tensor:
+    return reference.pq_linear(x, layer.spec, layer.codes, layer.codebooks, layer.scales, layer.rot_signs,
+                               layer.bias)
+
+
+def pq_linear(x: torch.Tensor, layer) -> torch.Tensor:
+    k = select(layer, x)
+    if k is not None:
+        return k.fn(x, layer)
+    if x.device.type == "cuda" and "cuda" not in _warned:
+        _warned.add("cuda")
+        log.warning("fasq: no GPU kernel supports this layer/input (%s, %s tokens); falling back to the "
+                    "slow plain-PyTorch reference", layer.spec, x.reshape(-1, x.shape[-1]).shape[0])
+    return reference_linear(x, layer)

@@ -1,0 +1,72 @@
+"""PQLinear: a drop-in nn.Linear replacement that holds a product-quantized weight as buffers."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .format import LayerSpec
+from . import reference
+
+
+class PQLinear(nn.Module):
+    """Linear layer with a product-quantized weight.
+
+    Buffers (see docs/format.md): ``codes`` int32 [M, out, words], ``codebooks`` fp16 [M, K, d],
+    ``scales`` fp16 [out, G], ``rot_signs`` int8 [in] (empty without rotation), optional ``bias``.
+    ``forward`` dispatches through the kernel registry (``fasq.kernels``), whose last resort is the
+    plain-PyTorch reference.
+    """
+
+    def __init__(self, spec: LayerSpec, device=None):
+        super().__init__()
+        self.spec = spec
+        self.in_features = spec.in_features
+        self.out_features = spec.out_features
+        for name, shape in spec.buffer_shapes().items():
+            self.register_buffer(name, torch.zeros(shape, dtype=spec.buffer_dtypes()[name], device=device))
+        if not spec.has_bias:
+            self.bias = None
+
+    @classmethod
+    def from_tensors(cls, spec: LayerSpec, codes, codebooks, scales, rot_signs, bias=None) -> "PQLinear":
+        m = cls(spec, device=codes.device)
+        tensors = {"codes": codes, "codebooks": codebooks, "scales": scales, "rot_signs": rot_signs}
+        if spec.has_bias:
+            tensors["bias"] = bias
+        for name, t in tensors.items():
+            buf = getattr(m, name)
+            if tuple(t.shape) != tuple(buf.shape):
+                raise ValueError(f"PQLinear.{name}: shape {tuple(t.shape)} does not match spec {tuple(buf.shape)}")
+            buf.copy_(t.to(buf.dtype))
+        return m
+
+    # Keep fp16 buffers in fp16 (and int buffers as ints) when the model is cast with .to(dtype):
+    # the stored format is fixed; kernels upcast as they compute.
+    def _apply(self, fn, recurse=True):
+        saved = {n: b.dtype for n, b in self._buffers.items() if b is not None}
+        super()._apply(fn, recurse)
+        for n, dt in saved.items():
+            b = self._buffers[n]
+            if b is not None and b.dtype != dt:
+                self._buffers[n] = b.to(dt)
+        return self
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return torch.float16
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        return reference.dequantize(self.spec, self.codes, self.codebooks, self.scales, self.rot_signs, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .kernels import pq_linear
+        return pq_linear(x, self)
+
+    def storage_bytes(self) -> int:
+        return self.spec.storage_bytes()
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (f"in_features={s.in_features}, out_features={s.out_features}, d={s.subvector_dim}, "
+                f"K={s.num_centroids}, M={s.num_codebooks}, group={s.group_size}, "
+                f"rotation_block={s.rotation_block}, bits/weight={s.bits_per_weight():.3f}")
