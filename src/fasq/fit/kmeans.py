@@ -86,7 +86,7 @@ def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
 
 def _torch_kmeans(x: torch.Tensor, k: int, iters: int, init: str, gen: torch.Generator) -> torch.Tensor:
     if init == "kmeans++":
-        cent = _kmeanspp(x, k, gen)
+        cent = _kmeanspp(_sample(x, 32 * k, gen), k, gen)
     else:
         cent = x[torch.randperm(x.shape[0], generator=gen)[:k].to(x.device)].clone()
     for _ in range(iters):
@@ -112,7 +112,7 @@ def _faiss_kmeans(x: torch.Tensor, k: int, iters: int, init: str, seed: int) -> 
     init_c = None
     if init == "kmeans++":
         gen = torch.Generator().manual_seed(seed)
-        init_c = _kmeanspp(x.detach().float().cpu(), k, gen).numpy().astype(np.float32)
+        init_c = _kmeanspp(_sample(x.detach().float().cpu(), 32 * k, gen), k, gen).numpy().astype(np.float32)
     km.train(xn, init_centroids=init_c)
     return torch.from_numpy(km.centroids.copy()).to(x.device)
 

@@ -1,0 +1,276 @@
+"""The `fasq` command line (also `python -m fasq`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+
+from .config import PRESETS, FASQConfig, preset
+
+log = logging.getLogger("fasq")
+
+
+# ----------------------------------------------------------------------------------------------
+# model loading shared by the commands
+def is_fasq_dir(path: str) -> bool:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        qc = json.loads(cfg.read_text()).get("quantization_config") or {}
+    except json.JSONDecodeError:
+        return False
+    return isinstance(qc, dict) and qc.get("quant_method") == "fasq"
+
+
+def load_any(model_arg: str, dtype=None):
+    """(model, tokenizer) for a fasq directory, the embedded default ``smollm2``, a .gguf file, an HF
+    directory, or a hub id."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import io
+    from .data import resolve_model
+
+    dtype = dtype or torch.float32
+    if is_fasq_dir(model_arg):
+        return io.load(model_arg, dtype=dtype, with_tokenizer=True)
+    path, kw = resolve_model(model_arg)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+    if getattr(model.config, "quantization_config", None) is not None:   # GGUF: dequantized on load
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+    tok = AutoTokenizer.from_pretrained(path, **kw)
+    model.eval()
+    return model, tok
+
+
+def config_from_args(args) -> FASQConfig:
+    fields = {}
+    for name in ("subvector_dim", "codebook_size", "num_codebooks", "group_size", "rotation", "scale_mode",
+                 "kmeans_iters", "refine_iters", "seed"):
+        v = getattr(args, name, None)
+        if v is not None:
+            fields[name] = v
+    if getattr(args, "skip", None):
+        fields["skip_modules"] = tuple(args.skip)
+    if getattr(args, "preset", None):
+        return preset(args.preset, **fields)
+    return FASQConfig(**fields)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ----------------------------------------------------------------------------------------------
+def cmd_quantize(args) -> int:
+    from . import io
+    from .model import model_size_report, quantize
+
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise SystemExit(f"fasq: output {out} already exists; pass --overwrite to replace it")
+    config = config_from_args(args)
+    t0 = time.perf_counter()
+    model, tok = load_any(args.model)
+    t_load = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    quantize(model, config, progress=not args.quiet, device=args.device)
+    t_q = time.perf_counter() - t1
+    io.save(model, out, tokenizer=tok, overwrite=args.overwrite)
+    rep = model_size_report(model)
+    result = {"output": str(out), "config": config.to_dict(), "load_seconds": t_load, "quantize_seconds": t_q,
+              "peak_rss_mb": peak_rss_mb(), **{k: v for k, v in rep.items() if k != "layers"}}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"wrote {out}: {rep['quantized_layers']} layers at {rep['bits_per_weight']:.3f} bits/weight, "
+              f"model {rep['total_bytes'] / 2**20:.1f} MiB = {100 * rep['fraction_of_fp16']:.1f}% of FP16; "
+              f"quantized in {t_q:.1f}s, peak RSS {result['peak_rss_mb']:.0f} MiB")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .format import LayerSpec
+    from .io import read_quantization_config, load
+
+    config, specs, raw = read_quantization_config(args.path)
+    model = load(args.path, verify=False)
+    from .model import model_size_report
+    rep = model_size_report(model)
+    if args.json:
+        print(json.dumps({"config": config.to_dict(), **rep}, indent=2))
+        return 0
+    print(f"{args.path}: fasq format, config {json.dumps({k: v for k, v in config.to_dict().items() if k != 'skip_modules'})}")
+    print(f"{'layer':<48} {'out x in':>13} {'d':>2} {'K':>6} {'M':>2} {'group':>5} {'rot':>4} {'bits/w':>7}")
+    for name, s in specs.items():
+        assert isinstance(s, LayerSpec)
+        print(f"{name:<48} {s.out_features:>6}x{s.in_features:<6} {s.subvector_dim:>2} {s.num_centroids:>6} "
+              f"{s.num_codebooks:>2} {s.group_size:>5} {s.rotation_block:>4} {s.bits_per_weight():>7.3f}")
+    print(f"quantized layers: {rep['quantized_layers']}, {rep['quantized_weights']:,} weights, "
+          f"{rep['bits_per_weight']:.3f} bits/weight ({rep['quantized_bytes']:,} bytes)")
+    print(f"whole model: {rep['total_bytes']:,} bytes = {100 * rep['fraction_of_fp16']:.2f}% of FP16 "
+          f"({rep['fp16_bytes']:,} bytes); unquantized tensors {rep['other_bytes']:,} bytes")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .eval import load_text, perplexity
+    from .model import model_size_report
+
+    text = load_text(args.text or args.corpus)
+    model, tok = load_any(args.model)
+    r = perplexity(model, tok, text, context_length=args.context_length, max_tokens=args.max_tokens,
+                   batch_size=args.batch_size, progress=not args.quiet)
+    rep = model_size_report(model)
+    r.update({"model": args.model, "text": args.text or args.corpus,
+              "bits_per_weight": rep["bits_per_weight"], "fraction_of_fp16": rep["fraction_of_fp16"],
+              "total_bytes": rep["total_bytes"]})
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        size = (f"{rep['bits_per_weight']:.3f} bits/weight, {100 * rep['fraction_of_fp16']:.1f}% of FP16"
+                if rep["quantized_layers"] else "unquantized")
+        print(f"{args.model} on {r['text']}: perplexity {r['perplexity']:.3f}, {r['bits_per_byte']:.4f} bits/byte "
+              f"({r['tokens_scored']} tokens, {r['windows']} windows of {r['context_length']}); {size}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    model, tok = load_any(args.model)
+    ids = tok(args.prompt, return_tensors="pt", add_special_tokens=False)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    dt = time.perf_counter() - t0
+    new = out.shape[1] - ids["input_ids"].shape[1]
+    print(tok.decode(out[0], skip_special_tokens=True))
+    if not args.quiet:
+        print(f"[{new} tokens in {dt:.2f}s, {new / dt:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The main job on the embedded defaults: quantize SmolLM2, evaluate both on the Lee corpus."""
+    import torch
+
+    from . import io
+    from .data import smollm2_checkpoint
+    from .eval import load_text, perplexity
+    from .model import model_size_report, quantize
+
+    config = config_from_args(args)
+    ckpt = smollm2_checkpoint()
+    text = load_text(args.corpus)
+    out = Path(args.output)
+    model, tok = load_any(str(ckpt))
+    print(f"model: SmolLM2-135M-Instruct ({ckpt}); text: {args.corpus}; config: d={config.subvector_dim} "
+          f"K={config.codebook_size} M={config.num_codebooks} group={config.group_size} rotation={config.rotation}")
+    base = perplexity(model, tok, text, context_length=args.context_length, max_tokens=args.max_tokens,
+                      progress=not args.quiet)
+    fp16_bytes = model_size_report(model)["fp16_bytes"]
+    t0 = time.perf_counter()
+    quantize(model, config, progress=not args.quiet)
+    t_q = time.perf_counter() - t0
+    io.save(model, out, tokenizer=tok, overwrite=True)
+    model = io.load(out)
+    q = perplexity(model, tok, text, context_length=args.context_length, max_tokens=args.max_tokens,
+                   progress=not args.quiet)
+    rep = model_size_report(model)
+    rows = [("original (fp32 -> FP16 size)", 16.0, 100.0, base), (f"fasq ({out})", rep["bits_per_weight"],
+            100 * rep["total_bytes"] / fp16_bytes, q)]
+    print(f"\n{'model':<40} {'bits/weight':>11} {'% of FP16':>9} {'perplexity':>10} {'bits/byte':>9}")
+    for name, bpw, frac, r in rows:
+        print(f"{name:<40} {bpw:>11.3f} {frac:>9.1f} {r['perplexity']:>10.3f} {r['bits_per_byte']:>9.4f}")
+    print(f"\nquantized in {t_q:.1f}s; perplexity over {q['tokens_scored']} tokens of {args.corpus} "
+          f"({q['windows']} windows of {args.context_length}); peak RSS {peak_rss_mb():.0f} MiB")
+    del torch
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+def add_quant_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("quantization settings (defaults: FASQConfig)")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="named operating point")
+    g.add_argument("-d", "--subvector-dim", dest="subvector_dim", type=int, help="sub-vector size d")
+    g.add_argument("-k", "--codebook-size", dest="codebook_size", type=int, help="codebook size K (2..65536)")
+    g.add_argument("--num-codebooks", dest="num_codebooks", type=int, help="residual codebooks M")
+    g.add_argument("--group-size", dest="group_size", type=int, help="input columns per scale (0: per row)")
+    g.add_argument("--rotation", choices=["none", "hadamard"])
+    g.add_argument("--scale-mode", dest="scale_mode", choices=["rms", "absmax", "none"])
+    g.add_argument("--kmeans-iters", dest="kmeans_iters", type=int)
+    g.add_argument("--refine-iters", dest="refine_iters", type=int)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--skip", nargs="*", help="module-name patterns kept unquantized")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fasq", description="Calibration-free product quantization of LLMs")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("quantize", help="quantize a model and save it")
+    p.add_argument("model", help="HF model dir or id, a .gguf file, or 'smollm2' (the embedded default)")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--device", default=None, help="where k-means runs (default: the weights' device)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true")
+    add_quant_args(p)
+    p.set_defaults(fn=cmd_quantize)
+
+    p = sub.add_parser("info", help="per-layer settings and sizes of a quantized model")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("eval", help="perplexity and bits/byte on a text")
+    p.add_argument("model")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--text", help="a UTF-8 text file")
+    src.add_argument("--corpus", default="lee", choices=["lee", "austen", "wikitext2"])
+    p.add_argument("--context-length", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=16384, help="tokens scored (whole windows); 0 = all")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("generate", help="greedy generation from a prompt")
+    p.add_argument("model")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("demo", help="main job: quantize the embedded SmolLM2 and compare perplexity")
+    p.add_argument("-o", "--output", default="out/smollm2-fasq")
+    p.add_argument("--corpus", default="lee", choices=["lee", "austen"])
+    p.add_argument("--context-length", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=16384)
+    p.add_argument("-q", "--quiet", action="store_true")
+    add_quant_args(p)
+    p.set_defaults(fn=cmd_demo)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "max_tokens", None) == 0:
+        args.max_tokens = None
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"fasq: error: {e}", file=sys.stderr)
+        return 2

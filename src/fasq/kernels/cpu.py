@@ -1,0 +1,311 @@
+"""CPU kernels for PQLinear: a C++ op built on first use, three methods, registry entries.
+
+Importing this module compiles nothing; it registers three kernels with :mod:`fasq.kernels`
+(the registry imports it the first time a layer runs on the CPU).  The first ``supports()`` call
+builds ``pq_cpu.cpp`` with ``torch.utils.cpp_extension`` (``-O3 -march=native -fopenmp``) into
+``~/.cache/fasq/cpu_kernels/<hash>/`` (``$FASQ_CACHE_DIR`` overrides ``~/.cache/fasq``), once
+per machine, source and torch version.  When no compiler works, one warning is logged and every
+kernel here declines, so the plain-PyTorch reference serves.
+
+==============  ========  ======================================================================
+name            priority  used for
+==============  ========  ======================================================================
+``cpu_lut``     30        1..LUT_MAX_TOKENS tokens, K <= 256, AVX-512 VBMI: fp16 lookup tables
+``cpu_direct``  20        up to DIRECT_MAX_TOKENS tokens, any K: gather centroids, fp32 FMA
+``cpu_tiled``   10        any token count: dequantize row tiles in x's dtype, then ATen GEMM
+==============  ========  ======================================================================
+
+All three are one op, ``torch.ops.fasq.cpu_pq_linear`` (CPU kernel + fake implementation).
+Per-layer preparation (fp32 codebook copies; for ``cpu_lut`` codes repacked one byte per code
+with 64 rows interleaved, and scales in the same order) happens on a layer's first call and is
+cached on the module, keyed by the buffers' versions.  See docs/kernels_cpu.md.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..format import LayerSpec, unpack_codes
+from . import Kernel, register
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("pq_cpu.cpp")
+LUT_MAX_TOKENS = 2       # measured crossover LUT -> direct (docs/kernels_cpu.md)
+DIRECT_MAX_TOKENS = 8    # above this the tiled GEMM path wins
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+METHODS = ("lut", "direct", "tiled")
+ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
+ROWS_PER_BLOCK = 64      # must match RB in pq_cpu.cpp
+POISON = False           # tests: the op NaN-fills its output and scratch before computing
+
+_MODE = {"direct": 0, "lut": 1, "tiled": 2}
+_FEAT_AVX2, _FEAT_AVX512, _FEAT_VBMI = 1, 2, 4
+
+
+# ----------------------------------------------------------------------------------------------
+# Build and load (once per process; the compiled library is cached on disk once per machine).
+def cache_dir() -> Path:
+    root = os.environ.get("FASQ_CACHE_DIR") or Path.home() / ".cache" / "fasq"
+    return Path(root) / "cpu_kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build_key(cflags: list[str]) -> str:
+    h = hashlib.sha256(SOURCE.read_bytes())
+    for part in (torch.__version__, sys.version, " ".join(cflags), os.environ.get("CXX", ""), _cpu_flags()):
+        h.update(b"\0" + part.encode())
+    return h.hexdigest()[:16]
+
+
+_ATTEMPTS = (("native", ["-O3", "-march=native", "-fopenmp"], ["-fopenmp"]),
+             ("portable", ["-O3"], []))
+
+
+def _build(cflags: list[str], ldflags: list[str]) -> None:
+    from torch.utils import cpp_extension
+
+    key = _build_key(cflags)
+    name = f"fasq_pq_cpu_{key}"
+    build_dir = cache_dir() / key
+    so_path, marker = build_dir / f"{name}.so", build_dir / "built.ok"
+    if marker.exists() and so_path.exists():
+        torch.ops.load_library(str(so_path))
+        return
+    build_dir.mkdir(parents=True, exist_ok=True)
+    log.info("fasq: building the CPU kernel in %s (once per machine, about a minute)", build_dir)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:  # cpp_extension's own warnings go to DEBUG
+        warnings.simplefilter("always")
+        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags,
+                           build_directory=str(build_dir), is_python_module=False, verbose=False)
+    for w in caught:
+        log.debug("cpp_extension: %s", w.message)
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(f"{torch.__version__} {' '.join(cflags)}\n")
+    tmp.replace(marker)  # atomic: another process never loads a half-written library
+    log.info("fasq: CPU kernel built in %.0f s", time.perf_counter() - t0)
+
+
+@functools.lru_cache(maxsize=None)
+def features() -> int:
+    """Bit mask of what the loaded library was compiled with (1 AVX2, 2 AVX-512, 4 VBMI, 8 OpenMP);
+    -1 when no library could be built (then every kernel here declines)."""
+    errors = []
+    for label, cflags, ldflags in _ATTEMPTS:
+        try:
+            _build(cflags, ldflags)
+        except Exception as e:  # noqa: BLE001 - any build/load failure means: no kernel
+            msg = str(e).strip().splitlines()
+            errors.append(f"{label}: {msg[-1] if msg else type(e).__name__}")
+            log.debug("fasq: CPU kernel build (%s) failed:\n%s", label, e)
+            continue
+        if label != "native":
+            log.warning("fasq: CPU kernel built without -march=native/OpenMP (%s); it will be slower",
+                        "; ".join(errors))
+        torch.library.register_fake("fasq::cpu_pq_linear")(_fake_cpu_pq_linear)
+        return int(torch.ops.fasq.cpu_features())
+    log.warning("fasq: could not build the CPU kernel (%s); PQLinear on CPU falls back to the slow "
+                "plain-PyTorch reference. Compiler output is logged at DEBUG level by %s.",
+                "; ".join(errors), __name__)
+    return -1
+
+
+def available() -> bool:
+    """True when the C++ kernel is (or can be) built and loaded; builds it on the first call."""
+    return features() >= 0
+
+
+def _fake_cpu_pq_linear(x, codes, tables, scales, rot_signs, bias, meta):
+    return x.new_empty((*x.shape[:-1], meta[1]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Which layers and inputs the kernel takes, and the per-layer preparation.
+def _padded_dim(d: int) -> int:
+    return 1 << (d - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=1024)
+def spec_supported(spec: LayerSpec) -> bool:
+    """Layers outside these limits go to the reference."""
+    rb = spec.rotation_block
+    return (1 <= spec.subvector_dim <= 16 and 1 <= spec.bits <= 16 and 1 <= spec.num_codebooks <= 8
+            and (not spec.has_scales or spec.effective_group % spec.subvector_dim == 0)
+            and (rb == 0 or (rb & (rb - 1) == 0 and spec.in_features % rb == 0)))
+
+
+def default_isa() -> str:
+    env = os.environ.get("FASQ_CPU_ISA", "").lower()
+    feats = features()
+    best = "avx512" if feats >= 0 and feats & _FEAT_AVX512 else "avx2" if feats >= 0 and feats & _FEAT_AVX2 \
+        else "scalar"
+    if env in ISAS and ISAS[env] < ISAS[best]:
+        return env
+    return best
+
+
+def lut_supported(spec: LayerSpec, isa: str | None = None) -> bool:
+    isa = isa or default_isa()
+    return spec.bits <= 8 and ISAS[isa] >= ISAS["avx512"] and features() >= 0 and bool(features() & _FEAT_VBMI)
+
+
+@dataclass
+class _Prepared:
+    key: tuple
+    tables: torch.Tensor                          # fp32 [M, K, dp] codebooks for direct / tiled
+    lut: tuple | None = None                      # (codes [n_rb, M, n_sub, 64] u8, cbT [M, d+1, KP], scales)
+    metas: dict = field(default_factory=dict)     # (method, isa, poison) -> meta list
+
+
+def _buffers_key(layer) -> tuple:
+    b = layer._buffers
+    c, cb, s = b["codes"], b["codebooks"], b["scales"]
+    return (c.data_ptr(), c._version, cb.data_ptr(), cb._version, s.data_ptr(), s._version)
+
+
+def _prepare(layer) -> _Prepared:
+    key = _buffers_key(layer)
+    p = layer.__dict__.get("_fasq_cpu")
+    if p is not None and p.key == key:
+        return p
+    spec = layer.spec
+    d, dp = spec.subvector_dim, _padded_dim(spec.subvector_dim)
+    cb = layer.codebooks.detach().float()                                      # [M, K, d]
+    tables = torch.nn.functional.pad(cb, (0, dp - d)).contiguous()             # [M, K, dp]
+    p = _Prepared(key, tables)
+    layer.__dict__["_fasq_cpu"] = p
+    return p
+
+
+def _lut_tensors(layer, p: _Prepared) -> tuple:
+    """Repack for the LUT method (once per layer): one byte per code, 64 rows side by side."""
+    if p.lut is None:
+        spec = layer.spec
+        m_books, out, n_sub = spec.num_codebooks, spec.out_features, spec.n_sub
+        rb = ROWS_PER_BLOCK
+        n_rb = -(-out // rb)
+        codes = torch.zeros(n_rb * rb, m_books, n_sub, dtype=torch.uint8)
+        step = max(rb, (1 << 22) // max(1, m_books * n_sub) // rb * rb)         # bound the int64 temp
+        for r0 in range(0, out, step):
+            r1 = min(out, r0 + step)
+            idx = unpack_codes(layer.codes[:, r0:r1], spec.bits, n_sub)          # [M, rows, n_sub]
+            codes[r0:r1] = idx.permute(1, 0, 2).to(torch.uint8)
+        codes = codes.view(n_rb, rb, m_books, n_sub).permute(0, 2, 3, 1).contiguous()
+        kp = 64 if spec.bits <= 6 else 128 if spec.bits == 7 else 256
+        cbt = layer.codebooks.detach().float().permute(0, 2, 1)                  # [M, d, K]
+        cmax = torch.nn.functional.pad(cbt.abs().amax(-1), (0, kp - spec.subvector_dim))  # [M, KP]
+        cbt = torch.nn.functional.pad(cbt, (0, kp - spec.num_centroids))
+        cbt = torch.cat([cbt, cmax[:, None]], 1).contiguous()   # [M, d + 1, KP]; row d: max |cb| per coord
+        if spec.has_scales:
+            s = torch.nn.functional.pad(layer.scales.detach().half(), (0, 0, 0, n_rb * rb - out))
+            scales = s.view(n_rb, rb, spec.n_groups).permute(0, 2, 1).contiguous()  # [n_rb, G, 64]
+        else:
+            scales = torch.zeros(0, dtype=torch.float16)
+        p.lut = (codes, cbt, scales)
+    return p.lut
+
+
+def _meta(spec: LayerSpec, method: str, isa: str) -> list[int]:
+    d = spec.subvector_dim
+    gs = spec.effective_group // d if spec.has_scales else spec.n_sub
+    kp = 64 if spec.bits <= 6 else 128 if spec.bits == 7 else 256
+    return [spec.in_features, spec.out_features, d, spec.num_centroids, spec.num_codebooks, spec.bits,
+            spec.n_sub, gs, spec.n_groups, spec.rotation_block, _MODE[method], ISAS[isa],
+            _padded_dim(d), kp, spec.words_per_row, int(POISON)]
+
+
+def cpu_linear(x: torch.Tensor, layer, method: str, isa: str | None = None) -> torch.Tensor:
+    """y = x W^T + b for a PQLinear ``layer`` by one method ("lut", "direct", "tiled"); x on CPU.
+
+    The registry calls this through the kernels below; tests and benchmarks call it directly.
+    """
+    p = _prepare(layer)
+    isa = isa or default_isa()
+    mk = (method, isa, POISON)
+    meta = p.metas.get(mk)
+    if meta is None:
+        if method not in METHODS:
+            raise ValueError(f"method={method!r}: allowed are {METHODS}")
+        if method == "lut" and not lut_supported(layer.spec, isa):
+            raise ValueError(f"method='lut' needs K <= 256 and AVX-512 VBMI (layer {layer.spec}, isa {isa})")
+        meta = p.metas[mk] = _meta(layer.spec, method, isa)
+    b = layer._buffers
+    if method == "lut":
+        codes, tables, scales = _lut_tensors(layer, p)
+    else:
+        codes, tables, scales = b["codes"], p.tables, b["scales"]
+    return torch.ops.fasq.cpu_pq_linear(x, codes, tables, scales, b["rot_signs"], b.get("bias"), meta)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry entries.  supports() must be cheap: it runs on every forward call.
+def _common_ok(layer, x) -> bool:
+    return (x.dtype in SUPPORTED_DTYPES and not (x.requires_grad and torch.is_grad_enabled())
+            and spec_supported(layer.spec) and features() >= 0)
+
+
+def _tokens(x) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+def _supports_lut(layer, x) -> bool:
+    return _tokens(x) <= LUT_MAX_TOKENS and _common_ok(layer, x) and lut_supported(layer.spec)
+
+
+def _supports_direct(layer, x) -> bool:
+    return _tokens(x) <= DIRECT_MAX_TOKENS and _common_ok(layer, x)
+
+
+register(Kernel("cpu_lut", ("cpu",), _supports_lut, lambda x, layer: cpu_linear(x, layer, "lut"), priority=30))
+register(Kernel("cpu_direct", ("cpu",), _supports_direct, lambda x, layer: cpu_linear(x, layer, "direct"),
+                priority=20))
+register(Kernel("cpu_tiled", ("cpu",), _common_ok, lambda x, layer: cpu_linear(x, layer, "tiled"), priority=10))
+
+
+# ----------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def bench_decode(model, input_ids: torch.Tensor, new_tokens: int = 64, warmup: int = 4) -> dict:
+    """Greedy decode ``new_tokens`` after ``input_ids`` [1, S] with a Hugging Face causal LM.
+
+    Returns the generated ids, prefill seconds and decode tokens/s (the prompt is prefilled once,
+    then one token per forward with the KV cache).  ``fasq bench`` and benchmarks/cpu.py use it.
+    """
+    def run(n):
+        out = model(input_ids=input_ids, use_cache=True)
+        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        t_prefill = time.perf_counter()
+        toks = [tok]
+        for _ in range(n - 1):
+            out = model(input_ids=tok, past_key_values=past, use_cache=True)
+            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            toks.append(tok)
+        return torch.cat(toks, 1), t_prefill
+
+    if warmup:
+        run(min(warmup, new_tokens))
+    t0 = time.perf_counter()
+    ids, t1 = run(new_tokens)
+    t2 = time.perf_counter()
+    return {"generated": ids[0].tolist(), "prefill_s": t1 - t0, "decode_s": t2 - t1,
+            "decode_tokens_per_s": (new_tokens - 1) / (t2 - t1) if new_tokens > 1 else float("nan")}

@@ -1,0 +1,821 @@
+// fasq CPU kernels: y = x W^T (+ bias) straight from the stored product-quantized format.
+//
+// Built on first use by fasq/kernels/cpu.py (torch.utils.cpp_extension, -O3 -march=native
+// -fopenmp) and registered as the op `fasq::cpu_pq_linear`.  Three methods (see
+// docs/kernels_cpu.md for the measurements behind them):
+//
+//   LUT     few tokens, K <= 256, AVX-512 VBMI.  Per token and sub-vector position j, a table
+//           LUT[j][k] = <codebook[k], x_j> (fp16, one fp32 scale per j).  Codes are repacked once
+//           per layer so that one 64-byte load holds the codes of 64 rows at one j; the table
+//           (as lo/hi byte planes, 512 bytes for K=256) is looked up for 64 rows at a time with
+//           vpermt2b, so the work per code is a fraction of an instruction and no gather is used.
+//   DIRECT  few tokens, any K: per row, decode the codes, gather the centroids (fp32 copy of the
+//           codebook) and FMA them with x; the gathers are shared by all tokens.  AVX-512, AVX2
+//           and a portable scalar path.  Exact fp32 arithmetic on the fp16 codebook.
+//   TILED   many tokens: dequantize blocks of rows of W_r in x's dtype into a reused buffer and
+//           multiply with ATen's GEMM.
+//
+// All methods rotate the input first (sign flip + fast Walsh-Hadamard transform in fp32) and use
+// the rotated weight W_r, exactly like fasq.reference.pq_linear.  Accumulation is fp32.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
+    defined(__F16C__) && defined(__FMA__)
+#define FASQ_AVX512 1
+#endif
+#if defined(FASQ_AVX512) && defined(__AVX512VBMI__)
+#define FASQ_VBMI 1
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define FASQ_AVX2 1
+#endif
+
+namespace fasq_cpu {
+
+// Layout of the int[] `meta` argument (cpu.py builds it once per layer).
+enum Meta {
+  M_IN, M_OUT, M_D, M_K, M_M, M_BITS, M_NSUB, M_GS, M_NG, M_ROT, M_MODE, M_ISA, M_DP, M_KP, M_WORDS, M_POISON, M_COUNT
+};
+enum Mode { DIRECT = 0, LUT = 1, TILED = 2 };
+enum Isa { SCALAR = 0, AVX2 = 1, AVX512 = 2 };
+constexpr int RB = 64;  // rows per block in the LUT layout: one byte lane per row
+
+int64_t features() {
+  int64_t f = 0;
+#ifdef FASQ_AVX2
+  f |= 1;
+#endif
+#ifdef FASQ_AVX512
+  f |= 2;
+#endif
+#ifdef FASQ_VBMI
+  f |= 4;
+#endif
+#ifdef _OPENMP
+  f |= 8;
+#endif
+  return f;
+}
+
+static inline int n_threads() { return std::max(1, at::get_num_threads()); }
+
+// Grow-only scratch owned by the calling thread: no page faults per call after the first.
+template <typename T>
+static T* scratch(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Input: x [T, in] (fp32/bf16/fp16) -> rotated fp32, laid out as [T][stride] with sub-vector j
+// at [j*dp, j*dp + d) and zeros elsewhere (padding columns, padded coordinates, tail).
+static void fwht(float* v, int64_t n, int64_t h) {
+  const float norm = 1.0f / std::sqrt(static_cast<float>(h));
+  for (int64_t b0 = 0; b0 < n; b0 += h) {
+    float* p = v + b0;
+    for (int64_t len = 1; len < h; len <<= 1)
+      for (int64_t i = 0; i < h; i += 2 * len)
+        for (int64_t k = 0; k < len; ++k) {
+          const float u = p[i + k], w = p[i + k + len];
+          p[i + k] = u + w;
+          p[i + k + len] = u - w;
+        }
+    for (int64_t i = 0; i < h; ++i) p[i] *= norm;
+  }
+}
+
+template <typename T>
+static void load_row(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+static void prepare_input(const at::Tensor& x2, int64_t T, const int64_t* mt, const at::Tensor& signs,
+                          int dp, float* out, int64_t stride, std::vector<float>& tmp_v) {
+  const int64_t in = mt[M_IN], d = mt[M_D], nsub = mt[M_NSUB], rot = mt[M_ROT];
+  float* tmp = scratch(tmp_v, static_cast<size_t>(in));
+  const int8_t* sg = rot ? signs.data_ptr<int8_t>() : nullptr;
+  for (int64_t t = 0; t < T; ++t) {
+    switch (x2.scalar_type()) {
+      case at::kFloat: load_row(x2.data_ptr<float>() + t * in, tmp, in); break;
+      case at::kBFloat16: load_row(x2.data_ptr<c10::BFloat16>() + t * in, tmp, in); break;
+      case at::kHalf: load_row(x2.data_ptr<c10::Half>() + t * in, tmp, in); break;
+      default: TORCH_CHECK(false, "fasq cpu_pq_linear: x dtype ", x2.scalar_type(), " not supported");
+    }
+    if (rot) {
+      for (int64_t i = 0; i < in; ++i) tmp[i] *= static_cast<float>(sg[i]);
+      fwht(tmp, in, rot);
+    }
+    float* o = out + t * stride;
+    std::fill(o, o + stride, 0.0f);
+    if (dp == d) {
+      std::memcpy(o, tmp, sizeof(float) * in);
+    } else {
+      for (int64_t j = 0; j < nsub; ++j)
+        for (int64_t c = 0; c < d && j * d + c < in; ++c) o[j * dp + c] = tmp[j * d + c];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Code decoding.  A row's codes are one LSB-first bit stream of n_sub codes of b bits (bytes in
+// little-endian order, so code j sits at bits [j*b, (j+1)*b) of the row's bytes).
+static void decode_row_scalar(const uint8_t* row, int64_t nbytes, int b, int64_t n, int32_t* idx) {
+  const uint32_t mask = (1u << b) - 1u;
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t p = j * b, byte = p >> 3;
+    uint32_t v = 0;
+    const int64_t avail = std::min<int64_t>(4, nbytes - byte);
+    std::memcpy(&v, row + byte, static_cast<size_t>(avail));  // little-endian host assumed
+    idx[j] = static_cast<int32_t>((v >> (p & 7)) & mask);
+  }
+}
+
+#ifdef FASQ_VBMI
+// 16 codes per step: bytes of the 16*b-bit window are moved so that lane i holds the 4 bytes
+// starting at byte (i*b)/8, then shifted right by (i*b)%8 and masked.  Masked loads never fault.
+struct DecodeTables {
+  alignas(64) uint8_t perm[17][64];
+  alignas(64) int32_t shift[17][16];
+  DecodeTables() {
+    for (int b = 1; b <= 16; ++b)
+      for (int i = 0; i < 16; ++i) {
+        const int p = i * b;
+        for (int k = 0; k < 4; ++k) perm[b][4 * i + k] = static_cast<uint8_t>((p >> 3) + k);
+        shift[b][i] = p & 7;
+      }
+  }
+};
+static const DecodeTables kDecode;
+
+static void decode_row_vbmi(const uint8_t* row, int64_t nbytes, int b, int64_t n, int32_t* idx) {
+  const __m512i perm = _mm512_load_si512(kDecode.perm[b]);
+  const __m512i shift = _mm512_load_si512(kDecode.shift[b]);
+  const __m512i mask = _mm512_set1_epi32((1 << b) - 1);
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t off = (j0 * b) >> 3, rem = nbytes - off;
+    const __mmask64 lm = rem >= 64 ? ~0ULL : ((1ULL << rem) - 1);
+    const __m512i w = _mm512_maskz_loadu_epi8(lm, row + off);
+    __m512i v = _mm512_permutexvar_epi8(perm, w);
+    v = _mm512_and_si512(_mm512_srlv_epi32(v, shift), mask);
+    _mm512_storeu_si512(idx + j0, v);  // idx has room for n rounded up to 16
+  }
+}
+#endif
+
+static void decode_row(const uint8_t* row, int64_t nbytes, int b, int64_t n, int32_t* idx, int isa) {
+#ifdef FASQ_VBMI
+  if (isa >= AVX512) return decode_row_vbmi(row, nbytes, b, n, idx);
+#endif
+  (void)isa;
+  decode_row_scalar(row, nbytes, b, n, idx);
+}
+
+// ---------------------------------------------------------------------------------------------
+// DIRECT: one row at a time.  idx[m] = decoded codes of codebook m; cb[m] = fp32 codebook
+// [K][DP]; xs[t] = prepared input of token t.  Returns sum over groups of scale * (W_n row . x).
+struct RowArgs {
+  const int32_t* const* idx;  // [M] -> [n_sub (+16)]
+  const float* const* cb;     // [M] -> [K][DP]
+  const float* const* xs;     // [NT] -> prepared input
+  const c10::Half* scales;    // row's scales [G] or nullptr
+  int64_t M, nsub, gs, ng;
+};
+
+template <int DP, int NT>
+static void row_scalar(const RowArgs& a, float* out) {
+  float tot[NT] = {};
+  const int64_t ngroups = a.ng ? a.ng : 1;
+  for (int64_t g = 0; g < ngroups; ++g) {
+    const int64_t js = g * a.gs, je = std::min(js + a.gs, a.nsub);
+    float acc[NT] = {};
+    for (int64_t j = js; j < je; ++j) {
+      float w[DP] = {};
+      for (int64_t m = 0; m < a.M; ++m) {
+        const float* c = a.cb[m] + static_cast<int64_t>(a.idx[m][j]) * DP;
+        for (int q = 0; q < DP; ++q) w[q] += c[q];
+      }
+      for (int t = 0; t < NT; ++t) {
+        const float* xv = a.xs[t] + j * DP;
+        float s = 0.f;
+        for (int q = 0; q < DP; ++q) s += w[q] * xv[q];
+        acc[t] += s;
+      }
+    }
+    const float sc = a.scales ? static_cast<float>(a.scales[g]) : 1.0f;
+    for (int t = 0; t < NT; ++t) tot[t] += sc * acc[t];
+  }
+  for (int t = 0; t < NT; ++t) out[t] = tot[t];
+}
+
+#ifdef FASQ_AVX512
+template <int DP, int NT>
+static void row_avx512(const RowArgs& a, float* out) {
+  __m512 tot[NT];
+  for (int t = 0; t < NT; ++t) tot[t] = _mm512_setzero_ps();
+  const int64_t ngroups = a.ng ? a.ng : 1;
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t g = 0; g < ngroups; ++g) {
+    const int64_t js = g * a.gs, je = std::min(js + a.gs, a.nsub);
+    __m512 acc[NT];
+    for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+    if constexpr (DP <= 2) {
+      for (int64_t j0 = js; j0 < je; j0 += 16) {
+        const int64_t n = std::min<int64_t>(16, je - j0);
+        const __mmask16 km = static_cast<__mmask16>((1u << n) - 1u);
+        if constexpr (DP == 1) {
+          __m512 w = zero;
+          for (int64_t m = 0; m < a.M; ++m) {
+            const __m512i iv = _mm512_loadu_si512(a.idx[m] + j0);
+            w = _mm512_add_ps(w, _mm512_mask_i32gather_ps(zero, km, iv, a.cb[m], 4));
+          }
+          for (int t = 0; t < NT; ++t) acc[t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(a.xs[t] + j0), acc[t]);
+        } else {
+          __m512d w0 = _mm512_setzero_pd(), w1 = _mm512_setzero_pd();
+          for (int64_t m = 0; m < a.M; ++m) {
+            const __m512i iv = _mm512_loadu_si512(a.idx[m] + j0);
+            const double* cbd = reinterpret_cast<const double*>(a.cb[m]);
+            w0 = _mm512_castps_pd(_mm512_add_ps(_mm512_castpd_ps(w0), _mm512_castpd_ps(_mm512_mask_i32gather_pd(
+                _mm512_setzero_pd(), static_cast<__mmask8>(km), _mm512_castsi512_si256(iv), cbd, 8))));
+            w1 = _mm512_castps_pd(_mm512_add_ps(_mm512_castpd_ps(w1), _mm512_castpd_ps(_mm512_mask_i32gather_pd(
+                _mm512_setzero_pd(), static_cast<__mmask8>(km >> 8), _mm512_extracti64x4_epi64(iv, 1), cbd, 8))));
+          }
+          for (int t = 0; t < NT; ++t) {
+            acc[t] = _mm512_fmadd_ps(_mm512_castpd_ps(w0), _mm512_loadu_ps(a.xs[t] + 2 * j0), acc[t]);
+            acc[t] = _mm512_fmadd_ps(_mm512_castpd_ps(w1), _mm512_loadu_ps(a.xs[t] + 2 * j0 + 16), acc[t]);
+          }
+        }
+      }
+    } else {
+      // DP in {4, 8, 16}: 16/DP sub-vectors per register, one plain load per sub-vector.
+      constexpr int PER = 16 / DP;
+      for (int64_t j0 = js; j0 < je; j0 += PER) {
+        alignas(64) float wbuf[16];
+        for (int q = 0; q < PER; ++q) {
+          const int64_t j = j0 + q;
+          for (int c = 0; c < DP; ++c) wbuf[q * DP + c] = 0.f;
+          if (j < je) {
+            for (int64_t m = 0; m < a.M; ++m) {
+              const float* cp = a.cb[m] + static_cast<int64_t>(a.idx[m][j]) * DP;
+              for (int c = 0; c < DP; ++c) wbuf[q * DP + c] += cp[c];
+            }
+          }
+        }
+        const __m512 w = _mm512_load_ps(wbuf);
+        for (int t = 0; t < NT; ++t) acc[t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(a.xs[t] + j0 * DP), acc[t]);
+      }
+    }
+    const __m512 sc = _mm512_set1_ps(a.scales ? static_cast<float>(a.scales[g]) : 1.0f);
+    for (int t = 0; t < NT; ++t) tot[t] = _mm512_fmadd_ps(acc[t], sc, tot[t]);
+  }
+  for (int t = 0; t < NT; ++t) out[t] = _mm512_reduce_add_ps(tot[t]);
+}
+#endif
+
+#ifdef FASQ_AVX2
+static inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+template <int DP, int NT>
+static void row_avx2(const RowArgs& a, float* out) {
+  alignas(32) static const int32_t lane_ids[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+  const __m256i lanes = _mm256_load_si256(reinterpret_cast<const __m256i*>(lane_ids));
+  __m256 tot[NT];
+  for (int t = 0; t < NT; ++t) tot[t] = _mm256_setzero_ps();
+  const int64_t ngroups = a.ng ? a.ng : 1;
+  for (int64_t g = 0; g < ngroups; ++g) {
+    const int64_t js = g * a.gs, je = std::min(js + a.gs, a.nsub);
+    __m256 acc[NT];
+    for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
+    if constexpr (DP == 1) {
+      for (int64_t j0 = js; j0 < je; j0 += 8) {
+        const __m256i km = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(je - j0)), lanes);
+        __m256 w = _mm256_setzero_ps();
+        for (int64_t m = 0; m < a.M; ++m) {
+          const __m256i iv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.idx[m] + j0));
+          w = _mm256_add_ps(w, _mm256_mask_i32gather_ps(_mm256_setzero_ps(), a.cb[m], iv, _mm256_castsi256_ps(km), 4));
+        }
+        for (int t = 0; t < NT; ++t) acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(a.xs[t] + j0), acc[t]);
+      }
+    } else if constexpr (DP == 2) {
+      for (int64_t j0 = js; j0 < je; j0 += 4) {
+        const __m256i n4 = _mm256_set1_epi64x(je - j0);
+        const __m256i km = _mm256_cmpgt_epi64(n4, _mm256_set_epi64x(3, 2, 1, 0));
+        __m256d w = _mm256_setzero_pd();
+        for (int64_t m = 0; m < a.M; ++m) {
+          const __m128i iv = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.idx[m] + j0));
+          const __m256d gv = _mm256_mask_i32gather_pd(_mm256_setzero_pd(), reinterpret_cast<const double*>(a.cb[m]), iv,
+                                                      _mm256_castsi256_pd(km), 8);
+          w = _mm256_castps_pd(_mm256_add_ps(_mm256_castpd_ps(w), _mm256_castpd_ps(gv)));
+        }
+        for (int t = 0; t < NT; ++t)
+          acc[t] = _mm256_fmadd_ps(_mm256_castpd_ps(w), _mm256_loadu_ps(a.xs[t] + 2 * j0), acc[t]);
+      }
+    } else {
+      constexpr int PER = DP >= 8 ? 1 : 8 / DP;  // sub-vectors per 8-float register
+      for (int64_t j0 = js; j0 < je; j0 += PER) {
+        for (int h = 0; h < (DP >= 8 ? DP / 8 : 1); ++h) {
+          alignas(32) float wbuf[8];
+          for (int q = 0; q < 8; ++q) wbuf[q] = 0.f;
+          for (int q = 0; q < PER; ++q) {
+            const int64_t j = j0 + q;
+            if (j >= je) break;
+            for (int64_t m = 0; m < a.M; ++m) {
+              const float* cp = a.cb[m] + static_cast<int64_t>(a.idx[m][j]) * DP + h * 8;
+              for (int c = 0; c < std::min(DP, 8); ++c) wbuf[q * std::min(DP, 8) + c] += cp[c];
+            }
+          }
+          const __m256 w = _mm256_load_ps(wbuf);
+          for (int t = 0; t < NT; ++t)
+            acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(a.xs[t] + j0 * DP + h * 8), acc[t]);
+        }
+      }
+    }
+    const __m256 sc = _mm256_set1_ps(a.scales ? static_cast<float>(a.scales[g]) : 1.0f);
+    for (int t = 0; t < NT; ++t) tot[t] = _mm256_fmadd_ps(acc[t], sc, tot[t]);
+  }
+  for (int t = 0; t < NT; ++t) out[t] = hsum256(tot[t]);
+}
+#endif
+
+using RowFn = void (*)(const RowArgs&, float*);
+
+template <int NT>
+static RowFn pick_row_fn(int isa, int dp) {
+#define FASQ_DP_SWITCH(FN)                     \
+  switch (dp) {                                \
+    case 1: return &FN<1, NT>;                 \
+    case 2: return &FN<2, NT>;                 \
+    case 4: return &FN<4, NT>;                 \
+    case 8: return &FN<8, NT>;                 \
+    case 16: return &FN<16, NT>;               \
+  }
+#ifdef FASQ_AVX512
+  if (isa >= AVX512) { FASQ_DP_SWITCH(row_avx512) }
+#endif
+#ifdef FASQ_AVX2
+  if (isa >= AVX2) { FASQ_DP_SWITCH(row_avx2) }
+#endif
+  (void)isa;
+  FASQ_DP_SWITCH(row_scalar)
+#undef FASQ_DP_SWITCH
+  TORCH_CHECK(false, "fasq cpu_pq_linear: padded sub-vector dim ", dp, " not in {1,2,4,8,16}");
+}
+
+static RowFn pick_row_fn(int isa, int dp, int nt) {
+  switch (nt) {
+    case 1: return pick_row_fn<1>(isa, dp);
+    case 2: return pick_row_fn<2>(isa, dp);
+    case 4: return pick_row_fn<4>(isa, dp);
+    case 8: return pick_row_fn<8>(isa, dp);
+  }
+  TORCH_CHECK(false, "fasq cpu_pq_linear: bad token block ", nt);
+}
+
+// Store y[t][o] for o in [o0, o0 + n) from fp32 values src[t][.] (+ bias), converting to out's dtype.
+static void store_outputs(at::Tensor& y, int64_t T, int64_t out, int64_t o0, int64_t n, const float* src,
+                          int64_t src_stride, const at::Tensor& bias) {
+  const c10::Half* bp = bias.defined() && bias.numel() ? bias.data_ptr<c10::Half>() : nullptr;
+  for (int64_t t = 0; t < T; ++t) {
+    const float* s = src + t * src_stride;
+    auto put = [&](auto* yp) {
+      using O = std::remove_pointer_t<decltype(yp)>;
+      for (int64_t i = 0; i < n; ++i) {
+        float v = s[i];
+        if (bp) v += static_cast<float>(bp[o0 + i]);
+        yp[t * out + o0 + i] = static_cast<O>(v);
+      }
+    };
+    switch (y.scalar_type()) {
+      case at::kFloat: put(y.data_ptr<float>()); break;
+      case at::kBFloat16: put(y.data_ptr<c10::BFloat16>()); break;
+      case at::kHalf: put(y.data_ptr<c10::Half>()); break;
+      default: TORCH_CHECK(false, "fasq cpu_pq_linear: bad output dtype");
+    }
+  }
+}
+
+static void run_direct(const at::Tensor& x2, at::Tensor& y, const at::Tensor& codes, const at::Tensor& tables,
+                       const at::Tensor& scales, const at::Tensor& signs, const at::Tensor& bias, const int64_t* mt) {
+  const int64_t T = x2.size(0), out = mt[M_OUT], nsub = mt[M_NSUB], Mb = mt[M_M], dp = mt[M_DP], K_ = mt[M_K];
+  const int isa = static_cast<int>(mt[M_ISA]), b = static_cast<int>(mt[M_BITS]);
+  const int64_t words = mt[M_WORDS], nbytes = words * 4;
+  // Token blocks of 8, 4, 2, 1: the gathers of a row are shared by the tokens of a block.
+  const int nt = T >= 8 ? 8 : T >= 4 ? 4 : T >= 2 ? 2 : 1;
+  const int64_t T_pad = (T + nt - 1) / nt * nt;
+  const int64_t stride = nsub * dp + 64;
+  thread_local std::vector<float> xbuf_v, tmp_v, ybuf_v;
+  float* xbuf = scratch(xbuf_v, static_cast<size_t>(T_pad * stride));
+  prepare_input(x2, T, mt, signs, static_cast<int>(dp), xbuf, stride, tmp_v);
+  std::fill(xbuf + T * stride, xbuf + T_pad * stride, 0.0f);
+  float* ybuf = scratch(ybuf_v, static_cast<size_t>(T_pad * out));
+  const RowFn fn = pick_row_fn(isa, static_cast<int>(dp), nt);
+  const uint8_t* cbase = reinterpret_cast<const uint8_t*>(codes.data_ptr<int32_t>());
+  const float* tb = tables.data_ptr<float>();
+  const c10::Half* sp = mt[M_NG] ? scales.data_ptr<c10::Half>() : nullptr;
+  const int64_t ng = mt[M_NG];
+  const int nth = n_threads();
+#pragma omp parallel num_threads(nth)
+  {
+    std::vector<int32_t> idx_v(static_cast<size_t>(Mb * (nsub + 16)));
+    std::vector<const int32_t*> idx_p(Mb);
+    std::vector<const float*> cb_p(Mb);
+    for (int64_t m = 0; m < Mb; ++m) {
+      idx_p[m] = idx_v.data() + m * (nsub + 16);
+      cb_p[m] = tb + m * K_ * dp;
+    }
+    const float* xs[8];
+    float res[8];
+#pragma omp for schedule(static)
+    for (int64_t o = 0; o < out; ++o) {
+      for (int64_t m = 0; m < Mb; ++m)
+        decode_row(cbase + (m * out + o) * nbytes, nbytes, b, nsub, idx_v.data() + m * (nsub + 16), isa);
+      RowArgs ra{idx_p.data(), cb_p.data(), xs, sp ? sp + o * ng : nullptr, Mb, nsub, mt[M_GS], ng};
+      for (int64_t t0 = 0; t0 < T_pad; t0 += nt) {
+        for (int t = 0; t < nt; ++t) xs[t] = xbuf + (t0 + t) * stride;
+        fn(ra, res);
+        for (int t = 0; t < nt; ++t) ybuf[(t0 + t) * out + o] = res[t];
+      }
+    }
+  }
+  store_outputs(y, T, out, 0, out, ybuf, out, bias);
+}
+
+// ---------------------------------------------------------------------------------------------
+// LUT: fast-scan over the repacked codes [n_rb][M][n_sub][64] (one byte per code).
+#ifdef FASQ_VBMI
+struct LutArgs {
+  const uint8_t* codes;     // repacked [n_rb][M][n_sub][64]
+  const uint8_t* lut;       // [T][M][n_sub][2][KP]: lo and hi byte planes of the fp16 entries
+  const float* tscale;      // [T]: entries are <codebook[k], x_j> / tscale[t]
+  const c10::Half* scales;  // repacked [n_rb][G][64], or nullptr
+  float* ypart;             // [S][T][n_rb*64]
+  int64_t T, M, nsub, gs, ng, nrb, S;
+};
+
+// Byte indices that interleave the lo / hi byte planes of 32 looked-up entries into fp16 words.
+struct Interleave {
+  alignas(64) uint8_t a[64];
+  alignas(64) uint8_t b[64];
+  alignas(64) uint8_t even[64];
+  alignas(64) uint8_t odd[64];
+  Interleave() {
+    for (int i = 0; i < 32; ++i) {
+      a[2 * i] = static_cast<uint8_t>(i), a[2 * i + 1] = static_cast<uint8_t>(64 + i);
+      b[2 * i] = static_cast<uint8_t>(32 + i), b[2 * i + 1] = static_cast<uint8_t>(96 + i);
+    }
+    for (int i = 0; i < 64; ++i) even[i] = static_cast<uint8_t>(2 * i), odd[i] = static_cast<uint8_t>(2 * i + 1);
+  }
+};
+static const Interleave il;
+
+// Look up 64 fp16 table entries (one per row) and return them as 4 x 16 fp32 lanes, in row order.
+template <int KP>
+static inline void lookup64(const uint8_t* L, __m512i idx, __m512 w[4]) {
+  const __m512i* T = reinterpret_cast<const __m512i*>(L);
+  __m512i lo, hi;
+  if constexpr (KP == 64) {
+    lo = _mm512_permutexvar_epi8(idx, _mm512_load_si512(T));
+    hi = _mm512_permutexvar_epi8(idx, _mm512_load_si512(T + 1));
+  } else if constexpr (KP == 128) {
+    lo = _mm512_permutex2var_epi8(_mm512_load_si512(T), idx, _mm512_load_si512(T + 1));
+    hi = _mm512_permutex2var_epi8(_mm512_load_si512(T + 2), idx, _mm512_load_si512(T + 3));
+  } else {
+    const __mmask64 top = _mm512_movepi8_mask(idx);  // bit 7 of each code: upper 128 entries
+    lo = _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(_mm512_load_si512(T), idx, _mm512_load_si512(T + 1)),
+                                _mm512_permutex2var_epi8(_mm512_load_si512(T + 2), idx, _mm512_load_si512(T + 3)));
+    hi = _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(_mm512_load_si512(T + 4), idx, _mm512_load_si512(T + 5)),
+                                _mm512_permutex2var_epi8(_mm512_load_si512(T + 6), idx, _mm512_load_si512(T + 7)));
+  }
+  const __m512i w0 = _mm512_permutex2var_epi8(lo, _mm512_load_si512(il.a), hi);  // rows 0..31 as fp16
+  const __m512i w1 = _mm512_permutex2var_epi8(lo, _mm512_load_si512(il.b), hi);  // rows 32..63
+  w[0] = _mm512_cvtph_ps(_mm512_castsi512_si256(w0));
+  w[1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w0, 1));
+  w[2] = _mm512_cvtph_ps(_mm512_castsi512_si256(w1));
+  w[3] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w1, 1));
+}
+
+// Work item (rb, s): row block rb, groups [s*ng/S, (s+1)*ng/S), tokens [t0, t0 + NT).
+template <int KP, int NT>
+static void lut_scan_item(const LutArgs& a, int64_t t0, int64_t rb, int64_t s) {
+  const int64_t ngroups = a.ng ? a.ng : 1;
+  const int64_t g0 = s * ngroups / a.S, g1 = (s + 1) * ngroups / a.S;
+  __m512 ys[NT][4];
+  for (int t = 0; t < NT; ++t)
+    for (int q = 0; q < 4; ++q) ys[t][q] = _mm512_setzero_ps();
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t js = g * a.gs, je = std::min(js + a.gs, a.nsub);
+    __m512 acc[NT][4];
+    for (int t = 0; t < NT; ++t)
+      for (int q = 0; q < 4; ++q) acc[t][q] = _mm512_setzero_ps();
+    for (int64_t m = 0; m < a.M; ++m) {
+      const uint8_t* cp = a.codes + ((rb * a.M + m) * a.nsub + js) * RB;
+      const uint8_t* lp[NT];
+      for (int t = 0; t < NT; ++t) lp[t] = a.lut + (((t0 + t) * a.M + m) * a.nsub + js) * 2 * KP;
+      for (int64_t j = js; j < je; ++j, cp += RB) {
+        const __m512i idx = _mm512_loadu_si512(cp);
+        for (int t = 0; t < NT; ++t) {
+          __m512 w[4];
+          lookup64<KP>(lp[t], idx, w);
+          lp[t] += 2 * KP;
+          for (int q = 0; q < 4; ++q) acc[t][q] = _mm512_add_ps(acc[t][q], w[q]);
+        }
+      }
+    }
+    if (a.scales) {
+      const c10::Half* sp = a.scales + (rb * a.ng + g) * RB;
+      for (int q = 0; q < 4; ++q) {
+        const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp + 16 * q)));
+        for (int t = 0; t < NT; ++t) ys[t][q] = _mm512_fmadd_ps(acc[t][q], sc, ys[t][q]);
+      }
+    } else {
+      for (int t = 0; t < NT; ++t)
+        for (int q = 0; q < 4; ++q) ys[t][q] = _mm512_add_ps(ys[t][q], acc[t][q]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    const __m512 ts = _mm512_set1_ps(a.tscale[t0 + t]);
+    float* yp = a.ypart + (s * a.T + t0 + t) * a.nrb * RB + rb * RB;
+    for (int q = 0; q < 4; ++q) _mm512_storeu_ps(yp + 16 * q, _mm512_mul_ps(ys[t][q], ts));
+  }
+}
+
+template <int KP>
+static void lut_scan(const LutArgs& a, int64_t t0, int nt, int64_t rb, int64_t s) {
+  switch (nt) {
+    case 1: return lut_scan_item<KP, 1>(a, t0, rb, s);
+    case 2: return lut_scan_item<KP, 2>(a, t0, rb, s);
+    case 3: return lut_scan_item<KP, 3>(a, t0, rb, s);
+    default: return lut_scan_item<KP, 4>(a, t0, rb, s);
+  }
+}
+
+// Table of one (token, codebook, j): entry k = <cbT[:, k], xj> (xj already divided by the token
+// scale, so every entry fits fp16), stored as a lo-byte plane [kp] then a hi-byte plane [kp].
+template <int DD>
+static void lut_build_one(const float* cbT, const float* xj, int64_t d_rt, int64_t kp, uint8_t* L) {
+  const int64_t d = DD ? DD : d_rt;
+  __m512 xv[16];
+  for (int64_t c = 0; c < d; ++c) xv[c] = _mm512_set1_ps(xj[c]);
+  const __m512i even = _mm512_load_si512(il.even), odd = _mm512_load_si512(il.odd);
+  for (int64_t k0 = 0; k0 < kp; k0 += 64) {
+    __m256i h[4];
+    for (int q = 0; q < 4; ++q) {
+      const float* cp = cbT + k0 + 16 * q;
+      __m512 e = _mm512_mul_ps(xv[0], _mm512_loadu_ps(cp));
+      for (int64_t c = 1; c < d; ++c) e = _mm512_fmadd_ps(xv[c], _mm512_loadu_ps(cp + c * kp), e);
+      h[q] = _mm512_cvtps_ph(e, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    const __m512i wa = _mm512_inserti64x4(_mm512_castsi256_si512(h[0]), h[1], 1);  // entries k0..k0+31
+    const __m512i wb = _mm512_inserti64x4(_mm512_castsi256_si512(h[2]), h[3], 1);  // k0+32..k0+63
+    _mm512_store_si512(L + k0, _mm512_permutex2var_epi8(wa, even, wb));
+    _mm512_store_si512(L + kp + k0, _mm512_permutex2var_epi8(wa, odd, wb));
+  }
+}
+
+static void run_lut(const at::Tensor& x2, at::Tensor& y, const at::Tensor& codes, const at::Tensor& tables,
+                    const at::Tensor& scales, const at::Tensor& signs, const at::Tensor& bias, const int64_t* mt) {
+  const int64_t T = x2.size(0), out = mt[M_OUT], nsub = mt[M_NSUB], Mb = mt[M_M], d = mt[M_D], kp = mt[M_KP];
+  const int64_t nrb = (out + RB - 1) / RB, ng = mt[M_NG], ngroups = ng ? ng : 1;
+  const int64_t stride = nsub * d + 16;
+  thread_local std::vector<float> xbuf_v, tmp_v, ts_v, yp_v, yfin_v;
+  thread_local std::vector<uint8_t> lut_v;
+  float* xbuf = scratch(xbuf_v, static_cast<size_t>(T * stride));
+  prepare_input(x2, T, mt, signs, static_cast<int>(d), xbuf, stride, tmp_v);
+  // Token scale: a bound on |entry| from the per-coordinate maxima of |codebook| (row d of each
+  // codebook's table block), so that the largest possible entry maps to 2^15 < fp16 max.
+  const float* cbT = tables.data_ptr<float>();
+  float* ts = scratch(ts_v, static_cast<size_t>(T));
+  for (int64_t t = 0; t < T; ++t) {
+    float* xt = xbuf + t * stride;
+    float bound = 0.f;
+    for (int64_t m = 0; m < Mb; ++m) {
+      const float* cmax = cbT + (m * (d + 1) + d) * kp;
+      for (int64_t j = 0; j < nsub; ++j) {
+        float b = 0.f;
+        for (int64_t c = 0; c < d; ++c) b += std::fabs(xt[j * d + c]) * cmax[c];
+        bound = std::max(bound, b);
+      }
+    }
+    const float sc = (bound > 0.f && std::isfinite(bound)) ? bound / 32768.0f : 1.0f;
+    const float inv = 1.0f / sc;
+    for (int64_t i = 0; i < nsub * d; ++i) xt[i] *= inv;
+    ts[t] = sc;
+  }
+  const int nth = n_threads();
+  // Split the groups of a row block across threads when there are too few row blocks.
+  const int64_t S = std::min<int64_t>(ngroups, std::max<int64_t>(1, (4 * nth + nrb - 1) / nrb));
+  const int64_t n_tab = T * Mb * nsub;
+  uint8_t* lut = scratch(lut_v, static_cast<size_t>(n_tab * 2 * kp) + 64);
+  lut = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(lut) + 63) & ~uintptr_t(63));
+  float* ypart = scratch(yp_v, static_cast<size_t>(S * T * nrb * RB));
+  if (mt[M_POISON]) {
+    std::fill(lut, lut + n_tab * 2 * kp, uint8_t(0xFF));
+    std::fill(ypart, ypart + S * T * nrb * RB, std::numeric_limits<float>::quiet_NaN());
+  }
+  LutArgs a{codes.data_ptr<uint8_t>(), lut, ts, ng ? scales.data_ptr<c10::Half>() : nullptr, ypart,
+            T, Mb, nsub, mt[M_GS], ng, nrb, S};
+  const int64_t n_items = nrb * S;
+  float* yf = y.scalar_type() == at::kFloat ? y.data_ptr<float>() : nullptr;
+  const c10::Half* bp = bias.defined() && bias.numel() ? bias.data_ptr<c10::Half>() : nullptr;
+  float* yfin = yf ? yf : scratch(yfin_v, static_cast<size_t>(T * out));
+  auto build = d == 2 ? &lut_build_one<2> : d == 1 ? &lut_build_one<1> : d == 4 ? &lut_build_one<4>
+             : d == 8 ? &lut_build_one<8> : &lut_build_one<0>;
+#pragma omp parallel num_threads(nth)
+  {
+#pragma omp for schedule(static)
+    for (int64_t e = 0; e < n_tab; ++e) {
+      const int64_t j = e % nsub, tm = e / nsub, m = tm % Mb, t = tm / Mb;
+      build(cbT + m * (d + 1) * kp, xbuf + t * stride + j * d, d, kp, lut + e * 2 * kp);
+    }
+#pragma omp for schedule(static)
+    for (int64_t it = 0; it < n_items; ++it) {
+      const int64_t rb = it / S, s = it % S;
+      for (int64_t t0 = 0; t0 < T; t0 += 4) {
+        const int nt = static_cast<int>(std::min<int64_t>(4, T - t0));
+        if (kp == 64) lut_scan<64>(a, t0, nt, rb, s);
+        else if (kp == 128) lut_scan<128>(a, t0, nt, rb, s);
+        else lut_scan<256>(a, t0, nt, rb, s);
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t e = 0; e < T * out; ++e) {
+      const int64_t t = e / out, o = e % out;
+      float v = 0.f;
+      for (int64_t s = 0; s < S; ++s) v += ypart[(s * T + t) * nrb * RB + o];
+      if (bp) v += static_cast<float>(bp[o]);
+      yfin[e] = v;
+    }
+  }
+  if (!yf) {
+    at::Tensor src = at::from_blob(yfin, {T, out}, at::TensorOptions().dtype(at::kFloat));
+    y.copy_(src.view(y.sizes()));
+  }
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// TILED: dequantize R rows of W_r at a time into a reused fp32 buffer, then GEMM in x's dtype.
+//
+// One row: dst[c] = scale[g(c)] * sum_m codebook_m[code_m[j(c)]][c % d]  for c < n_sub * d.
+static void dequant_row(const int32_t* const* idx, const float* const* cb, const c10::Half* sc, const int64_t* mt,
+                        float* dst, int isa) {
+  const int64_t nsub = mt[M_NSUB], Mb = mt[M_M], d = mt[M_D], dp = mt[M_DP], gs = mt[M_GS], ng = mt[M_NG];
+  const int64_t ngroups = ng ? ng : 1;
+  for (int64_t g = 0; g < ngroups; ++g) {
+    const int64_t js = g * gs, je = std::min(js + gs, nsub);
+    const float s = sc ? static_cast<float>(sc[g]) : 1.0f;
+    int64_t j = js;
+#ifdef FASQ_AVX512
+    if (isa >= AVX512 && dp <= 2 && d == dp) {
+      const __m512 sv = _mm512_set1_ps(s);
+      for (; j + 16 <= je; j += 16) {
+        if (dp == 1) {
+          __m512 w = _mm512_setzero_ps();
+          for (int64_t m = 0; m < Mb; ++m)
+            w = _mm512_add_ps(w, _mm512_i32gather_ps(_mm512_loadu_si512(idx[m] + j), cb[m], 4));
+          _mm512_storeu_ps(dst + j, _mm512_mul_ps(w, sv));
+        } else {
+          __m512 w0 = _mm512_setzero_ps(), w1 = _mm512_setzero_ps();
+          for (int64_t m = 0; m < Mb; ++m) {
+            const __m512i iv = _mm512_loadu_si512(idx[m] + j);
+            const double* cbd = reinterpret_cast<const double*>(cb[m]);
+            w0 = _mm512_add_ps(w0, _mm512_castpd_ps(_mm512_i32gather_pd(_mm512_castsi512_si256(iv), cbd, 8)));
+            w1 = _mm512_add_ps(w1, _mm512_castpd_ps(_mm512_i32gather_pd(_mm512_extracti64x4_epi64(iv, 1), cbd, 8)));
+          }
+          _mm512_storeu_ps(dst + 2 * j, _mm512_mul_ps(w0, sv));
+          _mm512_storeu_ps(dst + 2 * j + 16, _mm512_mul_ps(w1, sv));
+        }
+      }
+    }
+#endif
+    (void)isa;
+    for (; j < je; ++j) {
+      float* o = dst + j * d;
+      for (int64_t c = 0; c < d; ++c) o[c] = 0.f;
+      for (int64_t m = 0; m < Mb; ++m) {
+        const float* cp = cb[m] + static_cast<int64_t>(idx[m][j]) * dp;
+        for (int64_t c = 0; c < d; ++c) o[c] += cp[c];
+      }
+      for (int64_t c = 0; c < d; ++c) o[c] *= s;
+    }
+  }
+}
+
+static void run_tiled(const at::Tensor& x2, at::Tensor& y, const at::Tensor& codes, const at::Tensor& tables,
+                      const at::Tensor& scales, const at::Tensor& signs, const at::Tensor& bias, const int64_t* mt) {
+  const int64_t T = x2.size(0), in = mt[M_IN], out = mt[M_OUT], nsub = mt[M_NSUB], Mb = mt[M_M];
+  const int64_t dp = mt[M_DP], K_ = mt[M_K], ng = mt[M_NG], nbytes = mt[M_WORDS] * 4, width = nsub * mt[M_D];
+  const int isa = static_cast<int>(mt[M_ISA]), b = static_cast<int>(mt[M_BITS]);
+  const auto dt = x2.scalar_type();
+  at::Tensor xr = x2;
+  if (mt[M_ROT]) {
+    thread_local std::vector<float> tmp_v;
+    at::Tensor xf = at::empty({T, in}, x2.options().dtype(at::kFloat));
+    prepare_input(x2, T, mt, signs, static_cast<int>(mt[M_D]), xf.data_ptr<float>(), in, tmp_v);
+    xr = dt == at::kFloat ? xf : xf.to(dt);
+  }
+  // ~2 MiB fp32 tiles: large enough for an efficient GEMM, small enough to stay in cache.
+  int64_t R = std::max<int64_t>(16, (int64_t(2) << 20) / std::max<int64_t>(1, width * 4));
+  R = std::min<int64_t>(out, (R + 15) / 16 * 16);
+  at::Tensor tile = at::empty({R, width}, x2.options().dtype(at::kFloat));
+  at::Tensor yT = at::empty({out, T}, x2.options());
+  if (mt[M_POISON]) tile.fill_(std::numeric_limits<float>::quiet_NaN()), yT.fill_(NAN);
+  const uint8_t* cbase = reinterpret_cast<const uint8_t*>(codes.data_ptr<int32_t>());
+  const float* tb = tables.data_ptr<float>();
+  const c10::Half* sp = ng ? scales.data_ptr<c10::Half>() : nullptr;
+  const at::Tensor xT = xr.t();
+  float* tp = tile.data_ptr<float>();
+  const int nth = n_threads();
+  for (int64_t o0 = 0; o0 < out; o0 += R) {
+    const int64_t n = std::min(R, out - o0);
+#pragma omp parallel num_threads(nth)
+    {
+      std::vector<int32_t> idx_v(static_cast<size_t>(Mb * (nsub + 16)));
+      std::vector<const int32_t*> idx_p(Mb);
+      std::vector<const float*> cb_p(Mb);
+      for (int64_t m = 0; m < Mb; ++m) idx_p[m] = idx_v.data() + m * (nsub + 16), cb_p[m] = tb + m * K_ * dp;
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < n; ++r) {
+        const int64_t o = o0 + r;
+        for (int64_t m = 0; m < Mb; ++m)
+          decode_row(cbase + (m * out + o) * nbytes, nbytes, b, nsub, idx_v.data() + m * (nsub + 16), isa);
+        dequant_row(idx_p.data(), cb_p.data(), sp ? sp + o * ng : nullptr, mt, tp + r * width, isa);
+      }
+    }
+    at::Tensor w = tile.narrow(0, 0, n).narrow(1, 0, in);
+    if (dt != at::kFloat) w = w.to(dt);  // the reference also rounds W_r to x's dtype
+    at::Tensor dst = yT.narrow(0, o0, n);
+    at::mm_out(dst, w, xT);
+  }
+  if (bias.defined() && bias.numel()) yT.add_(bias.to(dt).unsqueeze(1));
+  y.view({T, out}).copy_(yT.t());
+}
+
+// ---------------------------------------------------------------------------------------------
+at::Tensor cpu_pq_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& tables,
+                         const at::Tensor& scales, const at::Tensor& rot_signs, const c10::optional<at::Tensor>& bias,
+                         at::IntArrayRef meta) {
+  TORCH_CHECK(meta.size() == M_COUNT, "fasq cpu_pq_linear: meta must have ", int(M_COUNT), " entries, got ",
+              meta.size());
+  const int64_t* mt = meta.data();
+  const int64_t in = mt[M_IN], out = mt[M_OUT];
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in, "fasq cpu_pq_linear: x has last dim ", x.size(-1),
+              ", the layer expects in_features=", in);
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+              "fasq cpu_pq_linear: x dtype ", dt, " not supported (float32, bfloat16, float16)");
+  TORCH_CHECK(tables.scalar_type() == at::kFloat && tables.is_contiguous(), "fasq cpu_pq_linear: bad tables");
+  std::vector<int64_t> osize(x.sizes().begin(), x.sizes().end());
+  osize.back() = out;
+  at::Tensor y = at::empty(osize, x.options());
+  const int64_t T = in ? x.numel() / in : 0;
+  if (T == 0 || out == 0) return y;
+  if (mt[M_POISON]) y.fill_(std::numeric_limits<float>::quiet_NaN());
+  const at::Tensor x2 = x.reshape({T, in}).contiguous();
+  const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
+  switch (mt[M_MODE]) {
+    case LUT:
+#ifdef FASQ_VBMI
+      run_lut(x2, y, codes, tables, scales, rot_signs, b, mt);
+      break;
+#else
+      TORCH_CHECK(false, "fasq cpu_pq_linear: the LUT method needs AVX-512 VBMI (not compiled in)");
+#endif
+    case DIRECT: run_direct(x2, y, codes, tables, scales, rot_signs, b, mt); break;
+    case TILED: run_tiled(x2, y, codes, tables, scales, rot_signs, b, mt); break;
+    default: TORCH_CHECK(false, "fasq cpu_pq_linear: unknown mode ", mt[M_MODE]);
+  }
+  return y;
+}
+
+}  // namespace fasq_cpu
+
+TORCH_LIBRARY_FRAGMENT(fasq, m) {
+  m.def("cpu_pq_linear(Tensor x, Tensor codes, Tensor tables, Tensor scales, Tensor rot_signs, Tensor? bias, "
+        "int[] meta) -> Tensor");
+  m.def("cpu_features() -> int", &fasq_cpu::features);
+}
+
+TORCH_LIBRARY_IMPL(fasq, CPU, m) { m.impl("cpu_pq_linear", &fasq_cpu::cpu_pq_linear); }

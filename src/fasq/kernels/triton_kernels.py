@@ -1,0 +1,308 @@
+"""Triton GPU kernels for PQLinear: launch heuristics, ``torch.library`` ops and registry entries.
+
+Importing this module imports Triton and registers three kernels with :mod:`fasq.kernels`
+(the registry imports it the first time a layer runs on a CUDA device):
+
+==================  =========  ==================================================================
+name                priority   used for
+==================  =========  ==================================================================
+``triton_decode``   30         1-16 tokens: LUT-free direct compute, split-K, CUDA cores / tl.dot
+``triton_prefill``  20         any token count: decode W_r tiles to registers, ``tl.dot``
+``triton_dequant``  10         any token count: write W_r in x's dtype, then cuBLAS ``F.linear``
+==================  =========  ==================================================================
+
+All three compute ``y = rotate(x) @ W_r^T + b`` like :func:`fasq.reference.pq_linear` and are
+exposed as one custom op, ``torch.ops.fasq.triton_pq_linear`` (with a fake implementation), so
+``torch.compile`` and CUDA graphs see one opaque call per layer.  The op allocates nothing that
+outlives the call, except one cached Hadamard matrix per (block, device, dtype): run a layer
+once before capturing a CUDA graph (as warm-up always does) so that it is built outside capture.
+The op also runs on CPU tensors under ``TRITON_INTERPRET=1``; that is how CI checks it.
+
+Launch sizes below are first choices, not tuned on a GPU (none was available when they were
+written); ``benchmarks/gpu.py`` measures them.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from .. import reference
+from ..format import code_bits, packed_words
+from . import Kernel, register
+from .triton_pq import dequant_kernel, pq_matmul_kernel, splitk_reduce_kernel
+
+DECODE_MAX_TOKENS = 16
+METHODS = ("decode", "prefill", "dequant")
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_SUBVECTOR_DIM = 16
+MAX_CODE_BITS = 16
+MAX_CODEBOOKS = 8
+
+# True when the Triton interpreter runs the kernels (TRITON_INTERPRET=1 at import): the
+# interpreter computes bf16 tl.dot wrongly, so dots are done on fp32 operands there.
+INTERPRETED = not isinstance(pq_matmul_kernel, triton.runtime.JITFunction)
+
+
+def _new_buffer(shape, dtype, device) -> torch.Tensor:
+    """Every buffer a kernel writes comes from here (tests swap in NaN-filled buffers)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Block sizes and grid split of one pq_matmul launch (reduction blocks count sub-vectors)."""
+
+    block_t: int
+    block_o: int
+    block_j: int
+    use_dot: bool
+    splits: int
+    subs_per_split: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # interpreter on CPU: any small number
+
+
+def _block_j(columns: int, subvector_dim: int, bits: int) -> int:
+    """Sub-vectors per reduction block: about ``columns`` input columns; at least 16 (tl.dot's
+    least K) and a multiple of the codes per word when codes do not straddle words."""
+    per_word = 32 // bits if 32 % bits == 0 else 1
+    return max(16, per_word, triton.next_power_of_2(max(1, columns // subvector_dim)))
+
+
+def decode_launch(tokens: int, in_features: int, out_features: int, subvector_dim: int, bits: int,
+                  device, split_k: int = 0) -> Launch:
+    """Few tokens: one token tile, small output tiles, the reduction dim split over programs.
+
+    For 1-4 tokens a [tokens, BLOCK_O, BLOCK_J] multiply-and-sum on CUDA cores; for 5-16 the
+    token tile is padded to 16 and fed to ``tl.dot``.  ``split_k`` > 0 forces the split count.
+    """
+    if tokens > DECODE_MAX_TOKENS:
+        raise ValueError(f"decode kernel: {tokens} tokens, at most {DECODE_MAX_TOKENS} allowed")
+    bt = triton.next_power_of_2(max(tokens, 1))
+    if bt <= 4:
+        block_o, block_j, use_dot = 16, _block_j(256 // bt, subvector_dim, bits), False
+    else:
+        bt, block_o, block_j, use_dot = 16, 16, _block_j(128, subvector_dim, bits), True
+    n_sub = triton.cdiv(in_features, subvector_dim)
+    chunks = triton.cdiv(n_sub, block_j)
+    if split_k > 0:
+        splits = min(split_k, chunks)
+    else:  # enough programs to fill the card several times over, each still looping >= 2 blocks
+        programs = 4 * _sm_count(torch.device(device))
+        splits = max(1, min(triton.cdiv(programs, triton.cdiv(out_features, block_o)), chunks // 2))
+    per = triton.cdiv(chunks, splits)
+    return Launch(bt, block_o, block_j, use_dot, triton.cdiv(chunks, per), per * block_j)
+
+
+def prefill_launch(tokens: int, in_features: int, out_features: int, subvector_dim: int, bits: int) -> Launch:
+    """Many tokens: [BLOCK_T, BLOCK_O] output tiles, whole reduction per program, tensor cores."""
+    bt = 128 if tokens >= 128 else max(16, triton.next_power_of_2(tokens))
+    n_sub = triton.cdiv(in_features, subvector_dim)
+    return Launch(bt, 128, _block_j(32, subvector_dim, bits), True, 1, n_sub, num_warps=8 if bt >= 64 else 4,
+                  num_stages=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side of the kernels.  Tensors: x [T, in] (rotated), codes int32 [M, out, words],
+# codebooks [M, K, d], scales [out, G] (G = 0: no scales), bias [out] or None.
+
+def _geometry(codes, codebooks, scales, in_features: int, subvector_dim: int, group_size: int) -> dict:
+    m, out, words = codes.shape
+    k = codebooks.shape[1]
+    bits = code_bits(k)
+    n_groups = scales.shape[1] if scales.dim() == 2 else 0
+    return dict(IN=in_features, OUT=out, N_SUB=math.ceil(in_features / subvector_dim), WORDS=words, K=k,
+                N_GROUPS=n_groups, GROUP=group_size if n_groups else 1, BITS=bits, D=subvector_dim,
+                NUM_BOOKS=m, HAS_SCALES=n_groups > 0)
+
+
+def check_layout(codes, codebooks, scales, in_features: int, subvector_dim: int, group_size: int) -> None:
+    """Raise ValueError naming the buffer when the tensors do not form a layer these kernels read."""
+    if codes.dim() != 3 or codes.dtype != torch.int32:
+        raise ValueError(f"codes: expected int32 [M, out, words], got {codes.dtype} {tuple(codes.shape)}")
+    m, out, words = codes.shape
+    if codebooks.dim() != 3 or codebooks.shape[0] != m or codebooks.shape[2] != subvector_dim:
+        raise ValueError(f"codebooks: expected [{m}, K, {subvector_dim}], got {tuple(codebooks.shape)}")
+    k = codebooks.shape[1]
+    if not 2 <= k <= 1 << MAX_CODE_BITS or subvector_dim > MAX_SUBVECTOR_DIM or m > MAX_CODEBOOKS:
+        raise ValueError(f"Triton kernels take K in 2..{1 << MAX_CODE_BITS}, d <= {MAX_SUBVECTOR_DIM} and "
+                         f"M <= {MAX_CODEBOOKS}; got K={k}, d={subvector_dim}, M={m}")
+    want = packed_words(math.ceil(in_features / subvector_dim), code_bits(k))
+    if words != want:
+        raise ValueError(f"codes: {words} words per row, but in_features={in_features}, d={subvector_dim}, "
+                         f"K={k} pack into {want}")
+    if scales.numel() and (tuple(scales.shape) != (out, math.ceil(math.ceil(in_features / subvector_dim)
+                                                                 * subvector_dim / group_size))):
+        raise ValueError(f"scales: shape {tuple(scales.shape)} does not fit out={out}, in={in_features}, "
+                         f"group_size={group_size}")
+    if scales.numel() and group_size % subvector_dim:
+        raise ValueError(f"group_size={group_size} must be a multiple of subvector_dim={subvector_dim}")
+
+
+def pq_matmul(x: torch.Tensor, codes, codebooks, scales, bias, in_features: int, subvector_dim: int,
+              group_size: int, method: str = "decode", split_k: int = 0, launch: Launch | None = None
+              ) -> torch.Tensor:
+    """y [T, out] = x [T, in] @ W_r^T (+ bias) in x's dtype; x is already in the rotated basis.
+
+    ``launch`` overrides the block sizes the heuristics pick (the benchmark's sweep uses it).
+    """
+    geo = _geometry(codes, codebooks, scales, in_features, subvector_dim, group_size)
+    tokens, out = x.shape[0], geo["OUT"]
+    y = _new_buffer((tokens, out), x.dtype, x.device)
+    if tokens == 0 or out == 0:
+        return y
+    if launch is not None:
+        cfg = launch
+    elif method == "decode":
+        cfg = decode_launch(tokens, in_features, out, subvector_dim, geo["BITS"], x.device, split_k)
+    elif method == "prefill":
+        cfg = prefill_launch(tokens, in_features, out, subvector_dim, geo["BITS"])
+    else:
+        raise ValueError(f"method={method!r}: pq_matmul takes 'decode' or 'prefill'")
+    split = cfg.splits > 1
+    dst = _new_buffer((cfg.splits, tokens, out), torch.float32, x.device) if split else y
+    grid = (triton.cdiv(tokens, cfg.block_t), triton.cdiv(out, cfg.block_o), cfg.splits)
+    has_bias = bias is not None and not split
+    pq_matmul_kernel[grid](
+        x, codes, codebooks, scales, bias if has_bias else x, dst,
+        tokens, in_features, out, geo["N_SUB"], geo["WORDS"], geo["K"], geo["N_GROUPS"], geo["GROUP"],
+        cfg.subs_per_split, tokens * out,
+        BITS=geo["BITS"], D=geo["D"], NUM_BOOKS=geo["NUM_BOOKS"], HAS_SCALES=geo["HAS_SCALES"],
+        HAS_BIAS=has_bias, BLOCK_T=cfg.block_t, BLOCK_O=cfg.block_o, BLOCK_J=cfg.block_j,
+        USE_DOT=cfg.use_dot, DOT_FP32=INTERPRETED or x.dtype == torch.float32,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if split:
+        n, block = tokens * out, 1024
+        splitk_reduce_kernel[(triton.cdiv(n, block),)](
+            dst, bias if bias is not None else dst, y, n, out, cfg.splits,
+            HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
+    return y
+
+
+def dequantize_rotated(codes, codebooks, scales, in_features: int, subvector_dim: int, group_size: int,
+                       dtype=torch.float16) -> torch.Tensor:
+    """W_r [out, in] in ``dtype``, written by the Triton dequant kernel."""
+    geo = _geometry(codes, codebooks, scales, in_features, subvector_dim, group_size)
+    out = geo["OUT"]
+    w = _new_buffer((out, in_features), dtype, codes.device)
+    if out == 0 or in_features == 0:
+        return w
+    block_o, block_j = 32, _block_j(128, subvector_dim, geo["BITS"])
+    dequant_kernel[(triton.cdiv(geo["N_SUB"], block_j), triton.cdiv(out, block_o))](
+        codes, codebooks, scales, w, in_features, out, geo["N_SUB"], geo["WORDS"], geo["K"], geo["N_GROUPS"],
+        geo["GROUP"], BITS=geo["BITS"], D=geo["D"], NUM_BOOKS=geo["NUM_BOOKS"], HAS_SCALES=geo["HAS_SCALES"],
+        BLOCK_O=block_o, BLOCK_J=block_j, num_warps=4)
+    return w
+
+
+_HADAMARD: dict[tuple, torch.Tensor] = {}
+
+
+def rotate(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
+    """Same maths as :func:`fasq.reference.rotate`, with the Hadamard matrix cached on x's device
+    (the reference copies it from the host every call, which a CUDA graph cannot capture)."""
+    key = (block, x.device, x.dtype)
+    h = _HADAMARD.get(key)
+    if h is None:
+        h = _HADAMARD[key] = reference.hadamard_matrix(block, x.device, x.dtype)
+    n = x.shape[-1]
+    return ((x * signs).reshape(*x.shape[:-1], n // block, block) @ h).reshape(x.shape)
+
+
+def _forward(x, codes, codebooks, scales, rot_signs, bias, in_features, subvector_dim, group_size,
+             rotation_block, method, split_k):
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}: allowed are {METHODS}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"x: dtype {x.dtype} is not supported; allowed are {SUPPORTED_DTYPES}")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x: last dim {x.shape[-1]} != in_features={in_features}")
+    check_layout(codes, codebooks, scales, in_features, subvector_dim, group_size)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    if rotation_block:
+        x2 = rotate(x2, rot_signs, rotation_block)
+    x2 = x2.contiguous()
+    codes, codebooks, scales = codes.contiguous(), codebooks.contiguous(), scales.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    if method == "dequant":
+        w = dequantize_rotated(codes, codebooks, scales, in_features, subvector_dim, group_size, x.dtype)
+        y = F.linear(x2, w, None if bias is None else bias.to(x.dtype))
+    else:
+        y = pq_matmul(x2, codes, codebooks, scales, bias, in_features, subvector_dim, group_size, method,
+                      split_k)
+    return y.reshape(*lead, codes.shape[1])
+
+
+@torch.library.custom_op("fasq::triton_pq_linear", mutates_args=())
+def triton_pq_linear(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+                     rot_signs: torch.Tensor, bias: Optional[torch.Tensor], in_features: int,
+                     subvector_dim: int, group_size: int, rotation_block: int, method: str,
+                     split_k: int = 0) -> torch.Tensor:
+    """y = x W^T + b for a PQ layer with the Triton kernel named by ``method``; x: [..., in]."""
+    return _forward(x, codes, codebooks, scales, rot_signs, bias, in_features, subvector_dim, group_size,
+                    rotation_block, method, split_k)
+
+
+@triton_pq_linear.register_fake
+def _(x, codes, codebooks, scales, rot_signs, bias, in_features, subvector_dim, group_size, rotation_block,
+      method, split_k=0):
+    return x.new_empty((*x.shape[:-1], codes.shape[1]))
+
+
+def layer_linear(x: torch.Tensor, layer, method: str, split_k: int = 0) -> torch.Tensor:
+    """Run a :class:`fasq.nn.PQLinear` with one of the Triton kernels (no registry choice)."""
+    s = layer.spec
+    return torch.ops.fasq.triton_pq_linear(x, layer.codes, layer.codebooks, layer.scales, layer.rot_signs,
+                                           layer.bias, s.in_features, s.subvector_dim, s.effective_group,
+                                           s.rotation_block, method, split_k)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry entries.
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _tokens(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+def _layer_ok(layer, x: torch.Tensor) -> bool:
+    s = layer.spec
+    if x.device.type != "cuda" or x.dtype not in SUPPORTED_DTYPES or x.shape[-1] != s.in_features:
+        return False
+    if layer.codes.device != x.device or s.bits > MAX_CODE_BITS or s.subvector_dim > MAX_SUBVECTOR_DIM:
+        return False
+    if s.num_codebooks > MAX_CODEBOOKS:
+        return False
+    cc = _capability(x.device)
+    return cc >= (7, 5) and (x.dtype != torch.bfloat16 or cc >= (8, 0))
+
+
+def _method_fn(method: str):
+    def fn(x: torch.Tensor, layer) -> torch.Tensor:
+        return layer_linear(x, layer, method)
+    fn.__name__ = f"triton_{method}"
+    return fn
+
+
+register(Kernel("triton_decode", ("cuda",), lambda layer, x: _layer_ok(layer, x) and
+                _tokens(x) <= DECODE_MAX_TOKENS, _method_fn("decode"), priority=30))
+register(Kernel("triton_prefill", ("cuda",), _layer_ok, _method_fn("prefill"), priority=20))
+register(Kernel("triton_dequant", ("cuda",), _layer_ok, _method_fn("dequant"), priority=10))

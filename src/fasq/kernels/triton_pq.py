@@ -1,0 +1,163 @@
+"""Triton kernels for the fasq stored format (GPU; also run by the Triton interpreter in CI).
+
+Everything here works on ``W_r``, the weight in the rotated basis (see :mod:`fasq.reference`): the
+caller rotates the input once, and ``y = x_r @ W_r^T``.
+
+The kernels walk the reduction dim in blocks of ``BLOCK_J`` sub-vectors (``BLOCK_J * D``
+columns).  Per block and row tile they unpack one code per (row, sub-vector, codebook) with
+:func:`_codes`, load one scale per (row, sub-vector), and then, for each element ``e < D`` of
+the sub-vector, gather ``codebooks[m, code, e]`` into a ``[BLOCK_O, BLOCK_J]`` tile that
+multiplies the input's columns ``j*D + e``.  Splitting by ``e`` keeps every tile 2-D and a power
+of two whatever ``D`` is (1, 2, 3, 4, 8, ...), so no reshape or interleave is needed, and the
+``D`` products of a block add up to exactly the block's share of ``x @ W_r^T``.
+
+* :func:`pq_matmul_kernel`  ``y[t, o] = sum_c x_r[t, c] * W_r[o, c]``, launched two ways by
+  ``fasq.kernels.triton_kernels``: *decode* (1-16 tokens, one token tile, split-K, a
+  broadcast-multiply-reduce on CUDA cores for <= 4 tokens and ``tl.dot`` above) and *prefill*
+  (many tokens, token x output tiles, ``tl.dot`` on tensor cores, no split).
+* :func:`splitk_reduce_kernel`  sums split-K partials in a fixed order (deterministic), adds the
+  bias and casts to the output dtype.
+* :func:`dequant_kernel`  writes ``W_r`` to memory (for dequantize-then-cuBLAS).
+
+Decoding is LUT-free: no per-token table of ``codebook . x`` is built.  With few tokens a table
+costs more to build than it saves, and this way one tile routine serves decode and prefill.
+
+This module imports Triton: import it only where Triton is wanted (never at ``import fasq``).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _codes(codes_ptr, m, offs_o, j0, N_SUB, OUT, WORDS, BITS: tl.constexpr, BLOCK_J: tl.constexpr):
+    """int32 ``[BLOCK_O, BLOCK_J]`` codes of codebook m for rows offs_o, sub-vectors j0 + arange.
+
+    Code j of a row sits at bits [j*BITS, (j+1)*BITS) of the row's LSB-first bit stream.  ``j0``
+    is a multiple of BLOCK_J (itself a multiple of 32 // BITS).  Rows >= OUT and sub-vectors >=
+    N_SUB give code 0 (always a valid index).
+    """
+    row = (offs_o + m * OUT).to(tl.int64) * WORDS            # [BO] int64: M*out*words can pass 2**31
+    mask_o = offs_o < OUT
+    if (32 % BITS) == 0:
+        # Codes never straddle words: load the block's words as one contiguous tile (coalesced,
+        # vectorizable) and split each word into its 32 // BITS codes in registers.
+        offs_w = j0 // (32 // BITS) + tl.arange(0, BLOCK_J // (32 // BITS))
+        words = tl.load(codes_ptr + row[:, None] + offs_w[None, :],
+                        mask=mask_o[:, None] & (offs_w < WORDS)[None, :], other=0)
+        words = words.to(tl.uint32, bitcast=True)
+        shifts = (tl.arange(0, 32 // BITS) * BITS).to(tl.uint32)
+        code = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+        code = tl.reshape(code, [offs_o.shape[0], BLOCK_J])
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        code = tl.where((offs_j < N_SUB)[None, :], code, 0)
+    else:
+        # Widths like 6, 10, 12 bits: a code may straddle two words.  Read the word holding its
+        # low bits and, only where it straddles, the next word's low bits.
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        mask = mask_o[:, None] & (offs_j < N_SUB)[None, :]
+        pos = offs_j * BITS
+        shift = (pos & 31).to(tl.uint32)
+        ptrs = codes_ptr + row[:, None] + (pos >> 5)[None, :]
+        lo = tl.load(ptrs, mask=mask, other=0).to(tl.uint32, bitcast=True)
+        straddle = (shift + BITS) > 32
+        hi = tl.load(ptrs + 1, mask=mask & straddle[None, :], other=0).to(tl.uint32, bitcast=True)
+        code = ((lo >> shift[None, :]) | (hi << ((32 - shift) & 31)[None, :])) & ((1 << BITS) - 1)
+    return code.to(tl.int32)
+
+
+@triton.jit
+def _scales(scales_ptr, offs_o, offs_j, OUT, N_GROUPS, GROUP, D: tl.constexpr):
+    """fp32 ``[BLOCK_O, BLOCK_J]`` scale of each (row, sub-vector); GROUP is a multiple of D."""
+    mask = (offs_o < OUT)[:, None] & (offs_j * D < N_GROUPS * GROUP)[None, :]
+    s = tl.load(scales_ptr + offs_o[:, None] * N_GROUPS + ((offs_j * D) // GROUP)[None, :], mask=mask, other=0.0)
+    return s.to(tl.float32)
+
+
+@triton.jit
+def pq_matmul_kernel(x_ptr, codes_ptr, cb_ptr, scales_ptr, bias_ptr, y_ptr,
+                     T, IN, OUT, N_SUB, WORDS, K, N_GROUPS, GROUP, SUBS_PER_SPLIT, stride_ys,
+                     BITS: tl.constexpr, D: tl.constexpr, NUM_BOOKS: tl.constexpr, HAS_SCALES: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr,
+                     BLOCK_J: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
+    """y[split, t, o] = sum over this split's columns c of x[t, c] * W_r[o, c] (+ bias).
+
+    x: [T, IN] contiguous (already rotated); y: [splits, T, OUT] contiguous, fp32 partials when
+    split, else the output itself in x's dtype.  Grid: (token tiles, output tiles, splits); split
+    k covers sub-vectors [k*SUBS_PER_SPLIT, (k+1)*SUBS_PER_SPLIT).
+    """
+    pid_t = tl.program_id(0)   # fastest: programs sharing an output tile run together (L2 reuse)
+    pid_o = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    mask_t = offs_t < T
+    x_rows = x_ptr + offs_t.to(tl.int64)[:, None] * IN                          # [BT, 1]
+    acc = tl.zeros([BLOCK_T, BLOCK_O], dtype=tl.float32)
+    j_begin = pid_k * SUBS_PER_SPLIT
+    j_end = tl.minimum(j_begin + SUBS_PER_SPLIT, N_SUB)
+    for j0 in range(j_begin, j_end, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        mask_j = offs_j < j_end
+        if HAS_SCALES:
+            s = _scales(scales_ptr, offs_o, offs_j, OUT, N_GROUPS, GROUP, D)     # [BO, BJ]
+        for m in tl.static_range(NUM_BOOKS):
+            code = _codes(codes_ptr, m, offs_o, j0, j_end, OUT, WORDS, BITS, BLOCK_J)  # [BO, BJ]
+            cb_rows = cb_ptr + (m * K + code) * D
+            for e in tl.static_range(D):
+                cols = offs_j * D + e
+                x = tl.load(x_rows + cols[None, :], mask=mask_t[:, None] & (mask_j & (cols < IN))[None, :],
+                            other=0.0)                                              # [BT, BJ]
+                w = tl.load(cb_rows + e).to(tl.float32)                             # [BO, BJ]; L1 hits
+                if HAS_SCALES:
+                    w = w * s
+                w = w.to(x.dtype)   # W_r rounded to the input's dtype, as the reference does
+                if USE_DOT:
+                    if DOT_FP32:    # Triton interpreter (wrong bf16 dot) or fp32 input: exact products
+                        acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+                    else:
+                        acc += tl.dot(x, tl.trans(w))
+                else:               # few tokens: CUDA cores, [BT, BO, BJ] products summed over BJ
+                    acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_o, mask=offs_o < OUT, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + pid_k * stride_ys + offs_t.to(tl.int64)[:, None] * OUT + offs_o[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_t[:, None] & (offs_o < OUT)[None, :])
+
+
+@triton.jit
+def splitk_reduce_kernel(ws_ptr, bias_ptr, y_ptr, N, OUT, SPLITS,
+                         HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """y[i] = sum_s ws[s, i] (+ bias[i % OUT]), summed in split order (deterministic). N = T*OUT."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(SPLITS):
+        acc += tl.load(ws_ptr + s * N + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % OUT, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def dequant_kernel(codes_ptr, cb_ptr, scales_ptr, w_ptr, IN, OUT, N_SUB, WORDS, K, N_GROUPS, GROUP,
+                   BITS: tl.constexpr, D: tl.constexpr, NUM_BOOKS: tl.constexpr, HAS_SCALES: tl.constexpr,
+                   BLOCK_O: tl.constexpr, BLOCK_J: tl.constexpr):
+    """w[o, c] = W_r[o, c] in w's dtype; w: [OUT, IN] contiguous.  Grid: (sub-vector tiles, row tiles)."""
+    j0 = tl.program_id(0) * BLOCK_J
+    offs_j = j0 + tl.arange(0, BLOCK_J)
+    offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    if HAS_SCALES:
+        s = _scales(scales_ptr, offs_o, offs_j, OUT, N_GROUPS, GROUP, D)
+    w_rows = w_ptr + offs_o.to(tl.int64)[:, None] * IN
+    for e in tl.static_range(D):
+        w = tl.zeros([BLOCK_O, BLOCK_J], dtype=tl.float32)
+        for m in tl.static_range(NUM_BOOKS):   # codes re-read per e: L1 hits; this kernel is not hot
+            code = _codes(codes_ptr, m, offs_o, j0, N_SUB, OUT, WORDS, BITS, BLOCK_J)
+            w += tl.load(cb_ptr + (m * K + code) * D + e).to(tl.float32)
+        if HAS_SCALES:
+            w = w * s
+        cols = offs_j * D + e
+        tl.store(w_rows + cols[None, :], w.to(w_ptr.dtype.element_ty),
+                 mask=(offs_o < OUT)[:, None] & (cols < IN)[None, :])

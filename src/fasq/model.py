@@ -1,0 +1,196 @@
+"""Quantize a whole model: walk its linear layers, fit each one, swap in PQLinear, and report sizes."""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import FASQConfig
+from .fit.pq import quantize_weight
+from .format import LayerSpec
+from .nn import PQLinear
+
+log = logging.getLogger(__name__)
+
+
+def is_skipped(name: str, patterns: Iterable[str]) -> bool:
+    """A module is kept unquantized when a pattern matches its full name or its last component."""
+    last = name.rsplit(".", 1)[-1]
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(last, p) or name == p for p in patterns)
+
+
+def quantizable_linears(model: nn.Module, config: FASQConfig) -> list[tuple[str, nn.Linear]]:
+    return [(n, m) for n, m in model.named_modules()
+            if type(m) is nn.Linear and not is_skipped(n, config.skip_modules)]
+
+
+@contextlib.contextmanager
+def single_threaded(active: bool = True):
+    """Run torch (and faiss, when installed) single-threaded inside the block, restoring after."""
+    if not active:
+        yield
+        return
+    prev = torch.get_num_threads()
+    faiss = None
+    try:
+        import faiss  # noqa: F811
+        prev_f = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+    except Exception:
+        faiss = None
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+        if faiss is not None:
+            faiss.omp_set_num_threads(prev_f)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def replace_with_pq(model: nn.Module, specs: dict[str, LayerSpec], device=None) -> None:
+    """Swap the named linears for empty PQLinear modules of the given specs (used by loading)."""
+    for name, spec in specs.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"quantized module {name!r} does not exist in this model architecture") from None
+        if not isinstance(old, (nn.Linear, PQLinear)):
+            raise ValueError(f"quantized module {name!r} is a {type(old).__name__}, not a linear layer")
+        if (old.in_features, old.out_features) != (spec.in_features, spec.out_features):
+            raise ValueError(f"module {name!r}: the model has a {old.out_features}x{old.in_features} linear, "
+                             f"the quantization config says {spec.out_features}x{spec.in_features}")
+        _set_module(model, name, PQLinear(spec, device=device))
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, config: FASQConfig | None = None, *, progress: bool = True,
+             device=None, layer_configs: dict[str, FASQConfig] | None = None, num_workers: int | None = None,
+             callback: Callable[[str, LayerSpec, float], None] | None = None) -> nn.Module:
+    """Product-quantize every linear layer of ``model`` in place (calibration-free) and return it.
+
+    ``layer_configs`` optionally overrides the config for named layers (per-layer allocation).
+    k-means runs on ``device`` (default: each weight's own device; faiss on CPU, torch on CUDA).
+    Records ``model.config.quantization_config`` so the model can be saved with :func:`fasq.save`.
+    """
+    config = config or FASQConfig()
+    layer_configs = layer_configs or {}
+    targets = quantizable_linears(model, config)
+    if not targets:
+        raise ValueError("no nn.Linear layers to quantize (all skipped by skip_modules="
+                         f"{config.skip_modules}?)")
+    modules: dict[str, dict] = {}
+    workers = num_workers or (os.cpu_count() or 1)
+    bar = tqdm(total=len(targets), desc="quantize", unit="layer", disable=not progress)
+    t_all = time.perf_counter()
+
+    def fit(item):
+        name, lin = item
+        t0 = time.perf_counter()
+        spec, tensors = quantize_weight(lin.weight, layer_configs.get(name, config), name, bias=lin.bias,
+                                        device=device)
+        return name, lin, spec, tensors, time.perf_counter() - t0
+
+    # Layers are independent: fit them on a thread pool (faiss and torch release the GIL), each
+    # single-threaded, which beats one layer on all cores (k-means on one layer scales poorly and
+    # OpenMP spin-waits badly when the machine is busy).  Results are the same for any worker count.
+    with single_threaded(workers > 1), ThreadPoolExecutor(max_workers=workers) as pool:
+        for name, lin, spec, tensors, dt in pool.map(fit, targets):
+            dev = lin.weight.device
+            q = PQLinear.from_tensors(spec, **{k: v.to(dev) for k, v in tensors.items()})
+            _set_module(model, name, q)
+            modules[name] = spec.to_dict()
+            bar.set_postfix_str(name, refresh=False)
+            bar.update(1)
+            log.debug("%s: %s in %.2fs", name, spec, dt)
+            if callback:
+                callback(name, spec, dt)
+    bar.close()
+    log.info("quantized %d layers in %.1fs", len(targets), time.perf_counter() - t_all)
+    from .io import round_unquantized_to_16bit
+    round_unquantized_to_16bit(model)  # the in-memory model is exactly what fasq.save stores
+    attach_config(model, config, modules)
+    return model
+
+
+def attach_config(model: nn.Module, config: FASQConfig, modules: dict[str, dict]) -> None:
+    from .format import FORMAT_VERSION
+
+    qc = config.to_dict()
+    qc["format_version"] = FORMAT_VERSION
+    qc["modules"] = modules
+    model.fasq_config = config
+    if hasattr(model, "config"):
+        model.config.quantization_config = qc
+
+
+def pq_layers(model: nn.Module) -> list[tuple[str, PQLinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, PQLinear)]
+
+
+def model_size_report(model: nn.Module) -> dict:
+    """Exact stored size: quantized layers (codes, codebooks, scales, signs, bias) plus every other
+    parameter and buffer at 16 bits (their stored dtype if smaller), against the model at FP16.
+
+    Tied parameters are counted once.
+    """
+    seen: set[int] = set()
+    q_bytes = q_weights = 0
+    other_bytes = 0
+    fp16_bytes = 0
+    layers = []
+    for name, m in pq_layers(model):
+        s = m.spec
+        q_bytes += s.weight_storage_bytes()
+        q_weights += s.in_features * s.out_features
+        fp16_bytes += 2 * s.in_features * s.out_features
+        if s.has_bias:
+            other_bytes += 2 * s.out_features
+            fp16_bytes += 2 * s.out_features
+        for b in m.buffers():
+            seen.add(b.data_ptr())
+        layers.append({"name": name, **s.to_dict(), "bits_per_weight": s.bits_per_weight(),
+                       "bytes": s.storage_bytes()})
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen or t.numel() == 0:
+            continue
+        seen.add(t.data_ptr())
+        if not t.is_floating_point():
+            continue  # e.g. rotary inv_freq is floating; integer bookkeeping buffers are not weights
+        stored = min(t.element_size(), 2)
+        other_bytes += t.numel() * stored
+        fp16_bytes += t.numel() * 2
+    # Non-persistent buffers (rotary tables) are recomputed at load and not stored; keep them out.
+    nonpersist = 0
+    for mod in model.modules():
+        for bname in getattr(mod, "_non_persistent_buffers_set", ()):
+            b = mod._buffers.get(bname)
+            if b is not None and b.is_floating_point():
+                nonpersist += b.numel() * 2
+    other_bytes -= nonpersist
+    fp16_bytes -= nonpersist
+    total = q_bytes + other_bytes
+    return {
+        "quantized_layers": len(layers),
+        "quantized_weights": q_weights,
+        "quantized_bytes": q_bytes,
+        "bits_per_weight": 8.0 * q_bytes / q_weights if q_weights else float("nan"),
+        "other_bytes": other_bytes,
+        "total_bytes": total,
+        "fp16_bytes": fp16_bytes,
+        "fraction_of_fp16": total / fp16_bytes if fp16_bytes else float("nan"),
+        "layers": layers,
+    }
