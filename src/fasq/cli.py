@@ -53,7 +53,7 @@ def load_any(model_arg: str, dtype=None):
 def config_from_args(args) -> FASQConfig:
     fields = {}
     for name in ("subvector_dim", "codebook_size", "num_codebooks", "group_size", "rotation", "scale_mode",
-                 "kmeans_iters", "refine_iters", "seed"):
+                 "kmeans_iters", "refine_iters", "seed", "equalize", "rotation_block"):
         v = getattr(args, name, None)
         if v is not None:
             fields[name] = v
@@ -75,7 +75,7 @@ def cmd_quantize(args) -> int:
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:
-        raise SystemExit(f"fasq: output {out} already exists; pass --overwrite to replace it")
+        raise FileExistsError(f"output {out} already exists; pass --overwrite to replace it")
     config = config_from_args(args)
     t0 = time.perf_counter()
     model, tok = load_any(args.model)
@@ -209,6 +209,8 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scale-mode", dest="scale_mode", choices=["rms", "absmax", "none"])
     g.add_argument("--kmeans-iters", dest="kmeans_iters", type=int)
     g.add_argument("--refine-iters", dest="refine_iters", type=int)
+    g.add_argument("--equalize", choices=["none", "norms", "full"], help="data-free exact rescalings")
+    g.add_argument("--rotation-block", dest="rotation_block", type=int, help="largest Hadamard block")
     g.add_argument("--seed", type=int)
     g.add_argument("--skip", nargs="*", help="module-name patterns kept unquantized")
 

@@ -18,6 +18,7 @@ SCALE_MODES = ("rms", "absmax", "none")
 ROTATIONS = ("none", "hadamard")
 KMEANS_BACKENDS = ("auto", "faiss", "torch")
 KMEANS_INITS = ("kmeans++", "random")
+EQUALIZE_MODES = ("none", "norms", "full")
 
 
 def _is_pow2(n: int) -> bool:
@@ -48,6 +49,7 @@ class FASQConfig:
     kmeans_backend: str = "auto"   # "auto": faiss on CPU when installed, torch otherwise
     kmeans_max_points: int = 65536  # sub-vectors sampled to train a codebook (all are assigned)
     refine_iters: int = 2          # alternate (codes -> least-squares scales) this many times
+    equalize: str = "none"         # data-free exact rescalings before fitting: none | norms | full
     skip_modules: tuple[str, ...] = ("lm_head", "embed_tokens")
     seed: int = 0
     version: int = CONFIG_VERSION
@@ -81,6 +83,7 @@ class FASQConfig:
                f"one of {KMEANS_BACKENDS}")
         _check(self.kmeans_max_points >= 1024, "kmeans_max_points", self.kmeans_max_points, "at least 1024")
         _check(0 <= self.refine_iters <= 20, "refine_iters", self.refine_iters, "an integer from 0 to 20")
+        _check(self.equalize in EQUALIZE_MODES, "equalize", self.equalize, f"one of {EQUALIZE_MODES}")
         _check(self.seed >= 0, "seed", self.seed, "a non-negative integer")
         _check(all(isinstance(s, str) and s for s in self.skip_modules), "skip_modules", self.skip_modules,
                "a tuple of non-empty module-name patterns")

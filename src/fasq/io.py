@@ -55,9 +55,10 @@ def round_unquantized_to_16bit(model: torch.nn.Module) -> None:
 
     pq_ptrs = {b.data_ptr() for m in model.modules() if isinstance(m, PQLinear) for b in m.buffers()}
     with torch.no_grad():
-        for t in list(model.parameters()) + list(model.buffers()):
+        # state_dict: only what is stored (non-persistent buffers such as rotary tables are rebuilt at load)
+        for t in model.state_dict(keep_vars=True).values():
             if t.dtype == torch.float32 and t.data_ptr() not in pq_ptrs:
-                t.copy_(t.half().float())
+                t.data.copy_(t.data.half().float())
 
 
 def _state_to_store(model: torch.nn.Module) -> dict[str, torch.Tensor]:

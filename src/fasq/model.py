@@ -88,6 +88,9 @@ def quantize(model: nn.Module, config: FASQConfig | None = None, *, progress: bo
     """
     config = config or FASQConfig()
     layer_configs = layer_configs or {}
+    if config.equalize != "none":
+        from .fit.equalize import equalize
+        equalize(model, config.equalize)
     targets = quantizable_linears(model, config)
     if not targets:
         raise ValueError("no nn.Linear layers to quantize (all skipped by skip_modules="

@@ -26,9 +26,15 @@ def _hadamard_cpu(n: int) -> torch.Tensor:
     return h / (n ** 0.5)
 
 
-def hadamard_matrix(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Orthonormal Sylvester Hadamard matrix of size n (a power of two); symmetric."""
+@functools.lru_cache(maxsize=64)
+def _hadamard_on(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return _hadamard_cpu(n).to(device=device, dtype=dtype)
+
+
+def hadamard_matrix(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Orthonormal Sylvester Hadamard matrix of size n (a power of two); symmetric; cached per device
+    and dtype (callers must not modify it in place)."""
+    return _hadamard_on(n, torch.device(device) if device is not None else torch.device("cpu"), dtype)
 
 
 def rotation_block_for(in_features: int, max_block: int) -> int:

@@ -10,19 +10,20 @@ kernel here declines, so the plain-PyTorch reference serves.
 ==============  ========  ======================================================================
 name            priority  used for
 ==============  ========  ======================================================================
-``cpu_lut``     30        1..LUT_MAX_TOKENS tokens, K <= 256, AVX-512 VBMI: fp16 lookup tables
-``cpu_direct``  20        up to DIRECT_MAX_TOKENS tokens, any K: gather centroids, fp32 FMA
+``cpu_lut``     30        1 token (LUT_MAX_TOKENS), K <= 256, AVX-512 VBMI: fp16 tables x.codebook
+``cpu_perm``    25        up to FEW_MAX_TOKENS tokens, K <= 256, AVX-512 VBMI: exact, codebook in
+                          registers, looked up by byte permutes for 64 rows at a time
+``cpu_direct``  20        up to FEW_MAX_TOKENS tokens, any K / CPU: gather centroids, fp32 FMA
 ``cpu_tiled``   10        any token count: dequantize row tiles in x's dtype, then ATen GEMM
 ==============  ========  ======================================================================
 
-All three are one op, ``torch.ops.fasq.cpu_pq_linear`` (CPU kernel + fake implementation).
-Per-layer preparation (fp32 codebook copies; for ``cpu_lut`` codes repacked one byte per code
-with 64 rows interleaved, and scales in the same order) happens on a layer's first call and is
+All four are one op, ``torch.ops.fasq.cpu_pq_linear`` (CPU kernel + fake implementation).
+Per-layer preparation (fp32 codebook copies; for ``cpu_lut`` / ``cpu_perm`` the codes repacked
+one byte per code with 64 rows side by side, scales in the same order, codebook byte planes) happens on a layer's first call and is
 cached on the module, keyed by the buffers' versions.  See docs/kernels_cpu.md.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
@@ -41,15 +42,15 @@ from . import Kernel, register
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("pq_cpu.cpp")
-LUT_MAX_TOKENS = 2       # measured crossover LUT -> direct (docs/kernels_cpu.md)
-DIRECT_MAX_TOKENS = 8    # above this the tiled GEMM path wins
+LUT_MAX_TOKENS = 1       # measured crossovers (docs/kernels_cpu.md): LUT up to here,
+FEW_MAX_TOKENS = 8       # then PERM (or DIRECT) up to here, then TILED
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-METHODS = ("lut", "direct", "tiled")
+METHODS = ("lut", "perm", "direct", "tiled")
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
 ROWS_PER_BLOCK = 64      # must match RB in pq_cpu.cpp
 POISON = False           # tests: the op NaN-fills its output and scratch before computing
 
-_MODE = {"direct": 0, "lut": 1, "tiled": 2}
+_MODE = {"direct": 0, "lut": 1, "tiled": 2, "perm": 3}
 _FEAT_AVX2, _FEAT_AVX512, _FEAT_VBMI = 1, 2, 4
 
 
@@ -107,17 +108,28 @@ def _build(cflags: list[str], ldflags: list[str]) -> None:
     log.info("fasq: CPU kernel built in %.0f s", time.perf_counter() - t0)
 
 
-@functools.lru_cache(maxsize=None)
+_features: int | None = None
+
+
 def features() -> int:
     """Bit mask of what the loaded library was compiled with (1 AVX2, 2 AVX-512, 4 VBMI, 8 OpenMP);
-    -1 when no library could be built (then every kernel here declines)."""
+    -1 when no library could be built (then every kernel here declines).  Builds on the first call."""
+    global _features
+    if _features is None:
+        _features = _build_or_fail()
+    return _features
+
+
+def _build_or_fail() -> int:
     errors = []
     for label, cflags, ldflags in _ATTEMPTS:
         try:
             _build(cflags, ldflags)
         except Exception as e:  # noqa: BLE001 - any build/load failure means: no kernel
             msg = str(e).strip().splitlines()
-            errors.append(f"{label}: {msg[-1] if msg else type(e).__name__}")
+            reason = msg[-1] if msg else type(e).__name__
+            if not any(reason in err for err in errors):
+                errors.append(f"{label}: {reason}")
             log.debug("fasq: CPU kernel build (%s) failed:\n%s", label, e)
             continue
         if label != "native":
@@ -146,26 +158,37 @@ def _padded_dim(d: int) -> int:
     return 1 << (d - 1).bit_length()
 
 
-@functools.lru_cache(maxsize=1024)
+_spec_ok: dict[LayerSpec, bool] = {}
+
+
 def spec_supported(spec: LayerSpec) -> bool:
     """Layers outside these limits go to the reference."""
-    rb = spec.rotation_block
-    return (1 <= spec.subvector_dim <= 16 and 1 <= spec.bits <= 16 and 1 <= spec.num_codebooks <= 8
+    ok = _spec_ok.get(spec)
+    if ok is None:
+        rb = spec.rotation_block
+        ok = _spec_ok[spec] = bool(
+            1 <= spec.subvector_dim <= 16 and 1 <= spec.bits <= 16 and 1 <= spec.num_codebooks <= 8
             and (not spec.has_scales or spec.effective_group % spec.subvector_dim == 0)
             and (rb == 0 or (rb & (rb - 1) == 0 and spec.in_features % rb == 0)))
+    return ok
+
+
+_isa: str | None = None
 
 
 def default_isa() -> str:
-    env = os.environ.get("FASQ_CPU_ISA", "").lower()
-    feats = features()
-    best = "avx512" if feats >= 0 and feats & _FEAT_AVX512 else "avx2" if feats >= 0 and feats & _FEAT_AVX2 \
-        else "scalar"
-    if env in ISAS and ISAS[env] < ISAS[best]:
-        return env
-    return best
+    """The best ISA path compiled in, lowered by ``$FASQ_CPU_ISA`` (avx512, avx2, scalar) if set."""
+    global _isa
+    if _isa is None:
+        feats = max(features(), 0)
+        best = "avx512" if feats & _FEAT_AVX512 else "avx2" if feats & _FEAT_AVX2 else "scalar"
+        env = os.environ.get("FASQ_CPU_ISA", "").lower()
+        _isa = env if env in ISAS and ISAS[env] < ISAS[best] else best
+    return _isa
 
 
 def lut_supported(spec: LayerSpec, isa: str | None = None) -> bool:
+    """Whether the LUT and PERM methods can run this layer (K <= 256 and AVX-512 VBMI)."""
     isa = isa or default_isa()
     return spec.bits <= 8 and ISAS[isa] >= ISAS["avx512"] and features() >= 0 and bool(features() & _FEAT_VBMI)
 
@@ -174,7 +197,8 @@ def lut_supported(spec: LayerSpec, isa: str | None = None) -> bool:
 class _Prepared:
     key: tuple
     tables: torch.Tensor                          # fp32 [M, K, dp] codebooks for direct / tiled
-    lut: tuple | None = None                      # (codes [n_rb, M, n_sub, 64] u8, cbT [M, d+1, KP], scales)
+    lut: tuple | None = None                      # (codes [n_rb, M, n_sub, 64] u8, cbT [M, d+1, KP],
+                                                  #  scales [n_rb, G, 64], planes [M, d, 2, KP] u8)
     metas: dict = field(default_factory=dict)     # (method, isa, poison) -> meta list
 
 
@@ -199,7 +223,7 @@ def _prepare(layer) -> _Prepared:
 
 
 def _lut_tensors(layer, p: _Prepared) -> tuple:
-    """Repack for the LUT method (once per layer): one byte per code, 64 rows side by side."""
+    """Repack for the LUT and PERM methods (once per layer): one byte per code, 64 rows side by side."""
     if p.lut is None:
         spec = layer.spec
         m_books, out, n_sub = spec.num_codebooks, spec.out_features, spec.n_sub
@@ -217,12 +241,15 @@ def _lut_tensors(layer, p: _Prepared) -> tuple:
         cmax = torch.nn.functional.pad(cbt.abs().amax(-1), (0, kp - spec.subvector_dim))  # [M, KP]
         cbt = torch.nn.functional.pad(cbt, (0, kp - spec.num_centroids))
         cbt = torch.cat([cbt, cmax[:, None]], 1).contiguous()   # [M, d + 1, KP]; row d: max |cb| per coord
+        books = layer.codebooks.detach().half().contiguous().view(torch.int16).int()  # [M, K, d] fp16 bits
+        planes = torch.stack([books & 0xFF, (books >> 8) & 0xFF], -1).permute(0, 2, 3, 1)  # [M, d, 2, K]
+        planes = torch.nn.functional.pad(planes, (0, kp - spec.num_centroids)).to(torch.uint8).contiguous()
         if spec.has_scales:
             s = torch.nn.functional.pad(layer.scales.detach().half(), (0, 0, 0, n_rb * rb - out))
             scales = s.view(n_rb, rb, spec.n_groups).permute(0, 2, 1).contiguous()  # [n_rb, G, 64]
         else:
             scales = torch.zeros(0, dtype=torch.float16)
-        p.lut = (codes, cbt, scales)
+        p.lut = (codes, cbt, scales, planes)
     return p.lut
 
 
@@ -247,12 +274,14 @@ def cpu_linear(x: torch.Tensor, layer, method: str, isa: str | None = None) -> t
     if meta is None:
         if method not in METHODS:
             raise ValueError(f"method={method!r}: allowed are {METHODS}")
-        if method == "lut" and not lut_supported(layer.spec, isa):
-            raise ValueError(f"method='lut' needs K <= 256 and AVX-512 VBMI (layer {layer.spec}, isa {isa})")
+        if method in ("lut", "perm") and not lut_supported(layer.spec, isa):
+            raise ValueError(f"method={method!r} needs K <= 256 and AVX-512 VBMI (layer {layer.spec}, isa {isa})")
         meta = p.metas[mk] = _meta(layer.spec, method, isa)
     b = layer._buffers
     if method == "lut":
-        codes, tables, scales = _lut_tensors(layer, p)
+        codes, tables, scales, _ = _lut_tensors(layer, p)
+    elif method == "perm":
+        codes, _, scales, tables = _lut_tensors(layer, p)
     else:
         codes, tables, scales = b["codes"], p.tables, b["scales"]
     return torch.ops.fasq.cpu_pq_linear(x, codes, tables, scales, b["rot_signs"], b.get("bias"), meta)
@@ -273,11 +302,16 @@ def _supports_lut(layer, x) -> bool:
     return _tokens(x) <= LUT_MAX_TOKENS and _common_ok(layer, x) and lut_supported(layer.spec)
 
 
+def _supports_perm(layer, x) -> bool:
+    return _tokens(x) <= FEW_MAX_TOKENS and _common_ok(layer, x) and lut_supported(layer.spec)
+
+
 def _supports_direct(layer, x) -> bool:
-    return _tokens(x) <= DIRECT_MAX_TOKENS and _common_ok(layer, x)
+    return _tokens(x) <= FEW_MAX_TOKENS and _common_ok(layer, x)
 
 
 register(Kernel("cpu_lut", ("cpu",), _supports_lut, lambda x, layer: cpu_linear(x, layer, "lut"), priority=30))
+register(Kernel("cpu_perm", ("cpu",), _supports_perm, lambda x, layer: cpu_linear(x, layer, "perm"), priority=25))
 register(Kernel("cpu_direct", ("cpu",), _supports_direct, lambda x, layer: cpu_linear(x, layer, "direct"),
                 priority=20))
 register(Kernel("cpu_tiled", ("cpu",), _common_ok, lambda x, layer: cpu_linear(x, layer, "tiled"), priority=10))

@@ -54,7 +54,7 @@ namespace fasq_cpu {
 enum Meta {
   M_IN, M_OUT, M_D, M_K, M_M, M_BITS, M_NSUB, M_GS, M_NG, M_ROT, M_MODE, M_ISA, M_DP, M_KP, M_WORDS, M_POISON, M_COUNT
 };
-enum Mode { DIRECT = 0, LUT = 1, TILED = 2 };
+enum Mode { DIRECT = 0, LUT = 1, TILED = 2, PERM = 3 };
 enum Isa { SCALAR = 0, AVX2 = 1, AVX512 = 2 };
 constexpr int RB = 64;  // rows per block in the LUT layout: one byte lane per row
 
@@ -465,16 +465,25 @@ static void run_direct(const at::Tensor& x2, at::Tensor& y, const at::Tensor& co
 // ---------------------------------------------------------------------------------------------
 // LUT: fast-scan over the repacked codes [n_rb][M][n_sub][64] (one byte per code).
 #ifdef FASQ_VBMI
-struct LutArgs {
+// LUT and PERM scan the repacked codes [n_rb][M][n_sub][64] (one byte per code, the codes of 64
+// rows at one sub-vector position side by side): one 64-byte load feeds 64 table lookups done
+// with byte permutes (vpermt2b), so no gather is needed.  Tables are fp16 split into a lo-byte
+// plane and a hi-byte plane of KP entries each (KP = 64, 128 or 256 >= K).
+//   LUT:  per (token, codebook, j), entry k = <codebook[k], x_j> / tscale[t]; one lookup per code.
+//   PERM: the codebook itself, per (codebook, coordinate); d lookups per code, then fp32 FMAs with
+//         x.  Exact; the lookups are shared by all tokens of a pass.
+struct ScanArgs {
   const uint8_t* codes;     // repacked [n_rb][M][n_sub][64]
-  const uint8_t* lut;       // [T][M][n_sub][2][KP]: lo and hi byte planes of the fp16 entries
-  const float* tscale;      // [T]: entries are <codebook[k], x_j> / tscale[t]
+  const uint8_t* tab;       // LUT: [T][M][n_sub][2][KP];  PERM: codebook planes [M][d][2][KP]
+  const float* x;           // PERM: prepared input [T][stride]
+  const float* tscale;      // LUT: [T]
   const c10::Half* scales;  // repacked [n_rb][G][64], or nullptr
   float* ypart;             // [S][T][n_rb*64]
-  int64_t T, M, nsub, gs, ng, nrb, S;
+  int64_t T, M, d, nsub, gs, ng, nrb, S, stride;
 };
 
-// Byte indices that interleave the lo / hi byte planes of 32 looked-up entries into fp16 words.
+// Byte indices that interleave the lo / hi byte planes of 32 looked-up entries into fp16 words,
+// and that split 64 fp16 words into their lo bytes (even) and hi bytes (odd).
 struct Interleave {
   alignas(64) uint8_t a[64];
   alignas(64) uint8_t b[64];
@@ -516,10 +525,11 @@ static inline void lookup64(const uint8_t* L, __m512i idx, __m512 w[4]) {
   w[3] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w1, 1));
 }
 
-// Work item (rb, s): row block rb, groups [s*ng/S, (s+1)*ng/S), tokens [t0, t0 + NT).
-template <int KP, int NT>
-static void lut_scan_item(const LutArgs& a, int64_t t0, int64_t rb, int64_t s) {
-  const int64_t ngroups = a.ng ? a.ng : 1;
+// Work item (rb, s): row block rb, groups [s*G/S, (s+1)*G/S), tokens [t0, t0 + NT).
+// DD: sub-vector dim for PERM when known at compile time (0: runtime a.d).
+template <bool PERM, int KP, int NT, int DD>
+static void scan_item(const ScanArgs& a, int64_t t0, int64_t rb, int64_t s) {
+  const int64_t ngroups = a.ng ? a.ng : 1, d = DD ? DD : a.d;
   const int64_t g0 = s * ngroups / a.S, g1 = (s + 1) * ngroups / a.S;
   __m512 ys[NT][4];
   for (int t = 0; t < NT; ++t)
@@ -531,15 +541,33 @@ static void lut_scan_item(const LutArgs& a, int64_t t0, int64_t rb, int64_t s) {
       for (int q = 0; q < 4; ++q) acc[t][q] = _mm512_setzero_ps();
     for (int64_t m = 0; m < a.M; ++m) {
       const uint8_t* cp = a.codes + ((rb * a.M + m) * a.nsub + js) * RB;
-      const uint8_t* lp[NT];
-      for (int t = 0; t < NT; ++t) lp[t] = a.lut + (((t0 + t) * a.M + m) * a.nsub + js) * 2 * KP;
-      for (int64_t j = js; j < je; ++j, cp += RB) {
-        const __m512i idx = _mm512_loadu_si512(cp);
-        for (int t = 0; t < NT; ++t) {
-          __m512 w[4];
-          lookup64<KP>(lp[t], idx, w);
-          lp[t] += 2 * KP;
-          for (int q = 0; q < 4; ++q) acc[t][q] = _mm512_add_ps(acc[t][q], w[q]);
+      if constexpr (PERM) {
+        const uint8_t* pl = a.tab + m * d * 2 * KP;
+        const float* xp[NT];
+        for (int t = 0; t < NT; ++t) xp[t] = a.x + (t0 + t) * a.stride + js * d;
+        for (int64_t j = js; j < je; ++j, cp += RB) {
+          const __m512i idx = _mm512_loadu_si512(cp);
+          for (int64_t c = 0; c < d; ++c) {
+            __m512 w[4];
+            lookup64<KP>(pl + c * 2 * KP, idx, w);
+            for (int t = 0; t < NT; ++t) {
+              const __m512 xv = _mm512_set1_ps(xp[t][c]);
+              for (int q = 0; q < 4; ++q) acc[t][q] = _mm512_fmadd_ps(w[q], xv, acc[t][q]);
+            }
+          }
+          for (int t = 0; t < NT; ++t) xp[t] += d;
+        }
+      } else {
+        const uint8_t* lp[NT];
+        for (int t = 0; t < NT; ++t) lp[t] = a.tab + (((t0 + t) * a.M + m) * a.nsub + js) * 2 * KP;
+        for (int64_t j = js; j < je; ++j, cp += RB) {
+          const __m512i idx = _mm512_loadu_si512(cp);
+          for (int t = 0; t < NT; ++t) {
+            __m512 w[4];
+            lookup64<KP>(lp[t], idx, w);
+            lp[t] += 2 * KP;
+            for (int q = 0; q < 4; ++q) acc[t][q] = _mm512_add_ps(acc[t][q], w[q]);
+          }
         }
       }
     }
@@ -555,20 +583,39 @@ static void lut_scan_item(const LutArgs& a, int64_t t0, int64_t rb, int64_t s) {
     }
   }
   for (int t = 0; t < NT; ++t) {
-    const __m512 ts = _mm512_set1_ps(a.tscale[t0 + t]);
+    const __m512 ts = _mm512_set1_ps(PERM ? 1.0f : a.tscale[t0 + t]);
     float* yp = a.ypart + (s * a.T + t0 + t) * a.nrb * RB + rb * RB;
     for (int q = 0; q < 4; ++q) _mm512_storeu_ps(yp + 16 * q, _mm512_mul_ps(ys[t][q], ts));
   }
 }
 
-template <int KP>
-static void lut_scan(const LutArgs& a, int64_t t0, int nt, int64_t rb, int64_t s) {
+using ScanFn = void (*)(const ScanArgs&, int64_t, int64_t, int64_t);
+
+template <bool PERM, int KP, int DD>
+static ScanFn pick_scan_nt(int nt) {
   switch (nt) {
-    case 1: return lut_scan_item<KP, 1>(a, t0, rb, s);
-    case 2: return lut_scan_item<KP, 2>(a, t0, rb, s);
-    case 3: return lut_scan_item<KP, 3>(a, t0, rb, s);
-    default: return lut_scan_item<KP, 4>(a, t0, rb, s);
+    case 1: return &scan_item<PERM, KP, 1, DD>;
+    case 2: return &scan_item<PERM, KP, 2, DD>;
+    case 3: return &scan_item<PERM, KP, 3, DD>;
+    default: return &scan_item<PERM, KP, 4, DD>;
   }
+}
+
+template <bool PERM, int KP>
+static ScanFn pick_scan_d(int nt, int64_t d) {
+  if constexpr (PERM) {
+    if (d == 1) return pick_scan_nt<PERM, KP, 1>(nt);
+    if (d == 2) return pick_scan_nt<PERM, KP, 2>(nt);
+    if (d == 4) return pick_scan_nt<PERM, KP, 4>(nt);
+  }
+  return pick_scan_nt<PERM, KP, 0>(nt);
+}
+
+static ScanFn pick_scan(bool perm, int64_t kp, int nt, int64_t d) {
+  if (perm) return kp == 64 ? pick_scan_d<true, 64>(nt, d) : kp == 128 ? pick_scan_d<true, 128>(nt, d)
+                                                                        : pick_scan_d<true, 256>(nt, d);
+  return kp == 64 ? pick_scan_d<false, 64>(nt, d) : kp == 128 ? pick_scan_d<false, 128>(nt, d)
+                                                              : pick_scan_d<false, 256>(nt, d);
 }
 
 // Table of one (token, codebook, j): entry k = <cbT[:, k], xj> (xj already divided by the token
@@ -594,70 +641,77 @@ static void lut_build_one(const float* cbT, const float* xj, int64_t d_rt, int64
   }
 }
 
-static void run_lut(const at::Tensor& x2, at::Tensor& y, const at::Tensor& codes, const at::Tensor& tables,
-                    const at::Tensor& scales, const at::Tensor& signs, const at::Tensor& bias, const int64_t* mt) {
+// LUT (perm = false) or PERM (perm = true).  LUT tables: fp32 cbT [M][d + 1][KP] (row d: max |cb|
+// per coordinate); PERM tables: uint8 codebook planes [M][d][2][KP].
+static void run_scan(bool perm, const at::Tensor& x2, at::Tensor& y, const at::Tensor& codes,
+                     const at::Tensor& tables, const at::Tensor& scales, const at::Tensor& signs,
+                     const at::Tensor& bias, const int64_t* mt) {
   const int64_t T = x2.size(0), out = mt[M_OUT], nsub = mt[M_NSUB], Mb = mt[M_M], d = mt[M_D], kp = mt[M_KP];
   const int64_t nrb = (out + RB - 1) / RB, ng = mt[M_NG], ngroups = ng ? ng : 1;
   const int64_t stride = nsub * d + 16;
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.numel() == nrb * Mb * nsub * RB,
+              "fasq cpu_pq_linear: codes are not in the repacked layout");
+  TORCH_CHECK(tables.scalar_type() == (perm ? at::kByte : at::kFloat) && tables.is_contiguous(),
+              "fasq cpu_pq_linear: bad tables");
   thread_local std::vector<float> xbuf_v, tmp_v, ts_v, yp_v, yfin_v;
   thread_local std::vector<uint8_t> lut_v;
   float* xbuf = scratch(xbuf_v, static_cast<size_t>(T * stride));
   prepare_input(x2, T, mt, signs, static_cast<int>(d), xbuf, stride, tmp_v);
-  // Token scale: a bound on |entry| from the per-coordinate maxima of |codebook| (row d of each
-  // codebook's table block), so that the largest possible entry maps to 2^15 < fp16 max.
-  const float* cbT = tables.data_ptr<float>();
-  float* ts = scratch(ts_v, static_cast<size_t>(T));
-  for (int64_t t = 0; t < T; ++t) {
-    float* xt = xbuf + t * stride;
-    float bound = 0.f;
-    for (int64_t m = 0; m < Mb; ++m) {
-      const float* cmax = cbT + (m * (d + 1) + d) * kp;
-      for (int64_t j = 0; j < nsub; ++j) {
-        float b = 0.f;
-        for (int64_t c = 0; c < d; ++c) b += std::fabs(xt[j * d + c]) * cmax[c];
-        bound = std::max(bound, b);
-      }
-    }
-    const float sc = (bound > 0.f && std::isfinite(bound)) ? bound / 32768.0f : 1.0f;
-    const float inv = 1.0f / sc;
-    for (int64_t i = 0; i < nsub * d; ++i) xt[i] *= inv;
-    ts[t] = sc;
-  }
   const int nth = n_threads();
   // Split the groups of a row block across threads when there are too few row blocks.
   const int64_t S = std::min<int64_t>(ngroups, std::max<int64_t>(1, (4 * nth + nrb - 1) / nrb));
-  const int64_t n_tab = T * Mb * nsub;
-  uint8_t* lut = scratch(lut_v, static_cast<size_t>(n_tab * 2 * kp) + 64);
-  lut = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(lut) + 63) & ~uintptr_t(63));
   float* ypart = scratch(yp_v, static_cast<size_t>(S * T * nrb * RB));
-  if (mt[M_POISON]) {
-    std::fill(lut, lut + n_tab * 2 * kp, uint8_t(0xFF));
-    std::fill(ypart, ypart + S * T * nrb * RB, std::numeric_limits<float>::quiet_NaN());
+  float* ts = scratch(ts_v, static_cast<size_t>(T));
+  const int64_t n_tab = perm ? 0 : T * Mb * nsub;
+  uint8_t* lut = nullptr;
+  const float* cbT = perm ? nullptr : tables.data_ptr<float>();
+  if (!perm) {
+    // Token scale: a bound on |entry| from the per-coordinate maxima of |codebook|, so that the
+    // largest possible entry maps to 2^15 < fp16 max (fp16 keeps 11 significant bits per entry).
+    for (int64_t t = 0; t < T; ++t) {
+      float* xt = xbuf + t * stride;
+      float bound = 0.f;
+      for (int64_t m = 0; m < Mb; ++m) {
+        const float* cmax = cbT + (m * (d + 1) + d) * kp;
+        for (int64_t j = 0; j < nsub; ++j) {
+          float b = 0.f;
+          for (int64_t c = 0; c < d; ++c) b += std::fabs(xt[j * d + c]) * cmax[c];
+          bound = std::max(bound, b);
+        }
+      }
+      const float sc = (bound > 0.f && std::isfinite(bound)) ? bound / 32768.0f : 1.0f;
+      const float inv = 1.0f / sc;
+      for (int64_t i = 0; i < nsub * d; ++i) xt[i] *= inv;
+      ts[t] = sc;
+    }
+    lut = scratch(lut_v, static_cast<size_t>(n_tab * 2 * kp) + 64);
+    lut = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(lut) + 63) & ~uintptr_t(63));
+    if (mt[M_POISON]) std::fill(lut, lut + n_tab * 2 * kp, uint8_t(0xFF));
   }
-  LutArgs a{codes.data_ptr<uint8_t>(), lut, ts, ng ? scales.data_ptr<c10::Half>() : nullptr, ypart,
-            T, Mb, nsub, mt[M_GS], ng, nrb, S};
+  if (mt[M_POISON]) std::fill(ypart, ypart + S * T * nrb * RB, std::numeric_limits<float>::quiet_NaN());
+  ScanArgs a{codes.data_ptr<uint8_t>(), perm ? tables.data_ptr<uint8_t>() : lut, xbuf, ts,
+             ng ? scales.data_ptr<c10::Half>() : nullptr, ypart, T, Mb, d, nsub, mt[M_GS], ng, nrb, S, stride};
   const int64_t n_items = nrb * S;
   float* yf = y.scalar_type() == at::kFloat ? y.data_ptr<float>() : nullptr;
   const c10::Half* bp = bias.defined() && bias.numel() ? bias.data_ptr<c10::Half>() : nullptr;
   float* yfin = yf ? yf : scratch(yfin_v, static_cast<size_t>(T * out));
   auto build = d == 2 ? &lut_build_one<2> : d == 1 ? &lut_build_one<1> : d == 4 ? &lut_build_one<4>
              : d == 8 ? &lut_build_one<8> : &lut_build_one<0>;
+  const ScanFn full = pick_scan(perm, kp, 4, d);
+  const ScanFn tail = pick_scan(perm, kp, static_cast<int>(T % 4), d);
 #pragma omp parallel num_threads(nth)
   {
+    if (!perm) {
 #pragma omp for schedule(static)
-    for (int64_t e = 0; e < n_tab; ++e) {
-      const int64_t j = e % nsub, tm = e / nsub, m = tm % Mb, t = tm / Mb;
-      build(cbT + m * (d + 1) * kp, xbuf + t * stride + j * d, d, kp, lut + e * 2 * kp);
+      for (int64_t e = 0; e < n_tab; ++e) {
+        const int64_t j = e % nsub, tm = e / nsub, m = tm % Mb, t = tm / Mb;
+        build(cbT + m * (d + 1) * kp, xbuf + t * stride + j * d, d, kp, lut + e * 2 * kp);
+      }
     }
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < n_items; ++it) {
       const int64_t rb = it / S, s = it % S;
-      for (int64_t t0 = 0; t0 < T; t0 += 4) {
-        const int nt = static_cast<int>(std::min<int64_t>(4, T - t0));
-        if (kp == 64) lut_scan<64>(a, t0, nt, rb, s);
-        else if (kp == 128) lut_scan<128>(a, t0, nt, rb, s);
-        else lut_scan<256>(a, t0, nt, rb, s);
-      }
+      for (int64_t t0 = 0; t0 < T; t0 += 4) (T - t0 >= 4 ? full : tail)(a, t0, rb, s);
     }
 #pragma omp for schedule(static)
     for (int64_t e = 0; e < T * out; ++e) {
@@ -786,7 +840,6 @@ at::Tensor cpu_pq_linear(const at::Tensor& x, const at::Tensor& codes, const at:
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
               "fasq cpu_pq_linear: x dtype ", dt, " not supported (float32, bfloat16, float16)");
-  TORCH_CHECK(tables.scalar_type() == at::kFloat && tables.is_contiguous(), "fasq cpu_pq_linear: bad tables");
   std::vector<int64_t> osize(x.sizes().begin(), x.sizes().end());
   osize.back() = out;
   at::Tensor y = at::empty(osize, x.options());
@@ -797,11 +850,12 @@ at::Tensor cpu_pq_linear(const at::Tensor& x, const at::Tensor& codes, const at:
   const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
   switch (mt[M_MODE]) {
     case LUT:
+    case PERM:
 #ifdef FASQ_VBMI
-      run_lut(x2, y, codes, tables, scales, rot_signs, b, mt);
+      run_scan(mt[M_MODE] == PERM, x2, y, codes, tables, scales, rot_signs, b, mt);
       break;
 #else
-      TORCH_CHECK(false, "fasq cpu_pq_linear: the LUT method needs AVX-512 VBMI (not compiled in)");
+      TORCH_CHECK(false, "fasq cpu_pq_linear: the LUT and PERM methods need AVX-512 VBMI (not compiled in)");
 #endif
     case DIRECT: run_direct(x2, y, codes, tables, scales, rot_signs, b, mt); break;
     case TILED: run_tiled(x2, y, codes, tables, scales, rot_signs, b, mt); break;

@@ -75,7 +75,7 @@ def _scales(scales_ptr, offs_o, offs_j, OUT, N_GROUPS, GROUP, D: tl.constexpr):
     return s.to(tl.float32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "stride_ys"])  # token counts vary call to call: no recompiles
 def pq_matmul_kernel(x_ptr, codes_ptr, cb_ptr, scales_ptr, bias_ptr, y_ptr,
                      T, IN, OUT, N_SUB, WORDS, K, N_GROUPS, GROUP, SUBS_PER_SPLIT, stride_ys,
                      BITS: tl.constexpr, D: tl.constexpr, NUM_BOOKS: tl.constexpr, HAS_SCALES: tl.constexpr,
@@ -126,7 +126,7 @@ def pq_matmul_kernel(x_ptr, codes_ptr, cb_ptr, scales_ptr, bias_ptr, y_ptr,
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_t[:, None] & (offs_o < OUT)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def splitk_reduce_kernel(ws_ptr, bias_ptr, y_ptr, N, OUT, SPLITS,
                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """y[i] = sum_s ws[s, i] (+ bias[i % OUT]), summed in split order (deterministic). N = T*OUT."""

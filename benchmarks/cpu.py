@@ -1,0 +1,333 @@
+"""CPU speed of fasq (issue 6): the kernel against dense F.linear, and end-to-end SmolLM2 decode.
+
+    python benchmarks/cpu.py                       # everything (~20 min on 2 busy cores)
+    python benchmarks/cpu.py --skip-e2e --quick    # kernels only, fewer rounds
+
+1. Kernels: y = x W^T on random PQ layers (fp32 and bf16 dense F.linear vs the fasq module call,
+   which includes the kernel registry's dispatch, and each method's op alone) on 4096x4096,
+   11008x4096 and every SmolLM2-135M linear shape, at 1, 4 and 16 tokens, for several configs.
+   Every candidate is timed in the same rounds, interleaved; the figure is the median of rounds.
+   "hot" repeats calls on the same weights (they stay in the CPU caches); "cold" evicts the caches
+   before each call, like a decode step that streams a model much larger than the cache.
+2. End to end: greedy decode of SmolLM2-135M-Instruct (fp32 model vs fasq at ~4 and ~3
+   bits/weight), same prompt and length, each model in its own subprocess so that peak memory
+   (ru_maxrss) is its own.
+
+Writes JSON (--out) and the section between ``<!-- cpu:begin -->`` and ``<!-- cpu:end -->`` of
+BENCHMARKS.md.  ``fasq bench`` can call :func:`bench_kernels` and :func:`bench_e2e`.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {  # name: (out, in)
+    "4096x4096": (4096, 4096), "11008x4096": (11008, 4096),
+    "smollm2 q/o": (576, 576), "smollm2 k/v": (192, 576), "smollm2 gate/up": (1536, 576),
+    "smollm2 down": (576, 1536),
+}
+CONFIGS = {  # name: LayerSpec settings (group 128, Hadamard rotation as fasq.quantize uses)
+    "4bit d2 K256": dict(subvector_dim=2, num_centroids=256),
+    "3bit d2 K64": dict(subvector_dim=2, num_centroids=64),
+    "2bit d4 K256": dict(subvector_dim=4, num_centroids=256),
+    "4bit d4 K65536": dict(subvector_dim=4, num_centroids=65536),
+}
+MAIN_CONFIG = "4bit d2 K256"
+PROMPT = "Explain in a few sentences why the sky is blue."
+E2E_VARIANTS = ("fp32", "fasq-4bit", "fasq-3bit")
+
+
+# ----------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def random_layer(out: int, inp: int, cfg: dict, seed: int = 0):
+    from fasq.format import LayerSpec, pack_codes
+    from fasq.nn import PQLinear
+    from fasq.reference import rotation_block_for
+
+    spec = LayerSpec(inp, out, group_size=128, rotation_block=rotation_block_for(inp, 256), **cfg)
+    g = torch.Generator().manual_seed(seed)
+    codes = pack_codes(torch.randint(0, spec.num_centroids, (1, out, spec.n_sub), generator=g), spec.bits)
+    books = torch.randn(1, spec.num_centroids, spec.subvector_dim, generator=g).half()
+    scales = (torch.rand(out, spec.n_groups, generator=g) * 0.02).half()
+    signs = (torch.randint(0, 2, (inp,), generator=g) * 2 - 1).to(torch.int8)
+    return PQLinear.from_tensors(spec, codes, books, scales, signs)
+
+
+class _Evictor:
+    """Reads a buffer larger than the last-level cache, so the next call finds its data in DRAM."""
+
+    def __init__(self, mib: int):
+        self.buf = torch.ones(mib << 18)  # fp32
+
+    def __call__(self):
+        self.buf.add_(1.0)
+
+
+def time_interleaved(fns: dict, rounds: int, evict=None, target_s: float = 0.02) -> dict:
+    """Median and min seconds per call of each fn, timed in the same rounds (order rotated)."""
+    names = list(fns)
+    reps = {}
+    for n in names:  # warm up (first calls prepare per-layer caches) and size each sample
+        for _ in range(2):
+            fns[n]()
+        t = time.perf_counter()
+        fns[n]()
+        dt = time.perf_counter() - t
+        reps[n] = 1 if evict else max(1, min(1000, int(target_s / max(dt, 1e-7))))
+    samples = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            if evict:
+                evict()
+            t = time.perf_counter()
+            for _ in range(reps[n]):
+                fns[n]()
+            samples[n].append((time.perf_counter() - t) / reps[n])
+    return {n: {"median_s": statistics.median(s), "min_s": min(s)} for n, s in samples.items()}
+
+
+@torch.inference_mode()
+def bench_kernels(shapes=SHAPES, configs=CONFIGS, tokens=(1, 4, 16), caches=("hot", "cold"), rounds=15,
+                  main_config=MAIN_CONFIG, log=print) -> list[dict]:
+    """Dense F.linear (fp32, bf16) vs fasq per (shape, config, tokens, cache state).
+
+    The main config gets every token count; the others 1 token only.  Returns one row per case.
+    """
+    from fasq.kernels import cpu, select
+
+    if not cpu.available():
+        raise RuntimeError("the fasq CPU kernel could not be built (see the warning above)")
+    evictor = _Evictor(512) if "cold" in caches else None
+    rows = []
+    for cfg_name, cfg in configs.items():
+        for shape_name, (out, inp) in shapes.items():
+            layer = random_layer(out, inp, cfg)
+            w32 = torch.randn(out, inp) * 0.02
+            w16 = w32.bfloat16()
+            for t in tokens if cfg_name == main_config else tokens[:1]:
+                x32 = torch.randn(t, inp)
+                x16 = x32.bfloat16()
+                fns = {"dense_fp32": lambda: F.linear(x32, w32), "dense_bf16": lambda: F.linear(x16, w16),
+                       "fasq_fp32": lambda: layer(x32), "fasq_bf16": lambda: layer(x16)}
+                methods = [m for m in cpu.METHODS if m != "lut" or cpu.lut_supported(layer.spec)]
+                for m in methods:
+                    fns[f"op_{m}"] = (lambda m=m: cpu.cpu_linear(x32, layer, m))
+                chosen = select(layer, x32).name
+                for cache in caches:
+                    res = time_interleaved(fns, rounds, evict=evictor if cache == "cold" else None)
+                    row = {"config": cfg_name, "shape": shape_name, "out": out, "in": inp, "tokens": t,
+                           "cache": cache, "bits_per_weight": round(layer.spec.bits_per_weight(), 3),
+                           "kernel": chosen, **{f"{k}_us": round(v["median_s"] * 1e6, 1) for k, v in res.items()},
+                           **{f"{k}_min_us": round(v["min_s"] * 1e6, 1) for k, v in res.items()}}
+                    best_dense = min(row["dense_fp32_us"], row["dense_bf16_us"])
+                    row["speedup_vs_best_dense"] = round(best_dense / row["fasq_fp32_us"], 2)
+                    rows.append(row)
+                    log(f"{cfg_name:15s} {shape_name:16s} t={t:<2d} {cache:4s} fp32 {row['dense_fp32_us']:9.1f}  "
+                        f"bf16 {row['dense_bf16_us']:9.1f}  fasq {row['fasq_fp32_us']:9.1f} us ({chosen}) "
+                        f"x{row['speedup_vs_best_dense']:.2f}  "
+                        + " ".join(f"{m} {row[f'op_{m}_us']:.1f}" for m in methods))
+            del layer, w32, w16
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+def _bench_dir() -> Path:
+    from fasq.data import cache_dir
+    return cache_dir() / "bench"
+
+
+def quantized_smollm2(preset_name: str, log=print) -> Path:
+    """fasq-quantized SmolLM2 saved under the cache (made once, in a subprocess to bound memory)."""
+    out = _bench_dir() / f"smollm2-{preset_name}"
+    if (out / "config.json").is_file():
+        return out
+    log(f"quantizing SmolLM2 with preset {preset_name} (once) -> {out}")
+    code = ("import sys, torch, fasq; from fasq.data import smollm2_checkpoint;"
+            "from transformers import AutoModelForCausalLM, AutoTokenizer;"
+            "ck = smollm2_checkpoint(); m = AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32);"
+            f"fasq.quantize(m, fasq.preset({preset_name!r}), progress=False);"
+            f"fasq.save(m, {str(out)!r}, AutoTokenizer.from_pretrained(ck), overwrite=True)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return out
+
+
+def _weights_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _e2e_worker(variant: str, new_tokens: int, threads: int) -> dict:
+    """Runs in its own process: load one model, greedy-decode, report speed and peak memory."""
+    import fasq
+    from fasq.data import smollm2_checkpoint
+    from fasq.kernels.cpu import bench_decode
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    ck = smollm2_checkpoint()
+    t0 = time.perf_counter()
+    if variant in ("fp32", "bf16"):
+        model = AutoModelForCausalLM.from_pretrained(ck, dtype=getattr(torch, {"fp32": "float32"}.get(variant, "bfloat16")))
+        bits = 32.0 if variant == "fp32" else 16.0
+    else:
+        model = fasq.load(quantized_smollm2(variant.split("-", 1)[1]))
+        rep = fasq.model_size_report(model)
+        bits = rep["bits_per_weight"]
+    model.eval()
+    load_s = time.perf_counter() - t0
+    tok = AutoTokenizer.from_pretrained(ck)
+    text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
+    ids = tok(text, return_tensors="pt").input_ids
+    res = bench_decode(model, ids, new_tokens=new_tokens)
+    res.update(variant=variant, bits_per_weight=bits, load_s=round(load_s, 2), prompt_tokens=ids.shape[1],
+               threads=threads, weights_mb=round(_weights_bytes(model) / 2**20, 1),
+               peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+               text=tok.decode(res["generated"], skip_special_tokens=True))
+    return res
+
+
+def bench_e2e(variants=E2E_VARIANTS, new_tokens: int = 64, threads: int | None = None, repeats: int = 2,
+              log=print) -> list[dict]:
+    """Each variant decoded ``repeats`` times, alternating, each run in a fresh subprocess; the
+    fastest run of each is kept (the machine is shared), the peak memory is the largest."""
+    threads = threads or torch.get_num_threads()
+    for v in variants:  # prepare checkpoints before timing anything
+        if v.startswith("fasq-"):
+            quantized_smollm2(v.split("-", 1)[1], log=log)
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for r in range(repeats):
+        for v in variants:
+            with tempfile.NamedTemporaryFile("r", suffix=".json") as f:
+                subprocess.run([sys.executable, __file__, "--worker", v, "--new-tokens", str(new_tokens),
+                                "--threads", str(threads), "--out", f.name], check=True)
+                res = json.load(open(f.name))
+            runs[v].append(res)
+            log(f"{v:10s} run {r}: {res['decode_tokens_per_s']:.1f} tok/s, peak RSS {res['peak_rss_mb']:.0f} MB")
+    rows = []
+    for v in variants:
+        best = max(runs[v], key=lambda d: d["decode_tokens_per_s"])
+        best["peak_rss_mb"] = max(d["peak_rss_mb"] for d in runs[v])
+        best["all_tokens_per_s"] = [round(d["decode_tokens_per_s"], 2) for d in runs[v]]
+        rows.append(best)
+    base = next((r for r in rows if r["variant"] == "fp32"), None)
+    for r in rows:
+        if base:
+            r["speedup_vs_fp32"] = round(r["decode_tokens_per_s"] / base["decode_tokens_per_s"], 2)
+            r["same_tokens_as_fp32"] = sum(a == b for a, b in zip(r["generated"], base["generated"]))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+def markdown(meta: dict, kernels: list[dict], e2e: list[dict]) -> str:
+    out = ["## CPU (issue 6)", "",
+           f"Machine: {meta['cpu']}, {meta['threads']} threads (torch {meta['torch']}); {meta['date']}.  ",
+           f"Command: `{meta['command']}`  ",
+           "Median of interleaved rounds; the machine is shared, so compare ratios within a row.", ""]
+    if kernels:
+        out += ["### Kernel: y = x W^T, microseconds per call",
+                "",
+                "fasq = the `PQLinear` module call (registry dispatch + op); dense = `F.linear`. "
+                "hot: weights stay in cache between calls; cold: caches evicted before each call. "
+                "x = best dense / fasq (fp32 input).", "",
+                "| config | shape (out x in) | tokens | cache | dense fp32 | dense bf16 | fasq fp32 | fasq bf16 "
+                "| x | kernel | lut / direct / tiled (op only) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in kernels:
+            ops = " / ".join(f"{r[f'op_{m}_us']:.0f}" if f"op_{m}_us" in r else "-" for m in ("lut", "direct", "tiled"))
+            out.append(f"| {r['config']} ({r['bits_per_weight']:.2f} b/w) | {r['shape']} ({r['out']}x{r['in']}) "
+                       f"| {r['tokens']} | {r['cache']} | {r['dense_fp32_us']:.0f} | {r['dense_bf16_us']:.0f} "
+                       f"| {r['fasq_fp32_us']:.0f} | {r['fasq_bf16_us']:.0f} | **{r['speedup_vs_best_dense']:.2f}** "
+                       f"| {r['kernel']} | {ops} |")
+        out.append("")
+    if e2e:
+        out += ["### End to end: SmolLM2-135M-Instruct greedy decode",
+                "",
+                f"Prompt: \"{PROMPT}\" (chat template), {e2e[0]['prompt_tokens']} prompt tokens, "
+                f"{len(e2e[0]['generated'])} new tokens; best of {len(e2e[0]['all_tokens_per_s'])} runs, each "
+                "model in its own process (peak RSS = ru_maxrss, includes Python + torch).", "",
+                "| model | bits/weight (linears) | decode tok/s | x fp32 | peak RSS MB | weights MB "
+                "| tokens equal to fp32 |", "|---|---|---|---|---|---|---|"]
+        for r in e2e:
+            out.append(f"| {r['variant']} | {r['bits_per_weight']:.2f} | {r['decode_tokens_per_s']:.1f} "
+                       f"| {r.get('speedup_vs_fp32', float('nan')):.2f} | {r['peak_rss_mb']:.0f} | {r['weights_mb']:.0f} "
+                       f"| {r.get('same_tokens_as_fp32', '-')}/{len(r['generated'])} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_section(path: Path, text: str, begin="<!-- cpu:begin -->", end="<!-- cpu:end -->") -> None:
+    """Replace (or append) only the marked section; written atomically."""
+    old = path.read_text() if path.exists() else "# fasq benchmarks\n"
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    if begin in old and end in old:
+        new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
+    else:
+        new = old.rstrip() + "\n\n" + block + "\n"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(new)
+    tmp.replace(path)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu.json"))
+    ap.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
+    ap.add_argument("--quick", action="store_true", help="fewer rounds, hot cache only, one e2e run")
+    ap.add_argument("--skip-kernels", action="store_true")
+    ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.worker:
+        res = _e2e_worker(a.worker, a.new_tokens, a.threads or torch.get_num_threads())
+        Path(a.out).write_text(json.dumps(res))
+        return
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    meta = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(), "command": "python benchmarks/cpu.py " + " ".join(argv or sys.argv[1:])}
+    out = Path(a.out)
+    previous = json.loads(out.read_text()) if out.exists() else {}  # a skipped part keeps its last results
+    kernels = previous.get("kernels", []) if a.skip_kernels else bench_kernels(
+        rounds=5 if a.quick else a.rounds, caches=("hot",) if a.quick else ("hot", "cold"))
+    e2e = previous.get("e2e", []) if a.skip_e2e else bench_e2e(
+        new_tokens=a.new_tokens, threads=meta["threads"], repeats=1 if a.quick else 2)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"meta": meta, "kernels": kernels, "e2e": e2e}, indent=1))
+    tmp.replace(out)
+    write_section(Path(a.markdown), markdown(meta, kernels, e2e))
+    print(f"wrote {out} and the cpu section of {a.markdown}")
+
+
+if __name__ == "__main__":
+    main()

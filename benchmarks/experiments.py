@@ -1,0 +1,69 @@
+"""Quantizer experiments on SmolLM2 (issue 4): one config per run, perplexity on Lee and Austen.
+
+    python benchmarks/experiments.py --name NAME key=value ... [--max-tokens 8192]
+
+Appends one JSON line per run to benchmarks/results/experiments.jsonl (docs/experiments.md reads it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from fasq import FASQConfig
+from fasq.cli import load_any
+from fasq.data import smollm2_checkpoint
+from fasq.eval import load_text, perplexity
+from fasq.model import model_size_report, quantize
+
+OUT = Path(__file__).parent / "results" / "experiments.jsonl"
+
+
+def parse_kv(items):
+    out = {}
+    for it in items:
+        k, _, v = it.partition("=")
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--max-tokens", type=int, default=8192)
+    ap.add_argument("--texts", default="lee,austen")
+    ap.add_argument("--original", action="store_true", help="evaluate the unquantized model")
+    ap.add_argument("settings", nargs="*")
+    a = ap.parse_args()
+    model, tok = load_any(str(smollm2_checkpoint()))
+    rec = {"name": a.name, "date": str(date.today()), "machine": platform.processor() or platform.machine(),
+           "max_tokens": a.max_tokens}
+    if not a.original:
+        cfg = FASQConfig(**parse_kv(a.settings))
+        t0 = time.perf_counter()
+        quantize(model, cfg, progress=False)
+        rec["quantize_seconds"] = round(time.perf_counter() - t0, 1)
+        rep = model_size_report(model)
+        rec.update(config={k: v for k, v in cfg.to_dict().items() if k not in ("skip_modules", "quant_method")},
+                   bits_per_weight=round(rep["bits_per_weight"], 4), fraction_of_fp16=round(rep["fraction_of_fp16"], 4))
+    for t in a.texts.split(","):
+        r = perplexity(model, tok, load_text(t), max_tokens=a.max_tokens, progress=False)
+        rec[f"ppl_{t}"] = round(r["perplexity"], 3)
+    rec["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(json.dumps(rec))
+    with open(OUT, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()

@@ -1,0 +1,576 @@
+"""GPU speed of fasq's Triton kernels and of end-to-end decoding, against FP16, in one command.
+
+    python benchmarks/gpu.py                      # one H100/H200: under 5 minutes
+    python benchmarks/gpu.py --dry-run            # tiny shapes on CPU under the Triton interpreter
+
+1. The card's device-to-device copy bandwidth and FP16 matmul rate.
+2. Each kernel on Llama-3-8B's layer shapes (out x in: 4096x4096, 1024x4096, 14336x4096,
+   4096x14336) at 1, 2, 4, 8, 16, 512 and 2048 tokens, against ``F.linear`` in FP16: µs, achieved
+   GB/s (bytes of the stored weight read / time) and that as a fraction of the copy bandwidth.
+   Layers hold random codes of the right format (no k-means: speed does not depend on values).
+   A small sweep of decode launch sizes at 1 token records what tuning would gain.
+3. 128 tokens decoded after a 128-token prompt by a Llama-3-8B-shaped model (dims from a
+   transformers ``LlamaConfig``, random FP16 weights, no download) with a static KV cache and the
+   decode step captured in a CUDA graph; FP16 vs fasq at ~4 and ~3 bits/weight (every linear layer
+   of the decoder swapped for a random PQLinear; the LM head stays FP16, as fasq's default
+   skip_modules leaves it).  Every model runs the same code: same cache, same graph, same loop.
+
+Writes JSON (``--out``) and the section between ``<!-- gpu:begin -->`` and ``<!-- gpu:end -->``
+of BENCHMARKS.md (``--markdown``), with the card's name, the date and the command.
+The model is a ~60-line gpt-fast-style Llama so that the static cache and graph capture do not
+depend on the transformers version; its linear layers have exactly Llama-3-8B's shapes.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+if "--dry-run" in sys.argv:  # must precede the first Triton import: kernels run in the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("FASQ_DISABLE_KERNELS", "all")  # PQLinear on CPU: the reference, no C++ build
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    import fasq  # noqa: F401
+except ImportError:  # a checkout that is not pip-installed
+    sys.path.insert(0, str(ROOT / "src"))
+
+from fasq.format import LayerSpec
+from fasq.nn import PQLinear
+from fasq.reference import rotation_block_for
+
+BEGIN, END = "<!-- gpu:begin -->", "<!-- gpu:end -->"
+
+# name -> (subvector_dim, num_centroids, group_size)
+FORMATS = {"4bit d2 K256": (2, 256, 128), "3bit d2 K64": (2, 64, 128), "3bit d4 K4096": (4, 4096, 128)}
+E2E_FORMATS = ("4bit d2 K256", "3bit d2 K64", "3bit d4 K4096")
+SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]          # (out, in)
+TOKENS = [1, 2, 4, 8, 16, 512, 2048]
+DRY_SHAPES = [(40, 72), (24, 128)]
+DRY_TOKENS = [1, 20]
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+def bench(fn, device) -> float:
+    """Median µs of fn(): triton's do_bench on CUDA (L2 flushed before each run), else one wall-clock run."""
+    if device.type == "cuda":
+        import triton.testing
+        return 1000.0 * triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+    fn()                                                 # CPU (--dry-run): checks the script only
+    t0 = time.perf_counter()
+    fn()
+    return 1e6 * (time.perf_counter() - t0)
+
+
+def device_rates(device, dry: bool) -> dict:
+    n_bytes = (4 << 20) if dry else (1 << 30)
+    src = torch.empty(n_bytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    us = bench(lambda: dst.copy_(src), device)
+    n = 128 if dry else 8192
+    dt = torch.float32 if dry else torch.float16
+    a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
+    mm_us = bench(lambda: a @ b, device)
+    return {"copy_GBps": 2 * n_bytes / us / 1e3, "copy_bytes": n_bytes,
+            "copy_note": "device-to-device copy: (bytes read + bytes written) / time",
+            "matmul_TFLOPs": 2 * n ** 3 / mm_us / 1e6, "matmul_n": n, "matmul_dtype": str(dt)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Random layers of a given format
+
+def random_pq_linear(out_f: int, in_f: int, fmt: str, device, seed: int = 0) -> PQLinear:
+    """A PQLinear with random buffers of the format: any bit pattern is a valid code (K = 2**bits)."""
+    d, k, group = FORMATS[fmt]
+    if k & (k - 1):
+        raise ValueError(f"format {fmt!r}: random codes need K a power of two, got {k}")
+    spec = LayerSpec(in_f, out_f, d, k, 1, group, True, rotation_block_for(in_f, 256), False)
+    layer = PQLinear(spec, device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    m, o, w = layer.codes.shape
+    layer.codes.copy_(torch.randint(0, 256, (m, o, 4 * w), generator=g, device=device, dtype=torch.uint8)
+                      .view(torch.int32))
+    layer.codebooks.copy_(torch.randn(layer.codebooks.shape, generator=g, device=device))
+    layer.scales.copy_(0.02 * (0.5 + torch.rand(layer.scales.shape, generator=g, device=device)))
+    layer.rot_signs.copy_(torch.randint(0, 2, layer.rot_signs.shape, generator=g, device=device) * 2 - 1)
+    return layer
+
+
+def make_launch(tk, tokens: int, n_sub: int, block_o: int, block_j: int, splits: int, num_warps: int):
+    bt = triton_next_pow2(tokens)
+    use_dot = bt > 4
+    bt = 16 if use_dot else bt
+    chunks = math.ceil(n_sub / block_j)
+    per = math.ceil(chunks / max(1, min(splits, chunks)))
+    return tk.Launch(bt, block_o, block_j, use_dot, math.ceil(chunks / per), per * block_j, num_warps=num_warps)
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def kernel_timings(device, dry: bool, deadline: float, sweep: bool) -> tuple[list, list, list]:
+    from fasq.kernels import triton_kernels as tk
+    dtype = torch.float32 if dry else torch.float16
+    shapes, token_list = (DRY_SHAPES, DRY_TOKENS) if dry else (SHAPES, TOKENS)
+    rows, sweeps, skipped = [], [], []
+    for out_f, in_f in shapes:
+        w16 = torch.randn(out_f, in_f, device=device, dtype=dtype) * 0.02
+        layers = {fmt: random_pq_linear(out_f, in_f, fmt, device, seed=i) for i, fmt in enumerate(FORMATS)}
+        for tokens in token_list:
+            if time.monotonic() > deadline:
+                skipped.append(f"kernels {out_f}x{in_f} tokens={tokens}: time budget spent")
+                continue
+            x = torch.randn(tokens, in_f, device=device, dtype=dtype)
+            base = dict(shape=f"{out_f}x{in_f}", out=out_f, **{"in": in_f}, tokens=tokens)
+            fp16_us = bench(lambda: F.linear(x, w16), device)
+            rows.append(dict(base, format="fp16", method="F.linear", us=fp16_us, bytes=w16.numel() * w16.element_size()))
+            for fmt, layer in layers.items():
+                s = layer.spec
+                xr = tk.rotate(x, layer.rot_signs, s.rotation_block)
+                args = (layer.codes, layer.codebooks, layer.scales, None, s.in_features, s.subvector_dim,
+                        s.effective_group)
+                methods = {"prefill": lambda: tk.pq_matmul(xr, *args, method="prefill"),
+                           "dequant+F.linear": lambda: F.linear(xr, tk.dequantize_rotated(
+                               *args[:3], *args[4:], dtype=dtype)),
+                           "auto op (with rotation)": lambda: layer(x)}
+                if tokens <= tk.DECODE_MAX_TOKENS:
+                    methods["decode"] = lambda: tk.pq_matmul(xr, *args, method="decode")
+                for name, fn in methods.items():
+                    us = bench(fn, device)
+                    rows.append(dict(base, format=fmt, method=name, us=us, bytes=s.weight_storage_bytes(),
+                                     bits_per_weight=s.bits_per_weight()))
+                if sweep and tokens == 1 and time.monotonic() < deadline:
+                    default = tk.decode_launch(1, in_f, out_f, s.subvector_dim, s.bits, device)
+                    variants = {"default": default}
+                    for bo, bj, nw in ((8, default.block_j, 2), (32, default.block_j, 4),
+                                       (16, 2 * default.block_j, 4), (16, max(16, default.block_j // 2), 2)):
+                        variants[f"o{bo}_j{bj}_w{nw}"] = make_launch(tk, 1, s.n_sub, bo, bj, default.splits, nw)
+                    for mult in (0.5, 2):
+                        sp = max(1, int(default.splits * mult))
+                        variants[f"splits{sp}"] = make_launch(tk, 1, s.n_sub, default.block_o, default.block_j, sp,
+                                                              default.num_warps)
+                    for vname, launch in variants.items():
+                        us = bench(lambda: tk.pq_matmul(xr, *args, launch=launch), device)
+                        sweeps.append(dict(base, format=fmt, variant=vname, launch=launch.__dict__, us=us,
+                                           bytes=s.weight_storage_bytes()))
+    return rows, sweeps, skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: a gpt-fast-style Llama with a static KV cache
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps, device, dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, max_len, device, dtype):
+        super().__init__()
+        h, self.n_h, self.n_kv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+        self.hd = h // self.n_h
+        lin = lambda i, o: nn.Linear(i, o, bias=False, device=device, dtype=dtype)  # noqa: E731
+        self.q_proj, self.k_proj = lin(h, self.n_h * self.hd), lin(h, self.n_kv * self.hd)
+        self.v_proj, self.o_proj = lin(h, self.n_kv * self.hd), lin(self.n_h * self.hd, h)
+        self.gate_proj, self.up_proj = lin(h, cfg.intermediate_size), lin(h, cfg.intermediate_size)
+        self.down_proj = lin(cfg.intermediate_size, h)
+        self.norm1 = RMSNorm(h, cfg.rms_norm_eps, device, dtype)
+        self.norm2 = RMSNorm(h, cfg.rms_norm_eps, device, dtype)
+        self.register_buffer("k_cache", torch.zeros(1, self.n_kv, max_len, self.hd, device=device, dtype=dtype))
+        self.register_buffer("v_cache", torch.zeros(1, self.n_kv, max_len, self.hd, device=device, dtype=dtype))
+
+    def forward(self, x, pos, cos, sin, mask):          # x: [1, T, h], pos: [T]
+        t = x.shape[1]
+        a = self.norm1(x)
+        q = self.q_proj(a).view(1, t, self.n_h, self.hd).transpose(1, 2)
+        k = self.k_proj(a).view(1, t, self.n_kv, self.hd).transpose(1, 2)
+        v = self.v_proj(a).view(1, t, self.n_kv, self.hd).transpose(1, 2)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        self.k_cache.index_copy_(2, pos, k)
+        self.v_cache.index_copy_(2, pos, v)
+        rep = self.n_h // self.n_kv
+        o = F.scaled_dot_product_attention(q, self.k_cache.repeat_interleave(rep, 1),
+                                           self.v_cache.repeat_interleave(rep, 1), attn_mask=mask)
+        x = x + self.o_proj(o.transpose(1, 2).reshape(1, t, self.n_h * self.hd))
+        m = self.norm2(x)
+        return x + self.down_proj(F.silu(self.gate_proj(m)) * self.up_proj(m))
+
+
+def rope(x, cos, sin):                                   # x: [1, H, T, hd]; cos, sin: [T, hd]
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rot.float() * sin).to(x.dtype)
+
+
+def rope_theta(cfg) -> float:
+    """RoPE base: ``rope_parameters['rope_theta']`` in transformers 5, ``rope_theta`` before."""
+    params = getattr(cfg, "rope_parameters", None) or {}
+    return float(params.get("rope_theta") or getattr(cfg, "rope_theta", None) or 500000.0)
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg, max_len, device, dtype):
+        super().__init__()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(Block(cfg, max_len, device, dtype) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=device, dtype=dtype)
+        hd = cfg.hidden_size // cfg.num_attention_heads
+        inv = 1.0 / (rope_theta(cfg) ** (torch.arange(0, hd, 2, device=device).float() / hd))
+        ang = torch.outer(torch.arange(max_len, device=device).float(), inv)
+        self.register_buffer("cos", torch.cat([ang.cos(), ang.cos()], -1))
+        self.register_buffer("sin", torch.cat([ang.sin(), ang.sin()], -1))
+        self.register_buffer("positions", torch.arange(max_len, device=device))
+
+    def forward(self, tokens, pos):                      # tokens: [1, T], pos: [T] -> logits [1, vocab]
+        x = self.embed(tokens)
+        cos, sin = self.cos[pos], self.sin[pos]
+        mask = self.positions[None, :] <= pos[:, None]  # [T, max_len]
+        for layer in self.layers:
+            x = layer(x, pos, cos, sin, mask)
+        return self.lm_head(self.norm(x[:, -1]))
+
+
+def swap_linears(model: Llama, fmt: str, device) -> None:
+    """Replace every decoder linear layer (FP16 or PQ) by a random PQLinear of ``fmt``."""
+    for i, block in enumerate(model.layers):
+        for j, name in enumerate(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
+            old = getattr(block, name)
+            setattr(block, name, None)
+            new = random_pq_linear(old.out_features, old.in_features, fmt, device, seed=1000 * i + j)
+            del old
+            setattr(block, name, new)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def weight_bytes(model: Llama) -> int:
+    total = 0
+    for mod in model.modules():
+        if isinstance(mod, PQLinear):
+            total += mod.spec.weight_storage_bytes()
+        elif isinstance(mod, nn.Linear):
+            total += mod.weight.numel() * mod.weight.element_size()
+    return total
+
+
+def decode_speed(model: Llama, prompt: torch.Tensor, new_tokens: int, mode: str) -> dict:
+    """Prefill the prompt (eager; timed on its second run), then time ``new_tokens`` greedy decode steps."""
+    device = prompt.device
+    p = prompt.shape[1]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.no_grad():
+        for _ in range(2):                              # the first run compiles kernels
+            sync()
+            t0 = time.perf_counter()
+            first = model(prompt, torch.arange(p, device=device)).argmax(-1).view(1, 1)
+            sync()
+        prefill_ms = 1e3 * (time.perf_counter() - t0)
+        tok, pos = first.clone(), torch.full((1,), p, device=device, dtype=torch.long)
+        generated = torch.zeros(new_tokens, device=device, dtype=torch.long)
+
+        def step():
+            nxt = model(tok, pos).argmax(-1).view(1, 1)
+            generated.index_copy_(0, (pos - p).clamp(0, new_tokens - 1), nxt.view(1))
+            tok.copy_(nxt)
+            pos.add_(1)
+
+        run = step
+        if mode == "cuda_graph":
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            pos.fill_(p)
+            with torch.cuda.graph(graph):
+                step()
+            run = graph.replay
+        times = []
+        for _ in range(2):                              # first pass warms up, second is timed
+            pos.fill_(p)
+            tok.copy_(first)
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(new_tokens):
+                run()
+            sync()
+            times.append(time.perf_counter() - t0)
+    return {"tok_s": new_tokens / times[-1], "decode_s": times[-1], "prefill_ms": prefill_ms,
+            "first_tokens": generated[:8].tolist()}
+
+
+def end_to_end(device, dry: bool, layers: int | None) -> dict:
+    from transformers import LlamaConfig
+    if dry:
+        cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=256, rope_theta=500000.0)
+        prompt_len, new_tokens, dtype, mode = 4, 3, torch.float32, "eager"
+    else:  # Llama-3-8B
+        cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                          num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5)
+        prompt_len, new_tokens, dtype, mode = 128, 128, torch.float16, "cuda_graph"
+    note = ""
+    if layers:
+        cfg.num_hidden_layers = layers
+        note = f"{layers} decoder layers (of Llama-3-8B's 32), by --layers"
+    elif device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory < 40 << 30:
+        cfg.num_hidden_layers = 8
+        note = "8 decoder layers (of Llama-3-8B's 32): the card has under 40 GiB"
+    prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), device=device,
+                           generator=torch.Generator(device=device).manual_seed(0))
+    result = {"config": {k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                       "num_attention_heads", "num_key_value_heads", "vocab_size")},
+              "prompt_tokens": prompt_len, "new_tokens": new_tokens, "dtype": str(dtype), "note": note,
+              "shape_note": "tiny Llama config (dry run)" if dry else "Llama-3-8B-shaped",
+              "lm_head": "the LM head stays unquantized (baseline dtype) in every model, as fasq skips lm_head by default", "errors": []}
+    # Every model runs in the same mode: if the graph capture fails for any of them, all of them
+    # are run again eagerly (the model is rebuilt, as the FP16 weights were swapped out).
+    for m in ([mode, "eager"] if mode != "eager" else ["eager"]):
+        try:
+            result.update(mode=m, runs=_e2e_runs(cfg, prompt, new_tokens, device, dtype, m))
+            break
+        except Exception as e:
+            result["errors"].append(f"mode {m} failed, {type(e).__name__}: {e}")
+            if m == "eager":
+                raise
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+    base = result["runs"][0]["tok_s"]
+    for r in result["runs"]:
+        r["vs_fp16"] = r["tok_s"] / base
+    return result
+
+
+def _e2e_runs(cfg, prompt, new_tokens, device, dtype, mode) -> list[dict]:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model = Llama(cfg, prompt.shape[1] + new_tokens, device, dtype)
+        for prm in model.parameters():
+            if prm.dim() == 2:
+                prm.normal_(0, 0.02)
+    runs = []
+    base = "fp16" if dtype == torch.float16 else str(dtype).replace("torch.", "")
+    for name, fmt in [(base, None)] + [(f"fasq {fmt}", fmt) for fmt in E2E_FORMATS]:
+        if fmt:
+            swap_linears(model, fmt, device)
+        run = decode_speed(model, prompt, new_tokens, mode)
+        bits = 16.0 if fmt is None else model.layers[0].q_proj.spec.bits_per_weight()
+        runs.append(dict(run, model=name, bits_per_weight_linear=bits, weight_bytes=weight_bytes(model)))
+        print(f"e2e {name}: {run['tok_s']:.1f} tok/s ({mode})", flush=True)
+    del model
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+def annotate(rows: list, copy_gbps: float) -> None:
+    fp16 = {(r["shape"], r["tokens"]): r["us"] for r in rows if r["format"] == "fp16"}
+    for r in rows:
+        r["GBps"] = r["bytes"] / r["us"] / 1e3
+        r["frac_copy_bw"] = r["GBps"] / copy_gbps
+        r["speedup_vs_fp16"] = fp16[(r["shape"], r["tokens"])] / r["us"] if (r["shape"], r["tokens"]) in fp16 else None
+
+
+def targets(res: dict) -> list[str]:
+    """Each issue-5 target, checked against this run's measurements (no estimates)."""
+    out = []
+    dec = [r for r in res["kernels"] if r["method"] == "decode" and r["tokens"] == 1]
+    for fmt in FORMATS:
+        f = [r["frac_copy_bw"] for r in dec if r["format"] == fmt]
+        if f:
+            out.append(f"decode kernel at 1 token, {fmt}: lowest fraction of copy bandwidth over the shapes "
+                       f"{min(f):.0%} (target >= 80%)")
+    runs = {r["model"]: r for r in res.get("end_to_end", {}).get("runs", [])}
+    for name, goal in (("fasq 4bit d2 K256", 3.0), ("fasq 3bit d2 K64", 3.5), ("fasq 3bit d4 K4096", 3.5)):
+        if name in runs and runs[name]["vs_fp16"]:
+            out.append(f"end-to-end {name}: {runs[name]['vs_fp16']:.2f}x FP16 tok/s (target >= {goal}x)")
+    big = max(r["tokens"] for r in res["kernels"]) if res["kernels"] else 0
+    pre = [r for r in res["kernels"] if r["tokens"] == big and r["method"] in ("prefill", "dequant+F.linear")]
+    for fmt in FORMATS:
+        best = {}
+        for r in pre:
+            if r["format"] == fmt:
+                best[r["shape"]] = max(best.get(r["shape"], 0), r["speedup_vs_fp16"] or 0)
+        if best:
+            out.append(f"prefill at {big} tokens, {fmt}: lowest speed vs FP16 F.linear over the shapes "
+                       f"{min(best.values()):.2f}x, best of prefill kernel and dequant+F.linear (target >= 0.9x)")
+    return out
+
+
+def res_shapes(res: dict) -> list[str]:
+    return list(dict.fromkeys(r["shape"] for r in res["kernels"]))
+
+
+def markdown(res: dict) -> str:
+    dev, rates = res["device"], res["device_rates"]
+    lines = [BEGIN, "## GPU kernels and decoding (benchmarks/gpu.py)", ""]
+    if res["dry_run"]:
+        lines += ["**DRY RUN** on CPU with the Triton interpreter and tiny shapes: a check of the script, "
+                  "not speed figures.", ""]
+    lines += [f"- card: {dev['name']} (compute capability {dev.get('capability')}); date: {res['date']}",
+              f"- command: `{res['command']}`",
+              f"- torch {res['versions']['torch']}, triton {res['versions']['triton']}, "
+              f"transformers {res['versions']['transformers']}",
+              f"- copy bandwidth {rates['copy_GBps']:.0f} GB/s ({rates['copy_note']}); "
+              f"{rates['matmul_dtype']} matmul {rates['matmul_TFLOPs']:.1f} TFLOP/s at n={rates['matmul_n']}",
+              "", "### Targets (issue 5), as measured", ""]
+    lines += [f"- {t}" for t in targets(res)] + [""]
+    lines += ["### Kernels", "",
+              "µs per call (median, L2 flushed before each); `auto op` is PQLinear's forward as a model runs it "
+              "(the registry's choice, input rotation included); the kernel columns take a rotated input. "
+              "'% copy BW' = (bytes of the stored weight / decode-kernel time) / copy bandwidth. "
+              "Every row is in the JSON, with GB/s.", ""]
+    by = {(r["shape"], r["tokens"], r["format"], r["method"]): r for r in res["kernels"]}
+    keys = sorted({(r["shape"], r["tokens"]) for r in res["kernels"]},
+                  key=lambda k: (res_shapes(res).index(k[0]), k[1]))
+    cols = ("decode", "prefill", "dequant+F.linear", "auto op (with rotation)")
+    for fmt in FORMATS:
+        bpw = next((r["bits_per_weight"] for r in res["kernels"] if r["format"] == fmt), None)
+        if bpw is None:
+            continue
+        lines += [f"**{fmt}** ({bpw:.3f} bits/weight on the first shape)", "",
+                  "| shape (out x in) | tokens | FP16 F.linear | decode | prefill | dequant+F.linear | auto op "
+                  "| auto vs FP16 | decode % copy BW |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for shape, t in keys:
+            fp16 = by.get((shape, t, "fp16", "F.linear"))
+            cells = [f"{by[(shape, t, fmt, c)]['us']:.1f}" if (shape, t, fmt, c) in by else "" for c in cols]
+            auto = by.get((shape, t, fmt, cols[-1]))
+            dec = by.get((shape, t, fmt, "decode"))
+            lines.append(f"| {shape} | {t} | {fp16['us']:.1f} | " + " | ".join(cells) +
+                         f" | {auto['speedup_vs_fp16']:.2f}x | " + (f"{dec['frac_copy_bw']:.0%}" if dec else "") + " |"
+                         if fp16 and auto else f"| {shape} | {t} | | | | | | | |")
+        lines.append("")
+    if res["decode_sweep"]:
+        lines += ["Decode launch sweep at 1 token (`default` is what the heuristics pick):", "",
+                  "| shape | format | default µs | best variant | best µs | best % copy BW |",
+                  "| --- | --- | ---: | --- | ---: | ---: |"]
+        groups = {}
+        for r in res["decode_sweep"]:
+            groups.setdefault((r["shape"], r["format"]), []).append(r)
+        for (shape, fmt), rs in groups.items():
+            d = next(r for r in rs if r["variant"] == "default")
+            b = min(rs, key=lambda r: r["us"])
+            lines.append(f"| {shape} | {fmt} | {d['us']:.1f} | {b['variant']} | {b['us']:.1f} | {b['frac_copy_bw']:.0%} |")
+    e2e = res.get("end_to_end")
+    if e2e:
+        lines += ["", f"### End to end: {e2e['new_tokens']} tokens after a {e2e['prompt_tokens']}-token prompt, "
+                  f"batch 1, {e2e['dtype']}, mode {e2e['mode']}", ""]
+        if e2e["note"]:
+            lines += [f"Model: {e2e['note']}.", ""]
+        lines += [f"{e2e['shape_note']}, random weights; {e2e['lm_head']}.", "",
+                  "| model | bits/weight (linear layers) | weight GB | tok/s | vs FP16 | prefill ms |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for r in e2e["runs"]:
+            vs = f"{r['vs_fp16']:.2f}x" if r["vs_fp16"] else ""
+            lines.append(f"| {r['model']} | {r['bits_per_weight_linear']:.3f} | {r['weight_bytes'] / 1e9:.2f} | "
+                         f"{r['tok_s']:.1f} | {vs} | {r['prefill_ms']:.1f} |")
+        for e in e2e["errors"]:
+            lines.append(f"\nNote: {e}")
+    for s in res["skipped"]:
+        lines.append(f"\nSkipped: {s}")
+    lines += ["", END]
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def update_markdown(path: Path, section: str) -> None:
+    """Replace the text between the gpu markers (markers included); append them if missing."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if BEGIN in text and END in text and text.index(BEGIN) < text.index(END):
+        head, rest = text.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1]
+        text = head + section.rstrip("\n") + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    write_atomic(path, text)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/gpu.json)")
+    ap.add_argument("--markdown", type=Path, default=None,
+                    help="Markdown file whose gpu section is rewritten (default BENCHMARKS.md; none in --dry-run)")
+    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU under the Triton interpreter")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers of the end-to-end model (default 32)")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the decode launch sweep")
+    ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end decode")
+    ap.add_argument("--kernel-budget-s", type=float, default=150.0, help="stop kernel timings after this long")
+    args = ap.parse_args(argv)
+    dry = args.dry_run
+    if not dry and not torch.cuda.is_available():
+        print("benchmarks/gpu.py needs a CUDA GPU (or --dry-run)", file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if dry else "cuda")
+    out = args.out or ROOT / "benchmarks" / "results" / ("gpu_dry_run.json" if dry else "gpu.json")
+    md = args.markdown if args.markdown is not None else (None if dry else ROOT / "BENCHMARKS.md")
+    t_start = time.monotonic()
+
+    import triton
+    import transformers
+    res = {"dry_run": dry, "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]) if argv is None
+           else "python benchmarks/gpu.py " + " ".join(argv),
+           "versions": {"torch": torch.__version__, "triton": triton.__version__,
+                        "transformers": transformers.__version__, "python": platform.python_version()},
+           "device": ({"name": torch.cuda.get_device_name(device),
+                       "capability": ".".join(map(str, torch.cuda.get_device_capability(device))),
+                       "memory_GiB": round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)}
+                      if not dry else {"name": f"CPU ({platform.processor() or platform.machine()}), Triton interpreter"}),
+           "skipped": []}
+    print(f"device: {res['device']['name']}", flush=True)
+    res["device_rates"] = device_rates(device, dry)
+    print(f"copy {res['device_rates']['copy_GBps']:.0f} GB/s, matmul {res['device_rates']['matmul_TFLOPs']:.1f} "
+          f"TFLOP/s", flush=True)
+    rows, sweeps, skipped = kernel_timings(device, dry, time.monotonic() + args.kernel_budget_s, not args.no_sweep)
+    annotate(rows, res["device_rates"]["copy_GBps"])
+    annotate(sweeps, res["device_rates"]["copy_GBps"])
+    res.update(kernels=rows, decode_sweep=sweeps)
+    res["skipped"] += skipped
+    print(f"kernel timings: {len(rows)} rows, {len(sweeps)} sweep rows, {time.monotonic() - t_start:.0f} s", flush=True)
+    res["formats"] = {fmt: dict(zip(("subvector_dim", "num_centroids", "group_size"), v)) for fmt, v in FORMATS.items()}
+    if not args.no_e2e:
+        res["end_to_end"] = end_to_end(device, dry, args.layers)
+    res["wall_s"] = time.monotonic() - t_start
+    write_atomic(out, json.dumps(res, indent=1))
+    print(f"wrote {out}")
+    if md is not None:
+        update_markdown(md, markdown(res))
+        print(f"updated {md}")
+    for t in targets(res):
+        print(t)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

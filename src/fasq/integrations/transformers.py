@@ -1,0 +1,191 @@
+"""transformers adapter: ``AutoModelForCausalLM.from_pretrained(dir)`` loads what :func:`fasq.save` wrote.
+
+transformers reads ``quantization_config`` from config.json and looks its ``quant_method`` up in two
+tables that libraries may extend (``register_quantization_config`` / ``register_quantizer``):
+
+* :class:`FasqHfConfig` parses and checks the stored config (FASQConfig fields, ``format_version``,
+  per-module LayerSpecs) with the same rules as :func:`fasq.io.read_quantization_config`;
+* :class:`FasqHfQuantizer` swaps the listed ``nn.Linear`` modules of the empty (meta) model for empty
+  :class:`~fasq.nn.PQLinear` modules before transformers loads the checkpoint, so the PQ buffers
+  (``codes``, ``codebooks``, ``scales``, ``rot_signs``, ``bias``) load like any other tensor.
+
+Only pre-quantized models load this way; fasq quantizes with :func:`fasq.quantize`.  This module
+imports transformers at the top: import it only through :mod:`fasq.integrations`, whose hook
+runs :func:`register` once transformers has loaded its quantizer tables.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+# Only modules that transformers.quantizers.auto has finished importing when the hook runs inside
+# it: importing transformers.modeling_utils here would be circular (it is what imports the tables).
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ..config import QUANT_METHOD, FASQConfig
+from ..format import FORMAT_VERSION, LayerSpec
+from ..io import MANIFEST_NAME, WEIGHTS_NAME, FormatError, _fasq_version, sha256_file
+from ..nn import PQLinear
+
+log = logging.getLogger(__name__)
+
+
+def parse_quantization_config(qc: Any, where: str = "quantization_config") -> tuple[FASQConfig, dict[str, LayerSpec]]:
+    """(config, per-module specs) of a stored fasq ``quantization_config`` dict; raises FormatError."""
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+        raise FormatError(f"{where}: not a fasq quantization_config (quant_method must be {QUANT_METHOD!r})")
+    fv = qc.get("format_version")
+    if fv != FORMAT_VERSION:
+        raise FormatError(f"{where}: format_version={fv!r}, but this fasq reads format version "
+                          f"{FORMAT_VERSION}; upgrade fasq or re-quantize")
+    qc = dict(qc)
+    qc.pop("format_version")
+    modules = qc.pop("modules", None)
+    if not isinstance(modules, dict) or not modules:
+        raise FormatError(f"{where}: quantization_config has no 'modules' table (fasq models are made by "
+                          "fasq.quantize + fasq.save; from_pretrained cannot quantize on the fly)")
+    try:
+        return FASQConfig.from_dict(qc), {name: LayerSpec.from_dict(d) for name, d in modules.items()}
+    except ValueError as e:
+        raise FormatError(f"{where}: {e}") from None
+
+
+class FasqHfConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` of a fasq model as transformers holds it.
+
+    Built from the stored dict (``FasqHfConfig.from_dict``); ``to_dict`` gives that dict back, so
+    ``save_pretrained`` writes the config.json that :func:`fasq.save` writes.
+    """
+
+    def __init__(self, **stored: Any):
+        self.quant_method = QUANT_METHOD
+        self.fasq_config, self.specs = parse_quantization_config({"quant_method": QUANT_METHOD, **stored})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.fasq_config.to_dict(), "format_version": FORMAT_VERSION,
+                "modules": {name: spec.to_dict() for name, spec in self.specs.items()}}
+
+    def __iter__(self):
+        yield from self.to_dict().items()
+
+
+class FasqHfQuantizer(HfQuantizer):
+    """Loads fasq-quantized checkpoints: PQLinear modules in, stored buffers loaded as they are."""
+
+    requires_calibration = False  # fasq is calibration-free, but it does not quantize inside from_pretrained
+    quantization_config: FasqHfConfig
+
+    def __init__(self, quantization_config: FasqHfConfig, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        if not self.pre_quantized:
+            raise ValueError("fasq does not quantize inside from_pretrained: load the model, run "
+                             "fasq.quantize(model, FASQConfig(...)) and fasq.save(model, dir), then "
+                             "from_pretrained(dir) (or fasq.load(dir))")
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        from ..model import replace_with_pq
+
+        specs = _specs_for(model, self.quantization_config.specs)
+        try:
+            replace_with_pq(model, specs, device="meta")
+        except ValueError as e:
+            raise FormatError(f"fasq quantization_config does not fit {type(model).__name__}: {e}") from None
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        model.fasq_config = self.quantization_config.fasq_config   # as fasq.quantize / fasq.load set it
+        # save_pretrained then also writes fasq's manifest, so fasq.load reads the directory.
+        model.save_pretrained = types.MethodType(_save_pretrained_with_manifest, model)
+        return model
+
+    def get_state_dict_and_metadata(self, model):
+        """Store what fasq.save stores: PQ buffers as they are, fp32 tensors as fp16 (ties kept as aliases
+        so transformers still stores a tied tensor once)."""
+        half: dict[tuple, torch.Tensor] = {}
+        state = {}
+        for name, t in model.state_dict().items():
+            if t.dtype == torch.float32:
+                key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+                if key not in half:
+                    half[key] = t.half()
+                t = half[key]
+            state[name] = t
+        return state, {"fasq": str(FORMAT_VERSION)}
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    def is_serializable(self, safe_serialization=None) -> bool:
+        return True
+
+    def _dequantize(self, model, dtype=None):
+        """Replace every PQLinear by an nn.Linear holding its dequantized weight (``model.dequantize()``)."""
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)  # config.dtype: "float32"
+        for name, m in list(model.named_modules()):
+            if isinstance(m, PQLinear):
+                lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
+                                device=m.codes.device, dtype=dtype)
+                with torch.no_grad():
+                    lin.weight.copy_(m.dequantize(dtype))
+                    if m.bias is not None:
+                        lin.bias.copy_(m.bias)
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, lin)
+        if hasattr(model, "fasq_config"):
+            del model.fasq_config
+        model.__dict__.pop("save_pretrained", None)   # back to the class's plain save_pretrained
+        return model
+
+
+def _specs_for(model, specs: dict[str, LayerSpec]) -> dict[str, LayerSpec]:
+    """Module names are stored from the causal-LM root (``model.layers.0...``); a bare base model
+    (``AutoModel``) lacks the ``<base_model_prefix>.`` part."""
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    if prefix == "." or getattr(model, prefix[:-1], None) is not None:
+        return specs
+    return {name.removeprefix(prefix): spec for name, spec in specs.items()}
+
+
+def _save_pretrained_with_manifest(self, save_directory, *args, **kwargs):
+    """``PreTrainedModel.save_pretrained``, then fasq's manifest (fasq.json), which fasq.load checks."""
+    out = type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    path = Path(save_directory)
+    weights = path / WEIGHTS_NAME
+    manifest = path / MANIFEST_NAME
+    if not weights.is_file():
+        manifest.unlink(missing_ok=True)  # a stale manifest would describe files that are gone
+        log.warning("%s: save_pretrained wrote a sharded checkpoint; from_pretrained loads it, fasq.load "
+                    "does not (save with a larger max_shard_size, or with fasq.save)", path)
+        return out
+    if kwargs.get("push_to_hub"):
+        log.warning("%s was pushed before fasq.json was written: the pushed copy loads with "
+                    "from_pretrained, and with fasq.load(..., verify=False)", path)
+    info = {"fasq_version": _fasq_version(), "format_version": FORMAT_VERSION,
+            "files": {WEIGHTS_NAME: {"sha256": sha256_file(weights), "bytes": weights.stat().st_size}}}
+    tmp = manifest.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, manifest)
+    return out
+
+
+def register() -> None:
+    """Add fasq to transformers' quant_method tables (idempotent)."""
+    # Looked up afresh: the hook also fires when the tables module is imported a second time.
+    hf_auto = importlib.import_module("transformers.quantizers.auto")
+    for table, cls, add in ((hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING, FasqHfConfig, hf_auto.register_quantization_config),
+                            (hf_auto.AUTO_QUANTIZER_MAPPING, FasqHfQuantizer, hf_auto.register_quantizer)):
+        have = table.get(QUANT_METHOD)
+        if have is cls:
+            continue
+        if have is not None and (have.__module__, have.__qualname__) == (cls.__module__, cls.__qualname__):
+            table[QUANT_METHOD] = cls   # this module was reloaded: replace our older class
+            continue
+        add(QUANT_METHOD)(cls)          # raises if another library already took the name "fasq"

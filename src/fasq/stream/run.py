@@ -1,0 +1,450 @@
+"""Run a streaming quantization: the work directory, the journal, resuming, scheduling under a memory
+budget, and the atomic finish.
+
+Layout while running (``<out>`` is the requested output)::
+
+    <out>.partial/
+        plan.json       what this run is: source fingerprint, settings, output files (compared on resume)
+        journal.jsonl   one line per finished unit: its output tensors' sha256, appended after the data is synced
+        .lock           held while a process works here
+        output/         the future <out>: safetensors files preallocated with their final headers
+
+A unit's tensors are written at their planned offsets and ``fdatasync``-ed before its journal line is
+appended and ``fsync``-ed, so a journal line always names data that reached the disk.  On resume every
+journaled unit is re-hashed; a unit whose bytes no longer match (or with a torn line) is redone.  When all
+units are done, ``output/`` gets config.json, the index, the tokenizer files and the manifest, and is
+renamed to ``<out>`` in one step; then ``<out>.partial`` is removed.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import io
+from ..config import FASQConfig
+from ..fit.pq import NonFiniteWeightError, quantize_weight
+from .plan import COMPANION_PATTERNS, INDEX_NAME, Plan, Unit, build_plan, open_source
+from .safetensors_io import (DTYPES, CheckpointError, FileWriter, hash_file_and_ranges, hash_ranges, iter_chunks,
+                             read_tensor, tensor_bytes)
+
+log = logging.getLogger(__name__)
+
+PARTIAL_SUFFIX = ".partial"
+PLAN_NAME = "plan.json"
+JOURNAL_NAME = "journal.jsonl"
+LOCK_NAME = ".lock"
+DATA_DIR = "output"
+MANIFEST_SCHEMA = 2  # 1: io.save's {"files"}; 2 adds "tensors", "units", "stream" (readers ignore extras)
+
+
+class DiskFullError(OSError):
+    """The output's file system ran out of space; the partial output was removed."""
+
+
+def partial_dir(out: Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + PARTIAL_SUFFIX)
+
+
+def parse_size(s) -> int:
+    """Bytes from ``1234``, ``"500MB"``, ``"2GiB"``, ``"1.5G"`` (K/M/G/T are powers of 1000, Ki/Mi/... of 1024)."""
+    if isinstance(s, (int, float)):
+        return int(s)
+    t = str(s).strip().upper().replace(" ", "").rstrip("B")
+    units = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+    num = t.rstrip("KMGTI")
+    try:
+        value = float(num) * units[t[len(num):]]
+    except (ValueError, KeyError):
+        raise ValueError(f"size {s!r} is invalid: use bytes or a number with K/M/G/T or KiB/MiB/GiB/TiB") from None
+    if value <= 0:
+        raise ValueError(f"size {s!r} must be positive")
+    return int(value)
+
+
+def default_memory_budget() -> int:
+    """Half the memory available now (for in-flight tensors)."""
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(1 << 30, avail // 2)
+
+
+def _trim_malloc() -> None:
+    """Give freed heap memory back to the OS (glibc keeps freed chunks under 32 MiB in its arenas)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _diff(a, b, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} -> {b!r}"]
+
+
+def read_journal(path: Path) -> list[dict]:
+    """The journal's records; a torn last line (a crash mid-append) is dropped."""
+    recs = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and "unit" in rec and isinstance(rec.get("outputs"), dict):
+                recs.append(rec)
+    return recs
+
+
+# ----------------------------------------------------------------------------------------------
+class Workspace:
+    """The ``<out>.partial`` directory of one run: creates or resumes it, runs and commits units, finishes."""
+
+    def __init__(self, root: Path, plan: Plan):
+        self.root = root
+        self.data = root / DATA_DIR
+        self.plan = plan
+        self.writers: dict[str, FileWriter] = {}
+        self.done: dict[str, dict] = {}
+        self.resumed = 0
+        self._lock_fd: int | None = None
+        self._journal = None
+
+    @classmethod
+    def open(cls, root: Path, plan: Plan, *, restart: bool = False) -> "Workspace":
+        ws = cls(root, plan)
+        if root.exists() and restart:
+            ws._lock()
+            shutil.rmtree(root)
+            ws._unlock()
+        fresh = not (root / PLAN_NAME).is_file()
+        if fresh:
+            need = sum(f.size for f in plan.files)
+            free = shutil.disk_usage(root.parent if root.parent.exists() else Path.cwd()).free
+            if need > free:
+                raise DiskFullError(errno.ENOSPC, f"not enough disk space for the output: it needs {need / 2**30:.2f} "
+                                    f"GiB, {root.parent} has {free / 2**30:.2f} GiB free; nothing was written")
+            if root.exists():
+                shutil.rmtree(root)  # an unfinished start (no plan yet): nothing to resume
+        root.mkdir(parents=True, exist_ok=True)
+        ws._lock()
+        try:
+            ws.data.mkdir(exist_ok=True)
+            if fresh:
+                _write_atomic(root / PLAN_NAME, json.dumps({"identity": plan.identity(), "units_total": len(plan.units)},
+                                                         indent=1))
+            else:
+                old = json.loads((root / PLAN_NAME).read_text()).get("identity", {})
+                diffs = _diff(old, plan.identity())
+                if diffs:
+                    raise ValueError(f"{root} holds an unfinished run with other settings or input ("
+                                     + "; ".join(diffs[:4]) + (" ..." if len(diffs) > 4 else "")
+                                     + "): rerun with the same settings to resume, or pass --restart "
+                                     "(restart=True) to discard it")
+            for f in plan.files:
+                ws.writers[f.file] = FileWriter(ws.data / f.file, f, fresh=fresh)
+            if not fresh:
+                ws._verify_journal()
+            ws._journal = open(root / JOURNAL_NAME, "a")
+        except OSError as e:
+            ws.close()
+            if e.errno == errno.ENOSPC:
+                if fresh:
+                    shutil.rmtree(root, ignore_errors=True)
+                raise DiskFullError(errno.ENOSPC, f"disk full while creating {root}: {e}") from None
+            raise
+        except BaseException:
+            ws.close()
+            raise
+        return ws
+
+    def _lock(self) -> None:
+        lock = self.root / LOCK_NAME
+        if not self.root.exists():
+            return
+        self._lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise ValueError(f"{self.root}: another fasq run is writing here (lock held)") from None
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _verify_journal(self) -> None:
+        """Keep the journaled units whose bytes still hash to their record; rewrite the journal with them."""
+        units = {u.name: u for u in self.plan.units}
+        good = []
+        for rec in read_journal(self.root / JOURNAL_NAME):
+            u = units.get(rec["unit"])
+            if u is None or set(rec["outputs"]) != {o.name for o in u.outputs} or rec["unit"] in self.done:
+                continue
+            layout = self.plan.file_of(u)
+            names = sorted(rec["outputs"])
+            got = hash_ranges(self.data / layout.file, [(layout.entries[n].begin, layout.entries[n].end) for n in names])
+            if got != [rec["outputs"][n] for n in names]:
+                log.warning("%s: the stored tensors of %s fail their checksum; redoing it", self.root, u.name)
+                continue
+            self.done[u.name] = rec
+            good.append(rec)
+        self.resumed = len(good)
+        _write_atomic(self.root / JOURNAL_NAME, "".join(json.dumps(r) + "\n" for r in good))
+        log.info("%s: resuming, %d of %d units already done and whole", self.root, len(good), len(self.plan.units))
+
+    # ------------------------------------------------------------------------------------------
+    def run_unit(self, u: Unit, device: torch.device) -> dict:
+        """Compute one unit and write its tensors (thread-safe; returns the journal record)."""
+        t0 = time.perf_counter()
+        w = self.writers[self.plan.file_of(u).file]
+        hashes = {}
+        src = self.plan.source.path
+        if u.kind == "quantize":
+            weight = read_tensor(src, u.sources[0])
+            bias = read_tensor(src, u.sources[1]) if len(u.sources) > 1 else None
+            spec, tensors = quantize_weight(weight, u.config, u.name, bias=bias, device=device)
+            del weight, bias
+            if spec != u.spec:
+                raise RuntimeError(f"internal: {u.name}: quantize_weight made {spec}, the plan expected {u.spec} "
+                                   "(fasq.stream.plan.planned_spec is out of date)")
+            for buf, t in tensors.items():
+                hashes[f"{u.name}.{buf}"] = w.write(f"{u.name}.{buf}", t)
+        else:
+            out = u.outputs[0]
+            ent = w.layout.entries[out.name]
+            h = hashlib.sha256()
+            pos = ent.begin
+            for chunk in iter_chunks(src, u.sources[0]):
+                if out.dtype != u.sources[0].dtype:
+                    chunk = chunk.to(DTYPES[out.dtype])
+                data = tensor_bytes(chunk)
+                w.write_at(data, pos)
+                h.update(data)
+                pos += len(data)
+            if pos != ent.end:
+                raise RuntimeError(f"internal: {out.name}: wrote {pos - ent.begin} bytes, planned {ent.nbytes}")
+            hashes[out.name] = h.hexdigest()
+        w.sync()
+        return {"unit": u.name, "file": w.layout.file, "outputs": hashes, "seconds": round(time.perf_counter() - t0, 3)}
+
+    def commit(self, rec: dict) -> None:
+        """Record a finished unit (its data is already synced)."""
+        self._journal.write(json.dumps(rec) + "\n")
+        self._journal.flush()
+        os.fsync(self._journal.fileno())
+        self.done[rec["unit"]] = rec
+
+    # ------------------------------------------------------------------------------------------
+    def finish(self, out: Path, *, overwrite: bool) -> dict:
+        """Write config, index, companions and manifest into ``output/``, then move it to ``out``."""
+        plan = self.plan
+        for w in self.writers.values():
+            w.sync()
+        hf = plan.source.hf_config
+        saved = getattr(hf, "quantization_config", None)
+        hf.quantization_config = plan.quantization_config()
+        try:
+            hf.to_json_file(str(self.data / "config.json"))
+        finally:
+            if saved is None:
+                del hf.quantization_config
+            else:
+                hf.quantization_config = saved
+        if len(plan.files) > 1:
+            total = sum(e.nbytes for f in plan.files for e in f.entries.values())
+            _write_atomic(self.data / INDEX_NAME, json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": dict(sorted(plan.weight_map.items()))}, indent=2))
+        for pattern in COMPANION_PATTERNS:
+            for p in sorted(plan.source.path.glob(pattern)):
+                if p.is_file():
+                    shutil.copyfile(p, self.data / p.name)
+        manifest = self._manifest()
+        _write_atomic(self.data / io.MANIFEST_NAME, json.dumps(manifest, indent=1))
+        _fsync_dir(self.data)
+        if out.exists():
+            if not overwrite:
+                raise FileExistsError(f"output {out} appeared while quantizing; pass --overwrite to replace it")
+            io._replace_dir(self.data, out)
+        else:
+            os.replace(self.data, out)
+        _fsync_dir(out.parent)
+        return manifest
+
+    def _manifest(self) -> dict:
+        """io.save's manifest (files: sha256, bytes) plus per-tensor checksums and per-unit settings.  The
+        final pass re-hashes every tensor: a mismatch with the journal means the data changed on disk."""
+        plan = self.plan
+        files, tensors = {}, {}
+        for f in plan.files:
+            names = list(f.entries)
+            whole, per = hash_file_and_ranges(self.data / f.file, [(f.entries[n].begin, f.entries[n].end) for n in names])
+            files[f.file] = {"sha256": whole, "bytes": f.size}
+            for n, h in zip(names, per):
+                e = f.entries[n]
+                tensors[n] = {"file": f.file, "dtype": e.dtype, "shape": list(e.shape), "byte_range": [e.begin, e.end],
+                              "sha256": h}
+        journaled = {n: h for rec in self.done.values() for n, h in rec["outputs"].items()}
+        bad = [n for n, t in tensors.items() if journaled.get(n) != t["sha256"]]
+        if bad:
+            raise RuntimeError(f"{self.data}: {len(bad)} tensor(s) changed on disk after they were written, e.g. "
+                               f"{bad[0]}; rerun to redo them")
+        if (self.data / INDEX_NAME).is_file():
+            files[INDEX_NAME] = {"sha256": io.sha256_file(self.data / INDEX_NAME),
+                                 "bytes": (self.data / INDEX_NAME).stat().st_size}
+        units = {u.name: {**u.describe(plan.config), "outputs": [o.name for o in u.outputs],
+                          "seconds": self.done[u.name].get("seconds")} for u in plan.units}
+        return {"fasq_version": io._fasq_version(), "format_version": plan.quantization_config()["format_version"],
+                "schema": MANIFEST_SCHEMA, "files": files, "tensors": tensors, "units": units,
+                "stream": plan.identity()}
+
+    def close(self) -> None:
+        for w in self.writers.values():
+            w.close()
+        self.writers = {}
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+        self._unlock()
+
+    def discard(self) -> None:
+        self.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+def quantize_checkpoint(source, output, config: FASQConfig | None = None, *,
+                        layer_configs: dict[str, FASQConfig] | None = None, device=None, workers: int | None = None,
+                        max_memory=None, max_shard_size="5GB", overwrite: bool = False, restart: bool = False,
+                        progress: bool = True) -> dict:
+    """Quantize the Hugging Face checkpoint directory ``source`` into the fasq directory ``output``, tensor by
+    tensor, never holding the model in memory.  Resumes an interrupted run of the same command.
+
+    ``max_memory`` (bytes or "4GiB"; default half the available memory) bounds the estimated working memory
+    of the tensors in flight; ``workers`` (default: all cores, 2 on a GPU) run units in parallel.  The result
+    is bit-identical to ``fasq.quantize`` of the model loaded in its stored dtype, then ``fasq.save``.
+    Returns a summary (sizes, seconds, units done now and before).
+    """
+    t0 = time.perf_counter()
+    config = config or FASQConfig()
+    out = Path(output)
+    work_root = partial_dir(out)
+    if out.exists() and work_root.is_dir() and not (work_root / DATA_DIR).exists():
+        shutil.rmtree(work_root, ignore_errors=True)  # left by a run that ended between its rename and cleanup
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output {out} already exists; pass --overwrite (overwrite=True) to replace it")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: no CUDA GPU is available here")
+    budget = parse_size(max_memory) if max_memory is not None else default_memory_budget()
+    workers = int(workers or ((os.cpu_count() or 1) if dev.type == "cpu" else 2))
+    plan = build_plan(open_source(source), config, layer_configs, parse_size(max_shard_size))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Workspace.open(work_root, plan, restart=restart)
+    todo = [u for u in plan.units if u.name not in work.done]
+    try:
+        _run_units(work, todo, dev, workers, budget, progress)
+        manifest = work.finish(out, overwrite=overwrite)
+    except (CheckpointError, NonFiniteWeightError, DiskFullError):
+        work.discard()
+        raise
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            work.close()
+            raise
+        work.discard()
+        raise DiskFullError(errno.ENOSPC, f"disk full while writing {work_root} ({e}); the partial output was "
+                            f"removed: free at least {sum(f.size for f in plan.files) / 2**30:.2f} GiB and rerun") from None
+    except BaseException:
+        work.close()  # kept: rerun the same command to resume
+        raise
+    work.close()
+    shutil.rmtree(work_root, ignore_errors=True)
+    secs = {u: m["seconds"] for u, m in manifest["units"].items()}
+    return {"output": str(out), "units": len(plan.units), "units_resumed": work.resumed, "units_run": len(todo),
+            "files": list(manifest["files"]), "seconds": time.perf_counter() - t0, "unit_seconds": secs,
+            "workers": workers, "max_memory": budget, **plan.size_report()}
+
+
+def _run_units(work: Workspace, todo: list[Unit], dev: torch.device, workers: int, budget: int,
+               progress: bool) -> None:
+    """Run units on a thread pool, admitting one only while the estimated memory of those in flight stays
+    within ``budget`` (the first unit that fits, in plan order; a unit larger than the budget runs alone)."""
+    from ..model import single_threaded
+
+    est = {u.name: u.memory_estimate(dev.type) for u in todo}
+    pending = list(todo)
+    inflight: dict = {}
+    used = 0
+    warned = False
+    total = len(work.plan.units)
+    bar = tqdm(total=total, initial=total - len(todo), desc="quantize", unit="tensor", disable=not progress)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fasq-stream")
+    try:
+        # Each worker single-threaded (like fasq.quantize): same results as in memory, no OpenMP oversubscription.
+        with single_threaded(workers > 1 and dev.type == "cpu"):
+            while pending or inflight:
+                while pending and len(inflight) < workers:
+                    i = next((i for i, u in enumerate(pending) if used + est[u.name] <= budget), None)
+                    if i is None:
+                        if inflight:
+                            break
+                        i = 0
+                        if not warned:
+                            warned = True
+                            log.warning("%s needs about %.2f GiB, more than max_memory=%.2f GiB; running such "
+                                        "tensors alone", 
+                                        pending[0].name, est[pending[0].name] / 2**30, budget / 2**30)
+                    u = pending.pop(i)
+                    used += est[u.name]
+                    inflight[pool.submit(work.run_unit, u, dev)] = u
+                finished, _ = wait(inflight, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    u = inflight.pop(f)
+                    used -= est[u.name]
+                    work.commit(f.result())
+                    _trim_malloc()
+                    bar.set_postfix_str(u.name, refresh=False)
+                    bar.update(1)
+    finally:
+        # Let running units end before the files close (a worker must never write to a recycled fd).
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()

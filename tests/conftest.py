@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny random models of several architectures and a small local tokenizer."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma")
+
+
+def tiny_config(arch: str, vocab: int = 320):
+    from transformers import AutoConfig
+
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=136, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=arch in ("gemma", "qwen3"))
+    if arch in ("qwen3", "gemma"):
+        common["head_dim"] = 16
+    return AutoConfig.for_model(arch, **common)
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, vocab: int = 320):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab), dtype=torch.float32)
+    # Random init is N(0, 0.02): make it less degenerate so quantization error is visible in logits.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+_TOKENIZER = None
+
+
+def make_tokenizer():
+    """A byte-level BPE tokenizer trained on a few sentences (no download)."""
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+        from transformers import PreTrainedTokenizerFast
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<eos>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator([SAMPLE_TEXT] * 4, trainer)
+        _TOKENIZER = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    return _TOKENIZER
+
+
+SAMPLE_TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
+    "want of a wife. However little known the feelings or views of such a man may be on his first entering "
+    "a neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is "
+    "considered the rightful property of some one or other of their daughters. Hundreds of people have been "
+    "forced to vacate their homes in the Southern Highlands of New South Wales as strong winds today pushed "
+    "a huge bushfire towards the town of Hill Top. "
+) * 6
+
+
+@pytest.fixture
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture
+def llama():
+    return tiny_model("llama")
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    p = tmp_path / "text.txt"
+    p.write_text(SAMPLE_TEXT)
+    return p

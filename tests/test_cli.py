@@ -1,0 +1,56 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fasq.cli import main
+
+from conftest import make_tokenizer, tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli") / "tiny-llama"
+    tiny_model("llama").save_pretrained(d)
+    make_tokenizer().save_pretrained(d)
+    return d
+
+
+def test_quantize_info_eval_generate(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", str(model_dir), "-o", str(out), "-d", "2", "-k", "64", "--json", "-q"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["quantized_layers"] == 14 and 3 < res["bits_per_weight"] < 6
+
+    assert main(["info", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert "model.layers.1.mlp.down_proj" in info and "% of FP16" in info
+
+    assert main(["eval", str(out), "--text", str(text_file), "--context-length", "32", "--json", "-q"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["perplexity"] > 1 and ev["bits_per_weight"] == pytest.approx(res["bits_per_weight"])
+
+    assert main(["eval", str(model_dir), "--text", str(text_file), "--context-length", "32", "--json", "-q"]) == 0
+    base = json.loads(capsys.readouterr().out)
+    assert base["tokens_scored"] == ev["tokens_scored"]  # same windows for both models
+
+    assert main(["generate", str(out), "It is a truth", "--max-new-tokens", "5", "-q"]) == 0
+    assert capsys.readouterr().out.startswith("It is a truth")
+
+
+def test_existing_output_needs_overwrite(model_dir, tmp_path, capsys):
+    out = tmp_path / "exists"
+    out.mkdir()
+    assert main(["quantize", str(model_dir), "-o", str(out), "-q"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_bad_setting_is_a_clear_error(model_dir, tmp_path, capsys):
+    assert main(["quantize", str(model_dir), "-o", str(tmp_path / "x"), "-k", "1", "-q"]) == 2
+    assert "codebook_size=1" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point():
+    r = subprocess.run([sys.executable, "-m", "fasq", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "quantize" in r.stdout

@@ -1,0 +1,220 @@
+"""The CPU kernel (fasq.kernels.cpu) against the plain-PyTorch reference.
+
+Every check runs on fresh random inputs with the op's output and scratch NaN-poisoned first
+(``cpu.POISON``), over every method (lut / perm / direct / tiled), every ISA path this machine can run,
+awkward shapes and every supported (d, K).  The first test in a fresh cache builds the kernel
+(about a minute, once per machine).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fasq import reference
+from fasq.config import FASQConfig
+from fasq.fit.pq import quantize_weight
+from fasq.format import LayerSpec, pack_codes
+from fasq.kernels import cpu, select
+from fasq.nn import PQLinear
+
+ISAS = ("avx512", "avx2", "scalar")
+# Error bound relative to max |y_ref|: exact fp32 methods, the fp16-table LUT method, and the
+# rounding of bf16 / fp16 inputs and outputs (the reference itself computes in the input dtype).
+TOL = {("exact", torch.float32): 2e-5, ("lut", torch.float32): 2e-3,
+       ("exact", torch.bfloat16): 3e-2, ("lut", torch.bfloat16): 3e-2,
+       ("exact", torch.float16): 4e-3, ("lut", torch.float16): 5e-3}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel_built():
+    if not cpu.available():
+        pytest.skip("the CPU kernel could not be built on this machine (see the warning)")
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(cpu, "POISON", True)
+
+
+def isas_here() -> list[str]:
+    best = cpu.default_isa()
+    return [i for i in ISAS if cpu.ISAS[i] <= cpu.ISAS[best]]
+
+
+def random_layer(spec: LayerSpec, seed: int = 0) -> PQLinear:
+    g = torch.Generator().manual_seed(seed)
+    m, out, k = spec.num_codebooks, spec.out_features, spec.num_centroids
+    codes = pack_codes(torch.randint(0, k, (m, out, spec.n_sub), generator=g), spec.bits)
+    books = (torch.randn(m, k, spec.subvector_dim, generator=g) / m).half()
+    scales = (torch.rand(out, spec.n_groups, generator=g) + 0.5).half()
+    signs = ((torch.randint(0, 2, (spec.in_features,), generator=g) * 2 - 1).to(torch.int8)
+             if spec.rotation_block else torch.zeros(0, dtype=torch.int8))
+    bias = torch.randn(out, generator=g).half() if spec.has_bias else None
+    return PQLinear.from_tensors(spec, codes, books, scales, signs, bias)
+
+
+def ref_out(layer: PQLinear, x: torch.Tensor) -> torch.Tensor:
+    s = layer.spec
+    return reference.pq_linear(x.float(), s, layer.codes, layer.codebooks, layer.scales, layer.rot_signs, layer.bias)
+
+
+def check(y: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, kind: str, what: str) -> None:
+    assert y.dtype == x.dtype and y.shape == ref.shape, what
+    assert bool(torch.isfinite(y).all()), f"{what}: non-finite output (an element was never written?)"
+    err = ((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+    assert err <= TOL[(kind, x.dtype)], f"{what}: relative error {err:.2e} > {TOL[(kind, x.dtype)]:.0e}"
+
+
+def methods_for(spec: LayerSpec, isa: str) -> list[str]:
+    return (["lut", "perm"] if cpu.lut_supported(spec, isa) else []) + ["direct", "tiled"]
+
+
+def run_all(layer: PQLinear, tokens=(1, 3, 8, 11), dtypes=(torch.float32,), seed=0, isas=None) -> None:
+    g = torch.Generator().manual_seed(seed + 1)
+    for t in tokens:
+        x32 = torch.randn(t, layer.in_features, generator=g)
+        ref = ref_out(layer, x32)
+        for dt in dtypes:
+            x = x32.to(dt)
+            r = ref if dt == torch.float32 else ref_out(layer, x)
+            for isa in isas or isas_here():
+                for method in methods_for(layer.spec, isa):
+                    y = cpu.cpu_linear(x, layer, method, isa)
+                    check(y, r, x, "lut" if method == "lut" else "exact",
+                          f"{layer.spec} tokens={t} {dt} {method}/{isa}")
+
+
+# ----------------------------------------------------------------------------------------------
+D_K = [(d, k) for d in (1, 2, 3, 4, 8) for k in (2, 16, 64, 256, 1000, 4096, 65536)]
+
+
+@pytest.mark.parametrize("d,k", D_K, ids=[f"d{d}-K{k}" for d, k in D_K])
+def test_every_d_and_k(d, k):
+    # Alternate the other settings across cases so that each appears with many (d, K).
+    i = D_K.index((d, k))
+    spec = LayerSpec(in_features=72, out_features=40, subvector_dim=d, num_centroids=k,
+                     num_codebooks=1 + i % 2, group_size=(0, 24)[i % 2] if 24 % d == 0 else 0,
+                     has_scales=i % 5 != 4, rotation_block=(0, 8)[(i // 2) % 2], has_bias=i % 3 == 0)
+    run_all(random_layer(spec, seed=i), seed=i)
+
+
+SHAPES = [
+    # (in, out, d, K, M, group, rotation_block, bias)
+    (72, 40, 2, 256, 1, 8, 8, True),
+    (100, 33, 3, 64, 1, 0, 4, False),          # in not a multiple of d, per-row scale
+    (70, 130, 8, 256, 2, 16, 2, True),         # in not a multiple of d; 3 row blocks (one partial)
+    (576, 1536, 2, 256, 1, 128, 64, False),    # SmolLM2 gate/up
+    (1536, 576, 2, 64, 1, 128, 512, True),     # SmolLM2 down, 3 bits
+    (576, 192, 4, 256, 1, 128, 64, False),     # SmolLM2 k/v, 2 bits
+    (256, 64, 16, 128, 1, 32, 256, False),     # d=16, 7-bit codes
+    (96, 50, 2, 32, 3, 32, 32, True),          # 5-bit codes, three codebooks
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{s[0]}x{s[1]}-d{s[2]}-K{s[3]}-M{s[4]}" for s in SHAPES])
+def test_shapes_tokens_dtypes(shape):
+    i, o, d, k, m, g, rot, bias = shape
+    spec = LayerSpec(i, o, d, k, num_codebooks=m, group_size=g, rotation_block=rot, has_bias=bias)
+    layer = random_layer(spec, seed=i + o)
+    big = i * o > 100_000
+    run_all(layer, tokens=(1, 2, 5, 8, 9) if big else tuple(range(1, 10)) + (17,),
+            dtypes=(torch.float32, torch.bfloat16, torch.float16), isas=[cpu.default_isa()] if big else None)
+
+
+def test_quantized_weight_and_registry_dispatch():
+    """A layer fitted by quantize_weight, called as a module: the registry picks the method by token count."""
+    torch.manual_seed(0)
+    w, b = torch.randn(96, 256), torch.randn(96)
+    spec, t = quantize_weight(w, FASQConfig(kmeans_iters=4, rotation_block=64, group_size=64), "blk.q", bias=b)
+    layer = PQLinear.from_tensors(spec, **t)
+    vbmi = cpu.lut_supported(spec)
+    for shape, want in (((1, 1, 256), "cpu_lut" if vbmi else "cpu_direct"),
+                        ((2, 3, 256), "cpu_perm" if vbmi else "cpu_direct"), ((4, 5, 256), "cpu_tiled")):
+        x = torch.randn(shape)
+        k = select(layer, x)
+        assert k is not None and k.name == want, (shape, k)
+        y = layer(x)
+        check(y, ref_out(layer, x), x, "lut" if want == "cpu_lut" else "exact", f"{shape} via {want}")
+        dense = x @ layer.dequantize().T + layer.bias.float()
+        assert torch.allclose(y, dense, rtol=1e-2, atol=1e-2 * dense.abs().max().item())
+
+
+def test_cache_follows_buffer_updates():
+    spec = LayerSpec(64, 70, 2, 256, group_size=32, rotation_block=16, has_bias=True)
+    a, b = random_layer(spec, seed=1), random_layer(spec, seed=2)
+    x = torch.randn(1, 64)
+    for method in methods_for(spec, cpu.default_isa()):
+        cpu.cpu_linear(x, a, method)                      # builds a's per-layer cache
+    a.load_state_dict(b.state_dict())                     # in-place copies into the same storage
+    for method in methods_for(spec, cpu.default_isa()):
+        check(cpu.cpu_linear(x, a, method), ref_out(b, x), x, "lut" if method == "lut" else "exact",
+              f"after load_state_dict, {method}")
+
+
+def test_declines_what_it_cannot_do():
+    spec = LayerSpec(64, 32, 2, 256, group_size=32)
+    layer = random_layer(spec)
+    x = torch.randn(1, 64, requires_grad=True)
+    assert select(layer, x) is None                        # autograd needs the reference
+    assert select(layer, torch.randn(1, 64, dtype=torch.float64)) is None
+    odd = LayerSpec(64, 32, 3, 16, group_size=32)          # group not a multiple of d
+    assert not cpu.spec_supported(odd)
+    with pytest.raises(ValueError, match="method"):
+        cpu.cpu_linear(torch.randn(1, 64), layer, "nope")
+
+
+def test_empty_and_noncontiguous_inputs():
+    spec = LayerSpec(64, 48, 4, 16, group_size=32, rotation_block=32)
+    layer = random_layer(spec)
+    for method in methods_for(spec, cpu.default_isa()):
+        assert cpu.cpu_linear(torch.randn(0, 64), layer, method).shape == (0, 48)
+        x = torch.randn(64, 3).t()                         # [3, 64], not contiguous
+        check(cpu.cpu_linear(x, layer, method), ref_out(layer, x), x, "lut" if method == "lut" else "exact",
+              f"non-contiguous {method}")
+
+
+def test_op_has_a_fake_implementation():
+    spec = LayerSpec(64, 48, 2, 256, group_size=32)
+    layer = random_layer(spec)
+    x = torch.randn(2, 64)
+    meta = cpu._meta(spec, "direct", cpu.default_isa())
+    args = (x, layer.codes, cpu._prepare(layer).tables, layer.scales, layer.rot_signs, None, meta)
+    torch.library.opcheck(torch.ops.fasq.cpu_pq_linear.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    compiled = torch.compile(lambda v: layer(v), backend="eager", fullgraph=False)
+    kind = "lut" if select(layer, x).name == "cpu_lut" else "exact"
+    check(compiled(x), ref_out(layer, x), x, kind, "torch.compile(eager)")
+
+
+def test_broken_compiler_warns_once_and_falls_back(tmp_path):
+    """No working compiler: one warning, the kernels decline, and the reference gives the output."""
+    script = textwrap.dedent("""
+        import torch
+        from fasq.format import LayerSpec
+        from fasq.kernels import cpu, select
+        from fasq import reference
+        from tests_helper import random_layer
+        layer = random_layer(LayerSpec(64, 40, 2, 256, group_size=32, rotation_block=16, has_bias=True))
+        x = torch.randn(3, 64)
+        y1, y2 = layer(x), layer(torch.randn(1, 64))
+        assert not cpu.available() and select(layer, x) is None
+        ref = reference.pq_linear(x, layer.spec, layer.codes, layer.codebooks, layer.scales, layer.rot_signs,
+                                  layer.bias)
+        assert torch.equal(y1, ref)
+        print("OK")
+    """)
+    helper = tmp_path / "tests_helper.py"
+    src = open(__file__).read()
+    helper.write_text("import torch\nfrom fasq.format import LayerSpec, pack_codes\nfrom fasq.nn import PQLinear\n"
+                      + src[src.index("def random_layer"):src.index("def ref_out")])
+    env = dict(os.environ, CXX="/bin/false", FASQ_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(tmp_path)
+               + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+    warnings = [ln for ln in r.stderr.splitlines() if "could not build the CPU kernel" in ln]
+    assert len(warnings) == 1, r.stderr[-3000:]

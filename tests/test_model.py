@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+import fasq
+from fasq import FASQConfig, PQLinear
+from fasq.model import model_size_report
+
+from conftest import ARCHS, tiny_model
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_quantize_architectures(arch):
+    model = tiny_model(arch)
+    ids = torch.randint(0, 320, (2, 16))
+    with torch.no_grad():
+        ref = model(ids).logits
+    fasq.quantize(model, FASQConfig(codebook_size=64), progress=False)
+    layers = [m for m in model.modules() if isinstance(m, PQLinear)]
+    assert len(layers) == 2 * 7  # q, k, v, o, gate, up, down per decoder layer
+    assert not any(type(m) is torch.nn.Linear and n.startswith("model.layers") for n, m in model.named_modules())
+    with torch.no_grad():
+        out = model(ids).logits
+    assert torch.isfinite(out).all()
+    # quantized logits track the original (correlation of the flattened logits)
+    corr = torch.corrcoef(torch.stack([ref.flatten(), out.flatten()]))[0, 1]
+    assert corr > 0.8, corr
+    qc = model.config.quantization_config
+    assert qc["quant_method"] == "fasq" and len(qc["modules"]) == 14
+
+
+def test_skip_modules_and_lm_head_kept():
+    model = tiny_model("llama")
+    fasq.quantize(model, FASQConfig(codebook_size=16, skip_modules=("lm_head", "embed_tokens", "down_proj")),
+                  progress=False)
+    assert type(model.lm_head) is torch.nn.Linear
+    assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    assert isinstance(model.model.layers[0].mlp.up_proj, PQLinear)
+
+
+def test_same_result_for_any_worker_count():
+    a = fasq.quantize(tiny_model("llama"), FASQConfig(codebook_size=16), progress=False, num_workers=1)
+    b = fasq.quantize(tiny_model("llama"), FASQConfig(codebook_size=16), progress=False, num_workers=2)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_size_report_counts_every_byte():
+    model = tiny_model("llama")  # untied lm_head
+    fasq.quantize(model, FASQConfig(codebook_size=64), progress=False)
+    rep = model_size_report(model)
+    pq = sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, PQLinear)
+             for b in m.buffers())
+    other = sum(p.numel() * 2 for n, p in model.named_parameters())  # fp32 params stored as fp16
+    assert rep["quantized_bytes"] == pq
+    assert rep["total_bytes"] == pq + other
+    n_lin = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, PQLinear))
+    assert rep["bits_per_weight"] == pytest.approx(8 * pq / n_lin)
+    assert 0 < rep["fraction_of_fp16"] < 1
+
+
+def test_no_linears_raises():
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        fasq.quantize(torch.nn.Sequential(torch.nn.ReLU()), FASQConfig(), progress=False)
