@@ -83,6 +83,8 @@ def save(model: torch.nn.Module, out_dir: str | os.PathLike, tokenizer=None, *, 
 
     out = Path(out_dir)
     qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if hasattr(qc, "to_dict"):  # a model loaded through transformers' from_pretrained holds a config object
+        qc = qc.to_dict()
     if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
         raise ValueError("save: the model is not fasq-quantized (run fasq.quantize(model, config) first)")
     if out.exists() and not overwrite:

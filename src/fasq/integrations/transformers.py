@@ -158,30 +158,36 @@ def _save_pretrained_with_manifest(self, save_directory, *args, **kwargs):
     """``PreTrainedModel.save_pretrained``, then fasq's manifest (fasq.json), which fasq.load checks."""
     out = type(self).save_pretrained(self, save_directory, *args, **kwargs)
     path = Path(save_directory)
-    weights = path / WEIGHTS_NAME
-    manifest = path / MANIFEST_NAME
+    if path.is_dir() and kwargs.get("is_main_process", True):
+        _write_manifest(path, pushed=bool(kwargs.get("push_to_hub")))
+    return out
+
+
+def _write_manifest(path: Path, pushed: bool) -> None:
+    """The manifest fasq.save writes: versions, size and sha256 of model.safetensors (atomically)."""
+    weights, manifest = path / WEIGHTS_NAME, path / MANIFEST_NAME
     if not weights.is_file():
         manifest.unlink(missing_ok=True)  # a stale manifest would describe files that are gone
-        log.warning("%s: save_pretrained wrote a sharded checkpoint; from_pretrained loads it, fasq.load "
-                    "does not (save with a larger max_shard_size, or with fasq.save)", path)
-        return out
-    if kwargs.get("push_to_hub"):
-        log.warning("%s was pushed before fasq.json was written: the pushed copy loads with "
-                    "from_pretrained, and with fasq.load(..., verify=False)", path)
+        log.warning("%s: save_pretrained wrote no single %s (sharded, or a variant); from_pretrained loads "
+                    "it, fasq.load does not (pass a larger max_shard_size, or use fasq.save)", path, WEIGHTS_NAME)
+        return
+    if pushed:
+        log.warning("%s: pushed before fasq.json was written; the pushed copy loads with from_pretrained, "
+                    "and with fasq.load(..., verify=False)", path)
     info = {"fasq_version": _fasq_version(), "format_version": FORMAT_VERSION,
             "files": {WEIGHTS_NAME: {"sha256": sha256_file(weights), "bytes": weights.stat().st_size}}}
     tmp = manifest.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(info, indent=2))
     os.replace(tmp, manifest)
-    return out
 
 
 def register() -> None:
     """Add fasq to transformers' quant_method tables (idempotent)."""
     # Looked up afresh: the hook also fires when the tables module is imported a second time.
     hf_auto = importlib.import_module("transformers.quantizers.auto")
-    for table, cls, add in ((hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING, FasqHfConfig, hf_auto.register_quantization_config),
-                            (hf_auto.AUTO_QUANTIZER_MAPPING, FasqHfQuantizer, hf_auto.register_quantizer)):
+    entries = ((hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING, FasqHfConfig, hf_auto.register_quantization_config),
+               (hf_auto.AUTO_QUANTIZER_MAPPING, FasqHfQuantizer, hf_auto.register_quantizer))
+    for table, cls, add in entries:
         have = table.get(QUANT_METHOD)
         if have is cls:
             continue
