@@ -61,3 +61,26 @@ def test_size_report_counts_every_byte():
 def test_no_linears_raises():
     with pytest.raises(ValueError, match="no nn.Linear"):
         fasq.quantize(torch.nn.Sequential(torch.nn.ReLU()), FASQConfig(), progress=False)
+
+
+@pytest.mark.parametrize("bits", [2.3, 3.6, 4.25, 5.1])
+def test_target_bits_lands_within_one_percent(bits):
+    model = tiny_model("llama")
+    fasq.quantize(model, FASQConfig(group_size=32), progress=False, target_bits=bits)
+    got = model_size_report(model)["bits_per_weight"]
+    assert bits * 0.99 <= got <= bits, got
+    assert model.config.quantization_config["allocation"]["target_bits"] == bits
+
+
+def test_target_size_fraction_of_fp16():
+    model = tiny_model("llama")
+    fasq.quantize(model, FASQConfig(group_size=32), progress=False, target_fraction=0.6)
+    frac = model_size_report(model)["fraction_of_fp16"]
+    assert 0.594 <= frac <= 0.6, frac
+
+
+def test_unreachable_target_is_a_clear_error():
+    with pytest.raises(ValueError, match="outside what fasq can reach"):
+        fasq.quantize(tiny_model("llama"), FASQConfig(), progress=False, target_bits=0.5)
+    with pytest.raises(ValueError, match="below the unquantized tensors"):
+        fasq.quantize(tiny_model("llama"), FASQConfig(), progress=False, target_fraction=0.05)

@@ -81,7 +81,8 @@ def cmd_quantize(args) -> int:
     model, tok = load_any(args.model)
     t_load = time.perf_counter() - t0
     t1 = time.perf_counter()
-    quantize(model, config, progress=not args.quiet, device=args.device)
+    quantize(model, config, progress=not args.quiet, device=args.device, target_bits=args.bits,
+             target_fraction=args.target_size)
     t_q = time.perf_counter() - t1
     io.save(model, out, tokenizer=tok, overwrite=args.overwrite)
     rep = model_size_report(model)
@@ -108,6 +109,11 @@ def cmd_info(args) -> int:
         print(json.dumps({"config": config.to_dict(), **rep}, indent=2))
         return 0
     print(f"{args.path}: fasq format, config {json.dumps({k: v for k, v in config.to_dict().items() if k != 'skip_modules'})}")
+    alloc = raw["quantization_config"].get("allocation")
+    if alloc:
+        what = (f"{alloc['target_bits']} bits/weight" if alloc.get("target_bits") is not None
+                else f"{alloc['target_fraction']} of FP16 ({alloc['planned_bits']:.3f} bits/weight)")
+        print(f"size target: {what}; per-layer settings chosen by fasq.fit.allocate")
     print(f"{'layer':<48} {'out x in':>13} {'d':>2} {'K':>6} {'M':>2} {'group':>5} {'rot':>4} {'bits/w':>7}")
     for name, s in specs.items():
         assert isinstance(s, LayerSpec)
@@ -209,7 +215,7 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scale-mode", dest="scale_mode", choices=["rms", "absmax", "none"])
     g.add_argument("--kmeans-iters", dest="kmeans_iters", type=int)
     g.add_argument("--refine-iters", dest="refine_iters", type=int)
-    g.add_argument("--equalize", choices=["none", "norms", "full"], help="data-free exact rescalings")
+    g.add_argument("--equalize", choices=["none", "norms", "balance", "full"], help="data-free exact rescalings")
     g.add_argument("--rotation-block", dest="rotation_block", type=int, help="largest Hadamard block")
     g.add_argument("--seed", type=int)
     g.add_argument("--skip", nargs="*", help="module-name patterns kept unquantized")
@@ -225,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--device", default=None, help="where k-means runs (default: the weights' device)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--bits", type=float, help="target bits/weight of the quantized layers (per-layer d, K chosen)")
+    size.add_argument("--target-size", dest="target_size", type=float,
+                      help="target whole-model size as a fraction of FP16, e.g. 0.35")
     p.add_argument("--json", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
     add_quant_args(p)

@@ -18,7 +18,7 @@ SCALE_MODES = ("rms", "absmax", "none")
 ROTATIONS = ("none", "hadamard")
 KMEANS_BACKENDS = ("auto", "faiss", "torch")
 KMEANS_INITS = ("kmeans++", "random")
-EQUALIZE_MODES = ("none", "norms", "full")
+EQUALIZE_MODES = ("none", "norms", "balance", "full")
 
 
 def _is_pow2(n: int) -> bool:
@@ -49,7 +49,7 @@ class FASQConfig:
     kmeans_backend: str = "auto"   # "auto": faiss on CPU when installed, torch otherwise
     kmeans_max_points: int = 65536  # sub-vectors sampled to train a codebook (all are assigned)
     refine_iters: int = 2          # alternate (codes -> least-squares scales) this many times
-    equalize: str = "none"         # data-free exact rescalings before fitting: none | norms | full
+    equalize: str = "none"         # data-free exact rescalings before fitting: none | norms | balance | full
     skip_modules: tuple[str, ...] = ("lm_head", "embed_tokens")
     seed: int = 0
     version: int = CONFIG_VERSION
@@ -122,7 +122,8 @@ class FASQConfig:
         method = data.pop("quant_method", QUANT_METHOD)
         if method != QUANT_METHOD:
             raise ValueError(f"quant_method={method!r}: fasq reads only {QUANT_METHOD!r} configs")
-        data.pop("modules", None)  # per-module settings live beside the config, see io.py
+        data.pop("modules", None)     # per-module settings live beside the config, see io.py
+        data.pop("allocation", None)  # the size target that chose them, when one was given
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:

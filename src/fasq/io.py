@@ -147,6 +147,7 @@ def read_quantization_config(path: str | os.PathLike) -> tuple[FASQConfig, dict[
     qc = dict(qc)
     qc.pop("format_version")
     modules = qc.pop("modules", None)
+    qc.pop("allocation", None)
     if not isinstance(modules, dict) or not modules:
         raise FormatError(f"{cfg_file}: quantization_config has no 'modules' table")
     try:
@@ -234,7 +235,8 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
     model.to(device)
     model.eval()
     hf_config.quantization_config = qc
-    attach_config(model, config, {n: s.to_dict() for n, s in specs.items()})
+    attach_config(model, config, {n: s.to_dict() for n, s in specs.items()},
+                  raw["quantization_config"].get("allocation"))
     if with_tokenizer:
         from transformers import AutoTokenizer
         return model, AutoTokenizer.from_pretrained(str(path))

@@ -79,10 +79,13 @@ def replace_with_pq(model: nn.Module, specs: dict[str, LayerSpec], device=None) 
 @torch.no_grad()
 def quantize(model: nn.Module, config: FASQConfig | None = None, *, progress: bool = True,
              device=None, layer_configs: dict[str, FASQConfig] | None = None, num_workers: int | None = None,
+             target_bits: float | None = None, target_fraction: float | None = None,
              callback: Callable[[str, LayerSpec, float], None] | None = None) -> nn.Module:
     """Product-quantize every linear layer of ``model`` in place (calibration-free) and return it.
 
     ``layer_configs`` optionally overrides the config for named layers (per-layer allocation).
+    ``target_bits`` (bits/weight of the quantized layers) or ``target_fraction`` (whole model, of FP16)
+    choose per-layer settings that land on that size (see :mod:`fasq.fit.allocate`).
     k-means runs on ``device`` (default: each weight's own device; faiss on CPU, torch on CUDA).
     Records ``model.config.quantization_config`` so the model can be saved with :func:`fasq.save`.
     """
@@ -95,6 +98,14 @@ def quantize(model: nn.Module, config: FASQConfig | None = None, *, progress: bo
     if not targets:
         raise ValueError("no nn.Linear layers to quantize (all skipped by skip_modules="
                          f"{config.skip_modules}?)")
+    allocation = None
+    if target_bits is not None or target_fraction is not None:
+        from .fit.allocate import plan, target_bits_for_fraction
+        if target_bits is not None and target_fraction is not None:
+            raise ValueError("give target_bits or target_fraction, not both")
+        bits = target_bits if target_bits is not None else target_bits_for_fraction(model, targets, target_fraction)
+        layer_configs = {**plan(targets, config, bits), **layer_configs}
+        allocation = {"target_bits": target_bits, "target_fraction": target_fraction, "planned_bits": bits}
     modules: dict[str, dict] = {}
     workers = num_workers or (os.cpu_count() or 1)
     bar = tqdm(total=len(targets), desc="quantize", unit="layer", disable=not progress)
@@ -125,16 +136,19 @@ def quantize(model: nn.Module, config: FASQConfig | None = None, *, progress: bo
     log.info("quantized %d layers in %.1fs", len(targets), time.perf_counter() - t_all)
     from .io import round_unquantized_to_16bit
     round_unquantized_to_16bit(model)  # the in-memory model is exactly what fasq.save stores
-    attach_config(model, config, modules)
+    attach_config(model, config, modules, allocation)
     return model
 
 
-def attach_config(model: nn.Module, config: FASQConfig, modules: dict[str, dict]) -> None:
+def attach_config(model: nn.Module, config: FASQConfig, modules: dict[str, dict],
+                  allocation: dict | None = None) -> None:
     from .format import FORMAT_VERSION
 
     qc = config.to_dict()
     qc["format_version"] = FORMAT_VERSION
     qc["modules"] = modules
+    if allocation:
+        qc["allocation"] = allocation
     model.fasq_config = config
     if hasattr(model, "config"):
         model.config.quantization_config = qc

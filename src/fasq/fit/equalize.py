@@ -26,7 +26,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-MODES = ("none", "norms", "full")
+MODES = ("none", "norms", "balance", "full")
 
 
 def _blocks(model: nn.Module):
@@ -85,12 +85,16 @@ def _geo_normalize(a: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def balance_mlp(mlp: nn.Module) -> bool:
+def balance_mlp(mlp: nn.Module, gain: torch.Tensor | None = None) -> bool:
+    """``gain``: the (unfolded) RMSNorm gain in front of gate/up, if it was not folded."""
     gate, up, down = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
     act = getattr(mlp, "act_fn", None)
     if not all(isinstance(m, nn.Linear) for m in (gate, up, down)) or act is None:
         return False
-    a = _act_rms(act, gate.weight.float().norm(dim=1)) * up.weight.float().norm(dim=1)
+    gw, uw = gate.weight.float(), up.weight.float()
+    if gain is not None and gain.numel() == gw.shape[1]:
+        gw, uw = gw * gain[None, :], uw * gain[None, :]
+    a = _act_rms(act, gw.norm(dim=1)) * uw.norm(dim=1)
     a = _geo_normalize(a)
     up.weight.div_(a[:, None].to(up.weight.dtype))
     if up.bias is not None:
@@ -100,7 +104,7 @@ def balance_mlp(mlp: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def balance_attention(attn: nn.Module, config) -> bool:
+def balance_attention(attn: nn.Module, config, gain: torch.Tensor | None = None) -> bool:
     v, o = getattr(attn, "v_proj", None), getattr(attn, "o_proj", None)
     if not (isinstance(v, nn.Linear) and isinstance(o, nn.Linear)):
         return False
@@ -109,7 +113,10 @@ def balance_attention(attn: nn.Module, config) -> bool:
     head_dim = getattr(config, "head_dim", None) or (config.hidden_size // n_heads if n_heads else None)
     if not n_heads or not head_dim or v.out_features != n_kv * head_dim or o.in_features != n_heads * head_dim:
         return False
-    b = _geo_normalize(v.weight.float().norm(dim=1))                     # [n_kv * head_dim]
+    vw = v.weight.float()
+    if gain is not None and gain.numel() == vw.shape[1]:
+        vw = vw * gain[None, :]
+    b = _geo_normalize(vw.norm(dim=1))                                    # [n_kv * head_dim]
     v.weight.div_(b[:, None].to(v.weight.dtype))
     if v.bias is not None:
         v.bias.div_(b.to(v.bias.dtype))
@@ -132,11 +139,16 @@ def equalize(model: nn.Module, mode: str) -> dict:
     cfg = getattr(model, "config", None)
     for blk in _blocks(model):
         attn, mlp = blk.self_attn, blk.mlp
-        done["norms_folded"] += fold_norm(blk.input_layernorm, _linears(attn, ("q_proj", "k_proj", "v_proj")))
-        done["norms_folded"] += fold_norm(blk.post_attention_layernorm, _linears(mlp, ("gate_proj", "up_proj")))
-        if mode == "full":
-            done["mlp_balanced"] += balance_mlp(mlp)
+        g_attn = g_mlp = None
+        if mode in ("norms", "full"):
+            done["norms_folded"] += fold_norm(blk.input_layernorm, _linears(attn, ("q_proj", "k_proj", "v_proj")))
+            done["norms_folded"] += fold_norm(blk.post_attention_layernorm, _linears(mlp, ("gate_proj", "up_proj")))
+        else:  # balance without folding: the gains still shape the channel power estimates
+            g_attn = (_gain(blk.input_layernorm) or (None,))[0]
+            g_mlp = (_gain(blk.post_attention_layernorm) or (None,))[0]
+        if mode in ("balance", "full"):
+            done["mlp_balanced"] += balance_mlp(mlp, g_mlp)
             if cfg is not None:
-                done["attention_balanced"] += balance_attention(attn, cfg)
+                done["attention_balanced"] += balance_attention(attn, cfg, g_attn)
     log.info("equalize(%s): %s", mode, done)
     return done

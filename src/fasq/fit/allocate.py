@@ -1,0 +1,93 @@
+"""Flexible size: choose per-layer (d, K) so that the model lands on a target size.
+
+Targets are either bits per weight of the quantized layers (``--bits 3.6``) or the whole model's size
+as a fraction of FP16 (``--target-size 0.35``).  The menu is ``d = 2`` with ``K = 2^b`` (b = 2..16:
+1 to 8 code bits per weight in steps of 0.5) at the config's group size; the planner takes the two
+menu points around the target and gives the richer one to as many weights as the budget allows, in a
+fixed, data-free priority order (layer types that the literature finds most sensitive first: v_proj,
+down_proj, o_proj, then the rest; within a type, earlier decoder layers first).  Sizes are computed
+exactly with :class:`fasq.format.LayerSpec`, so the result lands within a fraction of a percent.
+"""
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from ..config import FASQConfig
+from ..format import LayerSpec
+from ..reference import rotation_block_for
+
+TYPE_PRIORITY = ("v_proj", "down_proj", "o_proj", "k_proj", "q_proj", "up_proj", "gate_proj")
+
+
+def menu(config: FASQConfig) -> list[FASQConfig]:
+    """Candidate settings, cheapest first."""
+    return [config.replace(subvector_dim=2, codebook_size=2 ** b, num_codebooks=1,
+                           group_size=config.group_size if config.group_size % 2 == 0 else 0)
+            for b in range(2, 17)]
+
+
+def layer_bytes(lin: nn.Linear, cfg: FASQConfig) -> int:
+    has_scales = cfg.scale_mode != "none"
+    rb = rotation_block_for(lin.in_features, cfg.rotation_block) if cfg.rotation == "hadamard" else 0
+    spec = LayerSpec(lin.in_features, lin.out_features, cfg.subvector_dim, cfg.codebook_size, cfg.num_codebooks,
+                     cfg.group_size if has_scales else 0, has_scales, rb if rb >= 2 else 0, lin.bias is not None)
+    return spec.weight_storage_bytes()
+
+
+def _priority(name: str) -> tuple:
+    last = name.rsplit(".", 1)[-1]
+    t = TYPE_PRIORITY.index(last) if last in TYPE_PRIORITY else len(TYPE_PRIORITY)
+    m = re.search(r"\.(\d+)\.", name)
+    return (t, int(m.group(1)) if m else 0, name)
+
+
+def plan(layers: list[tuple[str, nn.Linear]], config: FASQConfig, target_bits: float) -> dict[str, FASQConfig]:
+    """Per-layer configs whose exact bits/weight over ``layers`` is as close to ``target_bits`` as the
+    menu allows without exceeding it (when the target is reachable)."""
+    if not layers:
+        raise ValueError("plan: no layers to allocate")
+    n_weights = sum(lin.in_features * lin.out_features for _, lin in layers)
+    budget = target_bits * n_weights / 8.0
+    options = menu(config)
+    cost = [sum(layer_bytes(lin, c) for _, lin in layers) for c in options]
+    lo_bits, hi_bits = 8 * cost[0] / n_weights, 8 * cost[-1] / n_weights
+    if not lo_bits <= target_bits <= hi_bits:
+        raise ValueError(f"target of {target_bits:.3f} bits/weight is outside what fasq can reach for this model "
+                         f"({lo_bits:.3f} to {hi_bits:.3f})")
+    i = max(j for j in range(len(options)) if cost[j] <= budget)
+    lo = options[i]
+    result = {name: lo for name, _ in layers}
+    if i + 1 == len(options):
+        return result
+    hi = options[i + 1]
+    spent = cost[i]
+    for name, lin in sorted(layers, key=lambda x: _priority(x[0])):
+        extra = layer_bytes(lin, hi) - layer_bytes(lin, lo)
+        if spent + extra <= budget:
+            result[name] = hi
+            spent += extra
+    return result
+
+
+def target_bits_for_fraction(model: nn.Module, layers: list[tuple[str, nn.Linear]], fraction: float) -> float:
+    """Bits/weight of the quantized layers that make the whole model ``fraction`` of its FP16 size
+    (everything not quantized stays at 16 bits; tied tensors counted once)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"target size {fraction}: must be a fraction of the FP16 size between 0 and 1")
+    qnames = {id(lin.weight) for _, lin in layers}
+    seen, fp16_total, other = set(), 0, 0
+    for t in list(model.parameters()):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        fp16_total += 2 * t.numel()
+        if id(t) not in qnames:
+            other += 2 * t.numel()
+    n_weights = sum(lin.in_features * lin.out_features for _, lin in layers)
+    bits = 8.0 * (fraction * fp16_total - other) / n_weights
+    if bits <= 0:
+        raise ValueError(f"target size {fraction:.3f} of FP16 is below the unquantized tensors alone "
+                         f"({other / fp16_total:.3f} of FP16)")
+    return bits
