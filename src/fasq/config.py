@@ -41,7 +41,7 @@ class FASQConfig:
     codebook_size: int = 256
     num_codebooks: int = 1
     group_size: int = 128          # input columns per scale; 0 = one scale per row
-    scale_mode: str = "rms"        # how groups are normalized before clustering
+    scale_mode: str = "absmax"     # how groups are normalized before clustering (docs/experiments.md)
     rotation: str = "hadamard"     # "none" or randomized block "hadamard" along in_features
     rotation_block: int = 256      # largest Hadamard block (a power of two)
     kmeans_iters: int = 25
@@ -49,7 +49,7 @@ class FASQConfig:
     kmeans_backend: str = "auto"   # "auto": faiss on CPU when installed, torch otherwise
     kmeans_max_points: int = 65536  # sub-vectors sampled to train a codebook (all are assigned)
     refine_iters: int = 2          # alternate (codes -> least-squares scales) this many times
-    equalize: str = "none"         # data-free exact rescalings before fitting: none | norms | balance | full
+    equalize: str = "balance"      # data-free exact rescalings before fitting: none | norms | balance | full
     skip_modules: tuple[str, ...] = ("lm_head", "embed_tokens")
     seed: int = 0
     version: int = CONFIG_VERSION
