@@ -11,10 +11,11 @@
    before each call, like a decode step that streams a model much larger than the cache.
 2. End to end: greedy decode of SmolLM2-135M-Instruct (fp32 model vs fasq at ~4 and ~3
    bits/weight), same prompt and length, each model in its own subprocess so that peak memory
-   (ru_maxrss) is its own.
+   (ru_maxrss) is its own; with all threads and with 1 thread.
 
 Writes JSON (--out) and the section between ``<!-- cpu:begin -->`` and ``<!-- cpu:end -->`` of
-BENCHMARKS.md.  ``fasq bench`` can call :func:`bench_kernels` and :func:`bench_e2e`.
+BENCHMARKS.md.  For one model, ``fasq bench`` can call ``fasq.kernels.cpu.bench_model``; this
+file's :func:`bench_kernels` and :func:`bench_e2e` are importable too.
 """
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ class _Evictor:
         self.buf.add_(1.0)
 
 
-def time_interleaved(fns: dict, rounds: int, evict=None, target_s: float = 0.02) -> dict:
+def time_interleaved(fns: dict, rounds: int, evict=None, target_s: float = 0.003) -> dict:
     """Median and min seconds per call of each fn, timed in the same rounds (order rotated)."""
     names = list(fns)
     reps = {}
@@ -132,18 +133,21 @@ def bench_kernels(shapes=SHAPES, configs=CONFIGS, tokens=(1, 4, 16), caches=("ho
                 x16 = x32.bfloat16()
                 fns = {"dense_fp32": lambda: F.linear(x32, w32), "dense_bf16": lambda: F.linear(x16, w16),
                        "fasq_fp32": lambda: layer(x32), "fasq_bf16": lambda: layer(x16)}
-                methods = [m for m in cpu.METHODS if m != "lut" or cpu.lut_supported(layer.spec)]
+                methods = [m for m in cpu.METHODS if m not in ("lut", "perm") or cpu.lut_supported(layer.spec)]
                 for m in methods:
                     fns[f"op_{m}"] = (lambda m=m: cpu.cpu_linear(x32, layer, m))
                 chosen = select(layer, x32).name
                 for cache in caches:
-                    res = time_interleaved(fns, rounds, evict=evictor if cache == "cold" else None)
+                    cold = cache == "cold"  # each cold sample pays an eviction: fewer rounds
+                    res = time_interleaved(fns, max(5, rounds // 4) if cold else rounds, evict=evictor if cold else None)
                     row = {"config": cfg_name, "shape": shape_name, "out": out, "in": inp, "tokens": t,
                            "cache": cache, "bits_per_weight": round(layer.spec.bits_per_weight(), 3),
                            "kernel": chosen, **{f"{k}_us": round(v["median_s"] * 1e6, 1) for k, v in res.items()},
                            **{f"{k}_min_us": round(v["min_s"] * 1e6, 1) for k, v in res.items()}}
                     best_dense = min(row["dense_fp32_us"], row["dense_bf16_us"])
                     row["speedup_vs_best_dense"] = round(best_dense / row["fasq_fp32_us"], 2)
+                    best_dense_min = min(row["dense_fp32_min_us"], row["dense_bf16_min_us"])
+                    row["speedup_vs_best_dense_min"] = round(best_dense_min / row["fasq_fp32_min_us"], 2)
                     rows.append(row)
                     log(f"{cfg_name:15s} {shape_name:16s} t={t:<2d} {cache:4s} fp32 {row['dense_fp32_us']:9.1f}  "
                         f"bf16 {row['dense_bf16_us']:9.1f}  fasq {row['fasq_fp32_us']:9.1f} us ({chosen}) "
@@ -160,8 +164,12 @@ def _bench_dir() -> Path:
 
 
 def quantized_smollm2(preset_name: str, log=print) -> Path:
-    """fasq-quantized SmolLM2 saved under the cache (made once, in a subprocess to bound memory)."""
-    out = _bench_dir() / f"smollm2-{preset_name}"
+    """fasq-quantized SmolLM2 saved under the cache (made once per preset and config, in a subprocess)."""
+    import hashlib
+
+    import fasq
+    key = hashlib.sha256(fasq.preset(preset_name).to_json().encode()).hexdigest()[:8]
+    out = _bench_dir() / f"smollm2-{preset_name}-{key}"
     if (out / "config.json").is_file():
         return out
     log(f"quantizing SmolLM2 with preset {preset_name} (once) -> {out}")
@@ -187,7 +195,7 @@ def _e2e_worker(variant: str, new_tokens: int, threads: int) -> dict:
     """Runs in its own process: load one model, greedy-decode, report speed and peak memory."""
     import fasq
     from fasq.data import smollm2_checkpoint
-    from fasq.kernels.cpu import bench_decode
+    from fasq.kernels.cpu import bench_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(threads)
@@ -202,45 +210,48 @@ def _e2e_worker(variant: str, new_tokens: int, threads: int) -> dict:
         bits = rep["bits_per_weight"]
     model.eval()
     load_s = time.perf_counter() - t0
-    tok = AutoTokenizer.from_pretrained(ck)
-    text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
-    ids = tok(text, return_tensors="pt").input_ids
-    res = bench_decode(model, ids, new_tokens=new_tokens)
-    res.update(variant=variant, bits_per_weight=bits, load_s=round(load_s, 2), prompt_tokens=ids.shape[1],
-               threads=threads, weights_mb=round(_weights_bytes(model) / 2**20, 1),
-               peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-               text=tok.decode(res["generated"], skip_special_tokens=True))
+    res = bench_model(model, AutoTokenizer.from_pretrained(ck), PROMPT, new_tokens=new_tokens)
+    res.update(variant=variant, bits_per_weight=bits, load_s=round(load_s, 2), threads=threads,
+               weights_mb=round(_weights_bytes(model) / 2**20, 1),
+               peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
     return res
 
 
-def bench_e2e(variants=E2E_VARIANTS, new_tokens: int = 64, threads: int | None = None, repeats: int = 2,
-              log=print) -> list[dict]:
-    """Each variant decoded ``repeats`` times, alternating, each run in a fresh subprocess; the
-    fastest run of each is kept (the machine is shared), the peak memory is the largest."""
-    threads = threads or torch.get_num_threads()
+def bench_e2e(variants=E2E_VARIANTS, new_tokens: int = 64, threads=(None,), repeats: int = 2, log=print) -> list[dict]:
+    """Each variant decoded ``repeats`` times per thread count, alternating, each run in a fresh
+    subprocess; the fastest run is kept (the machine is shared) and the peak memory is the largest."""
+    threads = [t or torch.get_num_threads() for t in threads]
     for v in variants:  # prepare checkpoints before timing anything
         if v.startswith("fasq-"):
             quantized_smollm2(v.split("-", 1)[1], log=log)
-    runs: dict[str, list[dict]] = {v: [] for v in variants}
-    for r in range(repeats):
-        for v in variants:
-            with tempfile.NamedTemporaryFile("r", suffix=".json") as f:
-                subprocess.run([sys.executable, __file__, "--worker", v, "--new-tokens", str(new_tokens),
-                                "--threads", str(threads), "--out", f.name], check=True)
-                res = json.load(open(f.name))
-            runs[v].append(res)
-            log(f"{v:10s} run {r}: {res['decode_tokens_per_s']:.1f} tok/s, peak RSS {res['peak_rss_mb']:.0f} MB")
     rows = []
-    for v in variants:
-        best = max(runs[v], key=lambda d: d["decode_tokens_per_s"])
-        best["peak_rss_mb"] = max(d["peak_rss_mb"] for d in runs[v])
-        best["all_tokens_per_s"] = [round(d["decode_tokens_per_s"], 2) for d in runs[v]]
-        rows.append(best)
-    base = next((r for r in rows if r["variant"] == "fp32"), None)
-    for r in rows:
-        if base:
-            r["speedup_vs_fp32"] = round(r["decode_tokens_per_s"] / base["decode_tokens_per_s"], 2)
-            r["same_tokens_as_fp32"] = sum(a == b for a, b in zip(r["generated"], base["generated"]))
+    for th in threads:
+        runs: dict[str, list[dict]] = {v: [] for v in variants}
+        for r in range(repeats):
+            for v in variants:
+                with tempfile.NamedTemporaryFile("r", suffix=".json") as f:
+                    subprocess.run([sys.executable, __file__, "--worker", v, "--new-tokens", str(new_tokens),
+                                    "--threads", str(th), "--out", f.name], check=True)
+                    res = json.load(open(f.name))
+                runs[v].append(res)
+                log(f"{v:10s} {th} thread(s) run {r}: {res['decode_tokens_per_s']:.1f} tok/s, "
+                    f"{res['decode_cpu_s_per_token'] * 1e3:.1f} CPU ms/token, peak RSS {res['peak_rss_mb']:.0f} MB")
+        group = []
+        for v in variants:
+            best = max(runs[v], key=lambda d: d["decode_tokens_per_s"])
+            best["decode_cpu_s_per_token"] = min(d["decode_cpu_s_per_token"] for d in runs[v])
+            best["decode_step_ms_median"] = min(d["decode_step_ms_median"] for d in runs[v])
+            best["peak_rss_mb"] = max(d["peak_rss_mb"] for d in runs[v])
+            best["all_tokens_per_s"] = [round(d["decode_tokens_per_s"], 2) for d in runs[v]]
+            group.append(best)
+        base = next((r for r in group if r["variant"] == "fp32"), None)
+        for r in group:
+            if base:
+                r["speedup_vs_fp32"] = round(r["decode_tokens_per_s"] / base["decode_tokens_per_s"], 2)
+                r["step_speedup_vs_fp32"] = round(base["decode_step_ms_median"] / r["decode_step_ms_median"], 2)
+                r["cpu_speedup_vs_fp32"] = round(base["decode_cpu_s_per_token"] / r["decode_cpu_s_per_token"], 2)
+                r["same_tokens_as_fp32"] = sum(a == b for a, b in zip(r["generated"], base["generated"]))
+        rows += group
     return rows
 
 
@@ -255,28 +266,35 @@ def markdown(meta: dict, kernels: list[dict], e2e: list[dict]) -> str:
                 "",
                 "fasq = the `PQLinear` module call (registry dispatch + op); dense = `F.linear`. "
                 "hot: weights stay in cache between calls; cold: caches evicted before each call. "
-                "x = best dense / fasq (fp32 input).", "",
+                "x = faster of dense fp32 / bf16 over fasq (fp32 input), from medians; x min = the same from "
+                "the fastest samples (less sensitive to other jobs).", "",
                 "| config | shape (out x in) | tokens | cache | dense fp32 | dense bf16 | fasq fp32 | fasq bf16 "
-                "| x | kernel | lut / direct / tiled (op only) |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
+                "| x | x min | kernel | lut / perm / direct / tiled (op only) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in kernels:
-            ops = " / ".join(f"{r[f'op_{m}_us']:.0f}" if f"op_{m}_us" in r else "-" for m in ("lut", "direct", "tiled"))
+            ops = " / ".join(f"{r[f'op_{m}_us']:.0f}" if f"op_{m}_us" in r else "-"
+                             for m in ("lut", "perm", "direct", "tiled"))
             out.append(f"| {r['config']} ({r['bits_per_weight']:.2f} b/w) | {r['shape']} ({r['out']}x{r['in']}) "
                        f"| {r['tokens']} | {r['cache']} | {r['dense_fp32_us']:.0f} | {r['dense_bf16_us']:.0f} "
                        f"| {r['fasq_fp32_us']:.0f} | {r['fasq_bf16_us']:.0f} | **{r['speedup_vs_best_dense']:.2f}** "
-                       f"| {r['kernel']} | {ops} |")
+                       f"| {r['speedup_vs_best_dense_min']:.2f} | {r['kernel']} | {ops} |")
         out.append("")
     if e2e:
         out += ["### End to end: SmolLM2-135M-Instruct greedy decode",
                 "",
                 f"Prompt: \"{PROMPT}\" (chat template), {e2e[0]['prompt_tokens']} prompt tokens, "
                 f"{len(e2e[0]['generated'])} new tokens; best of {len(e2e[0]['all_tokens_per_s'])} runs, each "
-                "model in its own process (peak RSS = ru_maxrss, includes Python + torch).", "",
-                "| model | bits/weight (linears) | decode tok/s | x fp32 | peak RSS MB | weights MB "
-                "| tokens equal to fp32 |", "|---|---|---|---|---|---|---|"]
+                "model in its own process (peak RSS = ru_maxrss, includes Python + torch). CPU ms/token = "
+                "CPU time of all threads per decoded token (less sensitive to other jobs on the machine).", "",
+                "| model | threads | bits/weight (linears) | decode tok/s | x fp32 | median step ms | x fp32 (median) "
+                "| CPU ms/token | x fp32 (CPU) | peak RSS MB | weights MB | tokens equal to fp32 |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        nan = float("nan")
         for r in e2e:
-            out.append(f"| {r['variant']} | {r['bits_per_weight']:.2f} | {r['decode_tokens_per_s']:.1f} "
-                       f"| {r.get('speedup_vs_fp32', float('nan')):.2f} | {r['peak_rss_mb']:.0f} | {r['weights_mb']:.0f} "
+            out.append(f"| {r['variant']} | {r['threads']} | {r['bits_per_weight']:.2f} | {r['decode_tokens_per_s']:.1f} "
+                       f"| **{r.get('speedup_vs_fp32', nan):.2f}** | {r['decode_step_ms_median']:.1f} "
+                       f"| {r.get('step_speedup_vs_fp32', nan):.2f} | {r['decode_cpu_s_per_token'] * 1e3:.1f} "
+                       f"| {r.get('cpu_speedup_vs_fp32', nan):.2f} | {r['peak_rss_mb']:.0f} | {r['weights_mb']:.0f} "
                        f"| {r.get('same_tokens_as_fp32', '-')}/{len(r['generated'])} |")
         out.append("")
     return "\n".join(out)
@@ -302,7 +320,7 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="fewer rounds, hot cache only, one e2e run")
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true")
-    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -319,8 +337,9 @@ def main(argv=None) -> None:
     previous = json.loads(out.read_text()) if out.exists() else {}  # a skipped part keeps its last results
     kernels = previous.get("kernels", []) if a.skip_kernels else bench_kernels(
         rounds=5 if a.quick else a.rounds, caches=("hot",) if a.quick else ("hot", "cold"))
+    e2e_threads = (meta["threads"],) if a.quick or meta["threads"] == 1 else (meta["threads"], 1)
     e2e = previous.get("e2e", []) if a.skip_e2e else bench_e2e(
-        new_tokens=a.new_tokens, threads=meta["threads"], repeats=1 if a.quick else 2)
+        new_tokens=a.new_tokens, threads=e2e_threads, repeats=1 if a.quick else 2)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps({"meta": meta, "kernels": kernels, "e2e": e2e}, indent=1))

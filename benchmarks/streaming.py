@@ -163,9 +163,10 @@ import json, sys
 from fasq import preset
 from fasq.stream import quantize_checkpoint
 a = json.loads(sys.argv[1])
-r = quantize_checkpoint(a["src"], a["out"], preset("4bit"), max_memory=a["max_memory"], workers=a["workers"],
+config = preset("4bit")
+r = quantize_checkpoint(a["src"], a["out"], config, max_memory=a["max_memory"], workers=a["workers"],
                         device=a["device"], progress=False)
-print("RESULT " + json.dumps(r))
+print("RESULT " + json.dumps({**r, "config": config.to_dict()}))
 """
 
 
@@ -219,8 +220,8 @@ def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     mem = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal"))
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1), "python": platform.python_version(),
-            "torch": torch.__version__}
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1),
+            "python": platform.python_version(), "torch": torch.__version__}
 
 
 def fmt_gib(b: float) -> str:
@@ -230,15 +231,19 @@ def fmt_gib(b: float) -> str:
 def markdown(results: dict) -> str:
     lines = [BEGIN, "## Streaming quantization (benchmarks/streaming.py)", "",
              "Checkpoints with the exact tensor shapes of the named models and random bf16 weights, generated "
-             "locally, quantized at ~4 bits/weight (`4bit` preset: d=2, K=256, group 128) by "
-             "`fasq.stream.quantize_checkpoint`, tensor by tensor. Peak RSS is the child's VmHWM polled from "
-             "outside (`/proc/<pid>/status`), including mapped libraries. See docs/streaming.md for the bound.", "",
-             "| model | decoder layers quantized | tensors | weights quantized | max-memory | workers | wall | "
-             "tensors/s | Mweights/s | peak RSS (GiB) | output |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "locally, quantized at ~4 bits/weight (the `4bit` preset with the defaults of the day, in the settings "
+             "column) by `fasq.stream.quantize_checkpoint`, tensor by tensor (after a per-block equalize pass when "
+             "equalize is on; `tensors` counts those blocks too). Peak RSS is the child's VmHWM polled from outside "
+             "(`/proc/<pid>/status`), including mapped libraries. See docs/streaming.md for the bound.", "",
+             "| model | decoder layers quantized | settings | tensors | weights quantized | max-memory | workers | "
+             "wall | tensors/s | Mweights/s | peak RSS (GiB) | output |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key in sorted(results):
         r = results[key]
-        lines.append(f"| {r['model']} | {r['layers_quantized']} of {r['layers_total']} | {r['units']} | "
+        c = r.get("config") or {}
+        settings = (f"d{c['subvector_dim']} K{c['codebook_size']} g{c['group_size']} {c['scale_mode']}, "
+                    f"equalize {c.get('equalize', 'none')}" if c else "see command")
+        lines.append(f"| {r['model']} | {r['layers_quantized']} of {r['layers_total']} | {settings} | {r['units']} | "
                      f"{r['quantized_weights'] / 1e9:.2f} B | {r['max_memory']} | {r['workers']} | "
                      f"{r['wall_seconds']:.0f} s | {r['tensors_per_second']:.2f} | "
                      f"{r['weights_per_second'] / 1e6:.2f} | {fmt_gib(r['peak']['VmHWM'])} | "
@@ -246,10 +251,11 @@ def markdown(results: dict) -> str:
     lines.append("")
     for key in sorted(results):
         r = results[key]
-        lines.append(f"**{r['model']}** ({r['date']}, {r['machine']['cpu']}, {r['machine']['cores']} cores, "
-                     f"{r['machine']['memory_gib']} GiB; CPU shared with other jobs, so times are noisy): "
+        lines.append(f"**{r['model']}, max-memory {r['max_memory']}** ({r['date']}, {r['machine']['cpu']}, "
+                     f"{r['machine']['cores']} cores, {r['machine']['memory_gib']} GiB): "
                      f"`{r['command']}`. Peak RSS {fmt_gib(r['peak']['VmHWM'])} GiB (anonymous "
-                     f"{fmt_gib(r['peak']['RssAnon'])}, file-backed {fmt_gib(r['peak']['RssFile'])}).")
+                     f"{fmt_gib(r['peak']['RssAnon'])}, file-backed {fmt_gib(r['peak']['RssFile'])})."
+                     + (f" {r['note']}" if r.get("note") else ""))
         if r["layers_quantized"] < r["layers_total"]:
             lines.append(f"Only {r['layers_quantized']} of {r['layers_total']} decoder layers were quantized (an "
                          f"index over the full-size shards); the whole model at this rate would take about "
@@ -286,6 +292,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--limit-layers", type=int, default=None, help="quantize only the first N decoder layers")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint and the output")
+    ap.add_argument("--tag", default=None, help="results key suffix, to keep runs of one model with other settings")
+    ap.add_argument("--note", default=None, help="recorded with the result, e.g. what else loaded the machine")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
     args = ap.parse_args(argv)
@@ -309,13 +317,14 @@ def main(argv=None) -> int:
              weights_per_second=r["quantized_weights"] / r["wall_seconds"], machine=machine(),
              date=_dt.date.today().isoformat(), max_memory=args.max_memory or "default (half of available)",
              source_bytes=sum(p.stat().st_size for p in run_src.glob("*.safetensors")),
-             command="python benchmarks/streaming.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+             command="python benchmarks/streaming.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+             note=args.note)
     if layers < layers_total:
         per_layer = r["wall_seconds"] / layers
         r["extrapolated_full_seconds"] = per_layer * layers_total
     r.pop("unit_seconds", None)
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    results[args.model] = r
+    results[args.model + (f"-{args.tag}" if args.tag else "")] = r
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     update_markdown(args.markdown, markdown(results))

@@ -129,7 +129,7 @@ def test_shapes_tokens_dtypes(shape):
 def test_quantized_weight_and_registry_dispatch():
     """A layer fitted by quantize_weight, called as a module: the registry picks the method by token count."""
     torch.manual_seed(0)
-    w, b = torch.randn(96, 256), torch.randn(96)
+    w, b = torch.randn(288, 256), torch.randn(288)     # >= LUT_MIN_ROWS rows: 1 token goes to the LUT
     spec, t = quantize_weight(w, FASQConfig(kmeans_iters=4, rotation_block=64, group_size=64), "blk.q", bias=b)
     layer = PQLinear.from_tensors(spec, **t)
     vbmi = cpu.lut_supported(spec)
@@ -144,6 +144,24 @@ def test_quantized_weight_and_registry_dispatch():
         assert torch.allclose(y, dense, rtol=1e-2, atol=1e-2 * dense.abs().max().item())
 
 
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 3e4])
+def test_input_magnitudes(scale):
+    """Tiny, unit and huge inputs with an outlier channel: the LUT's fp16 tables must not overflow."""
+    spec = LayerSpec(128, 300, 2, 256, group_size=64)
+    layer = random_layer(spec, seed=3)
+    x = torch.randn(1, 128) * scale
+    x[0, 7] *= 100.0
+    for method in methods_for(spec, cpu.default_isa()):
+        check(cpu.cpu_linear(x, layer, method), ref_out(layer, x), x, "lut" if method == "lut" else "exact",
+              f"x scale {scale:g}, {method}")
+
+
+def test_small_layers_skip_the_lut():
+    spec = LayerSpec(64, cpu.LUT_MIN_ROWS - 64, 2, 256, group_size=32)
+    k = select(random_layer(spec), torch.randn(1, 64))
+    assert k is not None and k.name == ("cpu_perm" if cpu.lut_supported(spec) else "cpu_direct")
+
+
 def test_cache_follows_buffer_updates():
     spec = LayerSpec(64, 70, 2, 256, group_size=32, rotation_block=16, has_bias=True)
     a, b = random_layer(spec, seed=1), random_layer(spec, seed=2)
@@ -154,6 +172,14 @@ def test_cache_follows_buffer_updates():
     for method in methods_for(spec, cpu.default_isa()):
         check(cpu.cpu_linear(x, a, method), ref_out(b, x), x, "lut" if method == "lut" else "exact",
               f"after load_state_dict, {method}")
+
+
+def test_layer_built_in_inference_mode():
+    spec = LayerSpec(64, 300, 2, 256, group_size=32, rotation_block=64)
+    with torch.inference_mode():                          # buffers without version counters
+        layer = random_layer(spec)
+        x = torch.randn(1, 64)
+        check(layer(x), ref_out(layer, x), x, "lut" if cpu.lut_supported(spec) else "exact", "inference mode")
 
 
 def test_declines_what_it_cannot_do():

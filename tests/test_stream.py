@@ -52,11 +52,11 @@ def stored_tensors(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def in_memory(src: Path, dtype, config: FASQConfig, out: Path, layer_configs=None) -> Path:
+def in_memory(src: Path, dtype, config: FASQConfig, out: Path, **kw) -> Path:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
-    fasq.quantize(model, config, progress=False, num_workers=2, layer_configs=layer_configs)
+    fasq.quantize(model, config, progress=False, num_workers=2, **kw)
     fasq.save(model, out)
     return out
 
@@ -77,18 +77,21 @@ def nothing_written(out: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch,dtype,layer", [
-    ("llama", torch.bfloat16, None),                           # untied lm_head, bf16 kept as bf16
-    ("qwen3", torch.float32, "model.layers.1.mlp.down_proj"),  # tied lm_head stored once, fp32 -> fp16
+@pytest.mark.parametrize("arch,dtype,layer,equalize", [
+    ("llama", torch.bfloat16, None, "balance"),                         # untied lm_head, bf16 kept as bf16
+    ("qwen3", torch.float32, "model.layers.1.mlp.down_proj", "full"),   # tied lm_head stored once, fp32 -> fp16
 ])
-def test_equals_in_memory_bit_for_bit(tmp_path, arch, dtype, layer):
+def test_equals_in_memory_bit_for_bit(tmp_path, arch, dtype, layer, equalize):
+    """Equalized blocks (a pre-pass through scratch/) and per-layer configs included."""
+    cfg = CFG.replace(equalize=equalize)
     src = make_checkpoint(tmp_path / "src", arch, dtype)
     model_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     assert len(list(src.glob("*.safetensors"))) > 3
-    layer_configs = {layer: CFG.replace(codebook_size=32, group_size=32)} if layer else None
-    r = quantize_checkpoint(src, tmp_path / "out", CFG, layer_configs=layer_configs, workers=2,
+    layer_configs = {layer: cfg.replace(codebook_size=32, group_size=32)} if layer else None
+    r = quantize_checkpoint(src, tmp_path / "out", cfg, layer_configs=layer_configs, workers=2,
                             max_memory=model_bytes // 2, max_shard_size="40KB", progress=False)
-    ref = in_memory(src, dtype, CFG, tmp_path / "ref", layer_configs)
+    assert r["blocks_equalized"] == 2
+    ref = in_memory(src, dtype, cfg, tmp_path / "ref", layer_configs=layer_configs)
     out = tmp_path / "out"
     assert len(r["files"]) > 2 and (out / "model.safetensors.index.json").is_file()
     assert_same_tensors(stored_tensors(ref), stored_tensors(out))
@@ -99,9 +102,22 @@ def test_equals_in_memory_bit_for_bit(tmp_path, arch, dtype, layer):
     assert verify(out)["tensors_with_checksums"] == len(stored_tensors(out))
 
 
+def test_size_target_equals_in_memory(tmp_path, llama_ckpt):
+    """--target-size: per-layer settings chosen on the meta skeleton exactly as on the loaded model."""
+    cfg = CFG.replace(equalize="norms")
+    r = quantize_checkpoint(llama_ckpt, tmp_path / "out", cfg, target_fraction=0.5, progress=False)
+    ref = in_memory(llama_ckpt, torch.bfloat16, cfg, tmp_path / "ref", target_fraction=0.5)
+    assert_same_tensors(stored_tensors(ref), stored_tensors(tmp_path / "out"))
+    qc = lambda p: json.loads((p / "config.json").read_text())["quantization_config"]  # noqa: E731
+    assert qc(tmp_path / "out") == qc(ref) and qc(ref)["allocation"]["target_fraction"] == 0.5
+    assert len({m["num_centroids"] for m in qc(ref)["modules"].values()}) == 2 and r["fraction_of_fp16"] <= 0.5
+
+
 def test_output_loads_with_fasq_load(tmp_path, llama_ckpt):
-    quantize_checkpoint(llama_ckpt, tmp_path / "out", CFG, progress=False)  # one file under 5GB
-    ref = fasq.load(in_memory(llama_ckpt, torch.bfloat16, CFG, tmp_path / "ref"))
+    cfg = CFG.replace(equalize="none")  # purely tensor by tensor: no scratch pass
+    r = quantize_checkpoint(llama_ckpt, tmp_path / "out", cfg, progress=False)  # one file under 5GB
+    assert r["blocks_equalized"] == 0 and r["files"] == ["model.safetensors"]
+    ref = fasq.load(in_memory(llama_ckpt, torch.bfloat16, cfg, tmp_path / "ref"))
     got = fasq.load(tmp_path / "out")
     ids = torch.randint(0, 320, (1, 12))
     with torch.no_grad():
@@ -142,7 +158,8 @@ def test_memory_budget_bounds_units_in_flight(tmp_path, llama_ckpt, monkeypatch)
                 state["units"] -= 1
 
     monkeypatch.setattr(stream_run.Workspace, "run_unit", tracked)
-    quantize_checkpoint(llama_ckpt, tmp_path / "out", CFG, workers=2, max_memory=budget, progress=False)
+    quantize_checkpoint(llama_ckpt, tmp_path / "out", CFG.replace(equalize="none"), workers=2, max_memory=budget,
+                        progress=False)
     assert state["max"] <= budget and state["max_units"] == 2
 
 
@@ -197,7 +214,8 @@ def test_resume_redoes_a_damaged_unit_and_checks_settings(tmp_path, llama_ckpt, 
         with pytest.raises(KeyboardInterrupt):
             quantize_checkpoint(llama_ckpt, out, CFG, workers=1, progress=False)
     work = partial_dir(out)
-    rec = json.loads((work / "journal.jsonl").read_text().splitlines()[0])
+    rec = next(r for r in map(json.loads, (work / "journal.jsonl").read_text().splitlines())
+               if not r["unit"].startswith("equalize:"))
     e = read_header(work / "output" / rec["file"])[0][sorted(rec["outputs"])[0]]
     with open(work / "output" / rec["file"], "r+b") as f:  # flip bytes inside the first unit's data
         f.seek(e.begin)
@@ -347,12 +365,10 @@ def test_too_little_space_is_refused_before_writing(tmp_path, llama_ckpt, monkey
     assert nothing_written(out)
 
 
-def test_existing_output_and_equalize_are_refused(tmp_path, llama_ckpt):
+def test_existing_output_is_refused(tmp_path, llama_ckpt):
     (tmp_path / "out").mkdir()
     with pytest.raises(FileExistsError):
         quantize_checkpoint(llama_ckpt, tmp_path / "out", CFG, progress=False)
-    with pytest.raises(ValueError, match="equalize"):
-        quantize_checkpoint(llama_ckpt, tmp_path / "out2", CFG.replace(equalize="norms"), progress=False)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -72,10 +72,13 @@ def peak_rss_mb() -> float:
 def cmd_quantize(args) -> int:
     from . import io
     from .model import model_size_report, quantize
+    from .stream import cmd_quantize_stream, should_stream
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"output {out} already exists; pass --overwrite to replace it")
+    if should_stream(args):  # a local safetensors checkpoint: tensor by tensor, bounded memory, resumable
+        return cmd_quantize_stream(args)
     config = config_from_args(args)
     t0 = time.perf_counter()
     model, tok = load_any(args.model)
@@ -222,6 +225,9 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .stream import add_cli as add_stream_cli, add_stream_args
+    from .sweep import add_cli as add_sweep_cli
+
     ap = argparse.ArgumentParser(prog="fasq", description="Calibration-free product quantization of LLMs")
     ap.add_argument("-v", "--verbose", action="store_true")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -238,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
     add_quant_args(p)
+    add_stream_args(p)
     p.set_defaults(fn=cmd_quantize)
 
     p = sub.add_parser("info", help="per-layer settings and sizes of a quantized model")
@@ -272,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true")
     add_quant_args(p)
     p.set_defaults(fn=cmd_demo)
+
+    add_stream_cli(sub)   # fasq verify
+    add_sweep_cli(sub)    # fasq sweep
     return ap
 
 

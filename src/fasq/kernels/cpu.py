@@ -1,6 +1,6 @@
-"""CPU kernels for PQLinear: a C++ op built on first use, three methods, registry entries.
+"""CPU kernels for PQLinear: a C++ op built on first use, four methods, registry entries.
 
-Importing this module compiles nothing; it registers three kernels with :mod:`fasq.kernels`
+Importing this module compiles nothing; it registers four kernels with :mod:`fasq.kernels`
 (the registry imports it the first time a layer runs on the CPU).  The first ``supports()`` call
 builds ``pq_cpu.cpp`` with ``torch.utils.cpp_extension`` (``-O3 -march=native -fopenmp``) into
 ``~/.cache/fasq/cpu_kernels/<hash>/`` (``$FASQ_CACHE_DIR`` overrides ``~/.cache/fasq``), once
@@ -10,7 +10,7 @@ kernel here declines, so the plain-PyTorch reference serves.
 ==============  ========  ======================================================================
 name            priority  used for
 ==============  ========  ======================================================================
-``cpu_lut``     30        1 token (LUT_MAX_TOKENS), K <= 256, AVX-512 VBMI: fp16 tables x.codebook
+``cpu_lut``     30        1 token, >= 256 rows, K <= 256, AVX-512 VBMI: fp16 tables x.codebook
 ``cpu_perm``    25        up to FEW_MAX_TOKENS tokens, K <= 256, AVX-512 VBMI: exact, codebook in
                           registers, looked up by byte permutes for 64 rows at a time
 ``cpu_direct``  20        up to FEW_MAX_TOKENS tokens, any K / CPU: gather centroids, fp32 FMA
@@ -19,15 +19,18 @@ name            priority  used for
 
 All four are one op, ``torch.ops.fasq.cpu_pq_linear`` (CPU kernel + fake implementation).
 Per-layer preparation (fp32 codebook copies; for ``cpu_lut`` / ``cpu_perm`` the codes repacked
-one byte per code with 64 rows side by side, scales in the same order, codebook byte planes) happens on a layer's first call and is
-cached on the module, keyed by the buffers' versions.  See docs/kernels_cpu.md.
+one byte per code with 64 rows side by side, scales in the same order, codebook byte planes)
+happens on a layer's first call and is cached on the module, keyed by the buffers' versions.
+``$FASQ_CPU_ISA`` (avx2, scalar) caps the instruction set used.  See docs/kernels_cpu.md.
 """
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import os
 import platform
+import statistics
 import sys
 import time
 import warnings
@@ -42,8 +45,12 @@ from . import Kernel, register
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("pq_cpu.cpp")
-LUT_MAX_TOKENS = 1       # measured crossovers (docs/kernels_cpu.md): LUT up to here,
-FEW_MAX_TOKENS = 8       # then PERM (or DIRECT) up to here, then TILED
+# Method choice, from measurements (docs/kernels_cpu.md): LUT for 1 token on layers of at least
+# LUT_MIN_ROWS rows (its per-call table build needs enough rows to pay off), PERM (or DIRECT where
+# PERM cannot run) up to FEW_MAX_TOKENS tokens, TILED above.
+LUT_MAX_TOKENS = 1
+LUT_MIN_ROWS = 256
+FEW_MAX_TOKENS = 8
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 METHODS = ("lut", "perm", "direct", "tiled")
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
@@ -202,10 +209,17 @@ class _Prepared:
     metas: dict = field(default_factory=dict)     # (method, isa, poison) -> meta list
 
 
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter (and cannot be modified in place)
+        return -1
+
+
 def _buffers_key(layer) -> tuple:
     b = layer._buffers
     c, cb, s = b["codes"], b["codebooks"], b["scales"]
-    return (c.data_ptr(), c._version, cb.data_ptr(), cb._version, s.data_ptr(), s._version)
+    return (c.data_ptr(), _version(c), cb.data_ptr(), _version(cb), s.data_ptr(), _version(s))
 
 
 def _prepare(layer) -> _Prepared:
@@ -263,7 +277,7 @@ def _meta(spec: LayerSpec, method: str, isa: str) -> list[int]:
 
 
 def cpu_linear(x: torch.Tensor, layer, method: str, isa: str | None = None) -> torch.Tensor:
-    """y = x W^T + b for a PQLinear ``layer`` by one method ("lut", "direct", "tiled"); x on CPU.
+    """y = x W^T + b for a PQLinear ``layer`` by one of :data:`METHODS`; x on CPU.
 
     The registry calls this through the kernels below; tests and benchmarks call it directly.
     """
@@ -288,33 +302,47 @@ def cpu_linear(x: torch.Tensor, layer, method: str, isa: str | None = None) -> t
 
 
 # ----------------------------------------------------------------------------------------------
-# Registry entries.  supports() must be cheap: it runs on every forward call.
-def _common_ok(layer, x) -> bool:
-    return (x.dtype in SUPPORTED_DTYPES and not (x.requires_grad and torch.is_grad_enabled())
-            and spec_supported(layer.spec) and features() >= 0)
+# Registry entries.  supports() runs on every forward call: the per-layer facts are cached.
+def _caps(layer) -> tuple:
+    """(spec, kernel can run it, LUT/PERM can run it, LUT preferred for 1 token), cached on the layer."""
+    c = layer.__dict__.get("_fasq_cpu_caps")
+    spec = layer.spec
+    if c is None or c[0] is not spec:
+        ok = features() >= 0 and spec_supported(spec)
+        vbmi = ok and lut_supported(spec)
+        c = layer.__dict__["_fasq_cpu_caps"] = (spec, ok, vbmi, vbmi and spec.out_features >= LUT_MIN_ROWS)
+    return c
 
 
 def _tokens(x) -> int:
     return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
 
+def _input_ok(x) -> bool:
+    return x.dtype in SUPPORTED_DTYPES and not (x.requires_grad and torch.is_grad_enabled())
+
+
 def _supports_lut(layer, x) -> bool:
-    return _tokens(x) <= LUT_MAX_TOKENS and _common_ok(layer, x) and lut_supported(layer.spec)
+    return _tokens(x) <= LUT_MAX_TOKENS and _caps(layer)[3] and _input_ok(x)
 
 
 def _supports_perm(layer, x) -> bool:
-    return _tokens(x) <= FEW_MAX_TOKENS and _common_ok(layer, x) and lut_supported(layer.spec)
+    return _tokens(x) <= FEW_MAX_TOKENS and _caps(layer)[2] and _input_ok(x)
 
 
 def _supports_direct(layer, x) -> bool:
-    return _tokens(x) <= FEW_MAX_TOKENS and _common_ok(layer, x)
+    return _tokens(x) <= FEW_MAX_TOKENS and _caps(layer)[1] and _input_ok(x)
+
+
+def _supports_tiled(layer, x) -> bool:
+    return _caps(layer)[1] and _input_ok(x)
 
 
 register(Kernel("cpu_lut", ("cpu",), _supports_lut, lambda x, layer: cpu_linear(x, layer, "lut"), priority=30))
 register(Kernel("cpu_perm", ("cpu",), _supports_perm, lambda x, layer: cpu_linear(x, layer, "perm"), priority=25))
 register(Kernel("cpu_direct", ("cpu",), _supports_direct, lambda x, layer: cpu_linear(x, layer, "direct"),
                 priority=20))
-register(Kernel("cpu_tiled", ("cpu",), _common_ok, lambda x, layer: cpu_linear(x, layer, "tiled"), priority=10))
+register(Kernel("cpu_tiled", ("cpu",), _supports_tiled, lambda x, layer: cpu_linear(x, layer, "tiled"), priority=10))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,24 +350,48 @@ register(Kernel("cpu_tiled", ("cpu",), _common_ok, lambda x, layer: cpu_linear(x
 def bench_decode(model, input_ids: torch.Tensor, new_tokens: int = 64, warmup: int = 4) -> dict:
     """Greedy decode ``new_tokens`` after ``input_ids`` [1, S] with a Hugging Face causal LM.
 
-    Returns the generated ids, prefill seconds and decode tokens/s (the prompt is prefilled once,
-    then one token per forward with the KV cache).  ``fasq bench`` and benchmarks/cpu.py use it.
+    Returns the generated ids, prefill seconds, decode tokens/s, the median decode step (ms) and
+    CPU seconds per decoded token
+    (the prompt is prefilled once, then one token per forward with the KV cache; a warm-up run
+    first prepares per-layer kernel caches).  ``fasq bench`` and benchmarks/cpu.py use it.
     """
+    params = inspect.signature(model.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"     # transformers >= 5 says "cache"
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
     def run(n):
-        out = model(input_ids=input_ids, use_cache=True)
-        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        t_prefill = time.perf_counter()
+        out = model(input_ids=input_ids, use_cache=True, **extra)
+        past, tok = getattr(out, cache_kw), out.logits[:, -1:].argmax(-1)
+        marks = [(time.perf_counter(), time.process_time())]
         toks = [tok]
         for _ in range(n - 1):
-            out = model(input_ids=tok, past_key_values=past, use_cache=True)
-            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=tok, use_cache=True, **{cache_kw: past}, **extra)
+            past, tok = getattr(out, cache_kw), out.logits[:, -1:].argmax(-1)
             toks.append(tok)
-        return torch.cat(toks, 1), t_prefill
+            marks.append((time.perf_counter(), time.process_time()))
+        return torch.cat(toks, 1), marks
 
     if warmup:
         run(min(warmup, new_tokens))
     t0 = time.perf_counter()
-    ids, t1 = run(new_tokens)
-    t2 = time.perf_counter()
+    ids, marks = run(new_tokens)
+    (t1, c1), (t2, c2) = marks[0], marks[-1]
+    steps = [b[0] - a[0] for a, b in zip(marks, marks[1:])] or [float("nan")]
     return {"generated": ids[0].tolist(), "prefill_s": t1 - t0, "decode_s": t2 - t1,
-            "decode_tokens_per_s": (new_tokens - 1) / (t2 - t1) if new_tokens > 1 else float("nan")}
+            "decode_tokens_per_s": len(steps) / (t2 - t1) if new_tokens > 1 else float("nan"),
+            # robust to other jobs on a shared machine: the median step, and CPU time per step
+            "decode_step_ms_median": 1e3 * statistics.median(steps),
+            "decode_cpu_s_per_token": (c2 - c1) / len(steps)}
+
+
+def bench_model(model, tokenizer, prompt: str = "Explain in a few sentences why the sky is blue.",
+                new_tokens: int = 64, warmup: int = 4, chat: bool = True) -> dict:
+    """:func:`bench_decode` from a text prompt (wrapped in the tokenizer's chat template when it has
+    one and ``chat``); adds the prompt length and the decoded text.  The entry for ``fasq bench``."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                               add_generation_prompt=True)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    res = bench_decode(model, ids, new_tokens=new_tokens, warmup=warmup)
+    res.update(prompt_tokens=int(ids.shape[1]), text=tokenizer.decode(res["generated"], skip_special_tokens=True))
+    return res

@@ -1,22 +1,22 @@
 // fasq CPU kernels: y = x W^T (+ bias) straight from the stored product-quantized format.
 //
 // Built on first use by fasq/kernels/cpu.py (torch.utils.cpp_extension, -O3 -march=native
-// -fopenmp) and registered as the op `fasq::cpu_pq_linear`.  Three methods (see
-// docs/kernels_cpu.md for the measurements behind them):
+// -fopenmp) and registered as the op `fasq::cpu_pq_linear`.  Four methods (docs/kernels_cpu.md
+// has the measurements behind the choice):
 //
-//   LUT     few tokens, K <= 256, AVX-512 VBMI.  Per token and sub-vector position j, a table
-//           LUT[j][k] = <codebook[k], x_j> (fp16, one fp32 scale per j).  Codes are repacked once
-//           per layer so that one 64-byte load holds the codes of 64 rows at one j; the table
-//           (as lo/hi byte planes, 512 bytes for K=256) is looked up for 64 rows at a time with
-//           vpermt2b, so the work per code is a fraction of an instruction and no gather is used.
-//   DIRECT  few tokens, any K: per row, decode the codes, gather the centroids (fp32 copy of the
-//           codebook) and FMA them with x; the gathers are shared by all tokens.  AVX-512, AVX2
-//           and a portable scalar path.  Exact fp32 arithmetic on the fp16 codebook.
-//   TILED   many tokens: dequantize blocks of rows of W_r in x's dtype into a reused buffer and
-//           multiply with ATen's GEMM.
+//   LUT     1 token, K <= 256, AVX-512 VBMI.  Per sub-vector position j a table
+//           LUT[j][k] = <codebook[k], x_j> in fp16.  Codes are repacked once per layer so that one
+//           64-byte load holds the codes of 64 rows at one j; the table (lo/hi byte planes, 512
+//           bytes for K = 256) is looked up for the 64 rows with vpermt2b: no gathers.
+//   PERM    2..8 tokens (and small layers), K <= 256, AVX-512 VBMI.  Same layout, but the table is
+//           the fp16 codebook itself (per coordinate), then fp32 FMAs with x.  Exact.
+//   DIRECT  few tokens, any K, any CPU: per row, decode the codes, gather fp32 centroids and FMA
+//           them with x; the gathers are shared by all tokens.  AVX-512, AVX2 and scalar paths.
+//   TILED   many tokens: dequantize tiles of rows of W_r into a reused buffer, round them to x's
+//           dtype and multiply with ATen's GEMM.
 //
 // All methods rotate the input first (sign flip + fast Walsh-Hadamard transform in fp32) and use
-// the rotated weight W_r, exactly like fasq.reference.pq_linear.  Accumulation is fp32.
+// the rotated weight W_r, exactly like fasq.reference.pq_linear.  Sums are fp32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -56,7 +56,7 @@ enum Meta {
 };
 enum Mode { DIRECT = 0, LUT = 1, TILED = 2, PERM = 3 };
 enum Isa { SCALAR = 0, AVX2 = 1, AVX512 = 2 };
-constexpr int RB = 64;  // rows per block in the LUT layout: one byte lane per row
+constexpr int RB = 64;  // rows per block in the LUT / PERM layout: one byte lane per row
 
 int64_t features() {
   int64_t f = 0;
@@ -75,7 +75,14 @@ int64_t features() {
   return f;
 }
 
-static inline int n_threads() { return std::max(1, at::get_num_threads()); }
+// Threads for a call of about `work_ns` single-thread nanoseconds: each thread gets at least
+// ~kGrainNs of work, because a parallel region costs microseconds on an idle machine and can cost
+// a scheduler time slice when the cores are shared (SmolLM2-size layers are ~10-50 us of work).
+constexpr double kGrainNs = 12000.0;
+static inline int n_threads(double work_ns) {
+  const int most = std::max(1, at::get_num_threads());
+  return static_cast<int>(std::max(1.0, std::min<double>(most, work_ns / kGrainNs)));
+}
 
 // Grow-only scratch owned by the calling thread: no page faults per call after the first.
 template <typename T>
@@ -264,21 +271,31 @@ static void row_avx512(const RowArgs& a, float* out) {
         }
       }
     } else {
-      // DP in {4, 8, 16}: 16/DP sub-vectors per register, one plain load per sub-vector.
+      // DP in {4, 8, 16}: 16/DP sub-vectors per register, one plain load per sub-vector (lanes
+      // past the group's end stay zero).
       constexpr int PER = 16 / DP;
       for (int64_t j0 = js; j0 < je; j0 += PER) {
-        alignas(64) float wbuf[16];
-        for (int q = 0; q < PER; ++q) {
-          const int64_t j = j0 + q;
-          for (int c = 0; c < DP; ++c) wbuf[q * DP + c] = 0.f;
-          if (j < je) {
-            for (int64_t m = 0; m < a.M; ++m) {
-              const float* cp = a.cb[m] + static_cast<int64_t>(a.idx[m][j]) * DP;
-              for (int c = 0; c < DP; ++c) wbuf[q * DP + c] += cp[c];
-            }
+        const int n = static_cast<int>(std::min<int64_t>(PER, je - j0));
+        const __mmask16 km = static_cast<__mmask16>(n == PER ? 0xFFFF : (1u << (n * DP)) - 1u);
+        __m512 w = _mm512_setzero_ps();
+        for (int64_t m = 0; m < a.M; ++m) {
+          const int32_t* ip = a.idx[m] + j0;
+          const float* cb = a.cb[m];
+          __m512 v;
+          if constexpr (DP == 16) {
+            v = _mm512_loadu_ps(cb + static_cast<int64_t>(ip[0]) * 16);
+          } else if constexpr (DP == 8) {
+            v = _mm512_castps256_ps512(_mm256_loadu_ps(cb + static_cast<int64_t>(ip[0]) * 8));
+            v = _mm512_insertf32x8(v, _mm256_loadu_ps(cb + static_cast<int64_t>(ip[n > 1]) * 8), 1);
+          } else {
+            v = _mm512_castps128_ps512(_mm_loadu_ps(cb + static_cast<int64_t>(ip[0]) * 4));
+            v = _mm512_insertf32x4(v, _mm_loadu_ps(cb + static_cast<int64_t>(ip[n > 1 ? 1 : 0]) * 4), 1);
+            v = _mm512_insertf32x4(v, _mm_loadu_ps(cb + static_cast<int64_t>(ip[n > 2 ? 2 : 0]) * 4), 2);
+            v = _mm512_insertf32x4(v, _mm_loadu_ps(cb + static_cast<int64_t>(ip[n > 3 ? 3 : 0]) * 4), 3);
           }
+          w = _mm512_add_ps(w, v);
         }
-        const __m512 w = _mm512_load_ps(wbuf);
+        w = _mm512_maskz_mov_ps(km, w);
         for (int t = 0; t < NT; ++t) acc[t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(a.xs[t] + j0 * DP), acc[t]);
       }
     }
@@ -393,26 +410,20 @@ static RowFn pick_row_fn(int isa, int dp, int nt) {
   TORCH_CHECK(false, "fasq cpu_pq_linear: bad token block ", nt);
 }
 
-// Store y[t][o] for o in [o0, o0 + n) from fp32 values src[t][.] (+ bias), converting to out's dtype.
-static void store_outputs(at::Tensor& y, int64_t T, int64_t out, int64_t o0, int64_t n, const float* src,
-                          int64_t src_stride, const at::Tensor& bias) {
+// y[t][o] = src[t * out + o] (+ bias[o]), converted to y's dtype.
+static void store_outputs(at::Tensor& y, int64_t T, int64_t out, const float* src, const at::Tensor& bias) {
   const c10::Half* bp = bias.defined() && bias.numel() ? bias.data_ptr<c10::Half>() : nullptr;
-  for (int64_t t = 0; t < T; ++t) {
-    const float* s = src + t * src_stride;
-    auto put = [&](auto* yp) {
-      using O = std::remove_pointer_t<decltype(yp)>;
-      for (int64_t i = 0; i < n; ++i) {
-        float v = s[i];
-        if (bp) v += static_cast<float>(bp[o0 + i]);
-        yp[t * out + o0 + i] = static_cast<O>(v);
-      }
-    };
-    switch (y.scalar_type()) {
-      case at::kFloat: put(y.data_ptr<float>()); break;
-      case at::kBFloat16: put(y.data_ptr<c10::BFloat16>()); break;
-      case at::kHalf: put(y.data_ptr<c10::Half>()); break;
-      default: TORCH_CHECK(false, "fasq cpu_pq_linear: bad output dtype");
-    }
+  auto put = [&](auto* yp) {
+    using O = std::remove_pointer_t<decltype(yp)>;
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t o = 0; o < out; ++o)
+        yp[t * out + o] = static_cast<O>(src[t * out + o] + (bp ? static_cast<float>(bp[o]) : 0.0f));
+  };
+  switch (y.scalar_type()) {
+    case at::kFloat: put(y.data_ptr<float>()); break;
+    case at::kBFloat16: put(y.data_ptr<c10::BFloat16>()); break;
+    case at::kHalf: put(y.data_ptr<c10::Half>()); break;
+    default: TORCH_CHECK(false, "fasq cpu_pq_linear: bad output dtype");
   }
 }
 
@@ -421,8 +432,8 @@ static void run_direct(const at::Tensor& x2, at::Tensor& y, const at::Tensor& co
   const int64_t T = x2.size(0), out = mt[M_OUT], nsub = mt[M_NSUB], Mb = mt[M_M], dp = mt[M_DP], K_ = mt[M_K];
   const int isa = static_cast<int>(mt[M_ISA]), b = static_cast<int>(mt[M_BITS]);
   const int64_t words = mt[M_WORDS], nbytes = words * 4;
-  // Token blocks of 8, 4, 2, 1: the gathers of a row are shared by the tokens of a block.
-  const int nt = T >= 8 ? 8 : T >= 4 ? 4 : T >= 2 ? 2 : 1;
+  // Token blocks of 1, 2, 4 or 8 (zero-padded): the gathers of a row are shared by a block's tokens.
+  const int nt = T <= 1 ? 1 : T <= 2 ? 2 : T <= 4 ? 4 : 8;
   const int64_t T_pad = (T + nt - 1) / nt * nt;
   const int64_t stride = nsub * dp + 64;
   thread_local std::vector<float> xbuf_v, tmp_v, ybuf_v;
@@ -435,8 +446,10 @@ static void run_direct(const at::Tensor& x2, at::Tensor& y, const at::Tensor& co
   const float* tb = tables.data_ptr<float>();
   const c10::Half* sp = mt[M_NG] ? scales.data_ptr<c10::Half>() : nullptr;
   const int64_t ng = mt[M_NG];
-  const int nth = n_threads();
-#pragma omp parallel num_threads(nth)
+  // ~2.5 ns per (row, code) for decode + gather, plus the FMAs of each token.
+  const int nth = n_threads(static_cast<double>(out) * nsub * Mb * (2.5 + 0.1 * T_pad * dp));
+  (void)nth;  // unused when built without OpenMP
+#pragma omp parallel num_threads(nth) if (nth > 1)
   {
     std::vector<int32_t> idx_v(static_cast<size_t>(Mb * (nsub + 16)));
     std::vector<const int32_t*> idx_p(Mb);
@@ -459,11 +472,10 @@ static void run_direct(const at::Tensor& x2, at::Tensor& y, const at::Tensor& co
       }
     }
   }
-  store_outputs(y, T, out, 0, out, ybuf, out, bias);
+  store_outputs(y, T, out, ybuf, bias);
 }
 
 // ---------------------------------------------------------------------------------------------
-// LUT: fast-scan over the repacked codes [n_rb][M][n_sub][64] (one byte per code).
 #ifdef FASQ_VBMI
 // LUT and PERM scan the repacked codes [n_rb][M][n_sub][64] (one byte per code, the codes of 64
 // rows at one sub-vector position side by side): one 64-byte load feeds 64 table lookups done
@@ -499,9 +511,9 @@ struct Interleave {
 };
 static const Interleave il;
 
-// Look up 64 fp16 table entries (one per row) and return them as 4 x 16 fp32 lanes, in row order.
+// Look up 64 fp16 table entries (one per row): w0 = rows 0..31, w1 = rows 32..63 as fp16 words.
 template <int KP>
-static inline void lookup64(const uint8_t* L, __m512i idx, __m512 w[4]) {
+static inline void lookup64_fp16(const uint8_t* L, __m512i idx, __m512i& w0, __m512i& w1) {
   const __m512i* T = reinterpret_cast<const __m512i*>(L);
   __m512i lo, hi;
   if constexpr (KP == 64) {
@@ -517,24 +529,47 @@ static inline void lookup64(const uint8_t* L, __m512i idx, __m512 w[4]) {
     hi = _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(_mm512_load_si512(T + 4), idx, _mm512_load_si512(T + 5)),
                                 _mm512_permutex2var_epi8(_mm512_load_si512(T + 6), idx, _mm512_load_si512(T + 7)));
   }
-  const __m512i w0 = _mm512_permutex2var_epi8(lo, _mm512_load_si512(il.a), hi);  // rows 0..31 as fp16
-  const __m512i w1 = _mm512_permutex2var_epi8(lo, _mm512_load_si512(il.b), hi);  // rows 32..63
+  w0 = _mm512_permutex2var_epi8(lo, _mm512_load_si512(il.a), hi);
+  w1 = _mm512_permutex2var_epi8(lo, _mm512_load_si512(il.b), hi);
+}
+
+static inline void widen_add(__m512i w0, __m512i w1, __m512 acc[4]) {
+  acc[0] = _mm512_add_ps(acc[0], _mm512_cvtph_ps(_mm512_castsi512_si256(w0)));
+  acc[1] = _mm512_add_ps(acc[1], _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w0, 1)));
+  acc[2] = _mm512_add_ps(acc[2], _mm512_cvtph_ps(_mm512_castsi512_si256(w1)));
+  acc[3] = _mm512_add_ps(acc[3], _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w1, 1)));
+}
+
+// The same, widened to 4 x 16 fp32 lanes in row order.
+template <int KP>
+static inline void lookup64(const uint8_t* L, __m512i idx, __m512 w[4]) {
+  __m512i w0, w1;
+  lookup64_fp16<KP>(L, idx, w0, w1);
   w[0] = _mm512_cvtph_ps(_mm512_castsi512_si256(w0));
   w[1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w0, 1));
   w[2] = _mm512_cvtph_ps(_mm512_castsi512_si256(w1));
   w[3] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w1, 1));
 }
 
-// Work item (rb, s): row block rb, groups [s*G/S, (s+1)*G/S), tokens [t0, t0 + NT).
+// LUT entries are scaled to |e| <= LUT_MAX so that FP16_SUM of them add up in fp16 without
+// overflow (AVX512-FP16 only: halves the widening work; one extra fp16 rounding per sum).
+#ifdef __AVX512FP16__
+constexpr int FP16_SUM = 4;
+#else
+constexpr int FP16_SUM = 1;
+#endif
+constexpr float LUT_MAX = 32768.0f / FP16_SUM;
+
+// Work item: row blocks [rb0, rb1), groups [s*G/S, (s+1)*G/S), tokens [t0, t0 + NT).  Groups are
+// the outer loop so that a group's LUT tables (gs * 2 * KP bytes per token) stay in L1 while the
+// item's row blocks use them; partial sums live in ypart.
 // DD: sub-vector dim for PERM when known at compile time (0: runtime a.d).
 template <bool PERM, int KP, int NT, int DD>
-static void scan_item(const ScanArgs& a, int64_t t0, int64_t rb, int64_t s) {
+static void scan_item(const ScanArgs& a, int64_t t0, int64_t rb0, int64_t rb1, int64_t s) {
   const int64_t ngroups = a.ng ? a.ng : 1, d = DD ? DD : a.d;
   const int64_t g0 = s * ngroups / a.S, g1 = (s + 1) * ngroups / a.S;
-  __m512 ys[NT][4];
-  for (int t = 0; t < NT; ++t)
-    for (int q = 0; q < 4; ++q) ys[t][q] = _mm512_setzero_ps();
-  for (int64_t g = g0; g < g1; ++g) {
+  for (int64_t g = g0; g < g1; ++g)
+  for (int64_t rb = rb0; rb < rb1; ++rb) {
     const int64_t js = g * a.gs, je = std::min(js + a.gs, a.nsub);
     __m512 acc[NT][4];
     for (int t = 0; t < NT; ++t)
@@ -560,36 +595,53 @@ static void scan_item(const ScanArgs& a, int64_t t0, int64_t rb, int64_t s) {
       } else {
         const uint8_t* lp[NT];
         for (int t = 0; t < NT; ++t) lp[t] = a.tab + (((t0 + t) * a.M + m) * a.nsub + js) * 2 * KP;
-        for (int64_t j = js; j < je; ++j, cp += RB) {
+        int64_t j = js;
+#ifdef __AVX512FP16__
+        for (; j + FP16_SUM <= je; j += FP16_SUM, cp += FP16_SUM * RB) {
+          __m512i idx[FP16_SUM];
+          for (int u = 0; u < FP16_SUM; ++u) idx[u] = _mm512_loadu_si512(cp + u * RB);
+          for (int t = 0; t < NT; ++t) {
+            __m512h s0 = _mm512_setzero_ph(), s1 = _mm512_setzero_ph();
+            for (int u = 0; u < FP16_SUM; ++u) {
+              __m512i w0, w1;
+              lookup64_fp16<KP>(lp[t] + u * 2 * KP, idx[u], w0, w1);
+              s0 = _mm512_add_ph(s0, _mm512_castsi512_ph(w0));
+              s1 = _mm512_add_ph(s1, _mm512_castsi512_ph(w1));
+            }
+            lp[t] += FP16_SUM * 2 * KP;
+            widen_add(_mm512_castph_si512(s0), _mm512_castph_si512(s1), acc[t]);
+          }
+        }
+#endif
+        for (; j < je; ++j, cp += RB) {
           const __m512i idx = _mm512_loadu_si512(cp);
           for (int t = 0; t < NT; ++t) {
-            __m512 w[4];
-            lookup64<KP>(lp[t], idx, w);
+            __m512i w0, w1;
+            lookup64_fp16<KP>(lp[t], idx, w0, w1);
             lp[t] += 2 * KP;
-            for (int q = 0; q < 4; ++q) acc[t][q] = _mm512_add_ps(acc[t][q], w[q]);
+            widen_add(w0, w1, acc[t]);
           }
         }
       }
     }
-    if (a.scales) {
-      const c10::Half* sp = a.scales + (rb * a.ng + g) * RB;
+    // ypart[t][rows] (+)= acc * group scale * token scale; the first group writes.
+    __m512 sc[4];
+    for (int q = 0; q < 4; ++q)
+      sc[q] = a.scales ? _mm512_cvtph_ps(_mm256_loadu_si256(
+                             reinterpret_cast<const __m256i*>(a.scales + (rb * a.ng + g) * RB + 16 * q)))
+                       : _mm512_set1_ps(1.0f);
+    for (int t = 0; t < NT; ++t) {
+      const __m512 ts = _mm512_set1_ps(PERM ? 1.0f : a.tscale[t0 + t]);
+      float* yp = a.ypart + (s * a.T + t0 + t) * a.nrb * RB + rb * RB;
       for (int q = 0; q < 4; ++q) {
-        const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp + 16 * q)));
-        for (int t = 0; t < NT; ++t) ys[t][q] = _mm512_fmadd_ps(acc[t][q], sc, ys[t][q]);
+        const __m512 v = _mm512_mul_ps(acc[t][q], _mm512_mul_ps(sc[q], ts));
+        _mm512_storeu_ps(yp + 16 * q, g == g0 ? v : _mm512_add_ps(_mm512_loadu_ps(yp + 16 * q), v));
       }
-    } else {
-      for (int t = 0; t < NT; ++t)
-        for (int q = 0; q < 4; ++q) ys[t][q] = _mm512_add_ps(ys[t][q], acc[t][q]);
     }
-  }
-  for (int t = 0; t < NT; ++t) {
-    const __m512 ts = _mm512_set1_ps(PERM ? 1.0f : a.tscale[t0 + t]);
-    float* yp = a.ypart + (s * a.T + t0 + t) * a.nrb * RB + rb * RB;
-    for (int q = 0; q < 4; ++q) _mm512_storeu_ps(yp + 16 * q, _mm512_mul_ps(ys[t][q], ts));
   }
 }
 
-using ScanFn = void (*)(const ScanArgs&, int64_t, int64_t, int64_t);
+using ScanFn = void (*)(const ScanArgs&, int64_t, int64_t, int64_t, int64_t);
 
 template <bool PERM, int KP, int DD>
 static ScanFn pick_scan_nt(int nt) {
@@ -657,9 +709,16 @@ static void run_scan(bool perm, const at::Tensor& x2, at::Tensor& y, const at::T
   thread_local std::vector<uint8_t> lut_v;
   float* xbuf = scratch(xbuf_v, static_cast<size_t>(T * stride));
   prepare_input(x2, T, mt, signs, static_cast<int>(d), xbuf, stride, tmp_v);
-  const int nth = n_threads();
-  // Split the groups of a row block across threads when there are too few row blocks.
-  const int64_t S = std::min<int64_t>(ngroups, std::max<int64_t>(1, (4 * nth + nrb - 1) / nrb));
+  // Per (row block, code): ~8 ns per token's LUT lookup, ~10 ns per coordinate per pass of up to
+  // 4 tokens for PERM; the LUT build costs ~50 ns per 256-entry table.
+  const double per_code = perm ? 10.0 * d * ((T + 3) / 4) : 8.0 * T;
+  const double work = static_cast<double>(nrb) * Mb * nsub * per_code + (perm ? 0.0 : 0.2 * T * Mb * nsub * kp);
+  const int nth = n_threads(work);
+  // Work items: RBB row blocks x one of S slices of the groups.  Slices split the groups across
+  // threads when there are too few row blocks; RBB > 1 reuses each group's tables from L1.
+  const int64_t S = nth == 1 ? 1 : std::min<int64_t>(ngroups, std::max<int64_t>(1, (4 * nth + nrb - 1) / nrb));
+  const int64_t RBB = std::max<int64_t>(1, std::min<int64_t>(8, nrb / (2 * nth)));
+  const int64_t n_blk = (nrb + RBB - 1) / RBB;
   float* ypart = scratch(yp_v, static_cast<size_t>(S * T * nrb * RB));
   float* ts = scratch(ts_v, static_cast<size_t>(T));
   const int64_t n_tab = perm ? 0 : T * Mb * nsub;
@@ -667,7 +726,7 @@ static void run_scan(bool perm, const at::Tensor& x2, at::Tensor& y, const at::T
   const float* cbT = perm ? nullptr : tables.data_ptr<float>();
   if (!perm) {
     // Token scale: a bound on |entry| from the per-coordinate maxima of |codebook|, so that the
-    // largest possible entry maps to 2^15 < fp16 max (fp16 keeps 11 significant bits per entry).
+    // largest possible entry maps to LUT_MAX (fp16 keeps 11 significant bits per entry).
     for (int64_t t = 0; t < T; ++t) {
       float* xt = xbuf + t * stride;
       float bound = 0.f;
@@ -679,7 +738,7 @@ static void run_scan(bool perm, const at::Tensor& x2, at::Tensor& y, const at::T
           bound = std::max(bound, b);
         }
       }
-      const float sc = (bound > 0.f && std::isfinite(bound)) ? bound / 32768.0f : 1.0f;
+      const float sc = (bound > 0.f && std::isfinite(bound)) ? bound / LUT_MAX : 1.0f;
       const float inv = 1.0f / sc;
       for (int64_t i = 0; i < nsub * d; ++i) xt[i] *= inv;
       ts[t] = sc;
@@ -691,7 +750,7 @@ static void run_scan(bool perm, const at::Tensor& x2, at::Tensor& y, const at::T
   if (mt[M_POISON]) std::fill(ypart, ypart + S * T * nrb * RB, std::numeric_limits<float>::quiet_NaN());
   ScanArgs a{codes.data_ptr<uint8_t>(), perm ? tables.data_ptr<uint8_t>() : lut, xbuf, ts,
              ng ? scales.data_ptr<c10::Half>() : nullptr, ypart, T, Mb, d, nsub, mt[M_GS], ng, nrb, S, stride};
-  const int64_t n_items = nrb * S;
+  const int64_t n_items = n_blk * S;
   float* yf = y.scalar_type() == at::kFloat ? y.data_ptr<float>() : nullptr;
   const c10::Half* bp = bias.defined() && bias.numel() ? bias.data_ptr<c10::Half>() : nullptr;
   float* yfin = yf ? yf : scratch(yfin_v, static_cast<size_t>(T * out));
@@ -699,7 +758,7 @@ static void run_scan(bool perm, const at::Tensor& x2, at::Tensor& y, const at::T
              : d == 8 ? &lut_build_one<8> : &lut_build_one<0>;
   const ScanFn full = pick_scan(perm, kp, 4, d);
   const ScanFn tail = pick_scan(perm, kp, static_cast<int>(T % 4), d);
-#pragma omp parallel num_threads(nth)
+#pragma omp parallel num_threads(nth) if (nth > 1)
   {
     if (!perm) {
 #pragma omp for schedule(static)
@@ -710,8 +769,8 @@ static void run_scan(bool perm, const at::Tensor& x2, at::Tensor& y, const at::T
     }
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < n_items; ++it) {
-      const int64_t rb = it / S, s = it % S;
-      for (int64_t t0 = 0; t0 < T; t0 += 4) (T - t0 >= 4 ? full : tail)(a, t0, rb, s);
+      const int64_t rb0 = (it / S) * RBB, rb1 = std::min(nrb, rb0 + RBB), s = it % S;
+      for (int64_t t0 = 0; t0 < T; t0 += 4) (T - t0 >= 4 ? full : tail)(a, t0, rb0, rb1, s);
     }
 #pragma omp for schedule(static)
     for (int64_t e = 0; e < T * out; ++e) {
@@ -722,10 +781,7 @@ static void run_scan(bool perm, const at::Tensor& x2, at::Tensor& y, const at::T
       yfin[e] = v;
     }
   }
-  if (!yf) {
-    at::Tensor src = at::from_blob(yfin, {T, out}, at::TensorOptions().dtype(at::kFloat));
-    y.copy_(src.view(y.sizes()));
-  }
+  if (!yf) store_outputs(y, T, out, yfin, at::Tensor());  // bias already added
 }
 #endif
 
@@ -761,6 +817,16 @@ static void dequant_row(const int32_t* const* idx, const float* const* cb, const
           _mm512_storeu_ps(dst + 2 * j, _mm512_mul_ps(w0, sv));
           _mm512_storeu_ps(dst + 2 * j + 16, _mm512_mul_ps(w1, sv));
         }
+      }
+    }
+    if (isa >= AVX512) {  // any d: one masked load per codebook and one masked store per sub-vector
+      const __mmask16 km = static_cast<__mmask16>((1u << d) - 1u);
+      const __m512 sv = _mm512_set1_ps(s);
+      for (; j < je; ++j) {
+        __m512 w = _mm512_setzero_ps();
+        for (int64_t m = 0; m < Mb; ++m)
+          w = _mm512_add_ps(w, _mm512_maskz_loadu_ps(km, cb[m] + static_cast<int64_t>(idx[m][j]) * dp));
+        _mm512_mask_storeu_ps(dst + j * d, km, _mm512_mul_ps(w, sv));
       }
     }
 #endif
@@ -801,10 +867,11 @@ static void run_tiled(const at::Tensor& x2, at::Tensor& y, const at::Tensor& cod
   const c10::Half* sp = ng ? scales.data_ptr<c10::Half>() : nullptr;
   const at::Tensor xT = xr.t();
   float* tp = tile.data_ptr<float>();
-  const int nth = n_threads();
+  const int nth = n_threads(2.5 * static_cast<double>(R) * nsub * Mb);
+  (void)nth;  // unused when built without OpenMP
   for (int64_t o0 = 0; o0 < out; o0 += R) {
     const int64_t n = std::min(R, out - o0);
-#pragma omp parallel num_threads(nth)
+#pragma omp parallel num_threads(nth) if (nth > 1)
     {
       std::vector<int32_t> idx_v(static_cast<size_t>(Mb * (nsub + 16)));
       std::vector<const int32_t*> idx_p(Mb);

@@ -48,6 +48,8 @@ def cmd_quantize_stream(args) -> int:
     try:
         r = quantize_checkpoint(args.model, args.output, config, device=args.device, workers=args.workers,
                                 max_memory=args.max_memory, max_shard_size=args.max_shard_size,
+                                target_bits=getattr(args, "bits", None),
+                                target_fraction=getattr(args, "target_size", None),
                                 overwrite=args.overwrite, restart=args.restart, progress=not args.quiet)
     except DiskFullError as e:
         print(f"fasq: error: {e.strerror}", file=sys.stderr)

@@ -36,6 +36,7 @@ COMPANION_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.jso
 # Measured 28-51 B/weight at d=2 and 25-39 at d=4 on 4M-17M-weight matrices; see docs/streaming.md.
 CPU_BYTES_PER_WEIGHT = 32.0
 CPU_CODE_BYTES = 36.0  # ... plus this much per weight, per codebook, divided by subvector_dim
+EQUALIZE_BYTES_PER_WEIGHT = 16  # balance_mlp: fp32 copies of gate and up, then of both times the gain
 
 
 def planned_spec(out_features: int, in_features: int, config: FASQConfig, has_bias: bool) -> LayerSpec:
@@ -155,14 +156,17 @@ class Output:
 @dataclass
 class Unit:
     """One piece of work, committed as a whole: a quantized linear (reads its weight and bias, writes the
-    PQ buffers) or one unquantized tensor (copied in chunks, fp32 stored as fp16)."""
+    PQ buffers), one unquantized tensor (copied in chunks, fp32 stored as fp16), or -- before those, when
+    the config equalizes -- one decoder block run through :func:`fasq.fit.equalize.equalize`, whose changed
+    tensors go to a scratch file that the other units then read instead of the checkpoint."""
 
     name: str
-    kind: str                        # "quantize" | "copy"
-    sources: tuple[TensorEntry, ...]  # quantize: (weight,) or (weight, bias); copy: (tensor,)
+    kind: str                        # "quantize" | "copy" | "equalize"
+    sources: tuple[TensorEntry, ...]  # quantize: (weight,) or (weight, bias); copy: (tensor,); equalize: the block's
     outputs: tuple[Output, ...]
     spec: LayerSpec | None = None
     config: FASQConfig | None = None
+    module: object = None            # equalize: the block's module on the meta device
 
     @property
     def numel(self) -> int:
@@ -178,6 +182,8 @@ class Unit:
 
     def memory_estimate(self, device_type: str) -> int:
         """Bytes of host memory this unit holds at its peak (used to admit units under --max-memory)."""
+        if self.kind == "equalize":  # the block, plus a few fp32 copies of its largest matrix while balancing
+            return self.source_bytes + EQUALIZE_BYTES_PER_WEIGHT * max(s.numel for s in self.sources) + (16 << 20)
         if self.kind == "copy":
             return 3 * min(self.source_bytes, COPY_CHUNK_BYTES)
         if device_type != "cpu":  # k-means runs on the accelerator; the host holds the weight and results
@@ -191,7 +197,7 @@ class Unit:
         if self.kind == "quantize":
             over = {k: v for k, v in self.config.to_dict().items() if base.to_dict().get(k) != v}
             d.update(spec=self.spec.to_dict(), config_overrides=over)
-        else:
+        elif self.kind == "copy":
             d["stored_dtype"] = self.outputs[0].dtype
         return d
 
@@ -211,6 +217,13 @@ class Plan:
     units: list[Unit]
     files: list[FileLayout]
     fingerprint: dict = field(default_factory=dict)
+    allocation: dict | None = None   # target_bits / target_fraction, as fasq.model.attach_config records it
+    prep_units: list[Unit] = field(default_factory=list)  # equalize units, run before ``units``
+
+    @property
+    def scratch_bytes_max(self) -> int:
+        """Disk the equalized tensors may need at most (only the tensors equalize changes are written)."""
+        return sum(u.source_bytes for u in self.prep_units)
 
     @property
     def weight_map(self) -> dict[str, str]:
@@ -224,12 +237,15 @@ class Plan:
         qc = self.config.to_dict()
         qc["format_version"] = FORMAT_VERSION
         qc["modules"] = {u.name: u.spec.to_dict() for u in self.units if u.kind == "quantize"}
+        if self.allocation:
+            qc["allocation"] = self.allocation
         return qc
 
     def identity(self) -> dict:
         """What a resumed run must share with the run that started the partial output."""
         return {"fasq_version": __version__, "format_version": FORMAT_VERSION, "config": self.config.to_dict(),
                 "layer_configs": {k: v.to_dict() for k, v in sorted(self.layer_configs.items())},
+                "allocation": self.allocation,
                 "source": self.fingerprint,
                 "files": {f.file: {"bytes": f.size, "header_sha256": hashlib.sha256(f.header).hexdigest()}
                           for f in self.files}}
@@ -253,16 +269,13 @@ class Plan:
 
 
 def build_plan(source: Source, config: FASQConfig, layer_configs: dict[str, FASQConfig] | None = None,
-               max_shard_bytes: int = 5 << 30) -> Plan:
-    """Units in the model's state_dict order, and output files of at most ``max_shard_bytes`` each."""
+               max_shard_bytes: int = 5 << 30, target_bits: float | None = None,
+               target_fraction: float | None = None) -> Plan:
+    """Units in the model's state_dict order, and output files of at most ``max_shard_bytes`` each.
+    ``target_bits`` / ``target_fraction`` choose per-layer settings as :func:`fasq.quantize` does."""
     from ..model import quantizable_linears, replace_with_pq
 
     layer_configs = dict(layer_configs or {})
-    for cfg in (config, *layer_configs.values()):
-        if getattr(cfg, "equalize", "none") != "none":
-            raise ValueError(f"equalize={cfg.equalize!r} rescales several tensors of a block together; streaming "
-                             "quantizes tensor by tensor and does not support it yet (use the in-memory path: "
-                             "fasq quantize --in-memory)")
     model = build_skeleton(source)
     arch = type(model).__name__
     groups: dict[int, list[str]] = {}
@@ -281,6 +294,14 @@ def build_plan(source: Source, config: FASQConfig, layer_configs: dict[str, FASQ
     if not targets:
         raise CheckpointError(f"{source.path}: {arch} has no nn.Linear layers to quantize "
                               f"(all skipped by skip_modules={config.skip_modules}?)")
+    allocation = None
+    if target_bits is not None or target_fraction is not None:  # as in fasq.model.quantize
+        from ..fit.allocate import plan as allocate, target_bits_for_fraction
+        if target_bits is not None and target_fraction is not None:
+            raise ValueError("give target_bits or target_fraction, not both")
+        bits = target_bits if target_bits is not None else target_bits_for_fraction(model, targets, target_fraction)
+        layer_configs = {**allocate(targets, config, bits), **layer_configs}
+        allocation = {"target_bits": target_bits, "target_fraction": target_fraction, "planned_bits": bits}
     unknown = sorted(set(layer_configs) - {n for n, _ in targets})
     if unknown:
         raise ValueError(f"layer_configs names modules that are not quantized linears of {arch}: {unknown[:5]}")
@@ -299,6 +320,7 @@ def build_plan(source: Source, config: FASQConfig, layer_configs: dict[str, FASQ
         specs[name] = spec
         units.append(Unit(name, "quantize", tuple(srcs), outs, spec, cfg))
     by_module = {u.name: u for u in units}
+    prep = _equalize_units(model, config, entry_for)  # before the swap: equalize works on nn.Linear
     replace_with_pq(model, specs, device="meta")
     ordered: list[Unit] = []
     stored_groups: set[tuple] = set()
@@ -315,13 +337,32 @@ def build_plan(source: Source, config: FASQConfig, layer_configs: dict[str, FASQ
         ent = entry_for(key, "an unquantized tensor")
         _check_source(source, ent, tuple(t.shape), FLOAT_DTYPES + INT_DTYPES)
         ordered.append(Unit(key, "copy", (ent,), (Output(key, STORED_DTYPE.get(ent.dtype, ent.dtype), ent.shape),)))
-    used = {s.name for u in ordered for s in u.sources}
+    used = {s.name for u in ordered + prep for s in u.sources}
     unused = sorted(set(entries) - used)
     if unused:
         log.warning("%s: ignoring %d checkpoint tensor(s) that %s does not use, e.g. %s",
                     source.path, len(unused), arch, unused[:3])
-    plan = Plan(source, config, layer_configs, ordered, _layout(ordered, max_shard_bytes), source.fingerprint())
-    return plan
+    return Plan(source, config, layer_configs, ordered, _layout(ordered, max_shard_bytes), source.fingerprint(),
+                allocation, prep)
+
+
+def _equalize_units(model, config: FASQConfig, entry_for) -> list[Unit]:
+    """One unit per decoder block that :func:`fasq.fit.equalize.equalize` transforms (as fasq.quantize
+    does, the global config's ``equalize`` applies); none when it is "none"."""
+    mode = getattr(config, "equalize", "none")
+    if mode == "none":
+        return []
+    from ..fit.equalize import MODES, _blocks
+
+    if mode not in MODES:
+        raise ValueError(f"equalize={mode!r}: allowed are {MODES}")
+    names = {id(m): n for n, m in model.named_modules()}
+    out = []
+    for blk in _blocks(model):
+        prefix = names[id(blk)]
+        srcs = tuple(entry_for(f"{prefix}.{k}", "a tensor of a decoder block") for k in blk.state_dict())
+        out.append(Unit(f"equalize:{prefix}", "equalize", srcs, (), module=copy.deepcopy(blk)))
+    return out
 
 
 def _check_source(source: Source, ent: TensorEntry, shape: tuple, dtypes: tuple[str, ...]) -> None:

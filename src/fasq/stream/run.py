@@ -17,7 +17,9 @@ renamed to ``<out>`` in one step; then ``<out>.partial`` is removed.
 """
 from __future__ import annotations
 
+import copy
 import ctypes
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -34,10 +36,11 @@ from tqdm.auto import tqdm
 
 from .. import io
 from ..config import FASQConfig
+from ..format import FORMAT_VERSION
 from ..fit.pq import NonFiniteWeightError, quantize_weight
 from .plan import COMPANION_PATTERNS, INDEX_NAME, Plan, Unit, build_plan, open_source
-from .safetensors_io import (DTYPES, CheckpointError, FileWriter, hash_file_and_ranges, hash_ranges, iter_chunks,
-                             read_tensor, tensor_bytes)
+from .safetensors_io import (DTYPES, CheckpointError, FileWriter, TensorEntry, hash_file_and_ranges, hash_ranges,
+                             iter_chunks, read_header, read_tensor, tensor_bytes)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,7 @@ PLAN_NAME = "plan.json"
 JOURNAL_NAME = "journal.jsonl"
 LOCK_NAME = ".lock"
 DATA_DIR = "output"
+SCRATCH_DIR = "scratch"
 MANIFEST_SCHEMA = 2  # 1: io.save's {"files"}; 2 adds "tensors", "units", "stream" (readers ignore extras)
 
 
@@ -72,6 +76,14 @@ def parse_size(s) -> int:
     if value <= 0:
         raise ValueError(f"size {s!r} must be positive")
     return int(value)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return ""
 
 
 def default_memory_budget() -> int:
@@ -140,8 +152,10 @@ class Workspace:
         self.root = root
         self.data = root / DATA_DIR
         self.plan = plan
+        self.scratch = root / SCRATCH_DIR
         self.writers: dict[str, FileWriter] = {}
         self.done: dict[str, dict] = {}
+        self.overrides: dict[str, TensorEntry] = {}  # checkpoint tensor -> its equalized copy in scratch/
         self.resumed = 0
         self._lock_fd: int | None = None
         self._journal = None
@@ -149,26 +163,27 @@ class Workspace:
     @classmethod
     def open(cls, root: Path, plan: Plan, *, restart: bool = False) -> "Workspace":
         ws = cls(root, plan)
-        if root.exists() and restart:
-            ws._lock()
-            shutil.rmtree(root)
-            ws._unlock()
-        fresh = not (root / PLAN_NAME).is_file()
-        if fresh:
-            need = sum(f.size for f in plan.files)
-            free = shutil.disk_usage(root.parent if root.parent.exists() else Path.cwd()).free
-            if need > free:
-                raise DiskFullError(errno.ENOSPC, f"not enough disk space for the output: it needs {need / 2**30:.2f} "
-                                    f"GiB, {root.parent} has {free / 2**30:.2f} GiB free; nothing was written")
-            if root.exists():
-                shutil.rmtree(root)  # an unfinished start (no plan yet): nothing to resume
+        if restart or not (root / PLAN_NAME).is_file():
+            need = sum(f.size for f in plan.files) + plan.scratch_bytes_max
+            free = shutil.disk_usage(root.parent).free
+            if need > free:  # checked before anything is created
+                raise DiskFullError(errno.ENOSPC, f"not enough disk space for the output: it needs "
+                                    f"{human_bytes(need)}, {root.parent} has {human_bytes(free)} free; "
+                                    "nothing was written")
         root.mkdir(parents=True, exist_ok=True)
-        ws._lock()
+        fresh = True
         try:
+            ws._lock()
+            fresh = restart or not (root / PLAN_NAME).is_file()
+            if fresh:  # new, restarted, or a start that died before its plan was written: nothing to keep
+                for p in root.iterdir():
+                    if p.name != LOCK_NAME:
+                        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
             ws.data.mkdir(exist_ok=True)
+            ws.scratch.mkdir(exist_ok=True)
             if fresh:
-                _write_atomic(root / PLAN_NAME, json.dumps({"identity": plan.identity(), "units_total": len(plan.units)},
-                                                         indent=1))
+                plan_json = {"identity": plan.identity(), "units_total": len(plan.prep_units) + len(plan.units)}
+                _write_atomic(root / PLAN_NAME, json.dumps(plan_json, indent=1))
             else:
                 old = json.loads((root / PLAN_NAME).read_text()).get("identity", {})
                 diffs = _diff(old, plan.identity())
@@ -182,22 +197,18 @@ class Workspace:
             if not fresh:
                 ws._verify_journal()
             ws._journal = open(root / JOURNAL_NAME, "a")
-        except OSError as e:
+        except BaseException as e:
+            held = ws._lock_fd is not None
             ws.close()
-            if e.errno == errno.ENOSPC:
-                if fresh:
-                    shutil.rmtree(root, ignore_errors=True)
-                raise DiskFullError(errno.ENOSPC, f"disk full while creating {root}: {e}") from None
-            raise
-        except BaseException:
-            ws.close()
+            if fresh and held:
+                shutil.rmtree(root, ignore_errors=True)
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                raise DiskFullError(errno.ENOSPC, f"disk full while creating {root}: {e}; nothing was kept") from None
             raise
         return ws
 
     def _lock(self) -> None:
         lock = self.root / LOCK_NAME
-        if not self.root.exists():
-            return
         self._lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -213,16 +224,22 @@ class Workspace:
 
     def _verify_journal(self) -> None:
         """Keep the journaled units whose bytes still hash to their record; rewrite the journal with them."""
-        units = {u.name: u for u in self.plan.units}
+        units = {u.name: u for u in self.plan.prep_units + self.plan.units}
         good = []
         for rec in read_journal(self.root / JOURNAL_NAME):
             u = units.get(rec["unit"])
-            if u is None or set(rec["outputs"]) != {o.name for o in u.outputs} or rec["unit"] in self.done:
+            if u is None or rec["unit"] in self.done:
                 continue
-            layout = self.plan.file_of(u)
-            names = sorted(rec["outputs"])
-            got = hash_ranges(self.data / layout.file, [(layout.entries[n].begin, layout.entries[n].end) for n in names])
-            if got != [rec["outputs"][n] for n in names]:
+            if u.kind == "equalize":
+                entries = self._scratch_entries(rec)
+                if entries is None or set(entries) != set(rec["outputs"]):
+                    continue
+            else:
+                if set(rec["outputs"]) != {o.name for o in u.outputs}:
+                    continue
+                entries = self.plan.file_of(u).entries
+            if any(rec["outputs"][n] != hash_ranges(self.data / e.file, [(e.begin, e.end)])[0]
+                   for n, e in ((n, entries[n]) for n in rec["outputs"])):
                 log.warning("%s: the stored tensors of %s fail their checksum; redoing it", self.root, u.name)
                 continue
             self.done[u.name] = rec
@@ -231,16 +248,37 @@ class Workspace:
         _write_atomic(self.root / JOURNAL_NAME, "".join(json.dumps(r) + "\n" for r in good))
         log.info("%s: resuming, %d of %d units already done and whole", self.root, len(good), len(self.plan.units))
 
+    def _scratch_entries(self, rec: dict) -> dict[str, TensorEntry] | None:
+        """The tensors of an equalize unit's scratch file (file names made absolute), or None if unreadable."""
+        if rec.get("file") is None:
+            return {}
+        path = self.root / rec["file"]
+        try:
+            entries = read_header(path)[0]
+        except CheckpointError:
+            return None
+        return {n: dataclasses.replace(e, file=str(path)) for n, e in entries.items()}
+
+    def load_overrides(self) -> None:
+        """After the equalize units: read each changed tensor from scratch/ instead of the checkpoint."""
+        for u in self.plan.prep_units:
+            self.overrides.update(self._scratch_entries(self.done[u.name]) or {})
+
+    def _read(self, entry: TensorEntry) -> torch.Tensor:
+        return read_tensor(self.plan.source.path, self.overrides.get(entry.name, entry))
+
     # ------------------------------------------------------------------------------------------
     def run_unit(self, u: Unit, device: torch.device) -> dict:
         """Compute one unit and write its tensors (thread-safe; returns the journal record)."""
         t0 = time.perf_counter()
+        if u.kind == "equalize":
+            return {**self._run_equalize(u), "seconds": round(time.perf_counter() - t0, 3)}
         w = self.writers[self.plan.file_of(u).file]
         hashes = {}
         src = self.plan.source.path
         if u.kind == "quantize":
-            weight = read_tensor(src, u.sources[0])
-            bias = read_tensor(src, u.sources[1]) if len(u.sources) > 1 else None
+            weight = self._read(u.sources[0])
+            bias = self._read(u.sources[1]) if len(u.sources) > 1 else None
             spec, tensors = quantize_weight(weight, u.config, u.name, bias=bias, device=device)
             del weight, bias
             if spec != u.spec:
@@ -253,7 +291,7 @@ class Workspace:
             ent = w.layout.entries[out.name]
             h = hashlib.sha256()
             pos = ent.begin
-            for chunk in iter_chunks(src, u.sources[0]):
+            for chunk in iter_chunks(src, self.overrides.get(u.sources[0].name, u.sources[0])):
                 if out.dtype != u.sources[0].dtype:
                     chunk = chunk.to(DTYPES[out.dtype])
                 data = tensor_bytes(chunk)
@@ -265,6 +303,46 @@ class Workspace:
             hashes[out.name] = h.hexdigest()
         w.sync()
         return {"unit": u.name, "file": w.layout.file, "outputs": hashes, "seconds": round(time.perf_counter() - t0, 3)}
+
+    def _run_equalize(self, u: Unit) -> dict:
+        """Load one decoder block in its stored dtype, run fasq.fit.equalize.equalize on it exactly as
+        fasq.quantize runs it on the whole model (the transforms act block by block), and write the tensors
+        it changed to scratch/<block>.safetensors (atomically)."""
+        from safetensors.torch import save_file
+
+        from ..fit.equalize import equalize
+
+        prefix = u.name.split(":", 1)[1]
+        blk = copy.deepcopy(u.module)
+        before = {}
+        for local, e in zip(list(blk.state_dict()), u.sources):
+            t = read_tensor(self.plan.source.path, e)
+            before[local] = hashlib.sha256(tensor_bytes(t)).hexdigest()
+            mod_name, _, leaf = local.rpartition(".")
+            mod = blk.get_submodule(mod_name) if mod_name else blk
+            if leaf in mod._parameters:
+                mod._parameters[leaf] = torch.nn.Parameter(t, requires_grad=False)
+            else:
+                mod._buffers[leaf] = t
+        holder = torch.nn.Module()
+        holder.block = blk
+        holder.config = self.plan.source.hf_config
+        equalize(holder, self.plan.config.equalize)
+        changed, hashes = {}, {}
+        for local, t in blk.state_dict().items():
+            h = hashlib.sha256(tensor_bytes(t)).hexdigest()
+            if local in before and h != before[local]:
+                changed[f"{prefix}.{local}"] = t.detach().contiguous()
+                hashes[f"{prefix}.{local}"] = h
+        rel = None
+        if changed:
+            rel = f"{SCRATCH_DIR}/{prefix}.safetensors"
+            tmp = self.root / (rel + ".tmp")
+            save_file(changed, str(tmp))
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, self.root / rel)
+        return {"unit": u.name, "file": rel, "outputs": hashes}
 
     def commit(self, rec: dict) -> None:
         """Record a finished unit (its data is already synced)."""
@@ -316,7 +394,8 @@ class Workspace:
         files, tensors = {}, {}
         for f in plan.files:
             names = list(f.entries)
-            whole, per = hash_file_and_ranges(self.data / f.file, [(f.entries[n].begin, f.entries[n].end) for n in names])
+            ranges = [(f.entries[n].begin, f.entries[n].end) for n in names]
+            whole, per = hash_file_and_ranges(self.data / f.file, ranges)
             files[f.file] = {"sha256": whole, "bytes": f.size}
             for n, h in zip(names, per):
                 e = f.entries[n]
@@ -332,7 +411,10 @@ class Workspace:
                                  "bytes": (self.data / INDEX_NAME).stat().st_size}
         units = {u.name: {**u.describe(plan.config), "outputs": [o.name for o in u.outputs],
                           "seconds": self.done[u.name].get("seconds")} for u in plan.units}
-        return {"fasq_version": io._fasq_version(), "format_version": plan.quantization_config()["format_version"],
+        for u in plan.prep_units:  # what equalize changed (then read from scratch/ instead of the checkpoint)
+            units[u.name] = {**u.describe(plan.config), "changed": sorted(self.done[u.name]["outputs"]),
+                             "seconds": self.done[u.name].get("seconds")}
+        return {"fasq_version": io._fasq_version(), "format_version": FORMAT_VERSION,
                 "schema": MANIFEST_SCHEMA, "files": files, "tensors": tensors, "units": units,
                 "stream": plan.identity()}
 
@@ -353,14 +435,16 @@ class Workspace:
 # ----------------------------------------------------------------------------------------------
 def quantize_checkpoint(source, output, config: FASQConfig | None = None, *,
                         layer_configs: dict[str, FASQConfig] | None = None, device=None, workers: int | None = None,
-                        max_memory=None, max_shard_size="5GB", overwrite: bool = False, restart: bool = False,
+                        max_memory=None, max_shard_size="5GB", target_bits: float | None = None,
+                        target_fraction: float | None = None, overwrite: bool = False, restart: bool = False,
                         progress: bool = True) -> dict:
     """Quantize the Hugging Face checkpoint directory ``source`` into the fasq directory ``output``, tensor by
     tensor, never holding the model in memory.  Resumes an interrupted run of the same command.
 
     ``max_memory`` (bytes or "4GiB"; default half the available memory) bounds the estimated working memory
-    of the tensors in flight; ``workers`` (default: all cores, 2 on a GPU) run units in parallel.  The result
-    is bit-identical to ``fasq.quantize`` of the model loaded in its stored dtype, then ``fasq.save``.
+    of the tensors in flight; ``workers`` (default: all cores, 2 on a GPU) run units in parallel.
+    ``layer_configs``, ``target_bits`` and ``target_fraction`` mean what they mean to ``fasq.quantize``.
+    The result is bit-identical to ``fasq.quantize`` of the model loaded in its stored dtype, then ``fasq.save``.
     Returns a summary (sizes, seconds, units done now and before).
     """
     t0 = time.perf_counter()
@@ -376,11 +460,16 @@ def quantize_checkpoint(source, output, config: FASQConfig | None = None, *,
         raise ValueError(f"device={device!r}: no CUDA GPU is available here")
     budget = parse_size(max_memory) if max_memory is not None else default_memory_budget()
     workers = int(workers or ((os.cpu_count() or 1) if dev.type == "cpu" else 2))
-    plan = build_plan(open_source(source), config, layer_configs, parse_size(max_shard_size))
+    plan = build_plan(open_source(source), config, layer_configs, parse_size(max_shard_size), target_bits,
+                      target_fraction)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Workspace.open(work_root, plan, restart=restart)
+    prep = [u for u in plan.prep_units if u.name not in work.done]
     todo = [u for u in plan.units if u.name not in work.done]
     try:
+        if prep:
+            _run_units(work, prep, dev, workers, budget, progress, desc="equalize")
+        work.load_overrides()
         _run_units(work, todo, dev, workers, budget, progress)
         manifest = work.finish(out, overwrite=overwrite)
     except (CheckpointError, NonFiniteWeightError, DiskFullError):
@@ -391,21 +480,24 @@ def quantize_checkpoint(source, output, config: FASQConfig | None = None, *,
             work.close()
             raise
         work.discard()
+        need = human_bytes(sum(f.size for f in plan.files))
         raise DiskFullError(errno.ENOSPC, f"disk full while writing {work_root} ({e}); the partial output was "
-                            f"removed: free at least {sum(f.size for f in plan.files) / 2**30:.2f} GiB and rerun") from None
+                            f"removed: it needs {need} plus the config and tokenizer files; free some space and "
+                            "rerun") from None
     except BaseException:
         work.close()  # kept: rerun the same command to resume
         raise
     work.close()
     shutil.rmtree(work_root, ignore_errors=True)
     secs = {u: m["seconds"] for u, m in manifest["units"].items()}
-    return {"output": str(out), "units": len(plan.units), "units_resumed": work.resumed, "units_run": len(todo),
+    return {"output": str(out), "units": len(plan.prep_units) + len(plan.units), "units_resumed": work.resumed,
+            "units_run": len(prep) + len(todo), "blocks_equalized": len(plan.prep_units),
             "files": list(manifest["files"]), "seconds": time.perf_counter() - t0, "unit_seconds": secs,
             "workers": workers, "max_memory": budget, **plan.size_report()}
 
 
 def _run_units(work: Workspace, todo: list[Unit], dev: torch.device, workers: int, budget: int,
-               progress: bool) -> None:
+               progress: bool, desc: str = "quantize") -> None:
     """Run units on a thread pool, admitting one only while the estimated memory of those in flight stays
     within ``budget`` (the first unit that fits, in plan order; a unit larger than the budget runs alone)."""
     from ..model import single_threaded
@@ -415,8 +507,9 @@ def _run_units(work: Workspace, todo: list[Unit], dev: torch.device, workers: in
     inflight: dict = {}
     used = 0
     warned = False
-    total = len(work.plan.units)
-    bar = tqdm(total=total, initial=total - len(todo), desc="quantize", unit="tensor", disable=not progress)
+    total = len(work.plan.prep_units if desc == "equalize" else work.plan.units)
+    bar = tqdm(total=total, initial=total - len(todo), desc=desc, unit="block" if desc == "equalize" else "tensor",
+               disable=not progress)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fasq-stream")
     try:
         # Each worker single-threaded (like fasq.quantize): same results as in memory, no OpenMP oversubscription.
@@ -430,9 +523,8 @@ def _run_units(work: Workspace, todo: list[Unit], dev: torch.device, workers: in
                         i = 0
                         if not warned:
                             warned = True
-                            log.warning("%s needs about %.2f GiB, more than max_memory=%.2f GiB; running such "
-                                        "tensors alone", 
-                                        pending[0].name, est[pending[0].name] / 2**30, budget / 2**30)
+                            log.warning("%s needs about %s, more than max_memory=%s; running such tensors alone",
+                                        pending[0].name, human_bytes(est[pending[0].name]), human_bytes(budget))
                     u = pending.pop(i)
                     used += est[u.name]
                     inflight[pool.submit(work.run_unit, u, dev)] = u

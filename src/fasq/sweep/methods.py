@@ -1,0 +1,345 @@
+"""Each method behind one small adapter: quantize the model with the method's own library and return
+the quantized model, its quantized layers (in the library's classes) and the library's dequantizer.
+
+Adapters run inside a worker process (see worker.py), one method per process, so that the peak RSS
+they report is theirs alone.  RTN is implemented here (the floor); every other baseline calls its
+real library.  GPTQ and AWQ artifacts are cached on disk (slow to make, keyed by library version,
+settings and calibration); every other method quantizes afresh each run.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..format import pack_codes, packed_words, unpack_codes
+from .points import Point, fasq_config
+from .texts import Calibration
+
+log = logging.getLogger(__name__)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def version_of(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+@dataclass
+class Context:
+    model_path: str
+    tokenizer: Any
+    calibration: Calibration
+    artifacts: Path            # where GPTQ / AWQ outputs are cached
+    threads: int = 2
+    progress: bool = True
+
+
+@dataclass
+class Quantized:
+    model: nn.Module
+    modules: list[tuple[str, nn.Module]]               # quantized layers, in the library's own classes
+    dequantize: Callable[[nn.Module], torch.Tensor]    # module -> weight [out, in] decoded by the library
+    library: str
+    version: str
+    config: dict
+    quantize_seconds: float
+    peak_rss_mb: float                                 # process peak at the end of quantization
+    calibration: dict | None = None
+    from_cache: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def load_original(model_path: str, dtype=torch.float32) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    return model.eval()
+
+
+def target_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The layers every method quantizes: all linears but the (tied) output head."""
+    return [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and not n.endswith("lm_head")]
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------------
+# fasq
+def run_fasq(point: Point, ctx: Context) -> Quantized:
+    from .. import __version__
+    from ..model import pq_layers, quantize
+
+    config = fasq_config(point.settings)
+    model = load_original(ctx.model_path)
+    _, dt = _timed(lambda: quantize(model, config, progress=ctx.progress))
+    return Quantized(model, pq_layers(model), lambda m: m.dequantize(torch.float32), "fasq", __version__,
+                     config.to_dict(), dt, peak_rss_mb())
+
+
+# ----------------------------------------------------------------------------------------------
+# RTN: the floor, implemented here
+class RTNLinear(nn.Module):
+    """Round-to-nearest, asymmetric min/max per (row, group of ``group_size`` columns).
+
+    Stored: ``codes`` int32 [out, ceil(in*bits/32)] (each row a packed bit stream, as fasq packs its
+    codes), ``scales`` and ``mins`` fp16 [out, ceil(in/group_size)].  w = code * scale + min.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int):
+        super().__init__()
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        groups = -(-in_features // group_size)
+        self.register_buffer("codes", torch.zeros(out_features, packed_words(in_features, bits), dtype=torch.int32))
+        self.register_buffer("scales", torch.zeros(out_features, groups, dtype=torch.float16))
+        self.register_buffer("mins", torch.zeros(out_features, groups, dtype=torch.float16))
+        self.bias = None
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, lin: nn.Linear, bits: int, group_size: int) -> "RTNLinear":
+        out_f, in_f = lin.weight.shape
+        m = cls(in_f, out_f, bits, group_size)
+        w = lin.weight.detach().float()                                   # [out, in]
+        groups = m.scales.shape[1]
+        pad = groups * group_size - in_f
+        wg = torch.nn.functional.pad(w, (0, pad)).view(out_f, groups, group_size)
+        valid = torch.nn.functional.pad(torch.ones(in_f, dtype=torch.bool), (0, pad)).view(groups, group_size)
+        lo = torch.where(valid, wg, torch.inf).amin(-1)                   # [out, G]
+        hi = torch.where(valid, wg, -torch.inf).amax(-1)
+        qmax = 2 ** bits - 1
+        scale = ((hi - lo) / qmax).half()
+        mins = lo.half()
+        s = torch.where(scale > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
+        q = torch.round((wg - mins.float()[..., None]) / s[..., None]).clamp_(0, qmax)
+        q = q.view(out_f, -1)[:, :in_f].to(torch.int64)
+        m.codes.copy_(pack_codes(q, bits))
+        m.scales.copy_(scale)
+        m.mins.copy_(mins)
+        if lin.bias is not None:
+            m.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+        return m
+
+    def dequantize(self) -> torch.Tensor:
+        q = unpack_codes(self.codes, self.bits, self.in_features).float()          # [out, in]
+        col_group = torch.arange(self.in_features) // self.group_size
+        return q * self.scales.float()[:, col_group] + self.mins.float()[:, col_group]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.dequantize().to(x.dtype), self.bias)
+
+
+def run_rtn(point: Point, ctx: Context) -> Quantized:
+    from .. import __version__
+
+    bits, group = int(point.settings["bits"]), int(point.settings.get("group_size", 128))
+    model = load_original(ctx.model_path)
+
+    def go():
+        out = []
+        for name, lin in target_linears(model):
+            q = RTNLinear.from_linear(lin, bits, group)
+            _set_module(model, name, q)
+            out.append((name, q))
+        return out
+
+    modules, dt = _timed(go)
+    return Quantized(model, modules, lambda m: m.dequantize(), "fasq.sweep RTN", __version__,
+                     {"bits": bits, "group_size": group, "scale": "fp16", "zero": "fp16 min"}, dt, peak_rss_mb())
+
+
+# ----------------------------------------------------------------------------------------------
+# HQQ
+def run_hqq(point: Point, ctx: Context) -> Quantized:
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+    from hqq.models.hf.base import AutoHQQHFModel
+
+    s = dict(point.settings)
+    bits, group = int(s.pop("bits")), int(s.pop("group_size", 64))
+    cfg = BaseQuantizeConfig(nbits=bits, group_size=group, **s)
+    model = load_original(ctx.model_path)
+    # fp16 compute dtype: scales and zeros are stored in fp16 (HQQ keeps them in the compute dtype).
+    _, dt = _timed(lambda: AutoHQQHFModel.quantize_model(model, quant_config=cfg, compute_dtype=torch.float16,
+                                                         device="cpu"))
+    modules = [(n, m) for n, m in model.named_modules() if isinstance(m, HQQLinear)]
+    return Quantized(model, modules, lambda m: m.dequantize(), "hqq", version_of("hqq"),
+                     _jsonable(cfg), dt, peak_rss_mb())
+
+
+# ----------------------------------------------------------------------------------------------
+# NF4 (bitsandbytes)
+def run_nf4(point: Point, ctx: Context) -> Quantized:
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    blocksize = int(point.settings.get("blocksize", 64))
+    dq = bool(point.settings.get("double_quant", True))
+    model = load_original(ctx.model_path)
+
+    def go():
+        out = []
+        for name, lin in target_linears(model):
+            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                  compute_dtype=torch.float32, compress_statistics=dq, quant_type="nf4",
+                                  quant_storage=torch.uint8, device="meta")
+            q.weight = bnb.nn.Params4bit(lin.weight.detach().clone(), requires_grad=False, compress_statistics=dq,
+                                         quant_type="nf4", blocksize=blocksize, quant_storage=torch.uint8)
+            if lin.bias is not None:
+                q.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+            q = q.to("cpu")                           # Params4bit quantizes on its move to a device
+            _set_module(model, name, q)
+            out.append((name, q))
+        return out
+
+    modules, dt = _timed(go)
+    return Quantized(model, modules, lambda m: F.dequantize_4bit(m.weight.data, m.weight.quant_state).float(),
+                     "bitsandbytes", version_of("bitsandbytes"),
+                     {"quant_type": "nf4", "blocksize": blocksize, "double_quant": dq, "quant_storage": "uint8"},
+                     dt, peak_rss_mb())
+
+
+# ----------------------------------------------------------------------------------------------
+# GPTQ (gptqmodel) and AWQ (autoawq): calibrated, slow, cached on disk
+def _artifact(ctx: Context, point: Point, library: str, make: Callable[[Path], dict]) -> tuple[Path, dict, bool]:
+    """Directory of a cached quantized model (made by ``make(tmpdir) -> meta`` when missing)."""
+    fingerprint = {"point": point.to_dict(), "library": library, "version": version_of(library),
+                   "calibration": ctx.calibration.to_dict(), "model": _model_fingerprint(ctx.model_path)}
+    h = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
+    out = ctx.artifacts / f"{point.key}-{h}"
+    meta_file = out / "sweep_meta.json"
+    if meta_file.is_file():
+        return out, json.loads(meta_file.read_text()), True
+    ctx.artifacts.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=ctx.artifacts))
+    try:
+        meta = make(tmp)
+        meta["fingerprint"] = fingerprint
+        (tmp / "sweep_meta.json").write_text(json.dumps(meta, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out, meta, False
+
+
+def _model_fingerprint(model_path: str) -> str:
+    """Name, config and weight-file sizes of the source model (enough to tell checkpoints apart)."""
+    import hashlib
+
+    p = Path(model_path)
+    h = hashlib.sha256()
+    for f in sorted(p.glob("*.json")) + sorted(p.glob("*.safetensors")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes() if f.suffix == ".json" else str(f.stat().st_size).encode())
+    return f"{p.name}:{h.hexdigest()[:16]}"
+
+
+def run_gptq(point: Point, ctx: Context) -> Quantized:
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(ctx.threads))
+    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+
+    s = dict(point.settings)
+    s.setdefault("offload_to_disk", False)   # a 135M model fits in memory; skip the per-module disk round trip
+    qc = QuantizeConfig(bits=int(s.pop("bits")), group_size=int(s.pop("group_size", 128)), **s)
+
+    def make(tmp: Path) -> dict:
+        calib = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in ctx.calibration.samples(ctx.tokenizer)]
+        m = GPTQModel.load(ctx.model_path, qc, device="cpu")
+        _, dt = _timed(lambda: m.quantize(calib, batch_size=1, tokenizer=ctx.tokenizer))
+        rss = peak_rss_mb()
+        m.save(str(tmp))
+        return {"quantize_seconds": dt, "peak_rss_mb": rss, "config": _jsonable(m.quantize_config.to_dict())}
+
+    path, meta, cached = _artifact(ctx, point, "gptqmodel", make)
+    # The default CPU kernel needs in_features % group_size == 0 (SmolLM2's 576 is not a multiple of 128).
+    wrapped = GPTQModel.load(str(path), backend=BACKEND.TORCH, device="cpu", dtype=torch.float16)
+    model = wrapped.model.eval()
+    modules = [(n, m) for n, m in model.named_modules() if isinstance(m, BaseQuantLinear)]
+    return Quantized(model, modules, lambda m: m.dequantize_weight().T.float(), "gptqmodel",
+                     version_of("gptqmodel"), meta["config"], meta["quantize_seconds"], meta["peak_rss_mb"],
+                     ctx.calibration.to_dict(), cached,
+                     ["loaded with backend=BACKEND.TORCH"] + (["quantized in an earlier run (cached artifact)"]
+                                                              if cached else []))
+
+
+def run_awq(point: Point, ctx: Context) -> Quantized:
+    from awq import AutoAWQForCausalLM
+    from awq.modules.linear.gemm import WQLinear_GEMM
+    from awq.utils.packing_utils import dequantize_gemm
+
+    bits, group = int(point.settings["bits"]), int(point.settings.get("group_size", 128))
+    quant_config = {"zero_point": True, "q_group_size": group, "w_bit": bits, "version": "GEMM"}
+
+    def make(tmp: Path) -> dict:
+        calib = ctx.calibration.samples(ctx.tokenizer)
+        m = AutoAWQForCausalLM.from_pretrained(ctx.model_path, device_map="cpu", dtype=torch.float32)
+        _, dt = _timed(lambda: m.quantize(ctx.tokenizer, quant_config=quant_config, calib_data=calib,
+                                          max_calib_samples=len(calib), max_calib_seq_len=ctx.calibration.seq_len))
+        rss = peak_rss_mb()
+        m.save_quantized(str(tmp))
+        return {"quantize_seconds": dt, "peak_rss_mb": rss, "config": quant_config}
+
+    path, meta, cached = _artifact(ctx, point, "autoawq", make)
+    # autoawq's loader insists on the ipex kernel on CPU (intel_extension_for_pytorch, not installable with
+    # this torch), and its GEMM module picks Triton whenever Triton imports, which has no CPU backend.  Its
+    # plain-PyTorch path (dequantize_gemm, then matmul) is what we need: load as on a GPU box, run on CPU.
+    import awq.models.base as awq_base
+    import awq.modules.linear.gemm as awq_gemm
+    awq_gemm.TRITON_AVAILABLE = False
+    best_device, awq_base.get_best_device = awq_base.get_best_device, lambda: "cuda:0"
+    try:
+        wrapped = AutoAWQForCausalLM.from_quantized(str(path), fuse_layers=False, device_map={"": "cpu"},
+                                                    torch_dtype=torch.float16)
+    finally:
+        awq_base.get_best_device = best_device
+    model = wrapped.model.eval()
+    modules = [(n, m) for n, m in model.named_modules() if isinstance(m, WQLinear_GEMM)]
+    return Quantized(model, modules,
+                     lambda m: dequantize_gemm(m.qweight, m.qzeros, m.scales, m.w_bit, m.group_size).T.float(),
+                     "autoawq", version_of("autoawq"), meta["config"], meta["quantize_seconds"],
+                     meta["peak_rss_mb"], ctx.calibration.to_dict(), cached,
+                     ["quantized in an earlier run (cached artifact)"] if cached else [])
+
+
+def _jsonable(obj: Any) -> Any:
+    """A config as plain JSON (dtypes and enums as strings)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+ADAPTERS: dict[str, Callable[[Point, Context], Quantized]] = {
+    "fasq": run_fasq, "rtn": run_rtn, "hqq": run_hqq, "nf4": run_nf4, "gptq": run_gptq, "awq": run_awq,
+}

@@ -1,0 +1,138 @@
+"""What a sweep runs: one :class:`Point` per (method, settings), the default grid and baselines.
+
+The default fasq grid and the default baselines are defined here, once.  A point's ``key`` names its
+cached result file, so two points with the same method and settings are the same run.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+# fasq settings are FASQConfig fields on top of FASQConfig's defaults (or of a preset, with "preset").
+# Nominal bits/weight with the default group_size=128 scales: code_bits/d + 16/128 (+ codebooks).
+DEFAULT_FASQ_GRID: tuple[dict[str, Any], ...] = (
+    {"subvector_dim": 1, "codebook_size": 256},    # ~8.1 bits/weight
+    {"subvector_dim": 1, "codebook_size": 64},     # ~6.1
+    {"subvector_dim": 2, "codebook_size": 1024},   # ~5.1
+    {"subvector_dim": 1, "codebook_size": 16},     # ~4.1 (scalar, non-uniform levels)
+    {"subvector_dim": 2, "codebook_size": 256},    # ~4.1
+    {"subvector_dim": 3, "codebook_size": 1024, "group_size": 96},   # ~3.5 (groups: a multiple of d)
+    {"subvector_dim": 2, "codebook_size": 64},     # ~3.1
+    {"subvector_dim": 4, "codebook_size": 256},    # ~2.1
+)
+
+# Baselines through their own libraries (RTN is ours: the floor).  g128 is the standard group size (and
+# what equal-size comparisons need); HQQ also runs at its own default group of 64 (4-bit and 2-bit).  AWQ (autoawq) needs in_features % group == 0, which
+# SmolLM2's 576 fails for 128, so it also runs at 64 (see docs/accuracy.md).
+DEFAULT_BASELINES: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("rtn", {"bits": 4, "group_size": 128}),
+    ("rtn", {"bits": 3, "group_size": 128}),
+    ("gptq", {"bits": 4, "group_size": 128}),
+    ("gptq", {"bits": 3, "group_size": 128}),
+    ("awq", {"bits": 4, "group_size": 128}),
+    ("awq", {"bits": 4, "group_size": 64}),
+    ("hqq", {"bits": 4, "group_size": 128}),
+    ("hqq", {"bits": 3, "group_size": 128}),
+    ("hqq", {"bits": 4, "group_size": 64}),
+    ("hqq", {"bits": 2, "group_size": 64}),
+    ("nf4", {"blocksize": 64, "double_quant": True}),
+)
+
+METHOD_ORDER = ("original", "fasq", "gptq", "awq", "hqq", "nf4", "rtn")
+
+# Short aliases accepted in ``key=value`` fasq settings.
+FASQ_ALIASES = {"d": "subvector_dim", "k": "codebook_size", "K": "codebook_size", "m": "num_codebooks",
+                "M": "num_codebooks", "g": "group_size", "group": "group_size"}
+
+
+@dataclass(frozen=True)
+class Point:
+    """One operating point: a method and its settings (JSON-able)."""
+
+    method: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHOD_ORDER:
+            raise ValueError(f"method={self.method!r} is unknown: allowed are {list(METHOD_ORDER)}")
+
+    @property
+    def key(self) -> str:
+        """File-name-safe id, e.g. ``fasq-codebook_size256-subvector_dim2`` or ``gptq-bits4-group_size128``."""
+        parts = [self.method] + [f"{k}{_slug(v)}" for k, v in sorted(self.settings.items())]
+        return "-".join(parts)
+
+    @property
+    def label(self) -> str:
+        """Short human label for tables and plots."""
+        s = self.settings
+        if self.method == "fasq":
+            extra = {k: v for k, v in s.items() if k not in ("subvector_dim", "codebook_size")}
+            base = f"d={s.get('subvector_dim', '?')} K={s.get('codebook_size', '?')}"
+            return base + ("".join(f" {k}={v}" for k, v in sorted(extra.items())) if extra else "")
+        if self.method == "nf4":
+            return f"blocks of {s.get('blocksize', 64)}" + (", double quant" if s.get("double_quant") else "")
+        if "bits" in s:
+            return f"{s['bits']}-bit g{s.get('group_size', '?')}"
+        return json.dumps(s, sort_keys=True) if s else self.method
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "settings": dict(self.settings), "key": self.key, "label": self.label}
+
+
+def _slug(v: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "_", str(v)).strip("_") or "x"
+
+
+def parse_setting(text: str) -> dict[str, Any]:
+    """A fasq grid entry from ``'{"subvector_dim": 2, "codebook_size": 256}'`` or ``'d=2,K=256'``.
+
+    Values are read as JSON when they parse (numbers, true/false) and as strings otherwise.
+    """
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"fasq setting {text!r}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"fasq setting {text!r}: expected a JSON object")
+        return {FASQ_ALIASES.get(k, k): v for k, v in d.items()}
+    out: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if "=" not in part:
+            raise ValueError(f"fasq setting {text!r}: {part!r} is not key=value (e.g. 'd=2,K=256')")
+        k, v = (s.strip() for s in part.split("=", 1))
+        try:
+            val: Any = json.loads(v)
+        except json.JSONDecodeError:
+            val = v
+        out[FASQ_ALIASES.get(k, k)] = val
+    if not out:
+        raise ValueError(f"fasq setting {text!r} is empty")
+    return out
+
+
+def fasq_config(settings: dict[str, Any]):
+    """The FASQConfig a fasq point stands for (validates the settings)."""
+    from ..config import FASQConfig, preset
+
+    s = dict(settings)
+    name = s.pop("preset", None)
+    return preset(name, **s) if name else FASQConfig(**s)
+
+
+def default_points(methods: tuple[str, ...] | None = None,
+                   fasq_grid: tuple[dict[str, Any], ...] | None = None) -> list[Point]:
+    """The default plan (original, fasq grid, baselines), filtered to ``methods`` when given."""
+    grid = DEFAULT_FASQ_GRID if fasq_grid is None else fasq_grid
+    pts = [Point("original")] + [Point("fasq", dict(s)) for s in grid]
+    pts += [Point(m, dict(s)) for m, s in DEFAULT_BASELINES]
+    if methods:
+        unknown = sorted(set(methods) - set(METHOD_ORDER))
+        if unknown:
+            raise ValueError(f"methods {unknown} are unknown: allowed are {list(METHOD_ORDER)}")
+        pts = [p for p in pts if p.method in methods]
+    return pts

@@ -1,0 +1,81 @@
+"""Where fasq stands, read off the measured rows, and the BENCHMARKS.md section that shows it.
+
+The section lives between ``<!-- accuracy:begin -->`` and ``<!-- accuracy:end -->``; other sections of
+the file are left alone.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .table import METHOD_NAMES, label, render
+
+BEGIN, END = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
+# Budgets of issue 4, with the baselines each is compared against (bits of the baseline's codes).
+BUDGETS = ((4.25, 4), (3.25, 3))
+
+
+def _bits(r: dict):
+    return 4 if r["method"] == "nf4" else r.get("settings", {}).get("bits")
+
+
+def _name(r: dict) -> str:
+    return f"{METHOD_NAMES.get(r['method'], r['method'])} {label(r)}"
+
+
+def standing(doc: dict) -> list[str]:
+    """One line per budget: fasq's best row within it against each baseline row of that many bits."""
+    ok = [r for r in doc["rows"] if r.get("status") == "ok"]
+    lines = []
+    for budget, bits in BUDGETS:
+        fasq = [r for r in ok if r["method"] == "fasq" and r["bits_per_weight"] <= budget + 1e-9]
+        base = [r for r in ok if r["method"] not in ("fasq", "original") and _bits(r) == bits]
+        if not fasq:
+            lines.append(f"- <= {budget} bits/weight: no fasq row within the budget.")
+            continue
+        best = min(fasq, key=lambda r: r["perplexity"])
+        parts = []
+        for b in sorted(base, key=lambda r: r["perplexity"]):
+            d = 100 * (best["perplexity"] / b["perplexity"] - 1)
+            verdict = "fasq better" if d < 0 else "fasq worse"
+            parts.append(f"{_name(b)} ({b['bits_per_weight']:.2f} b/w) {b['perplexity']:.2f}: {verdict} by "
+                         f"{abs(d):.1f}%")
+        beaten = sum(1 for b in base if best["perplexity"] < b["perplexity"])
+        lines.append(f"- <= {budget} bits/weight: best fasq is {label(best)} ({best['bits_per_weight']:.3f} b/w), "
+                     f"perplexity {best['perplexity']:.2f}; it beats {beaten} of {len(base)} {bits}-bit baselines. "
+                     + "; ".join(parts) + ".")
+    return lines
+
+
+def section(docs: dict[str, dict], commands: list[str], base: str = "benchmarks/results/accuracy") -> str:
+    """The BENCHMARKS.md section (between the markers) for the docs of one or more texts."""
+    any_doc = next(iter(docs.values()))
+    m = any_doc.get("machine", {})
+    out = [BEGIN, "## Compression vs accuracy (fasq sweep)", "",
+           f"SmolLM2-135M-Instruct; fasq's grid against GPTQ, AWQ, HQQ, NF4 and RTN, each through its own library, "
+           f"sized and scored the same way (docs/accuracy.md). Machine: {m.get('cpu', '?')}, "
+           f"{m.get('cores', '?')} cores shared with other work; torch {m.get('torch', '?')}, transformers "
+           f"{m.get('transformers', '?')}. Date: {any_doc['date'][:10]}.", "", "Commands:", "", "```bash",
+           *commands, "```", ""]
+    for text, doc in docs.items():
+        name = Path(text).stem
+        out += [f"### {name}", "", "Where fasq stands:", "", *standing(doc), "", render(doc).rstrip(), "",
+                f"![perplexity vs bits/weight on {name}]({base}/{name}/plot.png)", ""]
+    out.append(END)
+    return "\n".join(out) + "\n"
+
+
+def update_markdown(path: str | os.PathLike, text: str, title: str = "# Benchmarks") -> Path:
+    """Replace the section between the markers in ``path`` (append it, or create the file, if missing)."""
+    path = Path(path)
+    old = path.read_text() if path.is_file() else f"{title}\n"
+    if BEGIN in old and END in old:
+        head, rest = old.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1]
+        new = head + text.rstrip("\n") + tail
+    else:
+        new = old.rstrip("\n") + "\n\n" + text
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(new)
+    os.replace(tmp, path)
+    return path
