@@ -138,6 +138,7 @@ def _run_subprocess(point: Point, req: dict, log_path: Path, python: str, timeou
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 raise
+        _trim_log(log_path)
         if all(o.is_file() for o in outs):
             return [json.loads(o.read_text()) for o in outs]
         tail = log_path.read_text(errors="replace")[-1500:] if log_path.is_file() else ""
@@ -147,6 +148,14 @@ def _run_subprocess(point: Point, req: dict, log_path: Path, python: str, timeou
         for f in tmpdir.iterdir():
             f.unlink()
         tmpdir.rmdir()
+
+
+def _trim_log(path: Path, head: int = 4000, tail: int = 20000) -> None:
+    """Keep a worker log small enough to commit: its start and its end (libraries' progress bars
+    can write megabytes)."""
+    text = path.read_text(errors="replace") if path.is_file() else ""
+    if len(text) > head + tail + 100:
+        path.write_text(f"{text[:head]}\n[... {len(text) - head - tail} characters cut ...]\n{text[-tail:]}")
 
 
 def _run_in_process(point: Point, req: dict) -> list[dict]:
