@@ -222,4 +222,5 @@ def test_cli_report_only(swept, settings):
     assert rc == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["key"] for r in rows] == [r["key"] for r in doc["rows"]]   # RTN g32 carried over
+    assert not any("other fasq code" in n for r in rows for n in r.get("notes") or [])   # rows are current
     assert main(["--fasq-grid", "d=3,K=16", "--out", str(out), "-q"]) == 2   # invalid setting: clear error

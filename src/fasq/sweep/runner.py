@@ -76,7 +76,7 @@ def resolve_model_path(model: str) -> str:
     return path
 
 
-def _cached(path: Path, point: Point, eval_key: dict, code_hash: str) -> dict | None:
+def _cached(path: Path, point: Point, eval_key: dict, code_hash: str, report_only: bool = False) -> dict | None:
     if not path.is_file():
         return None
     try:
@@ -85,10 +85,10 @@ def _cached(path: Path, point: Point, eval_key: dict, code_hash: str) -> dict | 
         return None
     if row.get("eval_key") != eval_key or row.get("key") != point.key:
         return None
-    if row.get("status") != "ok" and code_hash is not None:
+    if row.get("status") != "ok" and not report_only:
         return None   # a failure is retried by the next run (shown as it is by report_only)
     if point.method == "fasq" and row.get("fasq_code") != code_hash:
-        if code_hash is not None:
+        if not report_only:
             return None
         row.setdefault("notes", []).append("made by other fasq code than the current checkout")
     return row
@@ -223,8 +223,7 @@ def run_sweep(settings: SweepSettings, out: str | os.PathLike, *, texts: Sequenc
     for point in bar:
         bar.set_postfix_str(point.key, refresh=True)
         paths = {t: dirs[t] / "runs" / f"{point.key}.json" for t in texts}
-        got = {t: None if force else _cached(paths[t], point, keys[t], None if report_only else code_hash)
-               for t in texts}
+        got = {t: None if force else _cached(paths[t], point, keys[t], code_hash, report_only) for t in texts}
         pending = [] if report_only else [t for t in texts if got[t] is None]
         if pending:
             log_path = dirs[pending[0]] / "logs" / f"{point.key}.log"
@@ -242,6 +241,9 @@ def run_sweep(settings: SweepSettings, out: str | os.PathLike, *, texts: Sequenc
         for t in texts:
             if got[t] is not None:
                 rows[t].append(got[t])
+            elif report_only:
+                rows[t].append({"status": "not run", **point.to_dict(), "text": t, "eval_key": keys[t],
+                                "error": "not run yet (no cached result for this point)"})
     bar.close()
     selected = {p.method for p in plan}
     return {t: _write_outputs(settings, t, dirs[t], rows[t], selected, keys[t], model_path, python, code_hash,
@@ -256,8 +258,8 @@ def _write_outputs(settings: SweepSettings, text: str, out: Path, rows: list[dic
 
     previous_doc = _load_previous(out / "results.json")
     previous = list(previous_doc.get("rows", []))
-    if report_only and previous_doc.get("command"):
-        command = previous_doc["command"]   # the outputs still come from the run that made the rows
+    if report_only:
+        command = f"{command} (outputs rebuilt from the cached rows of earlier runs)"
     carried = [r for r in previous if r.get("method") not in selected and r.get("eval_key") == eval_key]
     rows = sorted(carried + rows, key=_row_order)
     doc = {

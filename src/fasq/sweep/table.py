@@ -58,8 +58,9 @@ def render(doc: dict) -> str:
     for r in ok:
         delta = relative(r["perplexity"], orig["perplexity"]) if orig and r is not orig else ""
         cached = " (cached)" if r.get("from_cache") else ""
+        stale = " (older fasq code)" if any("other fasq code" in n for n in r.get("notes") or []) else ""
         lines.append(
-            f"| {METHOD_NAMES.get(r['method'], r['method'])} | {label(r) if r['method'] != 'original' else 'fp16'} "
+            f"| {METHOD_NAMES.get(r['method'], r['method'])} | {label(r) if r['method'] != 'original' else 'fp16'}{stale} "
             f"| {r.get('library', '')} {r.get('version', '')} | {r['bits_per_weight']:.3f} "
             f"| {100 * r['fraction_of_fp16']:.1f} | {r['perplexity']:.3f} | {delta} | {r['bits_per_byte']:.4f} "
             f"| {_fmt(r.get('quantize_seconds'), '.1f')}{cached} | {_fmt(r.get('peak_rss_mb'), '.0f')} |")
