@@ -11,7 +11,7 @@
    before each call, like a decode step that streams a model much larger than the cache.
 2. End to end: greedy decode of SmolLM2-135M-Instruct (fp32 model vs fasq at ~4 and ~3
    bits/weight), same prompt and length, each model in its own subprocess so that peak memory
-   (ru_maxrss) is its own; with all threads and with 1 thread.
+   (VmHWM) is its own; with all threads and with 1 thread.
 
 Writes JSON (--out) and the section between ``<!-- cpu:begin -->`` and ``<!-- cpu:end -->`` of
 BENCHMARKS.md.  For one model, ``fasq bench`` can call ``fasq.kernels.cpu.bench_model``; this
@@ -191,6 +191,18 @@ def _weights_bytes(model) -> int:
     return total
 
 
+def _peak_rss_kib() -> int:
+    """This process's peak resident set (VmHWM).  Not ru_maxrss: after fork + exec that starts at
+    the parent's resident size, so every worker would report at least the parent's memory."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def _e2e_worker(variant: str, new_tokens: int, threads: int) -> dict:
     """Runs in its own process: load one model, greedy-decode, report speed and peak memory."""
     import fasq
@@ -213,7 +225,7 @@ def _e2e_worker(variant: str, new_tokens: int, threads: int) -> dict:
     res = bench_model(model, AutoTokenizer.from_pretrained(ck), PROMPT, new_tokens=new_tokens)
     res.update(variant=variant, bits_per_weight=bits, load_s=round(load_s, 2), threads=threads,
                weights_mb=round(_weights_bytes(model) / 2**20, 1),
-               peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+               peak_rss_mb=round(_peak_rss_kib() / 1024, 1))
     return res
 
 
@@ -260,7 +272,9 @@ def markdown(meta: dict, kernels: list[dict], e2e: list[dict]) -> str:
     out = ["## CPU (issue 6)", "",
            f"Machine: {meta['cpu']}, {meta['threads']} threads (torch {meta['torch']}); {meta['date']}.  ",
            f"Command: `{meta['command']}`  ",
-           "Median of interleaved rounds; the machine is shared, so compare ratios within a row.", ""]
+           f"Load average (1/5/15 min) at start {meta.get('load_average_start')}, at end "
+           f"{meta.get('load_average_end')}: the {os.cpu_count()} cores were shared with other jobs; "
+           "compare ratios within a row (candidates are timed in the same interleaved rounds).", ""]
     if kernels:
         out += ["### Kernel: y = x W^T, microseconds per call",
                 "",
@@ -284,7 +298,7 @@ def markdown(meta: dict, kernels: list[dict], e2e: list[dict]) -> str:
                 "",
                 f"Prompt: \"{PROMPT}\" (chat template), {e2e[0]['prompt_tokens']} prompt tokens, "
                 f"{len(e2e[0]['generated'])} new tokens; best of {len(e2e[0]['all_tokens_per_s'])} runs, each "
-                "model in its own process (peak RSS = ru_maxrss, includes Python + torch). CPU ms/token = "
+                "model in its own process (peak RSS = VmHWM, includes Python + torch). CPU ms/token = "
                 "CPU time of all threads per decoded token (less sensitive to other jobs on the machine).", "",
                 "| model | threads | bits/weight (linears) | decode tok/s | x fp32 | median step ms | x fp32 (median) "
                 "| CPU ms/token | x fp32 (CPU) | peak RSS MB | weights MB | tokens equal to fp32 |",
@@ -332,6 +346,7 @@ def main(argv=None) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     meta = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "load_average_start": [round(v, 1) for v in os.getloadavg()],
             "date": datetime.date.today().isoformat(), "command": "python benchmarks/cpu.py " + " ".join(argv or sys.argv[1:])}
     out = Path(a.out)
     previous = json.loads(out.read_text()) if out.exists() else {}  # a skipped part keeps its last results
@@ -341,6 +356,7 @@ def main(argv=None) -> None:
     e2e = previous.get("e2e", []) if a.skip_e2e else bench_e2e(
         new_tokens=a.new_tokens, threads=e2e_threads, repeats=1 if a.quick else 2)
     out.parent.mkdir(parents=True, exist_ok=True)
+    meta["load_average_end"] = [round(v, 1) for v in os.getloadavg()]
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps({"meta": meta, "kernels": kernels, "e2e": e2e}, indent=1))
     tmp.replace(out)

@@ -26,6 +26,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -183,10 +184,12 @@ def read_status(pid: int) -> dict[str, int]:
     return out
 
 
-def run_streaming(src: Path, out: Path, max_memory: str | None, workers: int | None, device: str | None) -> dict:
+def run_streaming(src: Path, out: Path, max_memory: str | None, workers: int | None, device: str | None,
+                  resume: bool = False) -> dict:
     """Quantize in a child process; poll its memory from here."""
     shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
+    if not resume:
+        shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
     arg = json.dumps({"src": str(src), "out": str(out), "max_memory": max_memory, "workers": workers,
                       "device": device})
     t0 = time.perf_counter()
@@ -245,8 +248,11 @@ def markdown(results: dict) -> str:
                     f"equalize {c.get('equalize', 'none')}" if c else "see command")
         lines.append(f"| {r['model']} | {r['layers_quantized']} of {r['layers_total']} | {settings} | {r['units']} | "
                      f"{r['quantized_weights'] / 1e9:.2f} B | {r['max_memory']} | {r['workers']} | "
-                     f"{r['wall_seconds']:.0f} s | {r['tensors_per_second']:.2f} | "
-                     f"{r['weights_per_second'] / 1e6:.2f} | {fmt_gib(r['peak']['VmHWM'])} | "
+                     + (f"{r['wall_seconds']:.0f} s | {r['tensors_per_second']:.2f} | "
+                        f"{r['weights_per_second'] / 1e6:.2f} | " if not r.get("units_resumed") else
+                        f"{r['wall_seconds']:.0f} s for the last {r['units_run']} (resumed) | "
+                        f"{r['tensors_per_second']:.2f} | — | ")
+                     + f"{fmt_gib(r['peak']['VmHWM'])} | "
                      f"{r['total_bytes'] / 2**30:.2f} GiB, {r['bits_per_weight']:.3f} bits/w |")
     lines.append("")
     for key in sorted(results):
@@ -258,8 +264,10 @@ def markdown(results: dict) -> str:
                      + (f" {r['note']}" if r.get("note") else ""))
         if r["layers_quantized"] < r["layers_total"]:
             lines.append(f"Only {r['layers_quantized']} of {r['layers_total']} decoder layers were quantized (an "
-                         f"index over the full-size shards); the whole model at this rate would take about "
-                         f"{r['extrapolated_full_seconds'] / 60:.0f} min (extrapolated, not measured).")
+                         "index over the full-size shards)"
+                         + (f"; the whole model at this rate would take about "
+                            f"{r['extrapolated_full_seconds'] / 60:.0f} min (extrapolated, not measured)."
+                            if r.get("extrapolated_full_seconds") else "."))
         lines.append("")
         lines.append("| tensor shape (out x in) | tensors | mean s/tensor | max s/tensor |")
         lines.append("| --- | --- | --- | --- |")
@@ -294,6 +302,8 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint and the output")
     ap.add_argument("--tag", default=None, help="results key suffix, to keep runs of one model with other settings")
     ap.add_argument("--note", default=None, help="recorded with the result, e.g. what else loaded the machine")
+    ap.add_argument("--resume", action="store_true",
+                    help="resume an interrupted run's <out>.partial (the figures then cover the resumed part only)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
     args = ap.parse_args(argv)
@@ -310,16 +320,16 @@ def main(argv=None) -> int:
         run_src = limited_view(src, args.workdir / f"{args.model}-first{args.limit_layers}", shape, args.limit_layers)
     out = args.workdir / f"{args.model}-fasq"
     print(f"quantizing {run_src} -> {out}", flush=True)
-    r = run_streaming(run_src, out, args.max_memory, args.workers, args.device)
+    r = run_streaming(run_src, out, args.max_memory, args.workers, args.device, args.resume)
     layers = args.limit_layers if args.limit_layers and args.limit_layers < layers_total else layers_total
     r.update(model=f"{shape['name']}-shaped", layers_quantized=layers, layers_total=layers_total,
              per_shape=per_shape_seconds(out), tensors_per_second=r["units_run"] / r["wall_seconds"],
              weights_per_second=r["quantized_weights"] / r["wall_seconds"], machine=machine(),
              date=_dt.date.today().isoformat(), max_memory=args.max_memory or "default (half of available)",
              source_bytes=sum(p.stat().st_size for p in run_src.glob("*.safetensors")),
-             command="python benchmarks/streaming.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+             command=shlex.join(["python", "benchmarks/streaming.py", *(argv if argv is not None else sys.argv[1:])]),
              note=args.note)
-    if layers < layers_total:
+    if layers < layers_total and not args.resume:
         per_layer = r["wall_seconds"] / layers
         r["extrapolated_full_seconds"] = per_layer * layers_total
     r.pop("unit_seconds", None)

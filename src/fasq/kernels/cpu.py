@@ -210,10 +210,8 @@ class _Prepared:
 
 
 def _version(t: torch.Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors have no version counter (and cannot be modified in place)
-        return -1
+    # Inference tensors have no version counter (asking raises, slowly) and cannot change in place.
+    return -1 if t.is_inference() else t._version
 
 
 def _buffers_key(layer) -> tuple:

@@ -560,17 +560,19 @@ constexpr int FP16_SUM = 1;
 #endif
 constexpr float LUT_MAX = 32768.0f / FP16_SUM;
 
-// Work item: row blocks [rb0, rb1), groups [s*G/S, (s+1)*G/S), tokens [t0, t0 + NT).  Groups are
-// the outer loop so that a group's LUT tables (gs * 2 * KP bytes per token) stay in L1 while the
-// item's row blocks use them; partial sums live in ypart.
+// Row blocks [rb0, rb1) over the sub-vector positions [ja, jb) (a thread's slice), tokens
+// [t0, t0 + NT).  Groups are the outer loop so that a group's LUT tables (gs * 2 * KP bytes per
+// token) stay in L1 while the row blocks use them.  A group cut by the slice edge is summed in
+// part here and in part by the neighbour slice: both multiply by its scale, and the partial
+// outputs of all slices are added at the end.
 // DD: sub-vector dim for PERM when known at compile time (0: runtime a.d).
 template <bool PERM, int KP, int NT, int DD>
-static void scan_item(const ScanArgs& a, int64_t t0, int64_t rb0, int64_t rb1, int64_t s) {
-  const int64_t ngroups = a.ng ? a.ng : 1, d = DD ? DD : a.d;
-  const int64_t g0 = s * ngroups / a.S, g1 = (s + 1) * ngroups / a.S;
+static void scan_item(const ScanArgs& a, int64_t t0, int64_t rb0, int64_t rb1, int64_t s, int64_t ja, int64_t jb) {
+  const int64_t d = DD ? DD : a.d;
+  const int64_t g0 = ja / a.gs, g1 = (jb + a.gs - 1) / a.gs;
   for (int64_t g = g0; g < g1; ++g)
   for (int64_t rb = rb0; rb < rb1; ++rb) {
-    const int64_t js = g * a.gs, je = std::min(js + a.gs, a.nsub);
+    const int64_t js = std::max(g * a.gs, ja), je = std::min({(g + 1) * a.gs, jb, a.nsub});
     __m512 acc[NT][4];
     for (int t = 0; t < NT; ++t)
       for (int q = 0; q < 4; ++q) acc[t][q] = _mm512_setzero_ps();
@@ -641,7 +643,7 @@ static void scan_item(const ScanArgs& a, int64_t t0, int64_t rb0, int64_t rb1, i
   }
 }
 
-using ScanFn = void (*)(const ScanArgs&, int64_t, int64_t, int64_t, int64_t);
+using ScanFn = void (*)(const ScanArgs&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
 
 template <bool PERM, int KP, int DD>
 static ScanFn pick_scan_nt(int nt) {
@@ -699,7 +701,7 @@ static void run_scan(bool perm, const at::Tensor& x2, at::Tensor& y, const at::T
                      const at::Tensor& tables, const at::Tensor& scales, const at::Tensor& signs,
                      const at::Tensor& bias, const int64_t* mt) {
   const int64_t T = x2.size(0), out = mt[M_OUT], nsub = mt[M_NSUB], Mb = mt[M_M], d = mt[M_D], kp = mt[M_KP];
-  const int64_t nrb = (out + RB - 1) / RB, ng = mt[M_NG], ngroups = ng ? ng : 1;
+  const int64_t nrb = (out + RB - 1) / RB, ng = mt[M_NG];
   const int64_t stride = nsub * d + 16;
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.numel() == nrb * Mb * nsub * RB,
               "fasq cpu_pq_linear: codes are not in the repacked layout");
@@ -713,12 +715,11 @@ static void run_scan(bool perm, const at::Tensor& x2, at::Tensor& y, const at::T
   // 4 tokens for PERM; the LUT build costs ~50 ns per 256-entry table.
   const double per_code = perm ? 10.0 * d * ((T + 3) / 4) : 8.0 * T;
   const double work = static_cast<double>(nrb) * Mb * nsub * per_code + (perm ? 0.0 : 0.2 * T * Mb * nsub * kp);
-  const int nth = n_threads(work);
-  // Work items: RBB row blocks x one of S slices of the groups.  Slices split the groups across
-  // threads when there are too few row blocks; RBB > 1 reuses each group's tables from L1.
-  const int64_t S = nth == 1 ? 1 : std::min<int64_t>(ngroups, std::max<int64_t>(1, (4 * nth + nrb - 1) / nrb));
-  const int64_t RBB = std::max<int64_t>(1, std::min<int64_t>(8, nrb / (2 * nth)));
-  const int64_t n_blk = (nrb + RBB - 1) / RBB;
+  // One slice of the sub-vector positions per thread: a thread builds the LUT tables of its slice
+  // and scans every row over it, so the parallel region has no barrier inside (on a shared
+  // machine each barrier can cost a scheduler time slice); slices' partial outputs are summed after.
+  const int64_t S = std::min<int64_t>(n_threads(work), nsub);
+  const int64_t RBB = 8;  // row blocks per pass over a group: its tables are reused from L1
   float* ypart = scratch(yp_v, static_cast<size_t>(S * T * nrb * RB));
   float* ts = scratch(ts_v, static_cast<size_t>(T));
   const int64_t n_tab = perm ? 0 : T * Mb * nsub;
@@ -750,35 +751,35 @@ static void run_scan(bool perm, const at::Tensor& x2, at::Tensor& y, const at::T
   if (mt[M_POISON]) std::fill(ypart, ypart + S * T * nrb * RB, std::numeric_limits<float>::quiet_NaN());
   ScanArgs a{codes.data_ptr<uint8_t>(), perm ? tables.data_ptr<uint8_t>() : lut, xbuf, ts,
              ng ? scales.data_ptr<c10::Half>() : nullptr, ypart, T, Mb, d, nsub, mt[M_GS], ng, nrb, S, stride};
-  const int64_t n_items = n_blk * S;
-  float* yf = y.scalar_type() == at::kFloat ? y.data_ptr<float>() : nullptr;
-  const c10::Half* bp = bias.defined() && bias.numel() ? bias.data_ptr<c10::Half>() : nullptr;
-  float* yfin = yf ? yf : scratch(yfin_v, static_cast<size_t>(T * out));
   auto build = d == 2 ? &lut_build_one<2> : d == 1 ? &lut_build_one<1> : d == 4 ? &lut_build_one<4>
              : d == 8 ? &lut_build_one<8> : &lut_build_one<0>;
   const ScanFn full = pick_scan(perm, kp, 4, d);
   const ScanFn tail = pick_scan(perm, kp, static_cast<int>(T % 4), d);
-#pragma omp parallel num_threads(nth) if (nth > 1)
-  {
-    if (!perm) {
-#pragma omp for schedule(static)
-      for (int64_t e = 0; e < n_tab; ++e) {
-        const int64_t j = e % nsub, tm = e / nsub, m = tm % Mb, t = tm / Mb;
-        build(cbT + m * (d + 1) * kp, xbuf + t * stride + j * d, d, kp, lut + e * 2 * kp);
-      }
-    }
-#pragma omp for schedule(static)
-    for (int64_t it = 0; it < n_items; ++it) {
-      const int64_t rb0 = (it / S) * RBB, rb1 = std::min(nrb, rb0 + RBB), s = it % S;
-      for (int64_t t0 = 0; t0 < T; t0 += 4) (T - t0 >= 4 ? full : tail)(a, t0, rb0, rb1, s);
-    }
-#pragma omp for schedule(static)
-    for (int64_t e = 0; e < T * out; ++e) {
-      const int64_t t = e / out, o = e % out;
-      float v = 0.f;
-      for (int64_t s = 0; s < S; ++s) v += ypart[(s * T + t) * nrb * RB + o];
-      if (bp) v += static_cast<float>(bp[o]);
-      yfin[e] = v;
+#pragma omp parallel for schedule(static, 1) num_threads(S) if (S > 1)
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t ja = s * nsub / S, jb = (s + 1) * nsub / S;
+    if (!perm)
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t m = 0; m < Mb; ++m)
+          for (int64_t j = ja; j < jb; ++j) {
+            const int64_t e = (t * Mb + m) * nsub + j;
+            build(cbT + m * (d + 1) * kp, xbuf + t * stride + j * d, d, kp, lut + e * 2 * kp);
+          }
+    for (int64_t rb0 = 0; rb0 < nrb; rb0 += RBB)
+      for (int64_t t0 = 0; t0 < T; t0 += 4)
+        (T - t0 >= 4 ? full : tail)(a, t0, rb0, std::min(nrb, rb0 + RBB), s, ja, jb);
+  }
+  // y = sum of the slices' partial outputs (+ bias).
+  float* yf = y.scalar_type() == at::kFloat ? y.data_ptr<float>() : nullptr;
+  const c10::Half* bp = bias.defined() && bias.numel() ? bias.data_ptr<c10::Half>() : nullptr;
+  float* yfin = yf ? yf : scratch(yfin_v, static_cast<size_t>(T * out));
+  for (int64_t t = 0; t < T; ++t) {
+    float* dst = yfin + t * out;
+    const float* p0 = ypart + t * nrb * RB;
+    for (int64_t o = 0; o < out; ++o) dst[o] = p0[o] + (bp ? static_cast<float>(bp[o]) : 0.0f);
+    for (int64_t s = 1; s < S; ++s) {
+      const float* ps = ypart + (s * T + t) * nrb * RB;
+      for (int64_t o = 0; o < out; ++o) dst[o] += ps[o];
     }
   }
   if (!yf) store_outputs(y, T, out, yfin, at::Tensor());  // bias already added

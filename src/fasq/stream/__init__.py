@@ -7,7 +7,7 @@ directory that :func:`fasq.load` reads, bit-identical to ``fasq.quantize`` + ``f
 """
 from .cli import add_cli, add_stream_args, cmd_quantize_stream, should_stream  # light: no torch at import
 
-_LAZY = {"quantize_checkpoint": "run", "DiskFullError": "run", "parse_size": "run", "partial_dir": "run",
+_LAZY = {"quantize_checkpoint": "run", "DiskFullError": "run", "parse_size": "schedule", "partial_dir": "run",
          "CheckpointError": "safetensors_io", "verify": "check"}
 
 
