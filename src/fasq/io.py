@@ -181,10 +181,18 @@ def verify_files(path: str | os.PathLike) -> None:
 
 
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-         verify: bool = True, with_tokenizer: bool = False):
+         verify: bool = True, with_tokenizer: bool = False, dense_16bit: bool = False):
     """Load a saved fasq model (and, with ``with_tokenizer``, its tokenizer).
 
-    Unquantized tensors are cast to ``dtype``; PQ buffers keep their stored dtypes.
+    Unquantized tensors are cast to ``dtype``; PQ buffers keep their stored dtypes.  No full-precision
+    model is built first: the skeleton is made on the meta device and every tensor is assigned
+    straight from the file (cast where ``dtype`` asks), so peak memory is about the loaded model.
+
+    ``dense_16bit`` (for an fp32 ``dtype``): the token embedding and the output head (tied or not)
+    keep their stored 16-bit values instead of an fp32 copy of twice the size
+    (:mod:`fasq.kernels.dense16`); activations stay fp32 and the head sums in fp32, so logits equal
+    the fp32 model's up to the order of fp32 sums (not bit for bit).  On the CPU the head reads half
+    the bytes per decoded token.
     """
     from accelerate import init_empty_weights
     from safetensors import safe_open
@@ -203,11 +211,13 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     replace_with_pq(model, specs, device="meta")
-    expected = model.state_dict()
     try:
         f = safe_open(str(path / WEIGHTS_NAME), framework="pt", device="cpu")
     except Exception as e:
         raise FormatError(f"{path / WEIGHTS_NAME}: cannot be read as safetensors ({e})") from None
+    if dense_16bit and dtype == torch.float32:
+        _use_16bit_embeddings(model, f, dtype)
+    expected = model.state_dict()
     stored = set(f.keys())
     unexpected = sorted(stored - set(expected))
     if unexpected:
@@ -241,6 +251,34 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
         from transformers import AutoTokenizer
         return model, AutoTokenizer.from_pretrained(str(path))
     return model
+
+
+def _use_16bit_embeddings(model: torch.nn.Module, f, out_dtype: torch.dtype) -> None:
+    """Swap the (meta) input embedding and output head for 16-bit modules of the stored dtype."""
+    from torch import nn
+
+    from .kernels.dense16 import DTYPES, Embedding16, Linear16
+    from .nn import PQLinear
+
+    names = {id(m): n for n, m in model.named_modules()}
+    stored = set(f.keys())
+
+    def stored_dtype(module, default=torch.float16):
+        key = f"{names[id(module)]}.weight"
+        dt = f.get_slice(key).get_dtype() if key in stored else None
+        return {"F16": torch.float16, "BF16": torch.bfloat16}.get(dt, default)
+
+    emb = model.get_input_embeddings()
+    emb_dtype = torch.float16
+    if type(emb) is nn.Embedding:
+        emb_dtype = stored_dtype(emb)
+        model.set_input_embeddings(Embedding16(emb.num_embeddings, emb.embedding_dim, emb.padding_idx,
+                                               emb_dtype, out_dtype, device="meta"))
+    head = model.get_output_embeddings()
+    if type(head) is nn.Linear and not isinstance(head, PQLinear):
+        dt = stored_dtype(head, emb_dtype)  # a tied head is not stored: it takes the embedding's dtype
+        model.set_output_embeddings(Linear16(head.in_features, head.out_features, head.bias is not None,
+                                             dt if dt in DTYPES else torch.float16, device="meta"))
 
 
 def _is_pq_buffer(name: str, specs: dict) -> bool:

@@ -36,8 +36,13 @@ _loaded: set[str] = set()
 _warned: set[str] = set()
 
 
+_generation = 0  # bumped by register(): invalidates the per-layer choices cached by pq_linear
+
+
 def register(kernel: Kernel) -> None:
+    global _generation
     _KERNELS[kernel.name] = kernel
+    _generation += 1
 
 
 def kernels() -> list[Kernel]:
@@ -81,8 +86,25 @@ def reference_linear(x: torch.Tensor, layer) -> torch.Tensor:
                                layer.bias)
 
 
+def _choice_key(layer, x: torch.Tensor) -> tuple:
+    """Everything a kernel's supports() may look at (device, dtype, width, token count, grad, the
+    layer's device) plus the registry's state and $FASQ_DISABLE_KERNELS."""
+    n = x.shape[-1] if x.dim() else 0
+    return (_generation, x.device, x.dtype, n, x.numel() // n if n else 0,
+            x.requires_grad and torch.is_grad_enabled(), os.environ.get("FASQ_DISABLE_KERNELS", ""),
+            layer._buffers["codes"].device)
+
+
 def pq_linear(x: torch.Tensor, layer) -> torch.Tensor:
-    k = select(layer, x)
+    # select() costs ~5 us of Python per call, as much as a small layer's kernel on the CPU: the
+    # choice is cached on the layer for the facts it depends on (_choice_key).
+    key = _choice_key(layer, x)
+    cached = layer.__dict__.get("_fasq_choice")
+    if cached is not None and cached[0] == key:
+        k = cached[1]
+    else:
+        k = select(layer, x)
+        layer.__dict__["_fasq_choice"] = (key, k)
     if k is not None:
         return k.fn(x, layer)
     if x.device.type == "cuda" and "cuda" not in _warned:

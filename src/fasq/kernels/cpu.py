@@ -143,6 +143,7 @@ def _build_or_fail() -> int:
             log.warning("fasq: CPU kernel built without -march=native/OpenMP (%s); it will be slower",
                         "; ".join(errors))
         torch.library.register_fake("fasq::cpu_pq_linear")(_fake_cpu_pq_linear)
+        torch.library.register_fake("fasq::cpu_dense16_linear")(_fake_cpu_dense16_linear)
         return int(torch.ops.fasq.cpu_features())
     log.warning("fasq: could not build the CPU kernel (%s); PQLinear on CPU falls back to the slow "
                 "plain-PyTorch reference. Compiler output is logged at DEBUG level by %s.",
@@ -157,6 +158,10 @@ def available() -> bool:
 
 def _fake_cpu_pq_linear(x, codes, tables, scales, rot_signs, bias, meta):
     return x.new_empty((*x.shape[:-1], meta[1]))
+
+
+def _fake_cpu_dense16_linear(x, weight, bias, isa, poison):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,34 +207,28 @@ def lut_supported(spec: LayerSpec, isa: str | None = None) -> bool:
 
 @dataclass
 class _Prepared:
-    key: tuple
+    bufs: tuple                                   # the buffers it was made from (by identity) ...
+    versions: list                                # ... and [(buffer, version)] of those that have one
     tables: torch.Tensor                          # fp32 [M, K, dp] codebooks for direct / tiled
     lut: tuple | None = None                      # (codes [n_rb, M, n_sub, 64] u8, cbT [M, d+1, KP],
                                                   #  scales [n_rb, G, 64], planes [M, d, 2, KP] u8)
-    metas: dict = field(default_factory=dict)     # (method, isa, poison) -> meta list
-
-
-def _version(t: torch.Tensor) -> int:
-    # Inference tensors have no version counter (asking raises, slowly) and cannot change in place.
-    return -1 if t.is_inference() else t._version
-
-
-def _buffers_key(layer) -> tuple:
-    b = layer._buffers
-    c, cb, s = b["codes"], b["codebooks"], b["scales"]
-    return (c.data_ptr(), _version(c), cb.data_ptr(), _version(cb), s.data_ptr(), _version(s))
+    args: dict = field(default_factory=dict)      # (method, isa, poison) -> the op's arguments after x
 
 
 def _prepare(layer) -> _Prepared:
-    key = _buffers_key(layer)
+    b = layer._buffers
+    bufs = (b["codes"], b["codebooks"], b["scales"], b["rot_signs"], b.get("bias"))
     p = layer.__dict__.get("_fasq_cpu")
-    if p is not None and p.key == key:
+    # Runs on every call, so only cheap checks: the same buffer objects, none changed in place.
+    if p is not None and all(t is r for t, r in zip(bufs, p.bufs)) and all(t._version == v for t, v in p.versions):
         return p
     spec = layer.spec
     d, dp = spec.subvector_dim, _padded_dim(spec.subvector_dim)
     cb = layer.codebooks.detach().float()                                      # [M, K, d]
     tables = torch.nn.functional.pad(cb, (0, dp - d)).contiguous()             # [M, K, dp]
-    p = _Prepared(key, tables)
+    # Inference tensors have no version counter (asking raises) and cannot change in place.
+    versions = [(t, t._version) for t in bufs if t is not None and not t.is_inference()]
+    p = _Prepared(bufs, versions, tables)
     layer.__dict__["_fasq_cpu"] = p
     return p
 
@@ -282,21 +281,21 @@ def cpu_linear(x: torch.Tensor, layer, method: str, isa: str | None = None) -> t
     p = _prepare(layer)
     isa = isa or default_isa()
     mk = (method, isa, POISON)
-    meta = p.metas.get(mk)
-    if meta is None:
+    args = p.args.get(mk)
+    if args is None:
         if method not in METHODS:
             raise ValueError(f"method={method!r}: allowed are {METHODS}")
         if method in ("lut", "perm") and not lut_supported(layer.spec, isa):
             raise ValueError(f"method={method!r} needs K <= 256 and AVX-512 VBMI (layer {layer.spec}, isa {isa})")
-        meta = p.metas[mk] = _meta(layer.spec, method, isa)
-    b = layer._buffers
-    if method == "lut":
-        codes, tables, scales, _ = _lut_tensors(layer, p)
-    elif method == "perm":
-        codes, _, scales, tables = _lut_tensors(layer, p)
-    else:
-        codes, tables, scales = b["codes"], p.tables, b["scales"]
-    return torch.ops.fasq.cpu_pq_linear(x, codes, tables, scales, b["rot_signs"], b.get("bias"), meta)
+        b = layer._buffers
+        if method == "lut":
+            codes, tables, scales, _ = _lut_tensors(layer, p)
+        elif method == "perm":
+            codes, _, scales, tables = _lut_tensors(layer, p)
+        else:
+            codes, tables, scales = b["codes"], p.tables, b["scales"]
+        args = p.args[mk] = (codes, tables, scales, b["rot_signs"], b.get("bias"), _meta(layer.spec, method, isa))
+    return torch.ops.fasq.cpu_pq_linear(x, *args)
 
 
 # ----------------------------------------------------------------------------------------------
