@@ -7,7 +7,9 @@
    which includes the kernel registry's dispatch, and each method's op alone) on 4096x4096,
    11008x4096 and every SmolLM2-135M linear shape, at 1, 4 and 16 tokens, for several configs.
    Every candidate is timed in the same rounds, interleaved; the figure is the median of rounds.
-   "hot" repeats calls on the same weights (they stay in the CPU caches); "cold" evicts the caches
+   "hot" repeats calls on the same weights (they stay in the CPU caches); "stream" cycles through
+   enough distinct layers of the shape (up to 32, >= STREAM_MB of fp32 weights) that each call finds
+   its weights outside L1/L2, as in a decode step that runs every layer once; "cold" evicts the caches
    before each call, like a decode step that streams a model much larger than the cache.
 2. End to end: greedy decode of SmolLM2-135M-Instruct (fp32 model vs fasq at ~4 and ~3
    bits/weight), same prompt and length, each model in its own subprocess so that peak memory
@@ -110,8 +112,18 @@ def time_interleaved(fns: dict, rounds: int, evict=None, target_s: float = 0.003
     return {n: {"median_s": statistics.median(s), "min_s": min(s)} for n, s in samples.items()}
 
 
+STREAM_MB = 48  # fp32 weights cycled through in "stream" mode: far above L2, as one decode step's layers
+
+
+def _stream(fns_per_copy: list) -> callable:
+    def run():
+        for f in fns_per_copy:
+            f()
+    return run
+
+
 @torch.inference_mode()
-def bench_kernels(shapes=SHAPES, configs=CONFIGS, tokens=(1, 4, 16), caches=("hot", "cold"), rounds=15,
+def bench_kernels(shapes=SHAPES, configs=CONFIGS, tokens=(1, 4, 16), caches=("hot", "stream", "cold"), rounds=15,
                   main_config=MAIN_CONFIG, log=print) -> list[dict]:
     """Dense F.linear (fp32, bf16) vs fasq per (shape, config, tokens, cache state).
 
@@ -125,23 +137,34 @@ def bench_kernels(shapes=SHAPES, configs=CONFIGS, tokens=(1, 4, 16), caches=("ho
     rows = []
     for cfg_name, cfg in configs.items():
         for shape_name, (out, inp) in shapes.items():
-            layer = random_layer(out, inp, cfg)
-            w32 = torch.randn(out, inp) * 0.02
-            w16 = w32.bfloat16()
+            n_copies = min(32, -(-(STREAM_MB << 20) // (out * inp * 4))) if "stream" in caches else 1
+            layers = [random_layer(out, inp, cfg, seed=i) for i in range(n_copies)]
+            w32s = [torch.randn(out, inp) * 0.02 for _ in range(n_copies)]
+            w16s = [w.bfloat16() for w in w32s]
+            layer, w32, w16 = layers[0], w32s[0], w16s[0]
             for t in tokens if cfg_name == main_config else tokens[:1]:
                 x32 = torch.randn(t, inp)
                 x16 = x32.bfloat16()
-                fns = {"dense_fp32": lambda: F.linear(x32, w32), "dense_bf16": lambda: F.linear(x16, w16),
-                       "fasq_fp32": lambda: layer(x32), "fasq_bf16": lambda: layer(x16)}
                 methods = [m for m in cpu.METHODS if m not in ("lut", "perm") or cpu.lut_supported(layer.spec)]
-                for m in methods:
-                    fns[f"op_{m}"] = (lambda m=m: cpu.cpu_linear(x32, layer, m))
+
+                def candidates(ls, a32, a16):  # name -> one call per copy
+                    c = {"dense_fp32": [lambda w=w: F.linear(x32, w) for w in a32],
+                         "dense_bf16": [lambda w=w: F.linear(x16, w) for w in a16],
+                         "fasq_fp32": [lambda q=q: q(x32) for q in ls], "fasq_bf16": [lambda q=q: q(x16) for q in ls]}
+                    for m in methods:
+                        c[f"op_{m}"] = [lambda q=q, m=m: cpu.cpu_linear(x32, q, m) for q in ls]
+                    return c
                 chosen = select(layer, x32).name
                 for cache in caches:
+                    if cache == "stream" and n_copies == 1:
+                        continue  # one layer is already far larger than L2: "hot" measures the same
                     cold = cache == "cold"  # each cold sample pays an eviction: fewer rounds
+                    n = n_copies if cache == "stream" else 1
+                    fns = {k: _stream(v) for k, v in candidates(layers[:n], w32s[:n], w16s[:n]).items()}
                     res = time_interleaved(fns, max(5, rounds // 4) if cold else rounds, evict=evictor if cold else None)
+                    res = {k: {q: v / n for q, v in r.items()} for k, r in res.items()}  # per layer call
                     row = {"config": cfg_name, "shape": shape_name, "out": out, "in": inp, "tokens": t,
-                           "cache": cache, "bits_per_weight": round(layer.spec.bits_per_weight(), 3),
+                           "cache": cache, "layers_cycled": n, "bits_per_weight": round(layer.spec.bits_per_weight(), 3),
                            "kernel": chosen, **{f"{k}_us": round(v["median_s"] * 1e6, 1) for k, v in res.items()},
                            **{f"{k}_min_us": round(v["min_s"] * 1e6, 1) for k, v in res.items()}}
                     best_dense = min(row["dense_fp32_us"], row["dense_bf16_us"])
@@ -149,11 +172,11 @@ def bench_kernels(shapes=SHAPES, configs=CONFIGS, tokens=(1, 4, 16), caches=("ho
                     best_dense_min = min(row["dense_fp32_min_us"], row["dense_bf16_min_us"])
                     row["speedup_vs_best_dense_min"] = round(best_dense_min / row["fasq_fp32_min_us"], 2)
                     rows.append(row)
-                    log(f"{cfg_name:15s} {shape_name:16s} t={t:<2d} {cache:4s} fp32 {row['dense_fp32_us']:9.1f}  "
+                    log(f"{cfg_name:15s} {shape_name:16s} t={t:<2d} {cache:6s} fp32 {row['dense_fp32_us']:9.1f}  "
                         f"bf16 {row['dense_bf16_us']:9.1f}  fasq {row['fasq_fp32_us']:9.1f} us ({chosen}) "
                         f"x{row['speedup_vs_best_dense']:.2f}  "
                         + " ".join(f"{m} {row[f'op_{m}_us']:.1f}" for m in methods))
-            del layer, w32, w16
+            del layers, layer, w32s, w16s, w32, w16
     return rows
 
 
@@ -217,7 +240,9 @@ def _e2e_worker(variant: str, new_tokens: int, threads: int) -> dict:
         model = AutoModelForCausalLM.from_pretrained(ck, dtype=getattr(torch, {"fp32": "float32"}.get(variant, "bfloat16")))
         bits = 32.0 if variant == "fp32" else 16.0
     else:
-        model = fasq.load(quantized_smollm2(variant.split("-", 1)[1]))
+        # dense_16bit: the tied embedding / head stay in their stored fp16 form (fp32 sums); see
+        # fasq.kernels.dense16.  Activations are fp32 like the fp32 model's.
+        model = fasq.load(quantized_smollm2(variant.split("-", 1)[1]), dense_16bit=True)
         rep = fasq.model_size_report(model)
         bits = rep["bits_per_weight"]
     model.eval()
@@ -279,7 +304,10 @@ def markdown(meta: dict, kernels: list[dict], e2e: list[dict]) -> str:
         out += ["### Kernel: y = x W^T, microseconds per call",
                 "",
                 "fasq = the `PQLinear` module call (registry dispatch + op); dense = `F.linear`. "
-                "hot: weights stay in cache between calls; cold: caches evicted before each call. "
+                "hot: the same weights every call (they stay in L1/L2 if they fit); stream: calls cycle through "
+                f"distinct random layers of the shape (up to 32, >= {STREAM_MB} MB of fp32 weights; shapes larger "
+                "than that have no stream row), as a decode step runs every layer once; cold: caches evicted "
+                "(a 512 MB write) before each call, which also evicts the Python interpreter's state. "
                 "x = faster of dense fp32 / bf16 over fasq (fp32 input), from medians; x min = the same from "
                 "the fastest samples (less sensitive to other jobs).", "",
                 "| config | shape (out x in) | tokens | cache | dense fp32 | dense bf16 | fasq fp32 | fasq bf16 "
@@ -298,7 +326,10 @@ def markdown(meta: dict, kernels: list[dict], e2e: list[dict]) -> str:
                 "",
                 f"Prompt: \"{PROMPT}\" (chat template), {e2e[0]['prompt_tokens']} prompt tokens, "
                 f"{len(e2e[0]['generated'])} new tokens; best of {len(e2e[0]['all_tokens_per_s'])} runs, each "
-                "model in its own process (peak RSS = VmHWM, includes Python + torch). CPU ms/token = "
+                "model in its own process (peak RSS = VmHWM, includes Python + torch + transformers, about "
+                "470 MB before any weight). fasq models are loaded with `fasq.load(..., dense_16bit=True)`: the "
+                "tied embedding / head keep their stored fp16 values (fp32 sums, `fasq.kernels.dense16`) instead "
+                "of an fp32 copy. CPU ms/token = "
                 "CPU time of all threads per decoded token (less sensitive to other jobs on the machine).", "",
                 "| model | threads | bits/weight (linears) | decode tok/s | x fp32 | median step ms | x fp32 (median) "
                 "| CPU ms/token | x fp32 (CPU) | peak RSS MB | weights MB | tokens equal to fp32 |",
@@ -335,6 +366,7 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--caches", default="hot,stream,cold", help="kernel cache states, comma-separated")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -351,7 +383,7 @@ def main(argv=None) -> None:
     out = Path(a.out)
     previous = json.loads(out.read_text()) if out.exists() else {}  # a skipped part keeps its last results
     kernels = previous.get("kernels", []) if a.skip_kernels else bench_kernels(
-        rounds=5 if a.quick else a.rounds, caches=("hot",) if a.quick else ("hot", "cold"))
+        rounds=5 if a.quick else a.rounds, caches=("hot",) if a.quick else tuple(a.caches.split(",")))
     e2e_threads = (meta["threads"],) if a.quick or meta["threads"] == 1 else (meta["threads"], 1)
     e2e = previous.get("e2e", []) if a.skip_e2e else bench_e2e(
         new_tokens=a.new_tokens, threads=e2e_threads, repeats=1 if a.quick else 2)
