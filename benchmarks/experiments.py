@@ -42,6 +42,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--texts", default="lee,austen")
     ap.add_argument("--original", action="store_true", help="evaluate the unquantized model")
+    ap.add_argument("--bits", type=float, help="target bits/weight: per-layer allocation (fasq.fit.allocate)")
     ap.add_argument("settings", nargs="*")
     a = ap.parse_args()
     model, tok = load_any(str(smollm2_checkpoint()))
@@ -50,11 +51,11 @@ def main():
     if not a.original:
         cfg = FASQConfig(**parse_kv(a.settings))
         t0 = time.perf_counter()
-        quantize(model, cfg, progress=False)
+        quantize(model, cfg, progress=False, target_bits=a.bits)
         rec["quantize_seconds"] = round(time.perf_counter() - t0, 1)
         rep = model_size_report(model)
         rec.update(config={k: v for k, v in cfg.to_dict().items() if k not in ("skip_modules", "quant_method")},
-                   bits_per_weight=round(rep["bits_per_weight"], 4), fraction_of_fp16=round(rep["fraction_of_fp16"], 4))
+                   target_bits=a.bits, bits_per_weight=round(rep["bits_per_weight"], 4), fraction_of_fp16=round(rep["fraction_of_fp16"], 4))
     for t in a.texts.split(","):
         r = perplexity(model, tok, load_text(t), max_tokens=a.max_tokens, progress=False)
         rec[f"ppl_{t}"] = round(r["perplexity"], 3)

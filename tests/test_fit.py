@@ -94,3 +94,33 @@ def test_kmeans_recovers_separated_clusters():
         c, a = kmeans(x, 4, backend=backend, seed=0)
         err = (x - c[a]).pow(2).sum(1).mean()
         assert float(err) < 0.05, backend
+
+
+def test_outliers_are_exact_and_cut_the_error():
+    """The largest weights leave the matrix and come back exactly through the sparse side table."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 200, generator=gen)
+    planted = [(3, 7, 40.0), (10, 190, -35.0), (47, 0, 25.0)]
+    for r, c, v in planted:
+        w[r, c] = v
+    before = w.clone()
+    cfg = FASQConfig(subvector_dim=2, codebook_size=16, group_size=40, outlier_fraction=0.001)
+    spec, t = quantize_weight(w, cfg, "layer")
+    assert torch.equal(w, before)                         # the caller's tensor is untouched
+    assert spec.n_outliers == round(0.001 * w.numel()) and t["outlier_idx"].shape == (spec.n_outliers,)
+    q = PQLinear.from_tensors(spec, **t)
+    wd = q.dequantize()
+    for r, c, v in planted:
+        assert abs(float(wd[r, c]) - v) <= 0.02 * abs(v)  # fp16 rounding of the correction only
+    s0, t0 = quantize_weight(w, cfg.replace(outlier_fraction=0.0), "layer")
+    err = lambda m: float((m.dequantize() - w).norm() / w.norm())  # noqa: E731
+    assert err(q) < 0.95 * err(PQLinear.from_tensors(s0, **t0))
+    assert spec.storage_bytes() - s0.storage_bytes() == 6 * spec.n_outliers
+    x = torch.randn(3, 5, 200, generator=gen)
+    torch.testing.assert_close(q(x), x @ wd.T, rtol=1e-4, atol=1e-4)  # the kernels' output gets the correction
+
+
+def test_outlier_fraction_validated():
+    with pytest.raises(ValueError, match="outlier_fraction"):
+        FASQConfig(outlier_fraction=0.5)
+    assert FASQConfig(outlier_fraction=0).outlier_fraction == 0.0

@@ -24,9 +24,10 @@ def registered():
     register_transformers()
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen3"])  # qwen3: tied embeddings
+@pytest.fixture(scope="module", params=["llama", "qwen3"])  # qwen3: tied embeddings, outlier side tables
 def saved(request, tmp_path_factory):
-    model = fasq.quantize(tiny_model(request.param), FASQConfig(codebook_size=16), progress=False)
+    cfg = FASQConfig(codebook_size=16, outlier_fraction=0.002 if request.param == "qwen3" else 0.0)
+    model = fasq.quantize(tiny_model(request.param), cfg, progress=False)
     out = tmp_path_factory.mktemp(request.param) / "q"
     fasq.save(model, out, tokenizer=make_tokenizer())
     return out

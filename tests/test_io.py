@@ -14,7 +14,8 @@ from conftest import tiny_model
 def saved(tmp_path_factory):
     from conftest import make_tokenizer
 
-    model = fasq.quantize(tiny_model("qwen3"), FASQConfig(codebook_size=64, subvector_dim=2), progress=False)
+    model = fasq.quantize(tiny_model("qwen3"), FASQConfig(codebook_size=64, subvector_dim=2, outlier_fraction=0.005),
+                          progress=False)  # outliers: their side table is saved and loaded too
     out = tmp_path_factory.mktemp("io") / "q"
     fasq.save(model, out, tokenizer=make_tokenizer())
     return model, out

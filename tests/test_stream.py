@@ -77,13 +77,13 @@ def nothing_written(out: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch,dtype,layer,equalize", [
-    ("llama", torch.bfloat16, None, "balance"),                         # untied lm_head, bf16 kept as bf16
-    ("qwen3", torch.float32, "model.layers.1.mlp.down_proj", "full"),   # tied lm_head stored once, fp32 -> fp16
+@pytest.mark.parametrize("arch,dtype,layer,equalize,outliers", [
+    ("llama", torch.bfloat16, None, "balance", 0.0),                         # untied lm_head, bf16 kept as bf16
+    ("qwen3", torch.float32, "model.layers.1.mlp.down_proj", "full", 0.003), # tied lm_head stored once, fp32 -> fp16
 ])
-def test_equals_in_memory_bit_for_bit(tmp_path, arch, dtype, layer, equalize):
-    """Equalized blocks (a pre-pass through scratch/) and per-layer configs included."""
-    cfg = CFG.replace(equalize=equalize)
+def test_equals_in_memory_bit_for_bit(tmp_path, arch, dtype, layer, equalize, outliers):
+    """Equalized blocks (a pre-pass through scratch/), per-layer configs and outlier side tables included."""
+    cfg = CFG.replace(equalize=equalize, outlier_fraction=outliers)
     src = make_checkpoint(tmp_path / "src", arch, dtype)
     model_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     assert len(list(src.glob("*.safetensors"))) > 3

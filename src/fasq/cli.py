@@ -53,7 +53,7 @@ def load_any(model_arg: str, dtype=None):
 def config_from_args(args) -> FASQConfig:
     fields = {}
     for name in ("subvector_dim", "codebook_size", "num_codebooks", "group_size", "rotation", "scale_mode",
-                 "kmeans_iters", "refine_iters", "seed", "equalize", "rotation_block"):
+                 "kmeans_iters", "refine_iters", "seed", "equalize", "rotation_block", "outlier_fraction"):
         v = getattr(args, name, None)
         if v is not None:
             fields[name] = v
@@ -117,11 +117,13 @@ def cmd_info(args) -> int:
         what = (f"{alloc['target_bits']} bits/weight" if alloc.get("target_bits") is not None
                 else f"{alloc['target_fraction']} of FP16 ({alloc['planned_bits']:.3f} bits/weight)")
         print(f"size target: {what}; per-layer settings chosen by fasq.fit.allocate")
-    print(f"{'layer':<48} {'out x in':>13} {'d':>2} {'K':>6} {'M':>2} {'group':>5} {'rot':>4} {'bits/w':>7}")
+    print(f"{'layer':<48} {'out x in':>13} {'d':>2} {'K':>6} {'M':>2} {'group':>5} {'rot':>4} {'outl.':>5} "
+          f"{'bits/w':>7}")
     for name, s in specs.items():
         assert isinstance(s, LayerSpec)
         print(f"{name:<48} {s.out_features:>6}x{s.in_features:<6} {s.subvector_dim:>2} {s.num_centroids:>6} "
-              f"{s.num_codebooks:>2} {s.group_size:>5} {s.rotation_block:>4} {s.bits_per_weight():>7.3f}")
+              f"{s.num_codebooks:>2} {s.group_size:>5} {s.rotation_block:>4} {s.n_outliers:>5} "
+              f"{s.bits_per_weight():>7.3f}")
     print(f"quantized layers: {rep['quantized_layers']}, {rep['quantized_weights']:,} weights, "
           f"{rep['bits_per_weight']:.3f} bits/weight ({rep['quantized_bytes']:,} bytes)")
     print(f"whole model: {rep['total_bytes']:,} bytes = {100 * rep['fraction_of_fp16']:.2f}% of FP16 "
@@ -218,6 +220,8 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scale-mode", dest="scale_mode", choices=["rms", "absmax", "none"])
     g.add_argument("--kmeans-iters", dest="kmeans_iters", type=int)
     g.add_argument("--refine-iters", dest="refine_iters", type=int)
+    g.add_argument("--outlier-fraction", dest="outlier_fraction", type=float,
+                   help="fraction of each layer's largest weights kept exactly in a sparse fp16 table (6 bytes each)")
     g.add_argument("--equalize", choices=["none", "norms", "balance", "full"], help="data-free exact rescalings")
     g.add_argument("--rotation-block", dest="rotation_block", type=int, help="largest Hadamard block")
     g.add_argument("--seed", type=int)

@@ -50,6 +50,7 @@ class FASQConfig:
     kmeans_max_points: int = 65536  # sub-vectors sampled to train a codebook (all are assigned)
     refine_iters: int = 2          # alternate (codes -> least-squares scales) this many times
     equalize: str = "balance"      # data-free exact rescalings before fitting: none | norms | balance | full
+    outlier_fraction: float = 0.0  # largest-|w| weights kept exactly in a sparse fp16 side table (0: none)
     skip_modules: tuple[str, ...] = ("lm_head", "embed_tokens")
     seed: int = 0
     version: int = CONFIG_VERSION
@@ -84,6 +85,10 @@ class FASQConfig:
         _check(self.kmeans_max_points >= 1024, "kmeans_max_points", self.kmeans_max_points, "at least 1024")
         _check(0 <= self.refine_iters <= 20, "refine_iters", self.refine_iters, "an integer from 0 to 20")
         _check(self.equalize in EQUALIZE_MODES, "equalize", self.equalize, f"one of {EQUALIZE_MODES}")
+        if isinstance(self.outlier_fraction, int) and not isinstance(self.outlier_fraction, bool):
+            object.__setattr__(self, "outlier_fraction", float(self.outlier_fraction))
+        _check(isinstance(self.outlier_fraction, float) and 0.0 <= self.outlier_fraction <= 0.01,
+               "outlier_fraction", self.outlier_fraction, "a number from 0 to 0.01 (a fraction of each layer's weights)")
         _check(self.seed >= 0, "seed", self.seed, "a non-negative integer")
         _check(all(isinstance(s, str) and s for s in self.skip_modules), "skip_modules", self.skip_modules,
                "a tuple of non-empty module-name patterns")
@@ -100,7 +105,7 @@ class FASQConfig:
         b = self.num_codebooks * self.code_bits / self.subvector_dim
         if self.scale_mode != "none" and self.group_size:
             b += 16.0 / self.group_size
-        return b
+        return b + 48.0 * self.outlier_fraction
 
     def replace(self, **changes: Any) -> "FASQConfig":
         return dataclasses.replace(self, **changes)

@@ -9,6 +9,11 @@ A weight ``W[out, in]`` is stored as (see docs/format.md):
 * ``codebooks``  fp16 ``[M, K, d]``.
 * ``scales``     fp16 ``[out, G]`` (one per row and group of ``group_size`` columns) or empty.
 * ``rot_signs``  int8 ``[in]`` of +-1 when a randomized block Hadamard rotation was used, else empty.
+* ``outlier_idx`` int32 ``[n]`` and ``outlier_val`` fp16 ``[n]``, only when ``n_outliers > 0``: a
+  sparse correction added to the dequantized weight, ``W.view(-1)[idx] += val`` (flat index
+  ``row * in + col``, in the unrotated basis), which makes the ``n`` largest-magnitude weights exact
+  to fp16.  ``n`` follows from the shape and the config (:func:`outlier_count`), so sizes are known
+  before fitting.
 
 ``in`` is padded with zeros to ``n_sub * d`` columns; the padding is dropped on dequantization.
 """
@@ -20,6 +25,11 @@ from dataclasses import dataclass
 import torch
 
 FORMAT_VERSION = 1
+
+
+def outlier_count(out_features: int, in_features: int, fraction: float) -> int:
+    """Weights of an ``[out, in]`` layer kept in the sparse side table for ``outlier_fraction``."""
+    return int(fraction * out_features * in_features + 0.5) if fraction > 0 else 0
 
 
 def code_bits(num_centroids: int) -> int:
@@ -79,6 +89,13 @@ class LayerSpec:
     has_scales: bool = True
     rotation_block: int = 0      # 0: no rotation; else Hadamard block size (power of two dividing in)
     has_bias: bool = False
+    n_outliers: int = 0          # weights corrected exactly by the sparse side table
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.n_outliers <= self.in_features * self.out_features:
+            raise ValueError(f"n_outliers={self.n_outliers}: allowed is 0..{self.in_features * self.out_features}")
+        if self.in_features * self.out_features >= 2**31 and self.n_outliers:
+            raise ValueError("outliers need in_features * out_features < 2**31 (int32 flat indices)")
 
     @property
     def bits(self) -> int:
@@ -111,11 +128,13 @@ class LayerSpec:
             "scales": (self.out_features, self.n_groups),
             "rot_signs": (self.in_features if self.rotation_block else 0,),
             **({"bias": (self.out_features,)} if self.has_bias else {}),
+            **({"outlier_idx": (self.n_outliers,), "outlier_val": (self.n_outliers,)} if self.n_outliers else {}),
         }
 
     def buffer_dtypes(self) -> dict[str, torch.dtype]:
         return {"codes": torch.int32, "codebooks": torch.float16, "scales": torch.float16,
-                "rot_signs": torch.int8, "bias": torch.float16}
+                "rot_signs": torch.int8, "bias": torch.float16, "outlier_idx": torch.int32,
+                "outlier_val": torch.float16}
 
     def storage_bytes(self) -> int:
         """Exact bytes of every stored buffer of this layer."""
@@ -137,7 +156,7 @@ class LayerSpec:
                 "subvector_dim": self.subvector_dim, "num_centroids": self.num_centroids,
                 "num_codebooks": self.num_codebooks, "group_size": self.group_size,
                 "has_scales": self.has_scales, "rotation_block": self.rotation_block,
-                "has_bias": self.has_bias}
+                "has_bias": self.has_bias, **({"n_outliers": self.n_outliers} if self.n_outliers else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "LayerSpec":

@@ -283,7 +283,7 @@ def _use_16bit_embeddings(model: torch.nn.Module, f, out_dtype: torch.dtype) -> 
 
 def _is_pq_buffer(name: str, specs: dict) -> bool:
     mod, _, leaf = name.rpartition(".")
-    return mod in specs and leaf in ("codes", "codebooks", "scales", "rot_signs", "bias")
+    return mod in specs and leaf in ("codes", "codebooks", "scales", "rot_signs", "bias", "outlier_idx", "outlier_val")
 
 
 def _materialize_nonpersistent(model: torch.nn.Module, hf_config) -> None:

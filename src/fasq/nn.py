@@ -12,7 +12,8 @@ class PQLinear(nn.Module):
     """Linear layer with a product-quantized weight.
 
     Buffers (see docs/format.md): ``codes`` int32 [M, out, words], ``codebooks`` fp16 [M, K, d],
-    ``scales`` fp16 [out, G], ``rot_signs`` int8 [in] (empty without rotation), optional ``bias``.
+    ``scales`` fp16 [out, G], ``rot_signs`` int8 [in] (empty without rotation), optional ``bias``,
+    and with outliers ``outlier_idx`` int32 [n] / ``outlier_val`` fp16 [n] (a sparse correction).
     ``forward`` dispatches through the kernel registry (``fasq.kernels``), whose last resort is the
     plain-PyTorch reference.
     """
@@ -28,11 +29,16 @@ class PQLinear(nn.Module):
             self.bias = None
 
     @classmethod
-    def from_tensors(cls, spec: LayerSpec, codes, codebooks, scales, rot_signs, bias=None) -> "PQLinear":
+    def from_tensors(cls, spec: LayerSpec, codes, codebooks, scales, rot_signs, bias=None,
+                     outlier_idx=None, outlier_val=None) -> "PQLinear":
         m = cls(spec, device=codes.device)
         tensors = {"codes": codes, "codebooks": codebooks, "scales": scales, "rot_signs": rot_signs}
         if spec.has_bias:
             tensors["bias"] = bias
+        if spec.n_outliers:
+            if outlier_idx is None or outlier_val is None:
+                raise ValueError(f"PQLinear: spec has {spec.n_outliers} outliers but no outlier tensors were given")
+            tensors.update(outlier_idx=outlier_idx, outlier_val=outlier_val)
         for name, t in tensors.items():
             buf = getattr(m, name)
             if tuple(t.shape) != tuple(buf.shape):
@@ -56,7 +62,12 @@ class PQLinear(nn.Module):
         return torch.float16
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        return reference.dequantize(self.spec, self.codes, self.codebooks, self.scales, self.rot_signs, dtype)
+        w = reference.dequantize(self.spec, self.codes, self.codebooks, self.scales, self.rot_signs, dtype)
+        return reference.add_outliers_to_weight(w, self.outliers())
+
+    def outliers(self):
+        """(flat indices, values) of the sparse correction, or None (see docs/format.md)."""
+        return (self.outlier_idx, self.outlier_val) if self.spec.n_outliers else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .kernels import pq_linear

@@ -84,6 +84,27 @@ def dequantize(spec: LayerSpec, codes, codebooks, scales, rot_signs, dtype=torch
     return w
 
 
+def add_outliers_to_weight(w: torch.Tensor, outliers) -> torch.Tensor:
+    """W + the sparse correction (``W.view(-1)[idx] += val``); ``outliers`` is (idx, val) or None."""
+    if outliers is None:
+        return w
+    idx, val = outliers
+    w = w.clone()
+    w.view(-1).index_add_(0, idx.long(), val.to(w.dtype))
+    return w
+
+
+def add_outliers_to_output(y: torch.Tensor, x: torch.Tensor, in_features: int, outliers) -> torch.Tensor:
+    """y + x S^T for the sparse correction S (n entries): ``y[..., row] += x[..., col] * val``.
+    Every kernel's output gets this in the dispatcher; it costs O(tokens * n)."""
+    if outliers is None:
+        return y
+    idx, val = outliers
+    idx = idx.long()
+    rows, cols = idx // in_features, idx % in_features
+    return y.index_add(-1, rows, x[..., cols] * val.to(x.dtype))
+
+
 def pq_linear(x: torch.Tensor, spec: LayerSpec, codes, codebooks, scales, rot_signs,
               bias=None) -> torch.Tensor:
     """y = x W^T + b computed as dequantize-then-F.linear in the input's dtype. x: [..., in]."""

@@ -15,8 +15,7 @@ import re
 from torch import nn
 
 from ..config import FASQConfig
-from ..format import LayerSpec
-from ..reference import rotation_block_for
+from .pq import planned_spec
 
 TYPE_PRIORITY = ("v_proj", "down_proj", "o_proj", "k_proj", "q_proj", "up_proj", "gate_proj")
 
@@ -29,11 +28,7 @@ def menu(config: FASQConfig) -> list[FASQConfig]:
 
 
 def layer_bytes(lin: nn.Linear, cfg: FASQConfig) -> int:
-    has_scales = cfg.scale_mode != "none"
-    rb = rotation_block_for(lin.in_features, cfg.rotation_block) if cfg.rotation == "hadamard" else 0
-    spec = LayerSpec(lin.in_features, lin.out_features, cfg.subvector_dim, cfg.codebook_size, cfg.num_codebooks,
-                     cfg.group_size if has_scales else 0, has_scales, rb if rb >= 2 else 0, lin.bias is not None)
-    return spec.weight_storage_bytes()
+    return planned_spec(lin.out_features, lin.in_features, cfg, lin.bias is not None).weight_storage_bytes()
 
 
 def _priority(name: str) -> tuple:

@@ -6,8 +6,8 @@ import zlib
 import torch
 
 from ..config import FASQConfig
-from ..format import LayerSpec, pack_codes
-from ..reference import rotate, rotation_block_for
+from ..format import LayerSpec, outlier_count, pack_codes
+from ..reference import rotate, rotation_block_for, unrotate
 from .kmeans import assign, kmeans
 
 
@@ -23,6 +23,42 @@ def layer_seed(config: FASQConfig, name: str) -> int:
 def rotation_signs(in_features: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return (torch.randint(0, 2, (in_features,), generator=gen) * 2 - 1).to(torch.int8)
+
+
+def planned_spec(out_features: int, in_features: int, config: FASQConfig, has_bias: bool) -> LayerSpec:
+    """The LayerSpec :func:`quantize_weight` returns for a weight of this shape and config (known
+    before any fitting: allocation and streaming size their output with it)."""
+    rot = rotation_block_for(in_features, config.rotation_block) if config.rotation == "hadamard" else 0
+    has_scales = config.scale_mode != "none"
+    return LayerSpec(in_features=in_features, out_features=out_features, subvector_dim=config.subvector_dim,
+                     num_centroids=config.codebook_size, num_codebooks=config.num_codebooks,
+                     group_size=config.group_size if has_scales else 0, has_scales=has_scales,
+                     rotation_block=rot if rot >= 2 else 0, has_bias=has_bias,
+                     n_outliers=outlier_count(out_features, in_features, config.outlier_fraction))
+
+
+def _dequantized_at(flat_idx, spec: LayerSpec, books, codes, s, signs, chunk_rows: int = 1024):
+    """Values of the dequantized weight (as stored: fp16 codebooks and scales) at flat indices
+    ``row * in + col``, computing only the rows involved, ``chunk_rows`` at a time."""
+    in_f, d = spec.in_features, spec.subvector_dim
+    rows, cols = flat_idx // in_f, flat_idx % in_f
+    uniq, inv = torch.unique(rows, return_inverse=True)
+    out = torch.empty(flat_idx.shape[0], dtype=torch.float32, device=flat_idx.device)
+    g = spec.effective_group
+    for a in range(0, uniq.shape[0], chunk_rows):
+        r = uniq[a: a + chunk_rows]
+        w = torch.zeros(r.shape[0], spec.n_sub, d, device=r.device)
+        for b, c in zip(books, codes):
+            w += b.half().float()[c.reshape(spec.out_features, spec.n_sub)[r]]
+        w = w.reshape(r.shape[0], spec.padded_in)
+        if spec.has_scales:
+            w = w * s[r].repeat_interleave(g, dim=1)[:, : spec.padded_in]
+        w = w[:, :in_f]
+        if spec.rotation_block:
+            w = unrotate(w, signs.to(w.device), spec.rotation_block)
+        sel = (inv >= a) & (inv < a + chunk_rows)
+        out[sel] = w[inv[sel] - a, cols[sel]]
+    return out
 
 
 def _group_view(w: torch.Tensor, group: int) -> torch.Tensor:
@@ -46,19 +82,23 @@ def quantize_weight(weight: torch.Tensor, config: FASQConfig, name: str = "weigh
     out_f, in_f = w.shape
     d, k, m_books = config.subvector_dim, config.codebook_size, config.num_codebooks
     seed = layer_seed(config, name)
+    spec = planned_spec(out_f, in_f, config, bias is not None)
+
+    # 0. Outliers: the largest-magnitude weights leave the matrix (set to 0, so that they neither set a
+    #    group's scale nor pull a centroid) and are corrected exactly afterwards by a sparse side table.
+    if spec.n_outliers:
+        w = w.clone()  # never write into the caller's tensor
+        out_idx = w.reshape(-1).abs().topk(spec.n_outliers).indices.sort().values
+        out_orig = w.reshape(-1)[out_idx].clone()
+        w.reshape(-1)[out_idx] = 0.0
 
     # 1. Rotation along in_features (randomized block Hadamard): makes rows Gaussian-like.
-    rot_block = rotation_block_for(in_f, config.rotation_block) if config.rotation == "hadamard" else 0
-    if rot_block and rot_block < 2:
-        rot_block = 0
+    rot_block = spec.rotation_block
     signs = rotation_signs(in_f, seed) if rot_block else torch.zeros(0, dtype=torch.int8)
     if rot_block:
         w = rotate(w, signs.to(dev), rot_block)
 
-    has_scales = config.scale_mode != "none"
-    spec = LayerSpec(in_features=in_f, out_features=out_f, subvector_dim=d, num_centroids=k,
-                     num_codebooks=m_books, group_size=config.group_size if has_scales else 0,
-                     has_scales=has_scales, rotation_block=rot_block, has_bias=bias is not None)
+    has_scales = spec.has_scales
 
     # 2. Pad columns to whole sub-vectors and whole groups (padding is zero and never read back).
     g = spec.effective_group
@@ -118,4 +158,8 @@ def quantize_weight(weight: torch.Tensor, config: FASQConfig, name: str = "weigh
     }
     if bias is not None:
         tensors["bias"] = bias.detach().half().cpu()
+    if spec.n_outliers:
+        base = _dequantized_at(out_idx, spec, books, codes, s.half().float() if has_scales else s, signs)
+        tensors["outlier_idx"] = out_idx.to(torch.int32).cpu()
+        tensors["outlier_val"] = (out_orig - base).half().cpu()
     return spec, tensors

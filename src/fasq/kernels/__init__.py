@@ -106,9 +106,13 @@ def pq_linear(x: torch.Tensor, layer) -> torch.Tensor:
         k = select(layer, x)
         layer.__dict__["_fasq_choice"] = (key, k)
     if k is not None:
-        return k.fn(x, layer)
-    if x.device.type == "cuda" and "cuda" not in _warned:
-        _warned.add("cuda")
-        log.warning("fasq: no GPU kernel supports this layer/input (%s, %s tokens); falling back to the "
-                    "slow plain-PyTorch reference", layer.spec, x.reshape(-1, x.shape[-1]).shape[0])
-    return reference_linear(x, layer)
+        y = k.fn(x, layer)
+    else:
+        if x.device.type == "cuda" and "cuda" not in _warned:
+            _warned.add("cuda")
+            log.warning("fasq: no GPU kernel supports this layer/input (%s, %s tokens); falling back to the "
+                        "slow plain-PyTorch reference", layer.spec, x.reshape(-1, x.shape[-1]).shape[0])
+        y = reference_linear(x, layer)
+    if layer.spec.n_outliers:  # kernels compute the product-quantized part; the sparse correction is added here
+        y = reference.add_outliers_to_output(y, x, layer.in_features, layer.outliers())
+    return y

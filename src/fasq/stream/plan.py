@@ -17,7 +17,7 @@ from pathlib import Path
 from .. import __version__
 from ..config import FASQConfig
 from ..format import FORMAT_VERSION, LayerSpec
-from ..reference import rotation_block_for
+from ..fit.pq import planned_spec
 from .safetensors_io import (COPY_CHUNK_BYTES, DTYPE_NAMES, ITEMSIZE, CheckpointError, FileLayout, TensorEntry,
                              plan_file, read_header)
 
@@ -37,17 +37,6 @@ COMPANION_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.jso
 CPU_BYTES_PER_WEIGHT = 32.0
 CPU_CODE_BYTES = 36.0  # ... plus this much per weight, per codebook, divided by subvector_dim
 EQUALIZE_BYTES_PER_WEIGHT = 16  # balance_mlp: fp32 copies of gate and up, then of both times the gain
-
-
-def planned_spec(out_features: int, in_features: int, config: FASQConfig, has_bias: bool) -> LayerSpec:
-    """The LayerSpec :func:`fasq.fit.pq.quantize_weight` will return for a weight of this shape (the run
-    checks that it does).  Knowing every spec up front fixes the output layout before any work."""
-    rot = rotation_block_for(in_features, config.rotation_block) if config.rotation == "hadamard" else 0
-    has_scales = config.scale_mode != "none"
-    return LayerSpec(in_features=in_features, out_features=out_features, subvector_dim=config.subvector_dim,
-                     num_centroids=config.codebook_size, num_codebooks=config.num_codebooks,
-                     group_size=config.group_size if has_scales else 0, has_scales=has_scales,
-                     rotation_block=rot if rot >= 2 else 0, has_bias=has_bias)
 
 
 # ----------------------------------------------------------------------------------------------

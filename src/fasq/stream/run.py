@@ -240,7 +240,7 @@ class Workspace:
             del weight, bias
             if spec != u.spec:
                 raise RuntimeError(f"internal: {u.name}: quantize_weight made {spec}, the plan expected {u.spec} "
-                                   "(fasq.stream.plan.planned_spec is out of date)")
+                                   "(fasq.fit.pq.planned_spec is out of date)")
             for buf, t in tensors.items():
                 hashes[f"{u.name}.{buf}"] = w.write(f"{u.name}.{buf}", t)
         else:
