@@ -369,6 +369,8 @@ def main(argv=None) -> None:
     ap.add_argument("--caches", default="hot,stream,cold", help="kernel cache states, comma-separated")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="end-to-end runs per model, interleaved; the fastest is kept (default 2, --quick 1)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
@@ -386,7 +388,7 @@ def main(argv=None) -> None:
         rounds=5 if a.quick else a.rounds, caches=("hot",) if a.quick else tuple(a.caches.split(",")))
     e2e_threads = (meta["threads"],) if a.quick or meta["threads"] == 1 else (meta["threads"], 1)
     e2e = previous.get("e2e", []) if a.skip_e2e else bench_e2e(
-        new_tokens=a.new_tokens, threads=e2e_threads, repeats=1 if a.quick else 2)
+        new_tokens=a.new_tokens, threads=e2e_threads, repeats=a.repeats or (1 if a.quick else 2))
     out.parent.mkdir(parents=True, exist_ok=True)
     meta["load_average_end"] = [round(v, 1) for v in os.getloadavg()]
     tmp = out.with_suffix(".tmp")
