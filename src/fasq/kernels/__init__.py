@@ -98,13 +98,17 @@ def _choice_key(layer, x: torch.Tensor) -> tuple:
 def pq_linear(x: torch.Tensor, layer) -> torch.Tensor:
     # select() costs ~5 us of Python per call, as much as a small layer's kernel on the CPU: the
     # choice is cached on the layer for the facts it depends on (_choice_key).
+    # A few entries per layer, so that alternating inputs (fp32 / bf16, prefill / decode) do not
+    # evict each other.
     key = _choice_key(layer, x)
-    cached = layer.__dict__.get("_fasq_choice")
-    if cached is not None and cached[0] == key:
-        k = cached[1]
-    else:
-        k = select(layer, x)
-        layer.__dict__["_fasq_choice"] = (key, k)
+    choices = layer.__dict__.get("_fasq_choices")
+    if choices is None:
+        choices = layer.__dict__["_fasq_choices"] = {}
+    k = choices.get(key, choices)
+    if k is choices:
+        if len(choices) >= 8:
+            choices.clear()
+        k = choices[key] = select(layer, x)
     if k is not None:
         y = k.fn(x, layer)
     else:
