@@ -84,3 +84,24 @@ def test_unreachable_target_is_a_clear_error():
         fasq.quantize(tiny_model("llama"), FASQConfig(), progress=False, target_bits=0.5)
     with pytest.raises(ValueError, match="below the unquantized tensors"):
         fasq.quantize(tiny_model("llama"), FASQConfig(), progress=False, target_fraction=0.05)
+
+
+def test_config_target_bits_plans_like_an_explicit_target():
+    """A config's own target_bits (presets carry one) plans exactly as target_bits= does."""
+    a, b = tiny_model("llama"), tiny_model("llama")
+    fasq.quantize(a, FASQConfig(group_size=32, target_bits=3.6), progress=False)
+    fasq.quantize(b, FASQConfig(group_size=32), progress=False, target_bits=3.6)
+    assert a.config.quantization_config["modules"] == b.config.quantization_config["modules"]
+    assert a.config.quantization_config["allocation"]["target_bits"] == 3.6
+    got = model_size_report(a)["bits_per_weight"]
+    assert 3.6 * 0.99 <= got <= 3.6
+
+
+def test_config_target_out_of_reach_falls_back_with_a_warning(caplog):
+    """Where the config's target cannot be met (1 bit/weight: below the cheapest menu point once scales
+    and codebooks are counted), the config's own settings are used and a warning says so."""
+    model = tiny_model("llama")
+    with caplog.at_level("WARNING", logger="fasq.fit.allocate"):
+        fasq.quantize(model, FASQConfig(target_bits=1.0), progress=False)
+    assert "outside what fasq can reach" in caplog.text
+    assert "allocation" not in model.config.quantization_config

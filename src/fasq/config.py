@@ -51,6 +51,7 @@ class FASQConfig:
     refine_iters: int = 2          # alternate (codes -> least-squares scales) this many times
     equalize: str = "balance"      # data-free exact rescalings before fitting: none | norms | balance | full
     outlier_fraction: float = 0.0  # largest-|w| weights kept exactly in a sparse fp16 side table (0: none)
+    target_bits: float | None = None  # size target (bits/weight) for per-layer allocation when none is given
     skip_modules: tuple[str, ...] = ("lm_head", "embed_tokens")
     seed: int = 0
     version: int = CONFIG_VERSION
@@ -89,6 +90,10 @@ class FASQConfig:
             object.__setattr__(self, "outlier_fraction", float(self.outlier_fraction))
         _check(isinstance(self.outlier_fraction, float) and 0.0 <= self.outlier_fraction <= 0.01,
                "outlier_fraction", self.outlier_fraction, "a number from 0 to 0.01 (a fraction of each layer's weights)")
+        if isinstance(self.target_bits, int) and not isinstance(self.target_bits, bool):
+            object.__setattr__(self, "target_bits", float(self.target_bits))
+        _check(self.target_bits is None or (isinstance(self.target_bits, float) and 1.0 <= self.target_bits <= 32.0),
+               "target_bits", self.target_bits, "None or a number of bits per weight from 1 to 32")
         _check(self.seed >= 0, "seed", self.seed, "a non-negative integer")
         _check(all(isinstance(s, str) and s for s in self.skip_modules), "skip_modules", self.skip_modules,
                "a tuple of non-empty module-name patterns")

@@ -98,14 +98,8 @@ def quantize(model: nn.Module, config: FASQConfig | None = None, *, progress: bo
     if not targets:
         raise ValueError("no nn.Linear layers to quantize (all skipped by skip_modules="
                          f"{config.skip_modules}?)")
-    allocation = None
-    if target_bits is not None or target_fraction is not None:
-        from .fit.allocate import plan, target_bits_for_fraction
-        if target_bits is not None and target_fraction is not None:
-            raise ValueError("give target_bits or target_fraction, not both")
-        bits = target_bits if target_bits is not None else target_bits_for_fraction(model, targets, target_fraction)
-        layer_configs = {**plan(targets, config, bits), **layer_configs}
-        allocation = {"target_bits": target_bits, "target_fraction": target_fraction, "planned_bits": bits}
+    from .fit.allocate import allocate
+    layer_configs, allocation = allocate(model, targets, config, target_bits, target_fraction, layer_configs)
     modules: dict[str, dict] = {}
     workers = num_workers or (os.cpu_count() or 1)
     bar = tqdm(total=len(targets), desc="quantize", unit="layer", disable=not progress)

@@ -10,12 +10,15 @@ exactly with :class:`fasq.format.LayerSpec`, so the result lands within a fracti
 """
 from __future__ import annotations
 
+import logging
 import re
 
 from torch import nn
 
 from ..config import FASQConfig
 from .pq import planned_spec
+
+log = logging.getLogger(__name__)
 
 TYPE_PRIORITY = ("v_proj", "down_proj", "o_proj", "k_proj", "q_proj", "up_proj", "gate_proj")
 
@@ -49,8 +52,8 @@ def plan(layers: list[tuple[str, nn.Linear]], config: FASQConfig, target_bits: f
     cost = [sum(layer_bytes(lin, c) for _, lin in layers) for c in options]
     lo_bits, hi_bits = 8 * cost[0] / n_weights, 8 * cost[-1] / n_weights
     if not lo_bits <= target_bits <= hi_bits:
-        raise ValueError(f"target of {target_bits:.3f} bits/weight is outside what fasq can reach for this model "
-                         f"({lo_bits:.3f} to {hi_bits:.3f})")
+        raise TargetOutOfRange(f"target of {target_bits:.3f} bits/weight is outside what fasq can reach for "
+                               f"this model ({lo_bits:.3f} to {hi_bits:.3f})")
     i = max(j for j in range(len(options)) if cost[j] <= budget)
     lo = options[i]
     result = {name: lo for name, _ in layers}
@@ -64,6 +67,36 @@ def plan(layers: list[tuple[str, nn.Linear]], config: FASQConfig, target_bits: f
             result[name] = hi
             spent += extra
     return result
+
+
+class TargetOutOfRange(ValueError):
+    """The size target cannot be reached with the menu of settings for these layers."""
+
+
+def allocate(model: nn.Module, layers: list[tuple[str, nn.Linear]], config: FASQConfig,
+             target_bits: float | None, target_fraction: float | None,
+             layer_configs: dict[str, FASQConfig]) -> tuple[dict[str, FASQConfig], dict | None]:
+    """Per-layer configs for a size target (``layer_configs`` given by the caller win) and the
+    ``allocation`` record for ``quantization_config``; with no explicit target, the config's own
+    ``target_bits`` (presets set one) applies, and is skipped with a warning where it is out of reach
+    (e.g. layers so small that the codebooks alone exceed it)."""
+    if target_bits is not None and target_fraction is not None:
+        raise ValueError("give target_bits or target_fraction, not both")
+    from_config = target_bits is None and target_fraction is None
+    if from_config:
+        target_bits = config.target_bits
+        if target_bits is None:
+            return layer_configs, None
+    bits = target_bits if target_bits is not None else target_bits_for_fraction(model, layers, target_fraction)
+    try:
+        planned = plan(layers, config, bits)
+    except TargetOutOfRange as e:
+        if not from_config:
+            raise
+        log.warning("%s; quantizing every layer with the config's own settings instead", e)
+        return layer_configs, None
+    return {**planned, **layer_configs}, {"target_bits": target_bits, "target_fraction": target_fraction,
+                                          "planned_bits": bits}
 
 
 def target_bits_for_fraction(model: nn.Module, layers: list[tuple[str, nn.Linear]], fraction: float) -> float:

@@ -283,14 +283,8 @@ def build_plan(source: Source, config: FASQConfig, layer_configs: dict[str, FASQ
     if not targets:
         raise CheckpointError(f"{source.path}: {arch} has no nn.Linear layers to quantize "
                               f"(all skipped by skip_modules={config.skip_modules}?)")
-    allocation = None
-    if target_bits is not None or target_fraction is not None:  # as in fasq.model.quantize
-        from ..fit.allocate import plan as allocate, target_bits_for_fraction
-        if target_bits is not None and target_fraction is not None:
-            raise ValueError("give target_bits or target_fraction, not both")
-        bits = target_bits if target_bits is not None else target_bits_for_fraction(model, targets, target_fraction)
-        layer_configs = {**allocate(targets, config, bits), **layer_configs}
-        allocation = {"target_bits": target_bits, "target_fraction": target_fraction, "planned_bits": bits}
+    from ..fit.allocate import allocate  # as in fasq.model.quantize
+    layer_configs, allocation = allocate(model, targets, config, target_bits, target_fraction, layer_configs)
     unknown = sorted(set(layer_configs) - {n for n, _ in targets})
     if unknown:
         raise ValueError(f"layer_configs names modules that are not quantized linears of {arch}: {unknown[:5]}")
