@@ -296,7 +296,7 @@ def bench_e2e(variants=E2E_VARIANTS, new_tokens: int = 64, threads=(None,), repe
 def markdown(meta: dict, kernels: list[dict], e2e: list[dict]) -> str:
     out = ["## CPU (issue 6)", "",
            f"Machine: {meta['cpu']}, {meta['threads']} threads (torch {meta['torch']}); {meta['date']}.  ",
-           f"Command: `{meta['command']}`  ",
+           f"Command: `{meta['command']}` at commit {meta.get('commit', 'unknown')}  ",
            f"Load average (1/5/15 min) at start {meta.get('load_average_start')}, at end "
            f"{meta.get('load_average_end')}: the {os.cpu_count()} cores were shared with other jobs; "
            "compare ratios within a row (candidates are timed in the same interleaved rounds).", ""]
@@ -379,7 +379,12 @@ def main(argv=None) -> None:
         return
     if a.threads:
         torch.set_num_threads(a.threads)
-    meta = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    meta = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": commit,
             "load_average_start": [round(v, 1) for v in os.getloadavg()],
             "date": datetime.date.today().isoformat(), "command": "python benchmarks/cpu.py " + " ".join(argv or sys.argv[1:])}
     out = Path(a.out)
