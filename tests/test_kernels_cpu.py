@@ -58,9 +58,11 @@ def random_layer(spec: LayerSpec, seed: int = 0) -> PQLinear:
     return PQLinear.from_tensors(spec, codes, books, scales, signs, bias)
 
 
-def ref_out(layer: PQLinear, x: torch.Tensor) -> torch.Tensor:
+def ref_out(layer: PQLinear, x: torch.Tensor, outliers: bool = False) -> torch.Tensor:
+    """The reference output; ``outliers``: plus the sparse correction, as a module call adds it."""
     s = layer.spec
-    return reference.pq_linear(x.float(), s, layer.codes, layer.codebooks, layer.scales, layer.rot_signs, layer.bias)
+    y = reference.pq_linear(x.float(), s, layer.codes, layer.codebooks, layer.scales, layer.rot_signs, layer.bias)
+    return reference.add_outliers_to_output(y, x.float(), s.in_features, layer.outliers()) if outliers else y
 
 
 def check(y: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, kind: str, what: str) -> None:
@@ -139,7 +141,7 @@ def test_quantized_weight_and_registry_dispatch():
         k = select(layer, x)
         assert k is not None and k.name == want, (shape, k)
         y = layer(x)
-        check(y, ref_out(layer, x), x, "lut" if want == "cpu_lut" else "exact", f"{shape} via {want}")
+        check(y, ref_out(layer, x, outliers=True), x, "lut" if want == "cpu_lut" else "exact", f"{shape} via {want}")
         dense = x @ layer.dequantize().T + layer.bias.float()
         assert torch.allclose(y, dense, rtol=1e-2, atol=1e-2 * dense.abs().max().item())
 

@@ -179,12 +179,16 @@ def cmd_demo(args) -> int:
     from .eval import load_text, perplexity
     from .model import model_size_report, quantize
 
+    if not args.preset and args.subvector_dim is None and args.codebook_size is None:
+        args.preset = "4bit"  # the demo's default operating point
     config = config_from_args(args)
     ckpt = smollm2_checkpoint()
     text = load_text(args.corpus)
     out = Path(args.output)
     model, tok = load_any(str(ckpt))
-    print(f"model: SmolLM2-135M-Instruct ({ckpt}); text: {args.corpus}; config: d={config.subvector_dim} "
+    target = f" (preset {args.preset})" if args.preset else ""
+    target += f", target {config.target_bits} bits/weight" if config.target_bits else ""
+    print(f"model: SmolLM2-135M-Instruct ({ckpt}); text: {args.corpus}; config{target}: d={config.subvector_dim} "
           f"K={config.codebook_size} M={config.num_codebooks} group={config.group_size} rotation={config.rotation}")
     base = perplexity(model, tok, text, context_length=args.context_length, max_tokens=args.max_tokens,
                       progress=not args.quiet)

@@ -20,6 +20,8 @@ DEFAULT_FASQ_GRID: tuple[dict[str, Any], ...] = (
     {"subvector_dim": 2, "codebook_size": 256},    # ~4.1
     {"subvector_dim": 3, "codebook_size": 1024, "group_size": 96},   # ~3.5 (groups: a multiple of d)
     {"subvector_dim": 2, "codebook_size": 64},     # ~3.1
+    {"preset": "4bit"},                            # 4.25: per-layer K=256/512 (fasq.fit.allocate)
+    {"preset": "3bit"},                            # 3.25: per-layer K=64/128
     {"subvector_dim": 4, "codebook_size": 256},    # ~2.1
 )
 
@@ -68,6 +70,9 @@ class Point:
     def label(self) -> str:
         """Short human label for tables and plots."""
         s = self.settings
+        if self.method == "fasq" and "preset" in s:
+            rest = {k: v for k, v in s.items() if k != "preset"}
+            return f"preset {s['preset']}" + "".join(f" {k}={v}" for k, v in sorted(rest.items()))
         if self.method == "fasq":
             extra = {k: v for k, v in s.items() if k not in ("subvector_dim", "codebook_size")}
             base = f"d={s.get('subvector_dim', '?')} K={s.get('codebook_size', '?')}"
