@@ -50,7 +50,7 @@ class FASQConfig:
     kmeans_max_points: int = 65536  # sub-vectors sampled to train a codebook (all are assigned)
     refine_iters: int = 2          # alternate (codes -> least-squares scales) this many times
     equalize: str = "balance"      # data-free exact rescalings before fitting: none | norms | balance | full
-    outlier_fraction: float = 2e-4  # largest-|w| weights kept exactly in a sparse fp16 side table (0: none)
+    outlier_fraction: float = 1e-3  # largest-|w| weights kept exactly in a sparse fp16 side table (0: none)
     target_bits: float | None = None  # size target (bits/weight) for per-layer allocation when none is given
     skip_modules: tuple[str, ...] = ("lm_head", "embed_tokens")
     seed: int = 0
