@@ -30,20 +30,12 @@ TOL = {("exact", torch.float32): 2e-5, ("lut", torch.float32): 2e-3,
        ("exact", torch.float16): 4e-3, ("lut", torch.float16): 5e-3}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def kernel_built():
-    if not cpu.available():
-        pytest.skip("the CPU kernel could not be built on this machine (see the warning)")
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    monkeypatch.setattr(cpu, "POISON", True)
+from cpu_kernel_support import kernel_built, poison  # noqa: E402,F401  (autouse fixtures)
+from cpu_kernel_support import isas_here as _isas_here  # noqa: E402
 
 
 def isas_here() -> list[str]:
-    best = cpu.default_isa()
-    return [i for i in ISAS if cpu.ISAS[i] <= cpu.ISAS[best]]
+    return _isas_here(ISAS)
 
 
 def random_layer(spec: LayerSpec, seed: int = 0) -> PQLinear:

@@ -20,19 +20,12 @@ from conftest import tiny_model
 ISAS = ("avx512", "avx2", "scalar")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def kernel_built():
-    if not cpu.available():
-        pytest.skip("the CPU kernel could not be built on this machine (see the warning)")
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    monkeypatch.setattr(cpu, "POISON", True)
+from cpu_kernel_support import kernel_built, poison  # noqa: E402,F401  (autouse fixtures)
+from cpu_kernel_support import isas_here as _isas_here  # noqa: E402
 
 
 def isas_here() -> list[str]:
-    return [i for i in ISAS if cpu.ISAS[i] <= cpu.ISAS[cpu.default_isa()]]
+    return _isas_here(ISAS)
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:

@@ -22,6 +22,7 @@ DEFAULT_FASQ_GRID: tuple[dict[str, Any], ...] = (
     {"subvector_dim": 2, "codebook_size": 64},     # ~3.1
     {"preset": "4bit"},                            # 4.25: per-layer K=256/512 (fasq.fit.allocate)
     {"preset": "3bit"},                            # 3.25: per-layer K=64/128
+    {"subvector_dim": 2, "codebook_size": 16, "target_bits": 2.25},  # 2.25: per-layer K=16/32
     {"subvector_dim": 4, "codebook_size": 256},    # ~2.1
 )
 
