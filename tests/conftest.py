@@ -80,3 +80,12 @@ def text_file(tmp_path):
     p = tmp_path / "text.txt"
     p.write_text(SAMPLE_TEXT)
     return p
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama saved as a Hugging Face directory (config, weights, tokenizer)."""
+    d = tmp_path_factory.mktemp("model") / "tiny-llama"
+    tiny_model("llama").save_pretrained(d)
+    make_tokenizer().save_pretrained(d)
+    return d

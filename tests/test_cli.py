@@ -6,16 +6,6 @@ import pytest
 
 from fasq.cli import main
 
-from conftest import make_tokenizer, tiny_model
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cli") / "tiny-llama"
-    tiny_model("llama").save_pretrained(d)
-    make_tokenizer().save_pretrained(d)
-    return d
-
 
 def test_quantize_info_eval_generate(model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "q"

@@ -54,7 +54,10 @@ def ref_out(layer: PQLinear, x: torch.Tensor, outliers: bool = False) -> torch.T
     """The reference output; ``outliers``: plus the sparse correction, as a module call adds it."""
     s = layer.spec
     y = reference.pq_linear(x.float(), s, layer.codes, layer.codebooks, layer.scales, layer.rot_signs, layer.bias)
-    return reference.add_outliers_to_output(y, x.float(), s.in_features, layer.outliers()) if outliers else y
+    if not (outliers and s.n_outliers):
+        return y
+    rows, cols = reference.outlier_rows_cols(layer.outlier_idx, s.in_features)
+    return reference.add_outliers_to_output(y, x.float(), rows, cols, layer.outlier_val)
 
 
 def check(y: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, kind: str, what: str) -> None:

@@ -22,14 +22,6 @@ POINTS = [Point("original"), *FASQ_POINTS, Point("rtn", {"bits": 4, "group_size"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sweep") / "tiny-llama"
-    tiny_model("llama").save_pretrained(d)
-    make_tokenizer().save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def settings(model_dir, tmp_path_factory):
     text = tmp_path_factory.mktemp("text") / "text.txt"
     text.write_text("\n\n".join([SAMPLE_TEXT] * 3))

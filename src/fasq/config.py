@@ -86,12 +86,12 @@ class FASQConfig:
         _check(self.kmeans_max_points >= 1024, "kmeans_max_points", self.kmeans_max_points, "at least 1024")
         _check(0 <= self.refine_iters <= 20, "refine_iters", self.refine_iters, "an integer from 0 to 20")
         _check(self.equalize in EQUALIZE_MODES, "equalize", self.equalize, f"one of {EQUALIZE_MODES}")
-        if isinstance(self.outlier_fraction, int) and not isinstance(self.outlier_fraction, bool):
-            object.__setattr__(self, "outlier_fraction", float(self.outlier_fraction))
+        for name in ("outlier_fraction", "target_bits"):  # JSON and users may give whole numbers
+            v = getattr(self, name)
+            if isinstance(v, int) and not isinstance(v, bool):
+                object.__setattr__(self, name, float(v))
         _check(isinstance(self.outlier_fraction, float) and 0.0 <= self.outlier_fraction <= 0.01,
                "outlier_fraction", self.outlier_fraction, "a number from 0 to 0.01 (a fraction of each layer's weights)")
-        if isinstance(self.target_bits, int) and not isinstance(self.target_bits, bool):
-            object.__setattr__(self, "target_bits", float(self.target_bits))
         _check(self.target_bits is None or (isinstance(self.target_bits, float) and 1.0 <= self.target_bits <= 32.0),
                "target_bits", self.target_bits, "None or a number of bits per weight from 1 to 32")
         _check(self.seed >= 0, "seed", self.seed, "a non-negative integer")

@@ -76,6 +76,12 @@ def unpack_codes(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
     return codes.reshape(*lead, n_codes)
 
 
+# Every buffer a PQLinear may hold and its stored dtype (which ones a layer has: LayerSpec.buffer_shapes).
+BUFFER_DTYPES: dict[str, torch.dtype] = {
+    "codes": torch.int32, "codebooks": torch.float16, "scales": torch.float16, "rot_signs": torch.int8,
+    "bias": torch.float16, "outlier_idx": torch.int32, "outlier_val": torch.float16}
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     """Shape and settings of one quantized layer: all a loader needs to allocate its buffers."""
@@ -132,9 +138,7 @@ class LayerSpec:
         }
 
     def buffer_dtypes(self) -> dict[str, torch.dtype]:
-        return {"codes": torch.int32, "codebooks": torch.float16, "scales": torch.float16,
-                "rot_signs": torch.int8, "bias": torch.float16, "outlier_idx": torch.int32,
-                "outlier_val": torch.float16}
+        return dict(BUFFER_DTYPES)
 
     def storage_bytes(self) -> int:
         """Exact bytes of every stored buffer of this layer."""

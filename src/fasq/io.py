@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .config import QUANT_METHOD, FASQConfig
-from .format import FORMAT_VERSION, LayerSpec
+from .format import BUFFER_DTYPES, FORMAT_VERSION, LayerSpec
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +283,7 @@ def _use_16bit_embeddings(model: torch.nn.Module, f, out_dtype: torch.dtype) -> 
 
 def _is_pq_buffer(name: str, specs: dict) -> bool:
     mod, _, leaf = name.rpartition(".")
-    return mod in specs and leaf in ("codes", "codebooks", "scales", "rot_signs", "bias", "outlier_idx", "outlier_val")
+    return mod in specs and leaf in BUFFER_DTYPES
 
 
 def _materialize_nonpersistent(model: torch.nn.Module, hf_config) -> None:

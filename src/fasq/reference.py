@@ -94,14 +94,15 @@ def add_outliers_to_weight(w: torch.Tensor, outliers) -> torch.Tensor:
     return w
 
 
-def add_outliers_to_output(y: torch.Tensor, x: torch.Tensor, in_features: int, outliers) -> torch.Tensor:
-    """y + x S^T for the sparse correction S (n entries): ``y[..., row] += x[..., col] * val``.
-    Every kernel's output gets this in the dispatcher; it costs O(tokens * n)."""
-    if outliers is None:
-        return y
-    idx, val = outliers
+def outlier_rows_cols(idx: torch.Tensor, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column (int64) of each flat outlier index ``row * in + col``."""
     idx = idx.long()
-    rows, cols = idx // in_features, idx % in_features
+    return idx // in_features, idx % in_features
+
+
+def add_outliers_to_output(y: torch.Tensor, x: torch.Tensor, rows, cols, val) -> torch.Tensor:
+    """y + x S^T for the sparse correction S (n entries): ``y[..., row] += x[..., col] * val``.
+    The kernel dispatcher adds this to every kernel's output; it costs O(tokens * n)."""
     return y.index_add(-1, rows, x[..., cols] * val.to(x.dtype))
 
 

@@ -1,13 +1,14 @@
 """Weight -> stored format, calibration-free: rotation, group normalization, k-means, scale refinement."""
 from __future__ import annotations
 
+import dataclasses
 import zlib
 
 import torch
 
 from ..config import FASQConfig
 from ..format import LayerSpec, outlier_count, pack_codes
-from ..reference import rotate, rotation_block_for, unrotate
+from ..reference import dequantize, rotate, rotation_block_for
 from .kmeans import assign, kmeans
 
 
@@ -37,25 +38,16 @@ def planned_spec(out_features: int, in_features: int, config: FASQConfig, has_bi
                      n_outliers=outlier_count(out_features, in_features, config.outlier_fraction))
 
 
-def _dequantized_at(flat_idx, spec: LayerSpec, books, codes, s, signs, chunk_rows: int = 1024):
-    """Values of the dequantized weight (as stored: fp16 codebooks and scales) at flat indices
-    ``row * in + col``, computing only the rows involved, ``chunk_rows`` at a time."""
-    in_f, d = spec.in_features, spec.subvector_dim
-    rows, cols = flat_idx // in_f, flat_idx % in_f
+def _dequantized_at(flat_idx, spec: LayerSpec, tensors: dict, chunk_rows: int = 1024) -> torch.Tensor:
+    """Values of the stored weight (``reference.dequantize`` of ``tensors``) at flat indices
+    ``row * in + col``, dequantizing only the rows involved, ``chunk_rows`` at a time."""
+    rows, cols = flat_idx // spec.in_features, flat_idx % spec.in_features
     uniq, inv = torch.unique(rows, return_inverse=True)
-    out = torch.empty(flat_idx.shape[0], dtype=torch.float32, device=flat_idx.device)
-    g = spec.effective_group
+    out = torch.empty(flat_idx.shape[0], dtype=torch.float32)
     for a in range(0, uniq.shape[0], chunk_rows):
         r = uniq[a: a + chunk_rows]
-        w = torch.zeros(r.shape[0], spec.n_sub, d, device=r.device)
-        for b, c in zip(books, codes):
-            w += b.half().float()[c.reshape(spec.out_features, spec.n_sub)[r]]
-        w = w.reshape(r.shape[0], spec.padded_in)
-        if spec.has_scales:
-            w = w * s[r].repeat_interleave(g, dim=1)[:, : spec.padded_in]
-        w = w[:, :in_f]
-        if spec.rotation_block:
-            w = unrotate(w, signs.to(w.device), spec.rotation_block)
+        part = dataclasses.replace(spec, out_features=r.shape[0], has_bias=False, n_outliers=0)
+        w = dequantize(part, tensors["codes"][:, r], tensors["codebooks"], tensors["scales"][r], tensors["rot_signs"])
         sel = (inv >= a) & (inv < a + chunk_rows)
         out[sel] = w[inv[sel] - a, cols[sel]]
     return out
@@ -159,7 +151,7 @@ def quantize_weight(weight: torch.Tensor, config: FASQConfig, name: str = "weigh
     if bias is not None:
         tensors["bias"] = bias.detach().half().cpu()
     if spec.n_outliers:
-        base = _dequantized_at(out_idx, spec, books, codes, s.half().float() if has_scales else s, signs)
-        tensors["outlier_idx"] = out_idx.to(torch.int32).cpu()
-        tensors["outlier_val"] = (out_orig - base).half().cpu()
+        out_idx = out_idx.cpu()
+        tensors["outlier_idx"] = out_idx.to(torch.int32)
+        tensors["outlier_val"] = (out_orig.cpu() - _dequantized_at(out_idx, spec, tensors)).half()
     return spec, tensors

@@ -118,8 +118,7 @@ def pq_linear(x: torch.Tensor, layer) -> torch.Tensor:
                         "slow plain-PyTorch reference", layer.spec, x.reshape(-1, x.shape[-1]).shape[0])
         y = reference_linear(x, layer)
     if layer.spec.n_outliers:  # kernels compute the product-quantized part; the sparse correction is added here
-        rows, cols, val = _outlier_operands(layer)
-        y = y.index_add(-1, rows, x[..., cols] * val.to(x.dtype))
+        y = reference.add_outliers_to_output(y, x, *_outlier_operands(layer))
     return y
 
 
@@ -130,6 +129,5 @@ def _outlier_operands(layer) -> tuple:
     key = (idx.data_ptr(), val.data_ptr(), idx.device)
     cached = layer.__dict__.get("_fasq_outliers")
     if cached is None or cached[0] != key:
-        i = idx.long()
-        cached = layer.__dict__["_fasq_outliers"] = (key, i // layer.in_features, i % layer.in_features, val)
+        cached = layer.__dict__["_fasq_outliers"] = (key, *reference.outlier_rows_cols(idx, layer.in_features), val)
     return cached[1:]
