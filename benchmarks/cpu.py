@@ -367,6 +367,9 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--caches", default="hot,stream,cold", help="kernel cache states, comma-separated")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="kernel shapes, comma-separated (names in SHAPES)")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="kernel configs, comma-separated (names in CONFIGS)")
+    ap.add_argument("--tokens", default="1,4,16", help="token counts of the main config, comma-separated")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None,
@@ -389,7 +392,13 @@ def main(argv=None) -> None:
             "date": datetime.date.today().isoformat(), "command": "python benchmarks/cpu.py " + " ".join(argv or sys.argv[1:])}
     out = Path(a.out)
     previous = json.loads(out.read_text()) if out.exists() else {}  # a skipped part keeps its last results
+    for arg, table in (("shapes", SHAPES), ("configs", CONFIGS)):
+        bad = [n for n in getattr(a, arg).split(",") if n not in table]
+        if bad:
+            ap.error(f"--{arg}: unknown {bad}; allowed are {list(table)}")
     kernels = previous.get("kernels", []) if a.skip_kernels else bench_kernels(
+        shapes={n: SHAPES[n] for n in a.shapes.split(",")}, configs={n: CONFIGS[n] for n in a.configs.split(",")},
+        tokens=tuple(int(t) for t in a.tokens.split(",")),
         rounds=5 if a.quick else a.rounds, caches=("hot",) if a.quick else tuple(a.caches.split(",")))
     e2e_threads = (meta["threads"],) if a.quick or meta["threads"] == 1 else (meta["threads"], 1)
     e2e = previous.get("e2e", []) if a.skip_e2e else bench_e2e(

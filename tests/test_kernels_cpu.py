@@ -241,3 +241,70 @@ def test_broken_compiler_warns_once_and_falls_back(tmp_path):
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
     warnings = [ln for ln in r.stderr.splitlines() if "could not build the CPU kernel" in ln]
     assert len(warnings) == 1, r.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# PQLinear.forward's fast path: the per-layer Plan (one C++ call for the whole layer, outliers included).
+def layer_with_outliers(spec: LayerSpec, n: int, seed: int = 0) -> PQLinear:
+    spec = LayerSpec(**{**spec.to_dict(), "n_outliers": n})
+    base = random_layer(LayerSpec(**{**spec.to_dict(), "n_outliers": 0}), seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    idx = torch.randperm(spec.in_features * spec.out_features, generator=g)[:n].int()
+    val = (torch.randn(n, generator=g) * 3).half()
+    b = base._buffers
+    return PQLinear.from_tensors(spec, b["codes"], b["codebooks"], b["scales"], b["rot_signs"], b.get("bias"), idx, val)
+
+
+PLAN_SPECS = [
+    # (in, out, d, K, M, group, rotation_block, bias, outliers)
+    (576, 192, 2, 256, 1, 128, 64, False, 110),    # SmolLM2 k/v
+    (576, 576, 2, 256, 1, 128, 64, True, 330),     # SmolLM2 q/o
+    (100, 33, 3, 64, 1, 0, 4, False, 5),           # in not a multiple of d
+    (70, 130, 8, 256, 2, 16, 2, True, 0),
+    (96, 50, 4, 4096, 1, 32, 32, False, 9),        # K > 256: direct
+]
+
+
+@pytest.mark.parametrize("shape", PLAN_SPECS, ids=[f"{s[0]}x{s[1]}-d{s[2]}-K{s[3]}-o{s[8]}" for s in PLAN_SPECS])
+def test_module_fast_path_matches_reference(shape):
+    i, o, d, k, m, g, rot, bias, n_out = shape
+    spec = LayerSpec(i, o, d, k, num_codebooks=m, group_size=g, rotation_block=rot, has_bias=bias)
+    layer = layer_with_outliers(spec, n_out, seed=i + o) if n_out else random_layer(spec, seed=i + o)
+    gen = torch.Generator().manual_seed(5)
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        for t in (1, 2, 3, 5, 8, 9):
+            x = torch.randn(1, t, i, generator=gen).to(dt)
+            want = select(layer, x).name
+            ref = ref_out(layer, x, outliers=True)
+            for call in range(2):                      # the first call installs the plan, the second uses it
+                if call and t <= cpu.FEW_MAX_TOKENS:
+                    assert layer.__dict__.get("_fasq_plan") is not None
+                check(layer(x), ref, x, "lut" if want == "cpu_lut" else "exact", f"{spec} {dt} tokens={t} call {call}")
+
+
+def test_plan_follows_buffers_env_and_grad(monkeypatch):
+    spec = LayerSpec(64, 300, 2, 256, group_size=32, rotation_block=16, has_bias=True, n_outliers=20)
+    a, b = layer_with_outliers(spec, 20, seed=1), layer_with_outliers(spec, 20, seed=2)
+    x = torch.randn(1, 64)
+    kind = "lut" if cpu.lut_supported(spec) else "exact"
+    a(x), a(x)
+    plan = a.__dict__["_fasq_plan"]
+    assert plan.run(x, a._buffers, __import__("fasq.kernels").kernels._generation) is not None
+    a.load_state_dict(b.state_dict())                  # in-place copies: version counters change
+    check(a(x), ref_out(b, x, outliers=True), x, kind, "after load_state_dict")
+    check(a(x), ref_out(b, x, outliers=True), x, kind, "after load_state_dict, plan rebuilt")
+    c = layer_with_outliers(spec, 20, seed=3)
+    a._buffers["outlier_val"] = c.outlier_val.clone()  # a buffer object replaced
+    a._buffers["outlier_idx"] = c.outlier_idx.clone()
+    want = ref_out(b, x) + (ref_out(c, x, outliers=True) - ref_out(c, x))
+    check(a(x), want, x, kind, "after replacing the outlier buffers")
+    monkeypatch.setenv("FASQ_DISABLE_KERNELS", "all")  # the registry's switch: the plan must step aside
+    ref = reference.pq_linear(x, spec, a.codes, a.codebooks, a.scales, a.rot_signs, a.bias)
+    rows, cols = reference.outlier_rows_cols(a.outlier_idx, 64)
+    assert torch.equal(a(x), reference.add_outliers_to_output(ref, x, rows, cols, a.outlier_val))
+    monkeypatch.delenv("FASQ_DISABLE_KERNELS")
+    xg = x.clone().requires_grad_()
+    y = a(xg)                                          # autograd: the reference, with a graph
+    assert y.requires_grad
+    y.sum().backward()
+    assert xg.grad is not None and xg.grad.shape == x.shape

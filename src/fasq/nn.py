@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .format import LayerSpec
-from . import reference
+from . import kernels, reference
 
 
 class PQLinear(nn.Module):
@@ -49,6 +49,8 @@ class PQLinear(nn.Module):
     # Keep fp16 buffers in fp16 (and int buffers as ints) when the model is cast with .to(dtype):
     # the stored format is fixed; kernels upcast as they compute.
     def _apply(self, fn, recurse=True):
+        for cache in ("_fasq_plan", "_fasq_cpu", "_fasq_outliers"):  # per-layer kernel caches of the old buffers
+            self.__dict__.pop(cache, None)
         saved = {n: b.dtype for n, b in self._buffers.items() if b is not None}
         super()._apply(fn, recurse)
         for n, dt in saved.items():
@@ -70,8 +72,15 @@ class PQLinear(nn.Module):
         return (self.outlier_idx, self.outlier_val) if self.spec.n_outliers else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .kernels import pq_linear
-        return pq_linear(x, self)
+        # A kernel may leave a per-layer plan that serves calls like the last ones in one C++ call
+        # (fasq.kernels.cpu.install_plan); it returns None for anything it cannot serve, and
+        # torch.compile traces the registry path (custom ops with fake implementations) instead.
+        plan = self.__dict__.get("_fasq_plan")
+        if plan is not None and not torch.compiler.is_compiling():
+            y = plan.run(x, self._buffers, kernels._generation)
+            if y is not None:
+                return y
+        return kernels.pq_linear(x, self)
 
     def storage_bytes(self) -> int:
         return self.spec.storage_bytes()

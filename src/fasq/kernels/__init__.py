@@ -27,6 +27,9 @@ class Kernel:
     supports: Callable[..., bool]          # supports(layer, x) -> bool
     fn: Callable[..., torch.Tensor]        # fn(x, layer) -> y
     priority: int = 0                      # higher wins
+    # install(layer, x): called whenever the registry runs this kernel for (layer, x); may set up a
+    # faster path for the next such calls (the CPU kernels' per-layer Plan, tried by PQLinear.forward).
+    install: Callable[..., None] | None = None
 
 
 _KERNELS: dict[str, Kernel] = {}
@@ -111,6 +114,8 @@ def pq_linear(x: torch.Tensor, layer) -> torch.Tensor:
         k = choices[key] = select(layer, x)
     if k is not None:
         y = k.fn(x, layer)
+        if k.install is not None and not torch.compiler.is_compiling():
+            k.install(layer, x)
     else:
         if x.device.type == "cuda" and "cuda" not in _warned:
             _warned.add("cuda")
@@ -126,7 +131,8 @@ def _outlier_operands(layer) -> tuple:
     """(rows, cols, values) of the layer's sparse correction, cached on the layer (splitting the flat
     indices every call costs more Python than the correction itself on small layers)."""
     idx, val = layer.outlier_idx, layer.outlier_val
-    key = (idx.data_ptr(), val.data_ptr(), idx.device)
+    # (inference tensors have no version counter, and cannot change in place outside inference mode)
+    key = (idx.data_ptr(), val.data_ptr(), idx.device, None if idx.is_inference() else idx._version)
     cached = layer.__dict__.get("_fasq_outliers")
     if cached is None or cached[0] != key:
         cached = layer.__dict__["_fasq_outliers"] = (key, *reference.outlier_rows_cols(idx, layer.in_features), val)

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from .. import reference
 from ..format import LayerSpec, unpack_codes
 from . import Kernel, register
 
@@ -90,7 +91,7 @@ _ATTEMPTS = (("native", ["-O3", "-march=native", "-fopenmp"], ["-fopenmp"]),
              ("portable", ["-O3"], []))
 
 
-def _build(cflags: list[str], ldflags: list[str]) -> None:
+def _build(cflags: list[str], ldflags: list[str]):
     from torch.utils import cpp_extension
 
     key = _build_key(cflags)
@@ -98,24 +99,35 @@ def _build(cflags: list[str], ldflags: list[str]) -> None:
     build_dir = cache_dir() / key
     so_path, marker = build_dir / f"{name}.so", build_dir / "built.ok"
     if marker.exists() and so_path.exists():
-        torch.ops.load_library(str(so_path))
-        return
+        return _import_library(name, so_path)
     build_dir.mkdir(parents=True, exist_ok=True)
     log.info("fasq: building the CPU kernel in %s (once per machine, about a minute)", build_dir)
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:  # cpp_extension's own warnings go to DEBUG
         warnings.simplefilter("always")
-        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags,
-                           build_directory=str(build_dir), is_python_module=False, verbose=False)
+        lib = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags,
+                                 build_directory=str(build_dir), is_python_module=True, verbose=False)
     for w in caught:
         log.debug("cpp_extension: %s", w.message)
     tmp = marker.with_suffix(".tmp")
     tmp.write_text(f"{torch.__version__} {' '.join(cflags)}\n")
     tmp.replace(marker)  # atomic: another process never loads a half-written library
     log.info("fasq: CPU kernel built in %.0f s", time.perf_counter() - t0)
+    return lib
+
+
+def _import_library(name: str, so_path: Path):
+    """Import the built library as a Python module (loading it also registers its torch.library ops)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, so_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 _features: int | None = None
+_lib = None  # the built library as a Python module (its Plan class serves PQLinear.forward's fast path)
 
 
 def features() -> int:
@@ -128,10 +140,11 @@ def features() -> int:
 
 
 def _build_or_fail() -> int:
+    global _lib
     errors = []
     for label, cflags, ldflags in _ATTEMPTS:
         try:
-            _build(cflags, ldflags)
+            lib = _build(cflags, ldflags)
         except Exception as e:  # noqa: BLE001 - any build/load failure means: no kernel
             msg = str(e).strip().splitlines()
             reason = msg[-1] if msg else type(e).__name__
@@ -142,6 +155,7 @@ def _build_or_fail() -> int:
         if label != "native":
             log.warning("fasq: CPU kernel built without -march=native/OpenMP (%s); it will be slower",
                         "; ".join(errors))
+        _lib = lib
         torch.library.register_fake("fasq::cpu_pq_linear")(_fake_cpu_pq_linear)
         torch.library.register_fake("fasq::cpu_dense16_linear")(_fake_cpu_dense16_linear)
         return int(torch.ops.fasq.cpu_features())
@@ -299,6 +313,45 @@ def cpu_linear(x: torch.Tensor, layer, method: str, isa: str | None = None) -> t
 
 
 # ----------------------------------------------------------------------------------------------
+# PQLinear.forward's fast path: a per-layer Plan (C++, pq_cpu.cpp) that runs the whole call.
+_DTYPE_INDEX = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _make_plan(layer, generation: int):
+    spec, b = layer.spec, layer._buffers
+    p = _prepare(layer)
+    isa = default_isa()
+    lut = _lut_tensors(layer, p) if lut_supported(spec, isa) else (None,) * 4
+    outliers = (None,) * 3
+    watched = [t for t in p.bufs if t is not None]
+    if spec.n_outliers:
+        idx, val = b["outlier_idx"], b["outlier_val"]
+        rows, cols = reference.outlier_rows_cols(idx, spec.in_features)
+        outliers = (rows.contiguous(), cols.contiguous(), val.float().contiguous())
+        watched += [idx, val]
+    watched = [t for t in watched if not t.is_inference()]  # inference tensors have no version counter
+    return _lib.Plan(b["codes"], p.tables, b["scales"], b["rot_signs"], b.get("bias"), lut[0], lut[1], lut[2], lut[3],
+                     *outliers, _meta(spec, "direct", isa), dict(b), watched, generation)
+
+
+def install_plan(layer, x: torch.Tensor, method: str) -> None:
+    """The registry chose ``method`` for (layer, x): let the layer's Plan serve such calls from now on
+    (``PQLinear.forward`` tries it first).  Up to FEW_MAX_TOKENS tokens; larger calls are long enough
+    that the registry's Python costs nothing in comparison."""
+    from . import _generation
+
+    t = _tokens(x)
+    if _lib is None or not 1 <= t <= FEW_MAX_TOKENS or x.dtype not in _DTYPE_INDEX or x.device.type != "cpu":
+        return
+    d = layer.__dict__
+    plan = d.get("_fasq_plan")
+    if plan is None or d.get("_fasq_plan_poison") != POISON or not plan.valid(layer._buffers, _generation):
+        plan = d["_fasq_plan"] = _make_plan(layer, _generation)
+        d["_fasq_plan_poison"] = POISON
+    plan.set_method(_DTYPE_INDEX[x.dtype], t, _MODE[method])
+
+
+# ----------------------------------------------------------------------------------------------
 # Registry entries.  supports() runs on every forward call: the per-layer facts are cached.
 def _caps(layer) -> tuple:
     """(spec, kernel can run it, LUT/PERM can run it, LUT preferred for 1 token), cached on the layer."""
@@ -335,11 +388,10 @@ def _supports_tiled(layer, x) -> bool:
     return _caps(layer)[1] and _input_ok(x)
 
 
-register(Kernel("cpu_lut", ("cpu",), _supports_lut, lambda x, layer: cpu_linear(x, layer, "lut"), priority=30))
-register(Kernel("cpu_perm", ("cpu",), _supports_perm, lambda x, layer: cpu_linear(x, layer, "perm"), priority=25))
-register(Kernel("cpu_direct", ("cpu",), _supports_direct, lambda x, layer: cpu_linear(x, layer, "direct"),
-                priority=20))
-register(Kernel("cpu_tiled", ("cpu",), _supports_tiled, lambda x, layer: cpu_linear(x, layer, "tiled"), priority=10))
+for _name, _supports, _priority in (("lut", _supports_lut, 30), ("perm", _supports_perm, 25),
+                                   ("direct", _supports_direct, 20), ("tiled", _supports_tiled, 10)):
+    register(Kernel(f"cpu_{_name}", ("cpu",), _supports, lambda x, layer, m=_name: cpu_linear(x, layer, m),
+                    priority=_priority, install=lambda layer, x, m=_name: install_plan(layer, x, m)))
 
 
 # ----------------------------------------------------------------------------------------------
