@@ -1,4 +1,5 @@
-"""Calibration-free k-means: faiss on CPU when installed, a torch implementation everywhere else.
+"""Calibration-free k-means: faiss on CPU when installed, a torch implementation everywhere else;
+assignment by fasq's C++ kernel on the CPU when it builds.
 
 Both are deterministic for a given seed (and thread count, for faiss).
 """
@@ -8,6 +9,8 @@ import functools
 import logging
 
 import torch
+
+from .native import nearest
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,12 @@ def _sample(x: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
-    """Index of the nearest centroid for each row of x. x: [N, d], centroids: [K, d] -> [N] int64."""
+    """Index of the nearest centroid for each row of x. x: [N, d], centroids: [K, d] -> [N] int64.
+
+    On the CPU: fasq's own kernel (:mod:`fasq.fit.native`), else faiss, else torch."""
+    out = nearest(x, centroids)
+    if out is not None:
+        return out
     if x.device.type == "cpu" and _have_faiss():
         return _faiss_assign(x, centroids)
     c2 = (centroids * centroids).sum(1)

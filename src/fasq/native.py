@@ -1,0 +1,97 @@
+"""Build-and-cache for fasq's C++ CPU extensions (``torch.utils.cpp_extension``), never at import.
+
+Each extension is compiled once per machine, source, flags and torch version into
+``~/.cache/fasq/<subdir>/<hash>/`` (``$FASQ_CACHE_DIR`` overrides ``~/.cache/fasq``); a ``built.ok``
+marker, written atomically after a successful build, is what later processes trust.  Flags are tried
+in order (``-march=native`` with OpenMP first, then a portable ``-O3``).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ATTEMPTS = (("native", ["-O3", "-march=native", "-fopenmp"], ["-fopenmp"]),
+            ("portable", ["-O3"], []))
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FASQ_CACHE_DIR") or Path.home() / ".cache" / "fasq")
+
+
+def cpu_flags() -> str:
+    """The CPU's feature flags (part of the build key: a cached -march=native build is per CPU)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build_key(source: Path, cflags: list[str]) -> str:
+    h = hashlib.sha256(source.read_bytes())
+    for part in (torch.__version__, sys.version, " ".join(cflags), os.environ.get("CXX", ""), cpu_flags()):
+        h.update(b"\0" + part.encode())
+    return h.hexdigest()[:16]
+
+
+def build(source: Path, prefix: str, subdir: str, cflags: list[str], ldflags: list[str],
+          python_module: bool):
+    """Compile ``source`` (or reuse the cached build) and load it: the Python module when
+    ``python_module``, else the library is loaded into ``torch.ops`` and None is returned."""
+    from torch.utils import cpp_extension
+
+    key = build_key(source, cflags)
+    name = f"{prefix}_{key}"
+    build_dir = cache_root() / subdir / key
+    so_path, marker = build_dir / f"{name}.so", build_dir / "built.ok"
+    if not (marker.exists() and so_path.exists()):
+        build_dir.mkdir(parents=True, exist_ok=True)
+        log.info("fasq: building %s in %s (once per machine, about a minute)", source.name, build_dir)
+        t0 = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:  # cpp_extension's own warnings go to DEBUG
+            warnings.simplefilter("always")
+            cpp_extension.load(name=name, sources=[str(source)], extra_cflags=cflags, extra_ldflags=ldflags,
+                               build_directory=str(build_dir), is_python_module=False, verbose=False)
+        for w in caught:
+            log.debug("cpp_extension: %s", w.message)
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(f"{torch.__version__} {' '.join(cflags)}\n")
+        tmp.replace(marker)  # atomic: another process never loads a half-written library
+        log.info("fasq: %s built in %.0f s", source.name, time.perf_counter() - t0)
+    if not python_module:
+        torch.ops.load_library(str(so_path))
+        return None
+    spec = importlib.util.spec_from_file_location(name, so_path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def build_first_that_works(source: Path, prefix: str, subdir: str, python_module: bool):
+    """Try :data:`ATTEMPTS` in order; returns (label, module-or-None) of the first that builds.
+    Raises RuntimeError listing each attempt's last error line when none does."""
+    errors = []
+    for label, cflags, ldflags in ATTEMPTS:
+        try:
+            return label, build(source, prefix, subdir, cflags, ldflags, python_module)
+        except Exception as e:  # noqa: BLE001 - any build/load failure means: try the next flags
+            msg = str(e).strip().splitlines()
+            reason = msg[-1] if msg else type(e).__name__
+            if not any(reason in err for err in errors):
+                errors.append(f"{label}: {reason}")
+            log.debug("fasq: build of %s (%s) failed:\n%s", source.name, label, e)
+    raise RuntimeError("; ".join(errors))

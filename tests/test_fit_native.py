@@ -1,0 +1,50 @@
+"""The C++ nearest-centroid kernel used by k-means (fasq.fit.native) against plain torch."""
+import pytest
+import torch
+
+from fasq.fit import kmeans as km
+from fasq.fit import native
+
+
+def _torch_nearest(x, c):
+    return torch.cdist(x.double(), c.double()).argmin(1)
+
+
+needs_kernel = pytest.mark.skipif(native.module() is None, reason="the k-means C++ kernel did not build here")
+
+
+@needs_kernel
+@pytest.mark.parametrize("d", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("k", [2, 17, 256, 1024])
+@pytest.mark.parametrize("n", [1, 63, 1000])
+def test_nearest_matches_exhaustive_search(d, k, n):
+    gen = torch.Generator().manual_seed(d * 7919 + k * 31 + n)
+    x = torch.randn(n, d, generator=gen)
+    c = torch.randn(k, d, generator=gen)
+    got = native.nearest(x, c)
+    want = _torch_nearest(x, c)
+    assert got.dtype == torch.int64 and got.shape == (n,)
+    assert int(got.min()) >= 0 and int(got.max()) < k
+    # Same centroid, or one at the same distance up to fp32 rounding (a near-tie).
+    dg = ((x.double() - c.double()[got]) ** 2).sum(1)
+    dw = ((x.double() - c.double()[want]) ** 2).sum(1)
+    assert torch.allclose(dg, dw, rtol=1e-5, atol=1e-6)
+    assert (got == want).float().mean() > 0.99
+
+
+@needs_kernel
+def test_ties_pick_the_lowest_index():
+    c = torch.tensor([[0.0, 1.0], [0.0, -1.0], [0.0, 1.0]])
+    x = torch.tensor([[0.0, 0.0], [0.0, 2.0]])
+    assert native.nearest(x, c).tolist() == [0, 0]
+
+
+def test_declines_where_it_does_not_apply():
+    assert native.nearest(torch.randn(4, 9), torch.randn(3, 9)) is None  # d > 8
+
+
+def test_assign_falls_back_without_the_kernel(monkeypatch):
+    monkeypatch.setattr(km, "nearest", lambda x, c: None)
+    gen = torch.Generator().manual_seed(0)
+    x, c = torch.randn(500, 2, generator=gen), torch.randn(16, 2, generator=gen)
+    assert torch.equal(km.assign(x, c), _torch_nearest(x, c))
