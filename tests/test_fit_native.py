@@ -48,3 +48,26 @@ def test_assign_falls_back_without_the_kernel(monkeypatch):
     gen = torch.Generator().manual_seed(0)
     x, c = torch.randn(500, 2, generator=gen), torch.randn(16, 2, generator=gen)
     assert torch.equal(km.assign(x, c), _torch_nearest(x, c))
+
+
+@needs_kernel
+@pytest.mark.parametrize("d,k", [(1, 16), (2, 256), (3, 7)])
+def test_lloyd_stats_are_sums_and_counts_of_the_assignment(d, k):
+    gen = torch.Generator().manual_seed(d + k)
+    x, c = torch.randn(5000, d, generator=gen), torch.randn(k, d, generator=gen)
+    codes, sums, counts = native.lloyd_stats(x, c)
+    assert torch.equal(codes, native.nearest(x, c))
+    want_sums = torch.zeros(k, d, dtype=torch.float64).index_add_(0, codes, x.double())
+    assert torch.allclose(sums, want_sums, atol=1e-9)
+    assert torch.equal(counts, torch.bincount(codes, minlength=k).double())
+
+
+def test_own_kmeans_is_deterministic_and_converges():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(20000, 2, generator=gen)
+    c1, a1 = km.kmeans(x, 64, seed=5, backend="torch")
+    c2, a2 = km.kmeans(x, 64, seed=5, backend="torch")
+    assert torch.equal(c1, c2) and torch.equal(a1, a2)
+    # Lloyd never increases the error: 25 iterations beat 1.
+    c0, a0 = km.kmeans(x, 64, seed=5, backend="torch", iters=1)
+    assert ((x - c1[a1]) ** 2).sum() < ((x - c0[a0]) ** 2).sum()

@@ -46,7 +46,7 @@ class FASQConfig:
     rotation_block: int = 256      # largest Hadamard block (a power of two)
     kmeans_iters: int = 25
     kmeans_init: str = "kmeans++"
-    kmeans_backend: str = "auto"   # "auto": faiss on CPU when installed, torch otherwise
+    kmeans_backend: str = "auto"   # "auto": fasq's own ("torch", C++ on CPU), faiss where that cannot build
     kmeans_max_points: int = 65536  # sub-vectors sampled to train a codebook (all are assigned)
     refine_iters: int = 2          # alternate (codes -> least-squares scales) this many times
     equalize: str = "balance"      # data-free exact rescalings before fitting: none | norms | balance | full

@@ -1,7 +1,8 @@
-"""Calibration-free k-means: faiss on CPU when installed, a torch implementation everywhere else;
-assignment by fasq's C++ kernel on the CPU when it builds.
+"""Calibration-free k-means: Lloyd iterations in torch, with fasq's C++ kernel (:mod:`fasq.fit.native`)
+doing the assignment and the per-centroid sums on the CPU; faiss on the CPU where that kernel does not
+build and faiss is installed.
 
-Both are deterministic for a given seed (and thread count, for faiss).
+Both are deterministic for a given seed and thread count.
 """
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import logging
 
 import torch
 
-from .native import nearest
+from .native import lloyd_stats, nearest
+from .native import module as native_module
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +27,12 @@ def _have_faiss() -> bool:
 
 
 def choose_backend(backend: str, device: torch.device) -> str:
+    """"auto": fasq's own Lloyd iterations ("torch") where its C++ kernel runs (CPU), else faiss when
+    installed (CPU), else torch."""
     if backend == "auto":
-        return "faiss" if device.type == "cpu" and _have_faiss() else "torch"
+        if device.type != "cpu" or native_module() is not None:
+            return "torch"
+        return "faiss" if _have_faiss() else "torch"
     if backend == "faiss" and not _have_faiss():
         raise ValueError("kmeans_backend='faiss' but faiss is not installed: `pip install faiss-cpu`, "
                          "or use kmeans_backend='torch'")
@@ -98,9 +104,14 @@ def _torch_kmeans(x: torch.Tensor, k: int, iters: int, init: str, gen: torch.Gen
     else:
         cent = x[torch.randperm(x.shape[0], generator=gen)[:k].to(x.device)].clone()
     for _ in range(iters):
-        a = assign(x, cent)
-        sums = torch.zeros_like(cent).index_add_(0, a, x)
-        cnt = torch.bincount(a, minlength=k).to(x.dtype)
+        stats = lloyd_stats(x, cent)
+        if stats is not None:  # C++: codes, sums and counts in one pass
+            a, sums, cnt = stats
+            sums, cnt = sums.to(x.dtype), cnt.to(x.dtype)
+        else:
+            a = assign(x, cent)
+            sums = torch.zeros_like(cent).index_add_(0, a, x)
+            cnt = torch.bincount(a, minlength=k).to(x.dtype)
         empty = cnt == 0
         cent = torch.where(empty[:, None], cent, sums / cnt.clamp_min(1)[:, None])
         if bool(empty.any()):  # re-seed empty clusters at random points

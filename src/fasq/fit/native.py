@@ -47,3 +47,11 @@ def nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor | None:
     if mod is None:
         return None
     return mod.nearest(x.float().contiguous(), centroids.float().contiguous())
+
+
+def lloyd_stats(x: torch.Tensor, centroids: torch.Tensor):
+    """(codes [N] int64, per-centroid sums [K, d] and counts [K], float64) of one Lloyd step, or None
+    where the kernel does not apply (see :func:`nearest`)."""
+    if nearest(x[:0], centroids) is None:
+        return None
+    return tuple(module().lloyd_stats(x.float().contiguous(), centroids.float().contiguous()))

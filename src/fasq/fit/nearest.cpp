@@ -13,6 +13,9 @@
 #include <cstdint>
 #include <limits>
 #include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace {
 
@@ -140,10 +143,12 @@ torch::Tensor nearest(torch::Tensor x, torch::Tensor centroids) {
               "fasq nearest: float32 inputs expected");
   const int d = (int)x.size(1);
   TORCH_CHECK(d >= 1 && d <= 8, "fasq nearest: d must be 1..8, got ", d);
+  TORCH_CHECK(centroids.size(0) >= 1, "fasq nearest: no centroids");
   x = x.contiguous();
   auto c = centroids.contiguous();
   auto cn = (c * c).sum(1).contiguous();
   auto out = torch::empty({x.size(0)}, torch::kLong);
+  if (x.size(0) == 0) return out;
   const float* xp = x.data_ptr<float>();
   const float* cp = c.data_ptr<float>();
   const float* cnp = cn.data_ptr<float>();
@@ -170,8 +175,48 @@ torch::Tensor nearest(torch::Tensor x, torch::Tensor centroids) {
   return out;
 }
 
+// One Lloyd iteration's statistics: the codes, and per centroid the sum of its points and their count,
+// accumulated in double per thread and reduced in thread order (deterministic for a thread count).
+std::vector<torch::Tensor> lloyd_stats(torch::Tensor x, torch::Tensor centroids) {
+  auto codes = nearest(x, centroids);
+  x = x.contiguous();
+  const int64_t n = x.size(0), k = centroids.size(0), d = x.size(1);
+  const int nt = std::max(1, at::get_num_threads());
+  std::vector<double> part((size_t)nt * k * (d + 1), 0.0);
+  const float* xp = x.data_ptr<float>();
+  const int64_t* cp = codes.data_ptr<int64_t>();
+#pragma omp parallel num_threads(nt)
+  {
+#ifdef _OPENMP
+    const int t = omp_get_thread_num(), tn = omp_get_num_threads();
+#else
+    const int t = 0, tn = 1;
+#endif
+    double* acc = part.data() + (size_t)t * k * (d + 1);
+    const int64_t lo = n * t / tn, hi = n * (t + 1) / tn;
+    for (int64_t i = lo; i < hi; ++i) {
+      double* a = acc + cp[i] * (d + 1);
+      for (int64_t j = 0; j < d; ++j) a[j] += xp[i * d + j];
+      a[d] += 1.0;
+    }
+  }
+  auto sums = torch::zeros({k, d}, torch::kDouble);
+  auto counts = torch::zeros({k}, torch::kDouble);
+  double* sp = sums.data_ptr<double>();
+  double* np_ = counts.data_ptr<double>();
+  for (int t = 0; t < nt; ++t) {
+    const double* acc = part.data() + (size_t)t * k * (d + 1);
+    for (int64_t q = 0; q < k; ++q) {
+      for (int64_t j = 0; j < d; ++j) sp[q * d + j] += acc[q * (d + 1) + j];
+      np_[q] += acc[q * (d + 1) + d];
+    }
+  }
+  return {codes, sums, counts};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nearest", &nearest, "index of the nearest centroid for each row of x (float32, d <= 8)");
+  m.def("lloyd_stats", &lloyd_stats, "(codes, per-centroid sums [K, d] f64, counts [K] f64) for one Lloyd step");
 }
