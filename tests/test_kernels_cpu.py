@@ -126,7 +126,7 @@ def test_shapes_tokens_dtypes(shape):
 def test_quantized_weight_and_registry_dispatch():
     """A layer fitted by quantize_weight, called as a module: the registry picks the method by token count."""
     torch.manual_seed(0)
-    w, b = torch.randn(288, 256), torch.randn(288)     # >= LUT_MIN_ROWS rows: 1 token goes to the LUT
+    w, b = torch.randn(288, 256), torch.randn(288)     # >= lut_min_rows() rows: 1 token goes to the LUT
     spec, t = quantize_weight(w, FASQConfig(kmeans_iters=4, rotation_block=64, group_size=64), "blk.q", bias=b)
     layer = PQLinear.from_tensors(spec, **t)
     vbmi = cpu.lut_supported(spec)
@@ -154,7 +154,7 @@ def test_input_magnitudes(scale):
 
 
 def test_small_layers_skip_the_lut():
-    spec = LayerSpec(64, cpu.LUT_MIN_ROWS - 64, 2, 256, group_size=32)
+    spec = LayerSpec(64, cpu.lut_min_rows() - 64, 2, 256, group_size=32)
     k = select(random_layer(spec), torch.randn(1, 64))
     assert k is not None and k.name == ("cpu_perm" if cpu.lut_supported(spec) else "cpu_direct")
 

@@ -47,10 +47,12 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("pq_cpu.cpp")
 # Method choice, from measurements (docs/kernels_cpu.md): LUT for 1 token on layers of at least
-# LUT_MIN_ROWS rows (its per-call table build needs enough rows to pay off), PERM (or DIRECT where
-# PERM cannot run) up to FEW_MAX_TOKENS tokens, TILED above.
+# LUT_MIN_ROWS rows (its per-call table build needs enough rows to pay off; LUT_MIN_ROWS_FP16 where
+# the tables are built in fp16 arithmetic, about 3x cheaper), PERM (or DIRECT where PERM cannot run)
+# up to FEW_MAX_TOKENS tokens, TILED above.
 LUT_MAX_TOKENS = 1
 LUT_MIN_ROWS = 256
+LUT_MIN_ROWS_FP16 = 128
 FEW_MAX_TOKENS = 8
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 METHODS = ("lut", "perm", "direct", "tiled")
@@ -59,7 +61,7 @@ ROWS_PER_BLOCK = 64      # must match RB in pq_cpu.cpp
 POISON = False           # tests: the op NaN-fills its output and scratch before computing
 
 _MODE = {"direct": 0, "lut": 1, "tiled": 2, "perm": 3}
-_FEAT_AVX2, _FEAT_AVX512, _FEAT_VBMI = 1, 2, 4
+_FEAT_AVX2, _FEAT_AVX512, _FEAT_VBMI, _FEAT_FP16_LUT = 1, 2, 4, 16
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,7 +133,8 @@ _lib = None  # the built library as a Python module (its Plan class serves PQLin
 
 
 def features() -> int:
-    """Bit mask of what the loaded library was compiled with (1 AVX2, 2 AVX-512, 4 VBMI, 8 OpenMP);
+    """Bit mask of what the loaded library was compiled with (1 AVX2, 2 AVX-512, 4 VBMI, 8 OpenMP,
+    16 fp16 LUT build);
     -1 when no library could be built (then every kernel here declines).  Builds on the first call."""
     global _features
     if _features is None:
@@ -260,7 +263,11 @@ def _lut_tensors(layer, p: _Prepared) -> tuple:
             r1 = min(out, r0 + step)
             idx = unpack_codes(layer.codes[:, r0:r1], spec.bits, n_sub)          # [M, rows, n_sub]
             codes[r0:r1] = idx.permute(1, 0, 2).to(torch.uint8)
-        codes = codes.view(n_rb, rb, m_books, n_sub).permute(0, 2, 3, 1).contiguous()
+        # Byte lane 16L + 8h + i of a row block holds row 32h + 8L + i (L < 4, h < 2, i < 8): the kernel
+        # joins the looked-up byte planes with in-lane unpacks, which then yield the rows in order.
+        lanes = torch.arange(rb)
+        order = 32 * ((lanes // 8) % 2) + 8 * (lanes // 16) + lanes % 8
+        codes = codes.view(n_rb, rb, m_books, n_sub).permute(0, 2, 3, 1)[..., order].contiguous()
         kp = 64 if spec.bits <= 6 else 128 if spec.bits == 7 else 256
         cbt = layer.codebooks.detach().float().permute(0, 2, 1)                  # [M, d, K]
         cmax = torch.nn.functional.pad(cbt.abs().amax(-1), (0, kp - spec.subvector_dim))  # [M, KP]
@@ -360,8 +367,13 @@ def _caps(layer) -> tuple:
     if c is None or c[0] is not spec:
         ok = features() >= 0 and spec_supported(spec)
         vbmi = ok and lut_supported(spec)
-        c = layer.__dict__["_fasq_cpu_caps"] = (spec, ok, vbmi, vbmi and spec.out_features >= LUT_MIN_ROWS)
+        c = layer.__dict__["_fasq_cpu_caps"] = (spec, ok, vbmi, vbmi and spec.out_features >= lut_min_rows())
     return c
+
+
+def lut_min_rows() -> int:
+    """Fewest output rows for which 1 token goes to the LUT method (else PERM)."""
+    return LUT_MIN_ROWS_FP16 if max(features(), 0) & _FEAT_FP16_LUT else LUT_MIN_ROWS
 
 
 def _tokens(x) -> int:

@@ -63,7 +63,7 @@ enum Meta {
 };
 enum Mode { DIRECT = 0, LUT = 1, TILED = 2, PERM = 3 };
 enum Isa { SCALAR = 0, AVX2 = 1, AVX512 = 2 };
-constexpr int RB = 64;  // rows per block in the LUT / PERM layout: one byte lane per row
+constexpr int RB = 64;  // rows per block in the LUT / PERM layout: one byte lane per row (see lookup64_fp16)
 
 int64_t features() {
   int64_t f = 0;
@@ -78,6 +78,9 @@ int64_t features() {
 #endif
 #ifdef _OPENMP
   f |= 8;
+#endif
+#if defined(FASQ_VBMI) && defined(__AVX512FP16__)
+  f |= 16;  // the LUT tables are built in fp16 arithmetic (lut_build_one_fp16)
 #endif
   return f;
 }
@@ -532,24 +535,21 @@ struct ScanArgs {
   int64_t T, M, d, nsub, gs, ng, nrb, S, stride;
 };
 
-// Byte indices that interleave the lo / hi byte planes of 32 looked-up entries into fp16 words,
-// and that split 64 fp16 words into their lo bytes (even) and hi bytes (odd).
+// Byte indices that split 64 fp16 words into their lo bytes (even) and hi bytes (odd).
 struct Interleave {
-  alignas(64) uint8_t a[64];
-  alignas(64) uint8_t b[64];
   alignas(64) uint8_t even[64];
   alignas(64) uint8_t odd[64];
   Interleave() {
-    for (int i = 0; i < 32; ++i) {
-      a[2 * i] = static_cast<uint8_t>(i), a[2 * i + 1] = static_cast<uint8_t>(64 + i);
-      b[2 * i] = static_cast<uint8_t>(32 + i), b[2 * i + 1] = static_cast<uint8_t>(96 + i);
-    }
     for (int i = 0; i < 64; ++i) even[i] = static_cast<uint8_t>(2 * i), odd[i] = static_cast<uint8_t>(2 * i + 1);
   }
 };
 static const Interleave il;
 
 // Look up 64 fp16 table entries (one per row): w0 = rows 0..31, w1 = rows 32..63 as fp16 words.
+// The lo / hi byte planes are joined by vpunpck{l,h}bw (one cycle each on port 5, against two
+// for a two-source byte permute), which interleave within 128-bit lanes: so the repacked codes of
+// a row block hold row 32h + 8L + i at byte 16L + 8h + i (cpu.py: _lut_tensors), and the words
+// come out in row order.
 template <int KP>
 static inline void lookup64_fp16(const uint8_t* L, __m512i idx, __m512i& w0, __m512i& w1) {
   const __m512i* T = reinterpret_cast<const __m512i*>(L);
@@ -567,8 +567,8 @@ static inline void lookup64_fp16(const uint8_t* L, __m512i idx, __m512i& w0, __m
     hi = _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(_mm512_load_si512(T + 4), idx, _mm512_load_si512(T + 5)),
                                 _mm512_permutex2var_epi8(_mm512_load_si512(T + 6), idx, _mm512_load_si512(T + 7)));
   }
-  w0 = _mm512_permutex2var_epi8(lo, _mm512_load_si512(il.a), hi);
-  w1 = _mm512_permutex2var_epi8(lo, _mm512_load_si512(il.b), hi);
+  w0 = _mm512_unpacklo_epi8(lo, hi);
+  w1 = _mm512_unpackhi_epi8(lo, hi);
 }
 
 static inline void widen_add(__m512i w0, __m512i w1, __m512 acc[4]) {
