@@ -533,6 +533,8 @@ struct ScanArgs {
   const c10::Half* scales;  // repacked [n_rb][G][64], or nullptr
   float* ypart;             // [S][T][n_rb*64]
   int64_t T, M, d, nsub, gs, ng, nrb, S, stride;
+  int64_t tab_j0 = 0, tab_n = 0;  // LUT: the tables held are those of positions [tab_j0, tab_j0 + tab_n)
+  bool accumulate = false;        // add to ypart from the first group on (a later chunk of a slice)
 };
 
 // Byte indices that split 64 fp16 words into their lo bytes (even) and hi bytes (odd).
@@ -600,6 +602,7 @@ constexpr float LUT_MAX = 32768.0f / FP16_SUM;
 #ifndef SCAN_PF
 #define SCAN_PF 4
 #endif
+constexpr int64_t kLutChunkBytes = 16384;  // LUT tables built and scanned at a time per thread
 
 // Row blocks [rb0, rb1) over the sub-vector positions [ja, jb) (a thread's slice), tokens
 // [t0, t0 + NT).  Groups are the outer loop so that a group's LUT tables (gs * 2 * KP bytes per
@@ -643,7 +646,7 @@ static void scan_item(const ScanArgs& a, int64_t t0, int64_t rb0, int64_t rb1, i
         }
       } else {
         const uint8_t* lp[NT];
-        for (int t = 0; t < NT; ++t) lp[t] = a.tab + (((t0 + t) * a.M + m) * a.nsub + js) * 2 * KP;
+        for (int t = 0; t < NT; ++t) lp[t] = a.tab + (((t0 + t) * a.M + m) * a.tab_n + js - a.tab_j0) * 2 * KP;
         int64_t j = js;
 #ifdef __AVX512FP16__
         for (; j + FP16_SUM <= je; j += FP16_SUM, cp += FP16_SUM * RB) {
@@ -688,7 +691,7 @@ static void scan_item(const ScanArgs& a, int64_t t0, int64_t rb0, int64_t rb1, i
       float* yp = a.ypart + (s * a.T + t0 + t) * a.nrb * RB + rb * RB;
       for (int q = 0; q < 4; ++q) {
         const __m512 v = _mm512_mul_ps(acc[t][q], _mm512_mul_ps(sc[q], ts));
-        _mm512_storeu_ps(yp + 16 * q, g == g0 ? v : _mm512_add_ps(_mm512_loadu_ps(yp + 16 * q), v));
+        _mm512_storeu_ps(yp + 16 * q, g == g0 && !a.accumulate ? v : _mm512_add_ps(_mm512_loadu_ps(yp + 16 * q), v));
       }
     }
   }
@@ -799,7 +802,13 @@ static void run_scan(bool perm, const at::Tensor& x2, at::Tensor& y, const at::T
   const int64_t RBB = 8;  // row blocks per pass over a group: its tables are reused from L1
   float* ypart = scratch(yp_v, static_cast<size_t>(S * T * nrb * RB));
   float* ts = scratch(ts_v, static_cast<size_t>(T));
-  const int64_t n_tab = perm ? 0 : T * Mb * nsub;
+  // LUT: a thread builds the tables of `chunk` positions of its slice (~16 KiB), scans every row
+  // block over them, and goes on to the next chunk: the tables stay in L1 for the scan, and a call
+  // touches 16 KiB of table scratch instead of n_sub * 2 * KP bytes per token (147 KiB for a
+  // SmolLM2 layer: what a decode step whose caches were flushed must fetch again).
+  int64_t chunk = std::max<int64_t>(1, kLutChunkBytes / (2 * kp * Mb * T));
+  if (chunk >= mt[M_GS]) chunk = chunk / mt[M_GS] * mt[M_GS];  // whole groups
+  const int64_t n_tab = perm ? 0 : T * Mb * chunk;  // tables per thread
   uint8_t* lut = nullptr;
   const float* cbT = perm ? nullptr : tables.data_ptr<float>();
   if (!perm) {
@@ -840,9 +849,9 @@ static void run_scan(bool perm, const at::Tensor& x2, at::Tensor& y, const at::T
       for (int64_t i = 0; i < nsub * d; ++i) xt[i] *= inv;
       ts[t] = sc;
     }
-    lut = scratch(lut_v, static_cast<size_t>(n_tab * 2 * kp) + 64);
+    lut = scratch(lut_v, static_cast<size_t>(S * n_tab * 2 * kp) + 64);
     lut = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(lut) + 63) & ~uintptr_t(63));
-    if (mt[M_POISON]) std::fill(lut, lut + n_tab * 2 * kp, uint8_t(0xFF));
+    if (mt[M_POISON]) std::fill(lut, lut + S * n_tab * 2 * kp, uint8_t(0xFF));
   }
   if (mt[M_POISON]) std::fill(ypart, ypart + S * T * nrb * RB, std::numeric_limits<float>::quiet_NaN());
   ScanArgs a{codes.data_ptr<uint8_t>(), perm ? tables.data_ptr<uint8_t>() : lut, xbuf, ts,
@@ -869,16 +878,26 @@ static void run_scan(bool perm, const at::Tensor& x2, at::Tensor& y, const at::T
 #pragma omp parallel for schedule(static, 1) num_threads(S) if (S > 1)
   for (int64_t s = 0; s < S; ++s) {
     const int64_t ja = s * nsub / S, jb = (s + 1) * nsub / S;
-    if (!perm)
+    if (perm) {
+      for (int64_t rb0 = 0; rb0 < nrb; rb0 += RBB)
+        for (int64_t t0 = 0; t0 < T; t0 += 4)
+          (T - t0 >= 4 ? full : tail)(a, t0, rb0, std::min(nrb, rb0 + RBB), s, ja, jb);
+      continue;
+    }
+    ScanArgs as = a;
+    uint8_t* tab = lut + s * n_tab * 2 * kp;
+    as.tab = tab;
+    for (int64_t c0 = ja, c1; c0 < jb; c0 = c1) {
+      c1 = std::min(jb, c0 + chunk);
+      as.tab_j0 = c0, as.tab_n = c1 - c0, as.accumulate = c0 != ja;
       for (int64_t t = 0; t < T; ++t)
         for (int64_t m = 0; m < Mb; ++m)
-          for (int64_t j = ja; j < jb; ++j) {
-            const int64_t e = (t * Mb + m) * nsub + j;
-            build(m, xbuf + t * stride + j * d, lut + e * 2 * kp);
-          }
-    for (int64_t rb0 = 0; rb0 < nrb; rb0 += RBB)
-      for (int64_t t0 = 0; t0 < T; t0 += 4)
-        (T - t0 >= 4 ? full : tail)(a, t0, rb0, std::min(nrb, rb0 + RBB), s, ja, jb);
+          for (int64_t j = c0; j < c1; ++j)
+            build(m, xbuf + t * stride + j * d, tab + ((t * Mb + m) * as.tab_n + j - c0) * 2 * kp);
+      for (int64_t rb0 = 0; rb0 < nrb; rb0 += RBB)
+        for (int64_t t0 = 0; t0 < T; t0 += 4)
+          (T - t0 >= 4 ? full : tail)(as, t0, rb0, std::min(nrb, rb0 + RBB), s, c0, c1);
+    }
   }
   // y = sum of the slices' partial outputs (+ bias).
   float* yf = y.scalar_type() == at::kFloat ? y.data_ptr<float>() : nullptr;
