@@ -789,6 +789,14 @@ static void run_scan(bool perm, const at::Tensor& x2, at::Tensor& y, const at::T
               "fasq cpu_pq_linear: bad tables");
   thread_local std::vector<float> xbuf_v, tmp_v, ts_v, yp_v, yfin_v;
   thread_local std::vector<uint8_t> lut_v;
+  // The scans prefetch codes SCAN_PF row blocks ahead; the first row blocks (all of a small layer's
+  // codes) are requested here, into L2, so that when the layer's codes are not in the caches their
+  // fetch overlaps the input rotation and the table build instead of stalling the first scans.
+  {
+    const uint8_t* cb = codes.data_ptr<uint8_t>();
+    const int64_t first = std::min<int64_t>(nrb, SCAN_PF) * Mb * nsub * RB;
+    for (int64_t i = 0; i < first; i += 64) _mm_prefetch(reinterpret_cast<const char*>(cb + i), _MM_HINT_T1);
+  }
   float* xbuf = scratch(xbuf_v, static_cast<size_t>(T * stride));
   prepare_input(x2, T, mt, signs, static_cast<int>(d), xbuf, stride, tmp_v);
   // Per (row block, code): ~8 ns per token's LUT lookup, ~10 ns per coordinate per pass of up to
@@ -875,14 +883,13 @@ static void run_scan(bool perm, const at::Tensor& x2, at::Tensor& y, const at::T
 #endif
   const ScanFn full = pick_scan(perm, kp, 4, d);
   const ScanFn tail = pick_scan(perm, kp, static_cast<int>(T % 4), d);
-#pragma omp parallel for schedule(static, 1) num_threads(S) if (S > 1)
-  for (int64_t s = 0; s < S; ++s) {
+  auto slice = [&](int64_t s) {
     const int64_t ja = s * nsub / S, jb = (s + 1) * nsub / S;
     if (perm) {
       for (int64_t rb0 = 0; rb0 < nrb; rb0 += RBB)
         for (int64_t t0 = 0; t0 < T; t0 += 4)
           (T - t0 >= 4 ? full : tail)(a, t0, rb0, std::min(nrb, rb0 + RBB), s, ja, jb);
-      continue;
+      return;
     }
     ScanArgs as = a;
     uint8_t* tab = lut + s * n_tab * 2 * kp;
@@ -898,6 +905,12 @@ static void run_scan(bool perm, const at::Tensor& x2, at::Tensor& y, const at::T
         for (int64_t t0 = 0; t0 < T; t0 += 4)
           (T - t0 >= 4 ? full : tail)(as, t0, rb0, std::min(nrb, rb0 + RBB), s, c0, c1);
     }
+  };
+  if (S == 1) {
+    slice(0);  // no OpenMP region at all: even a team of one costs a call into libgomp
+  } else {
+#pragma omp parallel for schedule(static, 1) num_threads(S)
+    for (int64_t s = 0; s < S; ++s) slice(s);
   }
   // y = sum of the slices' partial outputs (+ bias).
   float* yf = y.scalar_type() == at::kFloat ? y.data_ptr<float>() : nullptr;
@@ -1271,7 +1284,7 @@ struct Plan {
   at::Tensor rcodes, cbt, rscales, planes;        // repacked layout (lut / perm); undefined without VBMI
   at::Tensor orow, ocol, oval;                    // outliers: int64 rows, int64 cols, fp32 values
   std::vector<int64_t> meta;
-  std::vector<std::pair<std::string, py::object>> bufs;  // (name, the buffer object at build time)
+  std::vector<std::pair<py::str, py::object>> bufs;  // (name, the buffer object at build time)
   std::vector<std::pair<at::Tensor, uint32_t>> versions;
   std::string env;
   bool env_set = false;
@@ -1290,7 +1303,7 @@ struct Plan {
     if ((e != nullptr) != env_set || (e && env != e)) return false;
     if (!PyDict_Check(buffers.ptr())) return false;
     for (const auto& nb : bufs) {
-      PyObject* cur = PyDict_GetItemString(buffers.ptr(), nb.first.c_str());  // borrowed
+      PyObject* cur = PyDict_GetItem(buffers.ptr(), nb.first.ptr());  // borrowed; the key's hash is cached
       if (cur != nb.second.ptr()) return false;
     }
     for (const auto& tv : versions)
@@ -1374,7 +1387,8 @@ static std::unique_ptr<Plan> make_plan(const at::Tensor& codes, const at::Tensor
                 p->oval.is_contiguous() && p->orow.numel() == p->ocol.numel() && p->oval.numel() == p->orow.numel(),
                 "fasq Plan: outliers must be contiguous int64 rows / cols and fp32 values of one length");
   p->meta = std::move(meta);
-  for (auto item : buffers) p->bufs.emplace_back(py::str(item.first), py::reinterpret_borrow<py::object>(item.second));
+  for (auto item : buffers)
+    p->bufs.emplace_back(py::reinterpret_borrow<py::str>(item.first), py::reinterpret_borrow<py::object>(item.second));
   for (auto& t : watched) p->versions.emplace_back(t, t._version());
   const char* e = std::getenv("FASQ_DISABLE_KERNELS");
   p->env_set = e != nullptr;
