@@ -263,10 +263,10 @@ def _lut_tensors(layer, p: _Prepared) -> tuple:
             r1 = min(out, r0 + step)
             idx = unpack_codes(layer.codes[:, r0:r1], spec.bits, n_sub)          # [M, rows, n_sub]
             codes[r0:r1] = idx.permute(1, 0, 2).to(torch.uint8)
-        # Byte lane 16L + 8h + i of a row block holds row 32h + 8L + i (L < 4, h < 2, i < 8): the kernel
-        # joins the looked-up byte planes with in-lane unpacks, which then yield the rows in order.
+        # Byte lane 2i of a row block holds row i and lane 2i + 1 row 32 + i: the kernel takes the even
+        # and odd bytes of a looked-up table plane as 16-bit words (see even_bytes in pq_cpu.cpp).
         lanes = torch.arange(rb)
-        order = 32 * ((lanes // 8) % 2) + 8 * (lanes // 16) + lanes % 8
+        order = lanes // 2 + (rb // 2) * (lanes % 2)
         codes = codes.view(n_rb, rb, m_books, n_sub).permute(0, 2, 3, 1)[..., order].contiguous()
         kp = 64 if spec.bits <= 6 else 128 if spec.bits == 7 else 256
         cbt = layer.codebooks.detach().float().permute(0, 2, 1)                  # [M, d, K]

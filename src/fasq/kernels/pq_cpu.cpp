@@ -547,15 +547,10 @@ struct Interleave {
 };
 static const Interleave il;
 
-// Look up 64 fp16 table entries (one per row): w0 = rows 0..31, w1 = rows 32..63 as fp16 words.
-// The lo / hi byte planes are joined by vpunpck{l,h}bw (one cycle each on port 5, against two
-// for a two-source byte permute), which interleave within 128-bit lanes: so the repacked codes of
-// a row block hold row 32h + 8L + i at byte 16L + 8h + i (cpu.py: _lut_tensors), and the words
-// come out in row order.
+// Look up a byte plane pair (lo bytes, hi bytes) of one table for the 64 codes in idx.
 template <int KP>
-static inline void lookup64_fp16(const uint8_t* L, __m512i idx, __m512i& w0, __m512i& w1) {
+static inline void lookup_planes(const uint8_t* L, __m512i idx, __m512i& lo, __m512i& hi) {
   const __m512i* T = reinterpret_cast<const __m512i*>(L);
-  __m512i lo, hi;
   if constexpr (KP == 64) {
     lo = _mm512_permutexvar_epi8(idx, _mm512_load_si512(T));
     hi = _mm512_permutexvar_epi8(idx, _mm512_load_si512(T + 1));
@@ -569,36 +564,58 @@ static inline void lookup64_fp16(const uint8_t* L, __m512i idx, __m512i& w0, __m
     hi = _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(_mm512_load_si512(T + 4), idx, _mm512_load_si512(T + 5)),
                                 _mm512_permutex2var_epi8(_mm512_load_si512(T + 6), idx, _mm512_load_si512(T + 7)));
   }
-  w0 = _mm512_unpacklo_epi8(lo, hi);
-  w1 = _mm512_unpackhi_epi8(lo, hi);
 }
 
-static inline void widen_add(__m512i w0, __m512i w1, __m512 acc[4]) {
-  acc[0] = _mm512_add_ps(acc[0], _mm512_cvtph_ps(_mm512_castsi512_si256(w0)));
-  acc[1] = _mm512_add_ps(acc[1], _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w0, 1)));
-  acc[2] = _mm512_add_ps(acc[2], _mm512_cvtph_ps(_mm512_castsi512_si256(w1)));
-  acc[3] = _mm512_add_ps(acc[3], _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w1, 1)));
-}
+// Row order inside a repacked row block: byte lane 2i holds row i, lane 2i + 1 row 32 + i
+// (cpu.py: _lut_tensors).  So the even bytes of a looked-up plane, taken as 16-bit words, are
+// rows 0..31 and the odd bytes rows 32..63: joining or widening the planes needs only and / shift /
+// ternary-logic ops (ports 0 and 5) instead of byte permutes (port 5 only, two cycles each on this
+// CPU, which already does the lookups).
+static inline __m512i even_bytes(__m512i v) { return _mm512_and_si512(v, _mm512_set1_epi16(0x00FF)); }
+static inline __m512i odd_bytes(__m512i v) { return _mm512_srli_epi16(v, 8); }
 
-// The same, widened to 4 x 16 fp32 lanes in row order.
+// PERM: 64 fp16 codebook values (one per row) as fp32, 4 x 16 lanes in row order.
 template <int KP>
 static inline void lookup64(const uint8_t* L, __m512i idx, __m512 w[4]) {
-  __m512i w0, w1;
-  lookup64_fp16<KP>(L, idx, w0, w1);
+  __m512i lo, hi;
+  lookup_planes<KP>(L, idx, lo, hi);
+  // w0 = (lo & 0x00FF) | (hi << 8): rows 0..31;  w1 = (lo >> 8) | (hi & 0xFF00): rows 32..63
+  const __m512i m = _mm512_set1_epi16(0x00FF);
+  const __m512i w0 = _mm512_ternarylogic_epi32(m, lo, _mm512_slli_epi16(hi, 8), 0xEA);   // (m & lo) | c
+  const __m512i w1 = _mm512_ternarylogic_epi32(m, hi, _mm512_srli_epi16(lo, 8), 0xAE);   // (~m & hi) | c
   w[0] = _mm512_cvtph_ps(_mm512_castsi512_si256(w0));
   w[1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w0, 1));
   w[2] = _mm512_cvtph_ps(_mm512_castsi512_si256(w1));
   w[3] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w1, 1));
 }
 
-// LUT entries are scaled to |e| <= LUT_MAX so that FP16_SUM of them add up in fp16 without
-// overflow (AVX512-FP16 only: halves the widening work; one extra fp16 rounding per sum).
-#ifdef __AVX512FP16__
-constexpr int FP16_SUM = 4;
-#else
-constexpr int FP16_SUM = 1;
-#endif
-constexpr float LUT_MAX = 32768.0f / FP16_SUM;
+// LUT entries are int16 fixed point: entry = round(<codebook[k], x_j> / tscale) with
+// |entry| <= LUT_MAX (the token scale tscale comes from a bound on |entry|), stored as a lo-byte
+// plane and an offset-binary hi-byte plane (hi ^ 0x80, so both planes are unsigned).  A scan adds
+// the bytes in 16-bit lanes (exact, for up to 256 positions), then combines them in int32:
+// sum = 256 * (sum_hi - 128 n) + sum_lo, exact, converted to fp32 once per 256 positions.  So the
+// only rounding is one per table entry (at most 1/2 of 1/32000 of the bound; fp16 arithmetic in
+// the AVX512-FP16 build adds up to 2^-12 relative), and the scan does no conversions per code.
+constexpr float LUT_MAX = 32000.0f;  // < 32767 with room for the fp16 build's rounding
+constexpr int64_t kSumSpan = 256;    // positions summed in 16-bit lanes before widening
+
+// acc[0..3] (rows 0..15, 16..31, 32..47, 48..63) += the entries summed in lo_e/lo_o/hi_e/hi_o
+// over n positions.
+static inline void flush_int_sums(__m512i lo_e, __m512i lo_o, __m512i hi_e, __m512i hi_o, int64_t n, __m512 acc[4]) {
+  const __m512i off = _mm512_set1_epi32(static_cast<int>(-32768 * n));
+  auto part = [&](__m512i lo, __m512i hi, int half) {
+    const __m256i l = half ? _mm512_extracti64x4_epi64(lo, 1) : _mm512_castsi512_si256(lo);
+    const __m256i h = half ? _mm512_extracti64x4_epi64(hi, 1) : _mm512_castsi512_si256(hi);
+    const __m512i v = _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 8),
+                                                         _mm512_cvtepu16_epi32(l)), off);
+    return _mm512_cvtepi32_ps(v);
+  };
+  acc[0] = _mm512_add_ps(acc[0], part(lo_e, hi_e, 0));
+  acc[1] = _mm512_add_ps(acc[1], part(lo_e, hi_e, 1));
+  acc[2] = _mm512_add_ps(acc[2], part(lo_o, hi_o, 0));
+  acc[3] = _mm512_add_ps(acc[3], part(lo_o, hi_o, 1));
+}
+
 #ifndef SCAN_PF
 #define SCAN_PF 4
 #endif
@@ -647,36 +664,25 @@ static void scan_item(const ScanArgs& a, int64_t t0, int64_t rb0, int64_t rb1, i
       } else {
         const uint8_t* lp[NT];
         for (int t = 0; t < NT; ++t) lp[t] = a.tab + (((t0 + t) * a.M + m) * a.tab_n + js - a.tab_j0) * 2 * KP;
-        int64_t j = js;
-#ifdef __AVX512FP16__
-        for (; j + FP16_SUM <= je; j += FP16_SUM, cp += FP16_SUM * RB) {
-          __m512i idx[FP16_SUM];
-          for (int u = 0; u < FP16_SUM; ++u) {
-            _mm_prefetch(reinterpret_cast<const char*>(cp + pf + u * RB), _MM_HINT_T0);
-            idx[u] = _mm512_loadu_si512(cp + u * RB);
-          }
-          for (int t = 0; t < NT; ++t) {
-            __m512h s0 = _mm512_setzero_ph(), s1 = _mm512_setzero_ph();
-            for (int u = 0; u < FP16_SUM; ++u) {
-              __m512i w0, w1;
-              lookup64_fp16<KP>(lp[t] + u * 2 * KP, idx[u], w0, w1);
-              s0 = _mm512_add_ph(s0, _mm512_castsi512_ph(w0));
-              s1 = _mm512_add_ph(s1, _mm512_castsi512_ph(w1));
+        for (int64_t j0 = js; j0 < je; j0 += kSumSpan) {
+          const int64_t j1 = std::min(je, j0 + kSumSpan);
+          __m512i lo_e[NT], lo_o[NT], hi_e[NT], hi_o[NT];
+          for (int t = 0; t < NT; ++t)
+            lo_e[t] = lo_o[t] = hi_e[t] = hi_o[t] = _mm512_setzero_si512();
+          for (int64_t j = j0; j < j1; ++j, cp += RB) {
+            _mm_prefetch(reinterpret_cast<const char*>(cp + pf), _MM_HINT_T0);
+            const __m512i idx = _mm512_loadu_si512(cp);
+            for (int t = 0; t < NT; ++t) {
+              __m512i lo, hi;
+              lookup_planes<KP>(lp[t], idx, lo, hi);
+              lp[t] += 2 * KP;
+              lo_e[t] = _mm512_add_epi16(lo_e[t], even_bytes(lo));
+              lo_o[t] = _mm512_add_epi16(lo_o[t], odd_bytes(lo));
+              hi_e[t] = _mm512_add_epi16(hi_e[t], even_bytes(hi));
+              hi_o[t] = _mm512_add_epi16(hi_o[t], odd_bytes(hi));
             }
-            lp[t] += FP16_SUM * 2 * KP;
-            widen_add(_mm512_castph_si512(s0), _mm512_castph_si512(s1), acc[t]);
           }
-        }
-#endif
-        for (; j < je; ++j, cp += RB) {
-          _mm_prefetch(reinterpret_cast<const char*>(cp + pf), _MM_HINT_T0);
-          const __m512i idx = _mm512_loadu_si512(cp);
-          for (int t = 0; t < NT; ++t) {
-            __m512i w0, w1;
-            lookup64_fp16<KP>(lp[t], idx, w0, w1);
-            lp[t] += 2 * KP;
-            widen_add(w0, w1, acc[t]);
-          }
+          for (int t = 0; t < NT; ++t) flush_int_sums(lo_e[t], lo_o[t], hi_e[t], hi_o[t], j1 - j0, acc[t]);
         }
       }
     }
@@ -727,32 +733,33 @@ static ScanFn pick_scan(bool perm, int64_t kp, int nt, int64_t d) {
 }
 
 // Table of one (token, codebook, j): entry k = <cbT[:, k], xj> (xj already divided by the token
-// scale, so every entry fits fp16), stored as a lo-byte plane [kp] then a hi-byte plane [kp].
+// scale, so |entry| <= LUT_MAX) rounded to int16, stored as a lo-byte plane [kp] then an
+// offset-binary hi-byte plane [kp] (see LUT_MAX).
 template <int DD>
 static void lut_build_one(const float* cbT, const float* xj, int64_t d_rt, int64_t kp, uint8_t* L) {
   const int64_t d = DD ? DD : d_rt;
   __m512 xv[16];
   for (int64_t c = 0; c < d; ++c) xv[c] = _mm512_set1_ps(xj[c]);
-  const __m512i even = _mm512_load_si512(il.even), odd = _mm512_load_si512(il.odd);
+  const __m512i even = _mm512_load_si512(il.even), odd = _mm512_load_si512(il.odd), flip = _mm512_set1_epi8(-128);
   for (int64_t k0 = 0; k0 < kp; k0 += 64) {
     __m256i h[4];
     for (int q = 0; q < 4; ++q) {
       const float* cp = cbT + k0 + 16 * q;
       __m512 e = _mm512_mul_ps(xv[0], _mm512_loadu_ps(cp));
       for (int64_t c = 1; c < d; ++c) e = _mm512_fmadd_ps(xv[c], _mm512_loadu_ps(cp + c * kp), e);
-      h[q] = _mm512_cvtps_ph(e, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      h[q] = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(e));  // int16, rounded to nearest
     }
     const __m512i wa = _mm512_inserti64x4(_mm512_castsi256_si512(h[0]), h[1], 1);  // entries k0..k0+31
     const __m512i wb = _mm512_inserti64x4(_mm512_castsi256_si512(h[2]), h[3], 1);  // k0+32..k0+63
     _mm512_store_si512(L + k0, _mm512_permutex2var_epi8(wa, even, wb));
-    _mm512_store_si512(L + kp + k0, _mm512_permutex2var_epi8(wa, odd, wb));
+    _mm512_store_si512(L + kp + k0, _mm512_xor_si512(_mm512_permutex2var_epi8(wa, odd, wb), flip));
   }
 }
 
 #ifdef __AVX512FP16__
-// The same table computed in fp16 arithmetic (AVX512-FP16: 32 entries per instruction, no
-// conversions): cbh = fp16 codebook [d][KP] (exact: codebooks are stored in fp16), xj rounded to
-// fp16.  About 3x fewer instructions than the fp32 build, which matters when a layer has few rows
+// The same table computed in fp16 arithmetic (AVX512-FP16: 32 entries per instruction, then
+// one fp16 -> int16 conversion): cbh = fp16 codebook [d][KP] (exact: codebooks are stored in fp16),
+// xj rounded to fp16.  About 3x fewer instructions than the fp32 build, which matters when a layer has few rows
 // per table (SmolLM2's 192- and 576-row layers); costs at most two more fp16 roundings per entry
 // (x_j, the product), ~3e-4 relative error on y in the tests against ~2e-4 for the fp32 build.
 template <int DD>
@@ -760,7 +767,7 @@ static void lut_build_one_fp16(const uint16_t* cbh, const float* xj, int64_t d_r
   const int64_t d = DD ? DD : d_rt;
   __m512h xv[16];
   for (int64_t c = 0; c < d; ++c) xv[c] = _mm512_set1_ph(static_cast<_Float16>(xj[c]));
-  const __m512i even = _mm512_load_si512(il.even), odd = _mm512_load_si512(il.odd);
+  const __m512i even = _mm512_load_si512(il.even), odd = _mm512_load_si512(il.odd), flip = _mm512_set1_epi8(-128);
   for (int64_t k0 = 0; k0 < kp; k0 += 64) {
     const uint16_t* cp = cbh + k0;
     __m512h e0 = _mm512_mul_ph(xv[0], _mm512_loadu_ph(cp)), e1 = _mm512_mul_ph(xv[0], _mm512_loadu_ph(cp + 32));
@@ -768,9 +775,9 @@ static void lut_build_one_fp16(const uint16_t* cbh, const float* xj, int64_t d_r
       e0 = _mm512_fmadd_ph(xv[c], _mm512_loadu_ph(cp + c * kp), e0);
       e1 = _mm512_fmadd_ph(xv[c], _mm512_loadu_ph(cp + c * kp + 32), e1);
     }
-    const __m512i wa = _mm512_castph_si512(e0), wb = _mm512_castph_si512(e1);
+    const __m512i wa = _mm512_cvtph_epi16(e0), wb = _mm512_cvtph_epi16(e1);  // int16, rounded to nearest
     _mm512_store_si512(L + k0, _mm512_permutex2var_epi8(wa, even, wb));
-    _mm512_store_si512(L + kp + k0, _mm512_permutex2var_epi8(wa, odd, wb));
+    _mm512_store_si512(L + kp + k0, _mm512_xor_si512(_mm512_permutex2var_epi8(wa, odd, wb), flip));
   }
 }
 #endif
@@ -821,7 +828,7 @@ static void run_scan(bool perm, const at::Tensor& x2, at::Tensor& y, const at::T
   const float* cbT = perm ? nullptr : tables.data_ptr<float>();
   if (!perm) {
     // Token scale: a bound on |entry| from the per-coordinate maxima of |codebook|, so that the
-    // largest possible entry maps to LUT_MAX (fp16 keeps 11 significant bits per entry).
+    // largest possible entry maps to LUT_MAX.
     for (int64_t t = 0; t < T; ++t) {
       float* xt = xbuf + t * stride;
       float bound = 0.f;
