@@ -250,6 +250,16 @@ def _prepare(layer) -> _Prepared:
     return p
 
 
+# Table planes (LUT and PERM) hold, in each block of 64 bytes, entry 64b + i at byte 2i and entry
+# 64b + 32 + i at byte 2i + 1 (the order pq_cpu.cpp's store_planes writes without byte permutes);
+# the repacked codes hold each code's byte position.
+_P = torch.arange(256)
+PLANE_ORDER = (_P & ~63) | ((_P & 63) // 2 + 32 * (_P & 1))                   # byte position -> entry
+_PLANE_POSITION = torch.empty(256, dtype=torch.uint8)
+_PLANE_POSITION[PLANE_ORDER] = _P.to(torch.uint8)                               # entry -> byte position
+del _P
+
+
 def _lut_tensors(layer, p: _Prepared) -> tuple:
     """Repack for the LUT and PERM methods (once per layer): one byte per code, 64 rows side by side."""
     if p.lut is None:
@@ -262,7 +272,7 @@ def _lut_tensors(layer, p: _Prepared) -> tuple:
         for r0 in range(0, out, step):
             r1 = min(out, r0 + step)
             idx = unpack_codes(layer.codes[:, r0:r1], spec.bits, n_sub)          # [M, rows, n_sub]
-            codes[r0:r1] = idx.permute(1, 0, 2).to(torch.uint8)
+            codes[r0:r1] = _PLANE_POSITION[idx].permute(1, 0, 2)                # code -> its table byte position
         # Byte lane 2i of a row block holds row i and lane 2i + 1 row 32 + i: the kernel takes the even
         # and odd bytes of a looked-up table plane as 16-bit words (see even_bytes in pq_cpu.cpp).
         lanes = torch.arange(rb)
@@ -275,7 +285,8 @@ def _lut_tensors(layer, p: _Prepared) -> tuple:
         cbt = torch.cat([cbt, cmax[:, None]], 1).contiguous()   # [M, d + 1, KP]; row d: max |cb| per coord
         books = layer.codebooks.detach().half().contiguous().view(torch.int16).int()  # [M, K, d] fp16 bits
         planes = torch.stack([books & 0xFF, (books >> 8) & 0xFF], -1).permute(0, 2, 3, 1)  # [M, d, 2, K]
-        planes = torch.nn.functional.pad(planes, (0, kp - spec.num_centroids)).to(torch.uint8).contiguous()
+        planes = torch.nn.functional.pad(planes, (0, kp - spec.num_centroids))[..., PLANE_ORDER[:kp]]
+        planes = planes.to(torch.uint8).contiguous()
         if spec.has_scales:
             s = torch.nn.functional.pad(layer.scales.detach().half(), (0, 0, 0, n_rb * rb - out))
             scales = s.view(n_rb, rb, spec.n_groups).permute(0, 2, 1).contiguous()  # [n_rb, G, 64]

@@ -537,15 +537,6 @@ struct ScanArgs {
   bool accumulate = false;        // add to ypart from the first group on (a later chunk of a slice)
 };
 
-// Byte indices that split 64 fp16 words into their lo bytes (even) and hi bytes (odd).
-struct Interleave {
-  alignas(64) uint8_t even[64];
-  alignas(64) uint8_t odd[64];
-  Interleave() {
-    for (int i = 0; i < 64; ++i) even[i] = static_cast<uint8_t>(2 * i), odd[i] = static_cast<uint8_t>(2 * i + 1);
-  }
-};
-static const Interleave il;
 
 // Look up a byte plane pair (lo bytes, hi bytes) of one table for the 64 codes in idx.
 template <int KP>
@@ -732,6 +723,18 @@ static ScanFn pick_scan(bool perm, int64_t kp, int nt, int64_t d) {
                                                               : pick_scan_d<false, 256>(nt, d);
 }
 
+// Store 64 int16 table entries (wa: entries k0..k0+31, wb: k0+32..k0+63) as a lo-byte plane and an
+// offset-binary hi-byte plane.  Byte 2i of a plane holds entry k0 + i and byte 2i + 1 entry k0 + 32 + i:
+// and / shift / ternary-logic ops instead of two-source byte permutes (two cycles each on port 5);
+// the repacked codes name entries by that position (cpu.py: _lut_tensors, PLANE_ORDER).
+static inline void store_planes(__m512i wa, __m512i wb, uint8_t* lo_dst, uint8_t* hi_dst) {
+  const __m512i m = _mm512_set1_epi16(0x00FF);
+  const __m512i lo = _mm512_ternarylogic_epi32(m, wa, _mm512_slli_epi16(wb, 8), 0xEA);  // (m & wa) | (wb << 8)
+  const __m512i hi = _mm512_ternarylogic_epi32(m, wb, _mm512_srli_epi16(wa, 8), 0xAE);  // (~m & wb) | (wa >> 8)
+  _mm512_store_si512(lo_dst, lo);
+  _mm512_store_si512(hi_dst, _mm512_xor_si512(hi, _mm512_set1_epi8(-128)));
+}
+
 // Table of one (token, codebook, j): entry k = <cbT[:, k], xj> (xj already divided by the token
 // scale, so |entry| <= LUT_MAX) rounded to int16, stored as a lo-byte plane [kp] then an
 // offset-binary hi-byte plane [kp] (see LUT_MAX).
@@ -740,7 +743,6 @@ static void lut_build_one(const float* cbT, const float* xj, int64_t d_rt, int64
   const int64_t d = DD ? DD : d_rt;
   __m512 xv[16];
   for (int64_t c = 0; c < d; ++c) xv[c] = _mm512_set1_ps(xj[c]);
-  const __m512i even = _mm512_load_si512(il.even), odd = _mm512_load_si512(il.odd), flip = _mm512_set1_epi8(-128);
   for (int64_t k0 = 0; k0 < kp; k0 += 64) {
     __m256i h[4];
     for (int q = 0; q < 4; ++q) {
@@ -751,8 +753,7 @@ static void lut_build_one(const float* cbT, const float* xj, int64_t d_rt, int64
     }
     const __m512i wa = _mm512_inserti64x4(_mm512_castsi256_si512(h[0]), h[1], 1);  // entries k0..k0+31
     const __m512i wb = _mm512_inserti64x4(_mm512_castsi256_si512(h[2]), h[3], 1);  // k0+32..k0+63
-    _mm512_store_si512(L + k0, _mm512_permutex2var_epi8(wa, even, wb));
-    _mm512_store_si512(L + kp + k0, _mm512_xor_si512(_mm512_permutex2var_epi8(wa, odd, wb), flip));
+    store_planes(wa, wb, L + k0, L + kp + k0);
   }
 }
 
@@ -767,7 +768,6 @@ static void lut_build_one_fp16(const uint16_t* cbh, const float* xj, int64_t d_r
   const int64_t d = DD ? DD : d_rt;
   __m512h xv[16];
   for (int64_t c = 0; c < d; ++c) xv[c] = _mm512_set1_ph(static_cast<_Float16>(xj[c]));
-  const __m512i even = _mm512_load_si512(il.even), odd = _mm512_load_si512(il.odd), flip = _mm512_set1_epi8(-128);
   for (int64_t k0 = 0; k0 < kp; k0 += 64) {
     const uint16_t* cp = cbh + k0;
     __m512h e0 = _mm512_mul_ph(xv[0], _mm512_loadu_ph(cp)), e1 = _mm512_mul_ph(xv[0], _mm512_loadu_ph(cp + 32));
@@ -776,8 +776,7 @@ static void lut_build_one_fp16(const uint16_t* cbh, const float* xj, int64_t d_r
       e1 = _mm512_fmadd_ph(xv[c], _mm512_loadu_ph(cp + c * kp + 32), e1);
     }
     const __m512i wa = _mm512_cvtph_epi16(e0), wb = _mm512_cvtph_epi16(e1);  // int16, rounded to nearest
-    _mm512_store_si512(L + k0, _mm512_permutex2var_epi8(wa, even, wb));
-    _mm512_store_si512(L + kp + k0, _mm512_xor_si512(_mm512_permutex2var_epi8(wa, odd, wb), flip));
+    store_planes(wa, wb, L + k0, L + kp + k0);
   }
 }
 #endif
