@@ -23,7 +23,7 @@ from fasq.kernels import cpu, select
 from fasq.nn import PQLinear
 
 ISAS = ("avx512", "avx2", "scalar")
-# Error bound relative to max |y_ref|: exact fp32 methods, the fp16-table LUT method, and the
+# Error bound relative to max |y_ref|: exact fp32 methods, the int16-table LUT method, and the
 # rounding of bf16 / fp16 inputs and outputs (the reference itself computes in the input dtype).
 TOL = {("exact", torch.float32): 2e-5, ("lut", torch.float32): 2e-3,
        ("exact", torch.bfloat16): 3e-2, ("lut", torch.bfloat16): 3e-2,
@@ -143,7 +143,7 @@ def test_quantized_weight_and_registry_dispatch():
 
 @pytest.mark.parametrize("scale", [1e-6, 1.0, 3e4])
 def test_input_magnitudes(scale):
-    """Tiny, unit and huge inputs with an outlier channel: the LUT's fp16 tables must not overflow."""
+    """Tiny, unit and huge inputs with an outlier channel: the LUT's int16 tables must not overflow."""
     spec = LayerSpec(128, 300, 2, 256, group_size=64)
     layer = random_layer(spec, seed=3)
     x = torch.randn(1, 128) * scale

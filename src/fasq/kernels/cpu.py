@@ -10,7 +10,8 @@ kernel here declines, so the plain-PyTorch reference serves.
 ==============  ========  ======================================================================
 name            priority  used for
 ==============  ========  ======================================================================
-``cpu_lut``     30        1 token, >= 256 rows, K <= 256, AVX-512 VBMI: fp16 tables x.codebook
+``cpu_lut``     30        1 token, >= lut_min_rows() rows, K <= 256, AVX-512 VBMI: int16 tables
+                          x.codebook
 ``cpu_perm``    25        up to FEW_MAX_TOKENS tokens, K <= 256, AVX-512 VBMI: exact, codebook in
                           registers, looked up by byte permutes for 64 rows at a time
 ``cpu_direct``  20        up to FEW_MAX_TOKENS tokens, any K / CPU: gather centroids, fp32 FMA
@@ -22,6 +23,12 @@ Per-layer preparation (fp32 codebook copies; for ``cpu_lut`` / ``cpu_perm`` the 
 one byte per code with 64 rows side by side, scales in the same order, codebook byte planes)
 happens on a layer's first call and is cached on the module, keyed by the buffers' versions.
 ``$FASQ_CPU_ISA`` (avx2, scalar) caps the instruction set used.  See docs/kernels_cpu.md.
+
+Fast path: when the registry runs one of these kernels for a layer and up to FEW_MAX_TOKENS tokens,
+:func:`install_plan` leaves a per-layer ``Plan`` (C++, built into the same library) on the module;
+``PQLinear.forward`` calls it first, and it computes the whole call (rotation, kernel, bias, outlier
+correction) in one C++ call, or returns None when anything it depends on changed (input kind,
+buffers, registry, ``$FASQ_DISABLE_KERNELS``), and the registry path runs (and rebuilds it).
 """
 from __future__ import annotations
 
