@@ -308,3 +308,20 @@ def test_plan_follows_buffers_env_and_grad(monkeypatch):
     assert y.requires_grad
     y.sum().backward()
     assert xg.grad is not None and xg.grad.shape == x.shape
+
+
+def test_layer_copies_and_pickles_after_calls():
+    """The per-layer kernel caches (registry choices, C++ plan) are left out of copies and pickles."""
+    import copy
+    import io
+    spec = LayerSpec(64, 300, 2, 256, group_size=32, rotation_block=16, n_outliers=10)
+    layer = layer_with_outliers(spec, 10, seed=4)
+    x = torch.randn(1, 64)
+    y = layer(x)                                       # through the registry
+    y2 = layer(x)                                      # through the plan (outliers summed in fp32 there)
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(layer), torch.load(buf, weights_only=False)):
+        assert not any(k.startswith("_fasq_") for k in other.__dict__)
+        assert torch.equal(other(x), y) and torch.equal(other(x), y2)

@@ -59,6 +59,12 @@ class PQLinear(nn.Module):
                 self._buffers[n] = b.to(dt)
         return self
 
+    def __getstate__(self):
+        # Per-layer kernel caches (``_fasq_*``: the registry's choices, prepared tensors, the C++ plan)
+        # are rebuilt on the next call; they hold functions and C++ objects that neither pickle
+        # nor deepcopy, so copies and pickles leave them out.
+        return {k: v for k, v in super().__getstate__().items() if not k.startswith("_fasq_")}
+
     @property
     def weight_dtype(self) -> torch.dtype:
         return torch.float16
