@@ -28,10 +28,11 @@ def module():
         _state["mod"] = None
         if os.environ.get("FASQ_NATIVE_FIT", "1") != "0":
             try:
-                label, mod = build_first_that_works(SOURCE, "fasq_nearest", "fit_kernels", python_module=True)
+                label, mod, failed = build_first_that_works(SOURCE, "fasq_nearest", "fit_kernels", python_module=True)
                 _state["mod"] = mod
                 if label != "native":
-                    log.warning("fasq: k-means kernel built without -march=native/OpenMP; fitting will be slower")
+                    log.warning("fasq: k-means kernel built without -march=native/OpenMP (%s); fitting will be "
+                                "slower", failed)
             except RuntimeError as e:
                 log.warning("fasq: could not build the k-means kernel (%s); fitting uses faiss or torch "
                             "instead. Compiler output is logged at DEBUG level by fasq.native.", e)

@@ -3,7 +3,7 @@
 Importing this module compiles nothing; it registers four kernels with :mod:`fasq.kernels`
 (the registry imports it the first time a layer runs on the CPU).  The first ``supports()`` call
 builds ``pq_cpu.cpp`` with ``torch.utils.cpp_extension`` (``-O3 -march=native -fopenmp``) into
-``~/.cache/fasq/cpu_kernels/<hash>/`` (``$FASQ_CACHE_DIR`` overrides ``~/.cache/fasq``), once
+``~/.cache/fasq/cpu_kernels/<hash>/`` (``$FASQ_CACHE_DIR`` overrides ``~/.cache/fasq``; :mod:`fasq.native`), once
 per machine, source and torch version.  When no compiler works, one warning is logged and every
 kernel here declines, so the plain-PyTorch reference serves.
 
@@ -32,15 +32,11 @@ buffers, registry, ``$FASQ_DISABLE_KERNELS``), and the registry path runs (and r
 """
 from __future__ import annotations
 
-import hashlib
 import inspect
 import logging
 import os
-import platform
 import statistics
-import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +44,7 @@ import torch
 
 from .. import reference
 from ..format import LayerSpec, unpack_codes
+from ..native import build_first_that_works
 from . import Kernel, register
 
 log = logging.getLogger(__name__)
@@ -73,68 +70,6 @@ _FEAT_AVX2, _FEAT_AVX512, _FEAT_VBMI, _FEAT_FP16_LUT = 1, 2, 4, 16
 
 # ----------------------------------------------------------------------------------------------
 # Build and load (once per process; the compiled library is cached on disk once per machine).
-def cache_dir() -> Path:
-    root = os.environ.get("FASQ_CACHE_DIR") or Path.home() / ".cache" / "fasq"
-    return Path(root) / "cpu_kernels"
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _build_key(cflags: list[str]) -> str:
-    h = hashlib.sha256(SOURCE.read_bytes())
-    for part in (torch.__version__, sys.version, " ".join(cflags), os.environ.get("CXX", ""), _cpu_flags()):
-        h.update(b"\0" + part.encode())
-    return h.hexdigest()[:16]
-
-
-_ATTEMPTS = (("native", ["-O3", "-march=native", "-fopenmp"], ["-fopenmp"]),
-             ("portable", ["-O3"], []))
-
-
-def _build(cflags: list[str], ldflags: list[str]):
-    from torch.utils import cpp_extension
-
-    key = _build_key(cflags)
-    name = f"fasq_pq_cpu_{key}"
-    build_dir = cache_dir() / key
-    so_path, marker = build_dir / f"{name}.so", build_dir / "built.ok"
-    if marker.exists() and so_path.exists():
-        return _import_library(name, so_path)
-    build_dir.mkdir(parents=True, exist_ok=True)
-    log.info("fasq: building the CPU kernel in %s (once per machine, about a minute)", build_dir)
-    t0 = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:  # cpp_extension's own warnings go to DEBUG
-        warnings.simplefilter("always")
-        lib = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags,
-                                 build_directory=str(build_dir), is_python_module=True, verbose=False)
-    for w in caught:
-        log.debug("cpp_extension: %s", w.message)
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(f"{torch.__version__} {' '.join(cflags)}\n")
-    tmp.replace(marker)  # atomic: another process never loads a half-written library
-    log.info("fasq: CPU kernel built in %.0f s", time.perf_counter() - t0)
-    return lib
-
-
-def _import_library(name: str, so_path: Path):
-    """Import the built library as a Python module (loading it also registers its torch.library ops)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, so_path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 _features: int | None = None
 _lib = None  # the built library as a Python module (its Plan class serves PQLinear.forward's fast path)
 
@@ -151,28 +86,18 @@ def features() -> int:
 
 def _build_or_fail() -> int:
     global _lib
-    errors = []
-    for label, cflags, ldflags in _ATTEMPTS:
-        try:
-            lib = _build(cflags, ldflags)
-        except Exception as e:  # noqa: BLE001 - any build/load failure means: no kernel
-            msg = str(e).strip().splitlines()
-            reason = msg[-1] if msg else type(e).__name__
-            if not any(reason in err for err in errors):
-                errors.append(f"{label}: {reason}")
-            log.debug("fasq: CPU kernel build (%s) failed:\n%s", label, e)
-            continue
-        if label != "native":
-            log.warning("fasq: CPU kernel built without -march=native/OpenMP (%s); it will be slower",
-                        "; ".join(errors))
-        _lib = lib
-        torch.library.register_fake("fasq::cpu_pq_linear")(_fake_cpu_pq_linear)
-        torch.library.register_fake("fasq::cpu_dense16_linear")(_fake_cpu_dense16_linear)
-        return int(torch.ops.fasq.cpu_features())
-    log.warning("fasq: could not build the CPU kernel (%s); PQLinear on CPU falls back to the slow "
-                "plain-PyTorch reference. Compiler output is logged at DEBUG level by %s.",
-                "; ".join(errors), __name__)
-    return -1
+    try:
+        label, lib, failed = build_first_that_works(SOURCE, "fasq_pq_cpu", "cpu_kernels", python_module=True)
+    except RuntimeError as e:
+        log.warning("fasq: could not build the CPU kernel (%s); PQLinear on CPU falls back to the slow "
+                    "plain-PyTorch reference. Compiler output is logged at DEBUG level by fasq.native.", e)
+        return -1
+    if label != "native":
+        log.warning("fasq: CPU kernel built without -march=native/OpenMP (%s); it will be slower", failed)
+    _lib = lib
+    torch.library.register_fake("fasq::cpu_pq_linear")(_fake_cpu_pq_linear)
+    torch.library.register_fake("fasq::cpu_dense16_linear")(_fake_cpu_dense16_linear)
+    return int(torch.ops.fasq.cpu_features())
 
 
 def available() -> bool:
