@@ -246,6 +246,10 @@ def markdown(results: dict) -> str:
         c = r.get("config") or {}
         settings = (f"d{c['subvector_dim']} K{c['codebook_size']} g{c['group_size']} {c['scale_mode']}, "
                     f"equalize {c.get('equalize', 'none')}" if c else "see command")
+        if c.get("target_bits"):
+            settings += f", size target {c['target_bits']:g} bits/w (K per layer)"
+        if c.get("outlier_fraction"):
+            settings += f", {100 * c['outlier_fraction']:g}% outlier table"
         lines.append(f"| {r['model']} | {r['layers_quantized']} of {r['layers_total']} | {settings} | {r['units']} | "
                      f"{r['quantized_weights'] / 1e9:.2f} B | {r['max_memory']} | {r['workers']} | "
                      + (f"{r['wall_seconds']:.0f} s | {r['tensors_per_second']:.2f} | "
