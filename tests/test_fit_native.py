@@ -71,3 +71,18 @@ def test_own_kmeans_is_deterministic_and_converges():
     # Lloyd never increases the error: 25 iterations beat 1.
     c0, a0 = km.kmeans(x, 64, seed=5, backend="torch", iters=1)
     assert ((x - c1[a1]) ** 2).sum() < ((x - c0[a0]) ** 2).sum()
+
+
+def test_every_cpp_source_ships_in_the_package():
+    """A C++ source missing from package-data builds in a checkout but not from an installed wheel."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["fasq"]
+    pkg = root / "src" / "fasq"
+    sources = [p.relative_to(pkg).as_posix() for p in pkg.rglob("*.cpp")]
+    assert sources
+    for src in sources:
+        assert any(fnmatch.fnmatch(src, g) for g in globs), f"{src} is not in pyproject's package-data"
