@@ -48,10 +48,9 @@ def build_key(source: Path, cflags: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def build(source: Path, prefix: str, subdir: str, cflags: list[str], ldflags: list[str],
-          python_module: bool):
-    """Compile ``source`` (or reuse the cached build) and load it: as a Python module (returned) when
-    ``python_module``, else into ``torch.ops`` only (None returned)."""
+def build(source: Path, prefix: str, subdir: str, cflags: list[str], ldflags: list[str]):
+    """Compile ``source`` (or reuse the cached build) and import it as a Python module (loading it also
+    registers any ``torch.library`` ops it defines)."""
     from torch.utils import cpp_extension
 
     key = build_key(source, cflags)
@@ -59,43 +58,39 @@ def build(source: Path, prefix: str, subdir: str, cflags: list[str], ldflags: li
     build_dir = cache_root() / subdir / key
     so_path, marker = build_dir / f"{name}.so", build_dir / "built.ok"
     if marker.exists() and so_path.exists():
-        if python_module:
-            return _import_module(name, so_path)
-        torch.ops.load_library(str(so_path))
-        return None
+        return _import_module(name, so_path)
     build_dir.mkdir(parents=True, exist_ok=True)
     log.info("fasq: building %s in %s (once per machine, about a minute)", source.name, build_dir)
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:  # cpp_extension's own warnings go to DEBUG
         warnings.simplefilter("always")
         lib = cpp_extension.load(name=name, sources=[str(source)], extra_cflags=cflags, extra_ldflags=ldflags,
-                                 build_directory=str(build_dir), is_python_module=python_module, verbose=False)
+                                 build_directory=str(build_dir), is_python_module=True, verbose=False)
     for w in caught:
         log.debug("cpp_extension: %s", w.message)
     tmp = marker.with_suffix(".tmp")
     tmp.write_text(f"{torch.__version__} {' '.join(cflags)}\n")
     tmp.replace(marker)  # atomic: another process never loads a half-written library
     log.info("fasq: %s built in %.0f s", source.name, time.perf_counter() - t0)
-    return lib if python_module else None
+    return lib
 
 
 def _import_module(name: str, so_path: Path):
-    """Import a built library as a Python module (loading it also registers its torch.library ops)."""
     spec = importlib.util.spec_from_file_location(name, so_path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def build_first_that_works(source: Path, prefix: str, subdir: str, python_module: bool):
-    """Try :data:`ATTEMPTS` in order; returns ``(label, module or None, failures)`` for the first that
+def build_first_that_works(source: Path, prefix: str, subdir: str):
+    """Try :data:`ATTEMPTS` in order; returns ``(label, module, failures)`` for the first that
     builds, ``failures`` naming the attempts before it that failed ("" when none).  Raises
     RuntimeError naming each attempt's last error line when none builds; compiler output goes to
     DEBUG."""
     errors: list[str] = []
     for label, cflags, ldflags in ATTEMPTS:
         try:
-            return label, build(source, prefix, subdir, cflags, ldflags, python_module), "; ".join(errors)
+            return label, build(source, prefix, subdir, cflags, ldflags), "; ".join(errors)
         except Exception as e:  # noqa: BLE001 - any build/load failure means: try the next flags
             msg = str(e).strip().splitlines()
             reason = msg[-1] if msg else type(e).__name__

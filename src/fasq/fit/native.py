@@ -28,7 +28,7 @@ def module():
         _state["mod"] = None
         if os.environ.get("FASQ_NATIVE_FIT", "1") != "0":
             try:
-                label, mod, failed = build_first_that_works(SOURCE, "fasq_nearest", "fit_kernels", python_module=True)
+                label, mod, failed = build_first_that_works(SOURCE, "fasq_nearest", "fit_kernels")
                 _state["mod"] = mod
                 if label != "native":
                     log.warning("fasq: k-means kernel built without -march=native/OpenMP (%s); fitting will be "
@@ -39,20 +39,22 @@ def module():
     return _state["mod"]
 
 
+def _module_for(x: torch.Tensor, centroids: torch.Tensor):
+    """The extension when it applies to these inputs (CPU, 1 <= d <= 8, built), else None."""
+    if x.device.type != "cpu" or centroids.device.type != "cpu" or not 1 <= x.shape[1] <= MAX_DIM:
+        return None
+    return module()
+
+
 def nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor | None:
     """Index of the nearest centroid (squared L2) for each row of ``x`` [N, d] -> [N] int64, or None
     where the kernel does not apply (not CPU, d > 8, or no kernel)."""
-    if x.device.type != "cpu" or centroids.device.type != "cpu" or not 1 <= x.shape[1] <= MAX_DIM:
-        return None
-    mod = module()
-    if mod is None:
-        return None
-    return mod.nearest(x.float().contiguous(), centroids.float().contiguous())
+    mod = _module_for(x, centroids)
+    return None if mod is None else mod.nearest(x.float().contiguous(), centroids.float().contiguous())
 
 
 def lloyd_stats(x: torch.Tensor, centroids: torch.Tensor):
     """(codes [N] int64, per-centroid sums [K, d] and counts [K], float64) of one Lloyd step, or None
     where the kernel does not apply (see :func:`nearest`)."""
-    if nearest(x[:0], centroids) is None:
-        return None
-    return tuple(module().lloyd_stats(x.float().contiguous(), centroids.float().contiguous()))
+    mod = _module_for(x, centroids)
+    return None if mod is None else tuple(mod.lloyd_stats(x.float().contiguous(), centroids.float().contiguous()))

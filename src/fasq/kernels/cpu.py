@@ -87,7 +87,7 @@ def features() -> int:
 def _build_or_fail() -> int:
     global _lib
     try:
-        label, lib, failed = build_first_that_works(SOURCE, "fasq_pq_cpu", "cpu_kernels", python_module=True)
+        label, lib, failed = build_first_that_works(SOURCE, "fasq_pq_cpu", "cpu_kernels")
     except RuntimeError as e:
         log.warning("fasq: could not build the CPU kernel (%s); PQLinear on CPU falls back to the slow "
                     "plain-PyTorch reference. Compiler output is logged at DEBUG level by fasq.native.", e)
