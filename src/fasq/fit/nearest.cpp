@@ -58,79 +58,77 @@ void nearest_blocks(const float* x, int64_t n, int dd, const float* c, const flo
 }
 
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+// What the SIMD walk needs from an instruction set: a float vector, a vector of centroid indices, and
+// "take dist and q where dist < best".
 #if defined(__AVX512F__)
-// 64 points = 4 vectors of 16 lanes per dimension, all held in registers across the codebook walk.
-template <int D>
-void nearest_blocks_simd(const float* x, int64_t n, const float* c, const float* cn, int64_t k, int64_t* out) {
-  constexpr int V = 4, L = 16;
-  const int64_t nblocks = (n + B - 1) / B;
-#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
-  for (int64_t blk = 0; blk < nblocks; ++blk) {
-    alignas(64) float xs[D][B];
-    alignas(64) int32_t bi[B];
-    const int64_t p0 = blk * B;
-    const int np = (int)std::min<int64_t>(B, n - p0);
-    for (int j = 0; j < D; ++j)
-      for (int p = 0; p < B; ++p) xs[j][p] = p < np ? x[(p0 + p) * D + j] : 0.f;
-    __m512 xv[D][V], best[V];
-    __m512i idx[V];
-    for (int v = 0; v < V; ++v) {
-      for (int j = 0; j < D; ++j) xv[j][v] = _mm512_load_ps(&xs[j][v * L]);
-      best[v] = _mm512_set1_ps(std::numeric_limits<float>::infinity());
-      idx[v] = _mm512_setzero_si512();
-    }
-    for (int64_t q = 0; q < k; ++q) {
-      __m512 cq[D];
-      for (int j = 0; j < D; ++j) cq[j] = _mm512_set1_ps(-2.f * c[q * D + j]);
-      const __m512 base = _mm512_set1_ps(cn[q]);
-      const __m512i qv = _mm512_set1_epi32((int32_t)q);
-      for (int v = 0; v < V; ++v) {
-        __m512 dist = base;
-        for (int j = 0; j < D; ++j) dist = _mm512_fmadd_ps(xv[j][v], cq[j], dist);
-        const __mmask16 better = _mm512_cmp_ps_mask(dist, best[v], _CMP_LT_OQ);
-        best[v] = _mm512_mask_mov_ps(best[v], better, dist);
-        idx[v] = _mm512_mask_mov_epi32(idx[v], better, qv);
-      }
-    }
-    for (int v = 0; v < V; ++v) _mm512_store_si512((void*)&bi[v * L], idx[v]);
-    for (int p = 0; p < np; ++p) out[p0 + p] = bi[p];
+struct Isa {
+  static constexpr int L = 16;  // lanes
+  using F = __m512;
+  using I = __m512i;
+  static F load(const float* p) { return _mm512_load_ps(p); }
+  static F set1(float v) { return _mm512_set1_ps(v); }
+  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static I index(int64_t q) { return _mm512_set1_epi32((int32_t)q); }
+  static I zero_index() { return _mm512_setzero_si512(); }
+  static void keep_smaller(F dist, I q, F& best, I& idx) {
+    const __mmask16 better = _mm512_cmp_ps_mask(dist, best, _CMP_LT_OQ);
+    best = _mm512_mask_mov_ps(best, better, dist);
+    idx = _mm512_mask_mov_epi32(idx, better, q);
   }
-}
-#elif defined(__AVX2__)
-// 32 points = 4 vectors of 8 lanes per dimension.
+  static void store_index(int32_t* p, I idx) { _mm512_store_si512((void*)p, idx); }
+};
+#else
+struct Isa {
+  static constexpr int L = 8;
+  using F = __m256;
+  using I = __m256;  // indices kept as exact floats (< 2^24) so that one blend serves both
+  static F load(const float* p) { return _mm256_load_ps(p); }
+  static F set1(float v) { return _mm256_set1_ps(v); }
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static I index(int64_t q) { return _mm256_set1_ps((float)q); }
+  static I zero_index() { return _mm256_setzero_ps(); }
+  static void keep_smaller(F dist, I q, F& best, I& idx) {
+    const __m256 better = _mm256_cmp_ps(dist, best, _CMP_LT_OQ);
+    best = _mm256_blendv_ps(best, dist, better);
+    idx = _mm256_blendv_ps(idx, q, better);
+  }
+  static void store_index(int32_t* p, I idx) { _mm256_store_si256((__m256i*)p, _mm256_cvtps_epi32(idx)); }
+};
+#endif
+
+// 4 vectors of points per block (64 with AVX-512, 32 with AVX2), held in registers across the codebook.
 template <int D>
 void nearest_blocks_simd(const float* x, int64_t n, const float* c, const float* cn, int64_t k, int64_t* out) {
-  constexpr int V = 4, L = 8, BB = V * L;
+  constexpr int V = 4, L = Isa::L, BB = V * L;
   const int64_t nblocks = (n + BB - 1) / BB;
 #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
   for (int64_t blk = 0; blk < nblocks; ++blk) {
-    alignas(32) float xs[D][BB];
-    alignas(32) int32_t bi[BB];
+    alignas(64) float xs[D][BB];
+    alignas(64) int32_t bi[BB];
     const int64_t p0 = blk * BB;
     const int np = (int)std::min<int64_t>(BB, n - p0);
     for (int j = 0; j < D; ++j)
       for (int p = 0; p < BB; ++p) xs[j][p] = p < np ? x[(p0 + p) * D + j] : 0.f;
-    __m256 xv[D][V], best[V];
-    __m256 idx[V];  // indices kept as exact floats (< 2^24) so that one blend serves both
+    typename Isa::F xv[D][V], best[V];
+    typename Isa::I idx[V];
     for (int v = 0; v < V; ++v) {
-      for (int j = 0; j < D; ++j) xv[j][v] = _mm256_load_ps(&xs[j][v * L]);
-      best[v] = _mm256_set1_ps(std::numeric_limits<float>::infinity());
-      idx[v] = _mm256_setzero_ps();
+      for (int j = 0; j < D; ++j) xv[j][v] = Isa::load(&xs[j][v * L]);
+      best[v] = Isa::set1(std::numeric_limits<float>::infinity());
+      idx[v] = Isa::zero_index();
     }
     for (int64_t q = 0; q < k; ++q) {
-      __m256 cq[D];
-      for (int j = 0; j < D; ++j) cq[j] = _mm256_set1_ps(-2.f * c[q * D + j]);
-      const __m256 base = _mm256_set1_ps(cn[q]);
-      const __m256 qv = _mm256_set1_ps((float)q);
+      typename Isa::F cq[D];
+      for (int j = 0; j < D; ++j) cq[j] = Isa::set1(-2.f * c[q * D + j]);
+      const typename Isa::F base = Isa::set1(cn[q]);
+      const typename Isa::I qv = Isa::index(q);
       for (int v = 0; v < V; ++v) {
-        __m256 dist = base;
-        for (int j = 0; j < D; ++j) dist = _mm256_fmadd_ps(xv[j][v], cq[j], dist);
-        const __m256 better = _mm256_cmp_ps(dist, best[v], _CMP_LT_OQ);
-        best[v] = _mm256_blendv_ps(best[v], dist, better);
-        idx[v] = _mm256_blendv_ps(idx[v], qv, better);
+        typename Isa::F dist = base;
+        for (int j = 0; j < D; ++j) dist = Isa::fmadd(xv[j][v], cq[j], dist);
+        Isa::keep_smaller(dist, qv, best[v], idx[v]);  // strict <: ties keep the lowest index
       }
     }
-    for (int v = 0; v < V; ++v) _mm256_store_si256((__m256i*)&bi[v * L], _mm256_cvtps_epi32(idx[v]));
+    for (int v = 0; v < V; ++v) Isa::store_index(&bi[v * L], idx[v]);
     for (int p = 0; p < np; ++p) out[p0 + p] = bi[p];
   }
 }
