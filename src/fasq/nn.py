@@ -8,6 +8,11 @@ from .format import LayerSpec
 from . import kernels, reference
 
 
+# Attributes under this prefix are per-layer kernel caches (registry choices, prepared tensors, the
+# C++ plan): rebuilt on demand, dropped when buffers move and left out of copies and pickles.
+_CACHE_PREFIX = "_fasq_"
+
+
 class PQLinear(nn.Module):
     """Linear layer with a product-quantized weight.
 
@@ -49,8 +54,8 @@ class PQLinear(nn.Module):
     # Keep fp16 buffers in fp16 (and int buffers as ints) when the model is cast with .to(dtype):
     # the stored format is fixed; kernels upcast as they compute.
     def _apply(self, fn, recurse=True):
-        for cache in ("_fasq_plan", "_fasq_cpu", "_fasq_outliers"):  # per-layer kernel caches of the old buffers
-            self.__dict__.pop(cache, None)
+        for cache in [k for k in self.__dict__ if k.startswith(_CACHE_PREFIX)]:  # kernel caches of the old buffers
+            del self.__dict__[cache]
         saved = {n: b.dtype for n, b in self._buffers.items() if b is not None}
         super()._apply(fn, recurse)
         for n, dt in saved.items():
@@ -63,7 +68,7 @@ class PQLinear(nn.Module):
         # Per-layer kernel caches (``_fasq_*``: the registry's choices, prepared tensors, the C++ plan)
         # are rebuilt on the next call; they hold functions and C++ objects that neither pickle
         # nor deepcopy, so copies and pickles leave them out.
-        return {k: v for k, v in super().__getstate__().items() if not k.startswith("_fasq_")}
+        return {k: v for k, v in super().__getstate__().items() if not k.startswith(_CACHE_PREFIX)}
 
     @property
     def weight_dtype(self) -> torch.dtype:
