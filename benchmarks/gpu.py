@@ -23,6 +23,7 @@ depend on the transformers version; its linear layers have exactly Llama-3-8B's 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -53,9 +54,14 @@ from fasq.reference import rotation_block_for
 BEGIN, END = "<!-- gpu:begin -->", "<!-- gpu:end -->"
 
 # name -> (subvector_dim, num_centroids, group_size)
-FORMATS = {"4bit d2 K256": (2, 256, 128), "3bit d2 K64": (2, 64, 128), "3bit d4 K4096": (4, 4096, 128)}
+# The two d=2 formats use the presets' scale groups (one fp16 scale per 256 columns).
+FORMATS = {"4bit d2 K256": (2, 256, 256), "3bit d2 K64": (2, 64, 256), "3bit d4 K4096": (4, 4096, 128)}
+FAST_PATHS = ("acc_wide", "block_scale", "cb_vec", "code_typed", "x_vec")  # Launch switches of the kernel
+PLAIN = {f: False for f in FAST_PATHS}
+PLAIN_AT = (1, 16, 2048)
+SWEEP_FORMATS = ("4bit d2 K256", "3bit d2 K64")   # formats the 1-token launch sweep covers   # token counts where the kernel also runs with every fast path off
 E2E_FORMATS = ("4bit d2 K256", "3bit d2 K64", "3bit d4 K4096")
-SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]          # (out, in)
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096)]          # (out, in); run in this order
 TOKENS = [1, 2, 4, 8, 16, 512, 2048]
 DRY_SHAPES = [(40, 72), (24, 128)]
 DRY_TOKENS = [1, 20]
@@ -64,15 +70,75 @@ DRY_TOKENS = [1, 20]
 # ---------------------------------------------------------------------------------------------
 # Timing
 
+GRAPH_TARGET_MS = 4.0    # GPU time per graph replay
+GRAPH_REPLAYS = 7
+
+
 def bench(fn, device) -> float:
-    """Median µs of fn(): triton's do_bench on CUDA (L2 flushed before each run), else one wall-clock run."""
+    """Median µs of one eager fn() call, host launch cost included (triton's do_bench, L2 flushed
+    before each run); CPU (--dry-run): one wall-clock run."""
     if device.type == "cuda":
         import triton.testing
         return 1000.0 * triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
-    fn()                                                 # CPU (--dry-run): checks the script only
+    fn()
     t0 = time.perf_counter()
     fn()
     return 1e6 * (time.perf_counter() - t0)
+
+
+def copies_for(n_bytes: int, device) -> int:
+    """Weight copies to cycle through so that each call reads its weight from DRAM, not from L2
+    (together at least 2.5x the L2 size), at most 64."""
+    if device.type != "cuda":
+        return 2                                      # --dry-run: checks the cycling, times nothing
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    return max(1, min(64, math.ceil(2.5 * l2 / max(n_bytes, 1))))
+
+
+def gpu_time(fns: list, device) -> float:
+    """Median µs per call of the GPU work alone: the calls ``fns`` (one per weight copy, each
+    reading a different weight) captured in a CUDA graph and replayed, so host launch costs are
+    not in the figure and each call finds its weight outside L2, as one decoding step does.
+    CPU (--dry-run): wall-clock time of one pass / len(fns)."""
+    if device.type != "cuda":
+        for f in fns:
+            f()
+        t0 = time.perf_counter()
+        for f in fns:
+            f()
+        return 1e6 * (time.perf_counter() - t0) / len(fns)
+    for f in fns:                                     # compile, allocate, build caches
+        f()
+    cur = torch.cuda.current_stream()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for f in fns:
+        f()
+    e1.record()
+    torch.cuda.synchronize()
+    passes = max(1, min(50, math.ceil(GRAPH_TARGET_MS / max(e0.elapsed_time(e1), 1e-3))))
+    side = torch.cuda.Stream()
+    side.wait_stream(cur)
+    with torch.cuda.stream(side):
+        for f in fns:
+            f()
+    cur.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(passes):
+            for f in fns:
+                f()
+    graph.replay()
+    times = []
+    for _ in range(GRAPH_REPLAYS):
+        e0.record()
+        graph.replay()
+        e1.record()
+        torch.cuda.synchronize()
+        times.append(e0.elapsed_time(e1))
+    del graph
+    times.sort()
+    return 1000.0 * times[len(times) // 2] / (passes * len(fns))
 
 
 def device_rates(device, dry: bool) -> dict:
@@ -123,51 +189,111 @@ def triton_next_pow2(n: int) -> int:
 
 
 def kernel_timings(device, dry: bool, deadline: float, sweep: bool) -> tuple[list, list, list]:
+    """Every row's ``us`` is GPU time per call from :func:`gpu_time` (graph replay, weights cold in
+    L2); ``auto op, eager`` alone is one eager call with its host launch cost."""
     from fasq.kernels import triton_kernels as tk
     dtype = torch.float32 if dry else torch.float16
     shapes, token_list = (DRY_SHAPES, DRY_TOKENS) if dry else (SHAPES, TOKENS)
     rows, sweeps, skipped = [], [], []
     for out_f, in_f in shapes:
-        w16 = torch.randn(out_f, in_f, device=device, dtype=dtype) * 0.02
-        layers = {fmt: random_pq_linear(out_f, in_f, fmt, device, seed=i) for i, fmt in enumerate(FORMATS)}
+        if time.monotonic() > deadline:
+            skipped.append(f"kernels {out_f}x{in_f}: time budget spent")
+            continue
+        n16 = copies_for(out_f * in_f * 2, device)
+        w16 = [torch.randn(out_f, in_f, device=device, dtype=dtype) * 0.02 for _ in range(n16)]
+        layers = {}
+        for i, fmt in enumerate(FORMATS):
+            first = random_pq_linear(out_f, in_f, fmt, device, seed=100 * i)
+            n = copies_for(first.spec.weight_storage_bytes(), device)
+            layers[fmt] = [first] + [random_pq_linear(out_f, in_f, fmt, device, seed=100 * i + c) for c in range(1, n)]
         for tokens in token_list:
             if time.monotonic() > deadline:
                 skipped.append(f"kernels {out_f}x{in_f} tokens={tokens}: time budget spent")
                 continue
             x = torch.randn(tokens, in_f, device=device, dtype=dtype)
             base = dict(shape=f"{out_f}x{in_f}", out=out_f, **{"in": in_f}, tokens=tokens)
-            fp16_us = bench(lambda: F.linear(x, w16), device)
-            rows.append(dict(base, format="fp16", method="F.linear", us=fp16_us, bytes=w16.numel() * w16.element_size()))
-            for fmt, layer in layers.items():
-                s = layer.spec
-                xr = tk.rotate(x, layer.rot_signs, s.rotation_block)
-                args = (layer.codes, layer.codebooks, layer.scales, None, s.in_features, s.subvector_dim,
-                        s.effective_group)
-                methods = {"prefill": lambda: tk.pq_matmul(xr, *args, method="prefill"),
-                           "dequant+F.linear": lambda: F.linear(xr, tk.dequantize_rotated(
-                               *args[:3], *args[4:], dtype=dtype)),
-                           "auto op (with rotation)": lambda: layer(x)}
-                if tokens <= tk.DECODE_MAX_TOKENS:
-                    methods["decode"] = lambda: tk.pq_matmul(xr, *args, method="decode")
+            us = gpu_time([lambda w=w: F.linear(x, w) for w in w16], device)
+            rows.append(dict(base, format="fp16", method="F.linear", us=us, bytes=w16[0].numel() * w16[0].element_size(),
+                             copies=n16))
+            for fmt, copies in layers.items():
+                s = copies[0].spec
+                xr = tk.rotate(x, copies[0].rot_signs, s.rotation_block)
+                group = s.effective_group if copies[0].scales.shape[1] > 1 else 0
+
+                def args(L):
+                    return (L.codes, L.codebooks, L.scales, None, s.in_features, s.subvector_dim, s.effective_group)
+                decode = tokens <= tk.DECODE_MAX_TOKENS
+                kind = "decode" if decode else "prefill"
+                if decode:
+                    dflt = tk.decode_launch(tokens, in_f, out_f, s.subvector_dim, s.bits, device, 0, group)
+                else:
+                    dflt = tk.prefill_launch(tokens, in_f, out_f, s.subvector_dim, s.bits, group)
+                methods = {kind: lambda L: tk.pq_matmul(xr, *args(L), launch=dflt),
+                           "auto op (with rotation)": lambda L: L(x)}
+                if tokens >= 16 or dry:
+                    methods["dequant+F.linear"] = lambda L: F.linear(xr, tk.dequantize_rotated(
+                        *args(L)[:3], *args(L)[4:], dtype=dtype))
+                if tokens in PLAIN_AT or dry:
+                    plain = dataclasses.replace(dflt, **PLAIN)
+                    methods[f"{kind}, fast paths off"] = lambda L: tk.pq_matmul(xr, *args(L), launch=plain)
+                if tokens in (1, max(token_list)) or dry:
+                    methods["rotation only"] = lambda L: tk.rotate(x, L.rot_signs, s.rotation_block)
+                if tokens == 1 or dry:
+                    methods["dequant only"] = lambda L: tk.dequantize_rotated(*args(L)[:3], *args(L)[4:], dtype=dtype)
+                    methods["dequant only, unpacked"] = lambda L: tk.dequantize_rotated(
+                        *args(L)[:3], *args(L)[4:], dtype=dtype, packed=False)
+                    methods[f"{kind} + cb_smem"] = lambda L: tk.pq_matmul(xr, *args(L), launch=dataclasses.replace(
+                        dflt, cb_smem=True))
                 for name, fn in methods.items():
-                    us = bench(fn, device)
+                    us = gpu_time([lambda L=L, fn=fn: fn(L) for L in copies], device)
                     rows.append(dict(base, format=fmt, method=name, us=us, bytes=s.weight_storage_bytes(),
-                                     bits_per_weight=s.bits_per_weight()))
-                if sweep and tokens == 1 and time.monotonic() < deadline:
-                    default = tk.decode_launch(1, in_f, out_f, s.subvector_dim, s.bits, device)
-                    variants = {"default": default}
-                    for bo, bj, nw in ((8, default.block_j, 2), (32, default.block_j, 4),
-                                       (16, 2 * default.block_j, 4), (16, max(16, default.block_j // 2), 2)):
-                        variants[f"o{bo}_j{bj}_w{nw}"] = make_launch(tk, 1, s.n_sub, bo, bj, default.splits, nw)
-                    for mult in (0.5, 2):
-                        sp = max(1, int(default.splits * mult))
-                        variants[f"splits{sp}"] = make_launch(tk, 1, s.n_sub, default.block_o, default.block_j, sp,
-                                                              default.num_warps)
+                                     bits_per_weight=s.bits_per_weight(), copies=len(copies)))
+                if tokens == 1:
+                    us = bench(lambda: copies[0](x), device)
+                    rows.append(dict(base, format=fmt, method="auto op, eager (host launch included)", us=us,
+                                     bytes=s.weight_storage_bytes(), bits_per_weight=s.bits_per_weight(), copies=1))
+                if sweep and tokens == 1 and fmt in SWEEP_FORMATS and time.monotonic() < deadline:
+                    variants = {"default": dflt, "all fast paths off": dataclasses.replace(dflt, **PLAIN)}
+                    for flag in FAST_PATHS:
+                        variants[f"no {flag}"] = dataclasses.replace(dflt, **{flag: False})
+                    for bo, bj, nw in ((8, dflt.block_j, 2), (32, dflt.block_j, 4),
+                                       (16, max(16, dflt.block_j // 2), 2), (64, max(16, dflt.block_j // 4), 4)):
+                        for smem in (False, True):
+                            variants[f"o{bo}_j{bj}_w{nw}" + ("_smem" if smem else "")] = dataclasses.replace(
+                                make_launch(tk, 1, s.n_sub, bo, bj, dflt.splits, nw), cb_smem=smem)
+                    for sp in sorted({1, max(1, dflt.splits // 2), 2 * dflt.splits}):
+                        for smem in (False, True):
+                            variants[f"splits{sp}" + ("_smem" if smem else "")] = dataclasses.replace(
+                                make_launch(tk, 1, s.n_sub, dflt.block_o, dflt.block_j, sp, dflt.num_warps),
+                                cb_smem=smem)
                     for vname, launch in variants.items():
-                        us = bench(lambda: tk.pq_matmul(xr, *args, launch=launch), device)
+                        us = gpu_time([lambda L=L, launch=launch: tk.pq_matmul(xr, *args(L), launch=launch)
+                                       for L in copies], device)
                         sweeps.append(dict(base, format=fmt, variant=vname, launch=launch.__dict__, us=us,
                                            bytes=s.weight_storage_bytes()))
+        del w16, layers
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows, sweeps, skipped
+
+
+def tune_decode(sweeps: list) -> dict:
+    """For each (shape, format): the 1-token sweep's fastest launch, if >= 3% faster than the
+    heuristics' default; installed in ``triton_kernels.DECODE_TUNED`` for the end-to-end run."""
+    from fasq.kernels import triton_kernels as tk
+    chosen = {}
+    groups = {}
+    for r in sweeps:
+        groups.setdefault((r["shape"], r["format"]), []).append(r)
+    for (shape, fmt), rs in groups.items():
+        d = next(r for r in rs if r["variant"] == "default")
+        b = min(rs, key=lambda r: r["us"])
+        if b["us"] < 0.97 * d["us"]:
+            sd, k, group = FORMATS[fmt]
+            key = (1, d["in"], d["out"], sd, (k - 1).bit_length(), group)
+            tk.DECODE_TUNED[key] = tk.Launch(**b["launch"])
+            chosen[f"{shape} {fmt}"] = b["variant"]
+    return chosen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,21 +567,25 @@ def markdown(res: dict) -> str:
               "", "### Targets (issue 5), as measured", ""]
     lines += [f"- {t}" for t in targets(res)] + [""]
     lines += ["### Kernels", "",
-              "µs per call (median, L2 flushed before each); `auto op` is PQLinear's forward as a model runs it "
-              "(the registry's choice, input rotation included); the kernel columns take a rotated input. "
+              "GPU µs per call: calls replayed from a CUDA graph (no host launch cost), cycling through enough "
+              "copies of the layer that its weight is read from DRAM, not L2 (median of 7 replays). `auto op` is "
+              "PQLinear's forward as a model runs it (the registry's choice, input rotation included); the kernel "
+              "columns take a rotated input; `rotation` is the input rotation alone. "
               "'% copy BW' = (bytes of the stored weight / decode-kernel time) / copy bandwidth. "
               "Every row is in the JSON, with GB/s.", ""]
     by = {(r["shape"], r["tokens"], r["format"], r["method"]): r for r in res["kernels"]}
     keys = sorted({(r["shape"], r["tokens"]) for r in res["kernels"]},
                   key=lambda k: (res_shapes(res).index(k[0]), k[1]))
-    cols = ("decode", "prefill", "dequant+F.linear", "auto op (with rotation)")
+    cols = ("decode", "decode, fast paths off", "prefill", "prefill, fast paths off", "dequant+F.linear",
+            "rotation only", "auto op (with rotation)")
     for fmt in FORMATS:
         bpw = next((r["bits_per_weight"] for r in res["kernels"] if r["format"] == fmt), None)
         if bpw is None:
             continue
         lines += [f"**{fmt}** ({bpw:.3f} bits/weight on the first shape)", "",
-                  "| shape (out x in) | tokens | FP16 F.linear | decode | prefill | dequant+F.linear | auto op "
-                  "| auto vs FP16 | decode % copy BW |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| shape (out x in) | tokens | FP16 F.linear | decode | decode, plain | prefill | prefill, plain "
+                  "| dequant+F.linear | rotation | auto op | auto vs FP16 | decode % copy BW |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for shape, t in keys:
             fp16 = by.get((shape, t, "fp16", "F.linear"))
             cells = [f"{by[(shape, t, fmt, c)]['us']:.1f}" if (shape, t, fmt, c) in by else "" for c in cols]
@@ -463,10 +593,32 @@ def markdown(res: dict) -> str:
             dec = by.get((shape, t, fmt, "decode"))
             lines.append(f"| {shape} | {t} | {fp16['us']:.1f} | " + " | ".join(cells) +
                          f" | {auto['speedup_vs_fp16']:.2f}x | " + (f"{dec['frac_copy_bw']:.0%}" if dec else "") + " |"
-                         if fp16 and auto else f"| {shape} | {t} | | | | | | | |")
+                         if fp16 and auto else f"| {shape} | {t} |" + " |" * 10)
+        lines.append("")
+    extra = ("decode + cb_smem", "dequant only", "dequant only, unpacked", "auto op, eager (host launch included)")
+    if any(r["method"] in extra for r in res["kernels"]):
+        lines += ["At 1 token: the decode kernel with the codebook looked up through `tl.gather` (`cb_smem`); "
+                  "the dequantize kernel alone (GB/s = bytes of the 16-bit weight written / time), with and "
+                  "without its packed path; and one eager call of the auto op, host launch cost included "
+                  "(µs):", "",
+                  "| shape | format | decode | decode + cb_smem | dequant only | GB/s written | dequant, unpacked "
+                  "| auto op (graph) | auto op, eager |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for shape in res_shapes(res):
+            for fmt in FORMATS:
+                g = {r["method"]: r for r in res["kernels"] if r["shape"] == shape and r["format"] == fmt
+                     and r["tokens"] == 1}
+                if "dequant only" not in g:
+                    continue
+                out_f, in_f = g["dequant only"]["out"], g["dequant only"]["in"]
+                cell = lambda m: f"{g[m]['us']:.1f}" if m in g else ""  # noqa: E731
+                lines.append(f"| {shape} | {fmt} | {cell('decode')} | {cell('decode + cb_smem')} | "
+                             f"{cell('dequant only')} | {2 * out_f * in_f / g['dequant only']['us'] / 1e3:.0f} | "
+                             f"{cell('dequant only, unpacked')} | {cell('auto op (with rotation)')} | "
+                             f"{cell('auto op, eager (host launch included)')} |")
         lines.append("")
     if res["decode_sweep"]:
-        lines += ["Decode launch sweep at 1 token (`default` is what the heuristics pick):", "",
+        lines += ["Decode launch sweep at 1 token (`default` is what the heuristics pick; `_smem`: with "
+                  "`cb_smem`):", "",
                   "| shape | format | default µs | best variant | best µs | best % copy BW |",
                   "| --- | --- | ---: | --- | ---: | ---: |"]
         groups = {}
@@ -476,12 +628,24 @@ def markdown(res: dict) -> str:
             d = next(r for r in rs if r["variant"] == "default")
             b = min(rs, key=lambda r: r["us"])
             lines.append(f"| {shape} | {fmt} | {d['us']:.1f} | {b['variant']} | {b['us']:.1f} | {b['frac_copy_bw']:.0%} |")
+        ablate = ["all fast paths off"] + [f"no {f}" for f in FAST_PATHS]
+        lines += ["", "Fast paths of the decode kernel at 1 token, one switched off at a time (µs; "
+                  "`default` has every one that applies on):", "",
+                  "| shape | format | default | " + " | ".join(ablate) + " |",
+                  "| --- | --- | ---: | " + " | ".join("---:" for _ in ablate) + " |"]
+        for (shape, fmt), rs in groups.items():
+            by_v = {r["variant"]: r["us"] for r in rs}
+            lines.append(f"| {shape} | {fmt} | {by_v['default']:.1f} | " +
+                         " | ".join(f"{by_v[v]:.1f}" if v in by_v else "" for v in ablate) + " |")
     e2e = res.get("end_to_end")
     if e2e:
         lines += ["", f"### End to end: {e2e['new_tokens']} tokens after a {e2e['prompt_tokens']}-token prompt, "
                   f"batch 1, {e2e['dtype']}, mode {e2e['mode']}", ""]
         if e2e["note"]:
             lines += [f"Model: {e2e['note']}.", ""]
+        if res.get("decode_tuned"):
+            lines += ["Decode launches in this run: the 1-token sweep's fastest where it beat the heuristics by "
+                      ">= 3% (" + "; ".join(f"{k}: {v}" for k, v in res["decode_tuned"].items()) + ").", ""]
         lines += [f"{e2e['shape_note']}, random weights; {e2e['lm_head']}.", "",
                   "| model | bits/weight (linear layers) | weight GB | tok/s | vs FP16 | prefill ms |",
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -525,6 +689,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=None, help="decoder layers of the end-to-end model (default 32)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the decode launch sweep")
     ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end decode")
+    ap.add_argument("--no-tune", action="store_true",
+                    help="end to end with the heuristics' decode launches, not the sweep's fastest")
     ap.add_argument("--kernel-budget-s", type=float, default=150.0, help="stop kernel timings after this long")
     args = ap.parse_args(argv)
     dry = args.dry_run
@@ -559,7 +725,9 @@ def main(argv=None) -> int:
     res["skipped"] += skipped
     print(f"kernel timings: {len(rows)} rows, {len(sweeps)} sweep rows, {time.monotonic() - t_start:.0f} s", flush=True)
     res["formats"] = {fmt: dict(zip(("subvector_dim", "num_centroids", "group_size"), v)) for fmt, v in FORMATS.items()}
+    write_atomic(out, json.dumps(res, indent=1))          # kernel figures survive a failure below
     if not args.no_e2e:
+        res["decode_tuned"] = tune_decode(sweeps) if not args.no_tune else {}
         res["end_to_end"] = end_to_end(device, dry, args.layers)
     res["wall_s"] = time.monotonic() - t_start
     write_atomic(out, json.dumps(res, indent=1))

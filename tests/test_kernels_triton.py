@@ -234,7 +234,8 @@ def inner_interp_torch_library_op():
 
 
 def inner_interp_registry(monkeypatch):
-    """Registered for CUDA only; decode wins at <= 16 tokens, prefill above; CPU inputs never match."""
+    """Registered for CUDA only; decode wins at <= 4 tokens (<= 16 without the packed dequantize),
+    dequantize + cuBLAS above, the prefill kernel is the fallback; CPU inputs never match."""
     import fasq.kernels as registry
     from fasq.kernels import triton_kernels as tk
     names = {k.name: k for k in registry.kernels()}
@@ -245,20 +246,25 @@ def inner_interp_registry(monkeypatch):
 
     monkeypatch.setattr(tk, "_capability", lambda device: (9, 0))
     cuda = torch.device("cuda")
-    fake_layer = SimpleNamespace(spec=layer.spec, codes=SimpleNamespace(device=cuda))
+    fake_layer = SimpleNamespace(spec=layer.spec, codes=SimpleNamespace(device=cuda),
+                                 codebooks=SimpleNamespace(dtype=torch.float16))
 
     def fake_x(tokens, dtype=torch.float16):
         return SimpleNamespace(device=cuda, dtype=dtype, shape=(tokens, 72), numel=lambda: tokens * 72)
     monkeypatch.setattr(registry, "_load_providers", lambda dev: None)
     monkeypatch.delenv("FASQ_DISABLE_KERNELS", raising=False)
     assert registry.select(fake_layer, fake_x(1)).name == "triton_decode"
-    assert registry.select(fake_layer, fake_x(16)).name == "triton_decode"
-    assert registry.select(fake_layer, fake_x(17)).name == "triton_prefill"
+    assert registry.select(fake_layer, fake_x(4)).name == "triton_decode"
+    assert registry.select(fake_layer, fake_x(5)).name == "triton_dequant"      # packed dequantize + cuBLAS
+    assert registry.select(fake_layer, fake_x(17)).name == "triton_dequant"
+    # fp32 input: no packed dequantize, so the decode kernel keeps up to 16 tokens
+    assert registry.select(fake_layer, fake_x(16, torch.float32)).name == "triton_decode"
+    assert registry.select(fake_layer, fake_x(17, torch.float32)).name == "triton_dequant"
     assert registry.select(fake_layer, fake_x(4, torch.float64)) is None
     monkeypatch.setattr(tk, "_capability", lambda device: (7, 5))
     assert registry.select(fake_layer, fake_x(4, torch.bfloat16)) is None
-    monkeypatch.setenv("FASQ_DISABLE_KERNELS", "triton_decode,triton_prefill")
-    assert registry.select(fake_layer, fake_x(4)).name == "triton_dequant"
+    monkeypatch.setenv("FASQ_DISABLE_KERNELS", "triton_decode,triton_dequant")
+    assert registry.select(fake_layer, fake_x(4)).name == "triton_prefill"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,7 +277,9 @@ def _signature(fn, pointers: dict, constexprs: dict) -> dict:
 
 def _compile_cases():
     from fasq.kernels import triton_pq as kp
-    mm = dict(HAS_SCALES=True, HAS_BIAS=True, DOT_FP32=False)
+    import triton.language as tl
+    mm = dict(HAS_SCALES=True, HAS_BIAS=True, DOT_FP32=False, ACC_WIDE=False, BLOCK_SCALE=False, CB_VEC=False,
+              CODE_TYPED=False, X_VEC=False, X_DTYPE=tl.float16, CB_SMEM=False, K_POW2=1)
     cases = {  # name: (kernel, pointer types, constexprs, options); as the host code launches them
         "decode_cuda_cores": (kp.pq_matmul_kernel, {"codes_ptr": "*i32"},
                               dict(mm, BITS=8, D=2, NUM_BOOKS=1, BLOCK_T=1, BLOCK_O=16, BLOCK_J=128,
@@ -286,21 +294,36 @@ def _compile_cases():
         "prefill_fp32_ieee": (kp.pq_matmul_kernel, {"codes_ptr": "*i32", "x_ptr": "*fp32", "y_ptr": "*fp32"},
                               dict(mm, BITS=12, D=4, NUM_BOOKS=1, BLOCK_T=64, BLOCK_O=128, BLOCK_J=16,
                                    USE_DOT=True, DOT_FP32=True), dict(num_warps=8, num_stages=3)),
+        "decode_fast_paths": (kp.pq_matmul_kernel, {"codes_ptr": "*u8", "cb_ptr": "*i32", "x_ptr": "*i32"},
+                              dict(mm, BITS=8, D=2, NUM_BOOKS=1, BLOCK_T=1, BLOCK_O=8, BLOCK_J=128, USE_DOT=False,
+                                   ACC_WIDE=True, BLOCK_SCALE=True, CB_VEC=True, CODE_TYPED=True, X_VEC=True,
+                                   X_DTYPE=tl.float16, CB_SMEM=True, K_POW2=256),
+                              dict(num_warps=2, num_stages=2)),
+        "prefill_fast_paths": (kp.pq_matmul_kernel, {"codes_ptr": "*i16", "cb_ptr": "*i64", "x_ptr": "*i64",
+                                                     "y_ptr": "*bf16"},
+                               dict(mm, BITS=16, D=4, NUM_BOOKS=2, BLOCK_T=128, BLOCK_O=128, BLOCK_J=16,
+                                    USE_DOT=True, BLOCK_SCALE=True, CB_VEC=True, CODE_TYPED=True, X_VEC=True,
+                                    X_DTYPE=tl.bfloat16),
+                               dict(num_warps=8, num_stages=3)),
+        "dequant_packed": (kp.dequant_kernel, {"codes_ptr": "*u8", "cb_ptr": "*i32", "w_ptr": "*i32"},
+                           dict(BITS=8, D=2, NUM_BOOKS=1, HAS_SCALES=True, BLOCK_O=16, BLOCK_J=128, PACKED=True,
+                                CODE_TYPED=True, BLOCK_SCALE=True, W_DTYPE=tl.bfloat16), dict(num_warps=4)),
         "splitk_reduce": (kp.splitk_reduce_kernel, {"ws_ptr": "*fp32", "y_ptr": "*bf16"},
                           dict(HAS_BIAS=True, BLOCK=1024), dict(num_warps=4)),
         "dequant": (kp.dequant_kernel, {"codes_ptr": "*i32"},
-                    dict(BITS=16, D=1, NUM_BOOKS=1, HAS_SCALES=True, BLOCK_O=32, BLOCK_J=128), dict(num_warps=4)),
+                    dict(BITS=16, D=1, NUM_BOOKS=1, HAS_SCALES=True, BLOCK_O=32, BLOCK_J=128, PACKED=False,
+                         CODE_TYPED=False, BLOCK_SCALE=False, W_DTYPE=tl.float16), dict(num_warps=4)),
     }
     return cases
 
 
 COMPILE_CASES = ["decode_cuda_cores", "decode_dot_bf16_straddle", "prefill", "prefill_fp32_ieee",
-                 "splitk_reduce", "dequant"]
+                 "decode_fast_paths", "prefill_fast_paths", "splitk_reduce", "dequant", "dequant_packed"]
 
 
 @pytest.mark.parametrize("case,cc", [(case, cc) for case in COMPILE_CASES for cc in (80, 86, 89, 90)
-                                     if cc in (80, 90) or case in ("decode_cuda_cores", "prefill", "splitk_reduce",
-                                                                   "dequant")])  # variants: sm_80, sm_90
+                                     if cc in (80, 90) or case in ("decode_fast_paths", "prefill_fast_paths",
+                                                                   "splitk_reduce", "dequant", "dequant_packed")])  # variants: sm_80, sm_90
 def inner_compile(case, cc):
     import triton
     from triton.backends.compiler import GPUTarget
@@ -361,7 +384,7 @@ def test_gpu_registry_cuda_graph_and_compile():
     layer = random_layer(4096, 1024, 2, 256, group=128, rot=256, device="cuda")
     x1 = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
     assert registry.select(layer, x1).name == "triton_decode"
-    assert registry.select(layer, torch.randn(64, 4096, device="cuda", dtype=torch.float16)).name == "triton_prefill"
+    assert registry.select(layer, torch.randn(64, 4096, device="cuda", dtype=torch.float16)).name == "triton_dequant"
     ref = layer(x1)                                     # warm-up: compiles kernels, caches Hadamard
     static_x = x1.clone()
     graph = torch.cuda.CUDAGraph()
@@ -373,3 +396,33 @@ def test_gpu_registry_cuda_graph_and_compile():
     torch.testing.assert_close(static_y, layer(x2))
     compiled = torch.compile(layer, fullgraph=False)
     torch.testing.assert_close(compiled(x1), ref)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_gpu_cb_smem_and_packed_dequant(dtype, poisoned):
+    """The tl.gather codebook path (Launch.cb_smem) and both dequantize paths on the card."""
+    import dataclasses
+    tk = poisoned
+    for i, kw in enumerate([dict(in_f=4096, out_f=1024, d=2, k=256, group=256, rot=256),
+                            dict(in_f=1000, out_f=300, d=4, k=4096, group=0, rot=8, bias=True),
+                            dict(in_f=512, out_f=96, d=2, k=64, group=128)]):
+        layer = random_layer(**kw, seed=i, device="cuda")
+        s = layer.spec
+        w_ref = reference.dequantize_rotated(s, layer.codes, layer.codebooks, layer.scales).to(dtype)
+        for packed in (True, False):
+            w = tk.dequantize_rotated(layer.codes, layer.codebooks, layer.scales, s.in_features, s.subvector_dim,
+                                      s.effective_group, dtype, packed=packed)
+            assert_close(w, w_ref, dtype, f"dequant packed={packed} {s}")
+        for tokens in (1, 3, 16, 40):
+            x = torch.randn(tokens, s.in_features, device="cuda").to(dtype)
+            xr = tk.rotate(x, layer.rot_signs, s.rotation_block) if s.rotation_block else x
+            if tokens <= tk.DECODE_MAX_TOKENS:
+                base = tk.decode_launch(tokens, s.in_features, s.out_features, s.subvector_dim, s.bits, "cuda")
+            else:
+                base = tk.prefill_launch(tokens, s.in_features, s.out_features, s.subvector_dim, s.bits)
+            y = tk.pq_matmul(xr.contiguous(), layer.codes, layer.codebooks, layer.scales, layer.bias, s.in_features,
+                             s.subvector_dim, s.effective_group, launch=dataclasses.replace(base, cb_smem=True))
+            ref = reference.pq_linear(x, s, layer.codes, layer.codebooks, layer.scales, layer.rot_signs, layer.bias)
+            assert_close(y, ref, dtype, f"cb_smem {s} tokens={tokens}")

@@ -423,3 +423,28 @@ def test_parse_size():
     for bad in ("lots", "-1GB", "3XB"):
         with pytest.raises(ValueError):
             parse_size(bad)
+
+
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_cuda_quantizes_and_the_result_runs_on_the_gpu(tmp_path, llama_ckpt):
+    """--device cuda: k-means on the GPU gives a model as faithful as the CPU run's (not bit-equal:
+    another order of floating-point sums), and the result runs on the GPU through the registry's
+    kernels with the same logits as the CPU reference forward."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = CFG.replace(equalize="none")
+    r = quantize_checkpoint(llama_ckpt, tmp_path / "gpu", cfg, device="cuda", progress=False)
+    cpu = quantize_checkpoint(llama_ckpt, tmp_path / "cpu", cfg, progress=False)
+    assert r["bits_per_weight"] == pytest.approx(cpu["bits_per_weight"])
+    orig = AutoModelForCausalLM.from_pretrained(llama_ckpt, dtype=torch.float32).eval()
+    ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = orig(ids).logits
+        err = {name: (fasq.load(tmp_path / name)(ids).logits - want).norm() / want.norm() for name in ("gpu", "cpu")}
+        assert err["gpu"] <= 1.5 * err["cpu"] + 1e-3, err
+        model = fasq.load(tmp_path / "gpu").float()
+        on_cpu = model(ids).logits
+        on_gpu = model.to("cuda")(ids.cuda()).logits.cpu()
+    assert (on_gpu - on_cpu).norm() / on_cpu.norm() < 1e-3

@@ -6,10 +6,15 @@ Importing this module imports Triton and registers three kernels with :mod:`fasq
 ==================  =========  ==================================================================
 name                priority   used for
 ==================  =========  ==================================================================
-``triton_decode``   30         1-16 tokens: LUT-free direct compute, split-K, CUDA cores / tl.dot
-``triton_prefill``  20         any token count: decode W_r tiles to registers, ``tl.dot``
-``triton_dequant``  10         any token count: write W_r in x's dtype, then cuBLAS ``F.linear``
+``triton_decode``   30         1-4 tokens (1-16 where the packed dequantize does not apply):
+                               LUT-free direct compute, split-K, CUDA cores / tl.dot
+``triton_dequant``  20         more tokens: write W_r in x's dtype, then cuBLAS ``F.linear``
+``triton_prefill``  10         fallback: decode W_r tiles to registers, ``tl.dot``
 ==================  =========  ==================================================================
+
+The thresholds come from ``benchmarks/gpu.py`` on an H200 (BENCHMARKS.md): from 5 tokens on,
+the packed dequantize (about 2.3 TB/s written) plus cuBLAS beats the decode kernel, and at every
+token count from 16 to 2048 it beats the prefill kernel by 4-10x.
 
 All three compute ``y = rotate(x) @ W_r^T + b`` like :func:`fasq.reference.pq_linear` and are
 exposed as one custom op, ``torch.ops.fasq.triton_pq_linear`` (with a fake implementation), so
@@ -18,13 +23,15 @@ outlives the call, except one cached Hadamard matrix per (block, device, dtype):
 once before capturing a CUDA graph (as warm-up always does) so that it is built outside capture.
 The op also runs on CPU tensors under ``TRITON_INTERPRET=1``; that is how CI checks it.
 
-Launch sizes below are first choices, not tuned on a GPU (none was available when they were
-written); ``benchmarks/gpu.py`` measures them.
+The 1-token decode launch (8-row tiles, 2 warps, ``tl.gather`` codebook for 8-bit codes) is the
+fastest of ``benchmarks/gpu.py``'s sweep on every Llama-3-8B shape measured there (H200); the other
+launch sizes are first choices that the benchmark reports on.
 """
 from __future__ import annotations
 
 import functools
 import math
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -43,6 +50,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_SUBVECTOR_DIM = 16
 MAX_CODE_BITS = 16
 MAX_CODEBOOKS = 8
+CB_SMEM_MAX_K = 4096     # codebooks a program may hold whole for tl.gather (Launch.cb_smem)
 
 # True when the Triton interpreter runs the kernels (TRITON_INTERPRET=1 at import): the
 # interpreter computes bf16 tl.dot wrongly, so dots are done on fp32 operands there.
@@ -66,6 +74,13 @@ class Launch:
     subs_per_split: int
     num_warps: int = 4
     num_stages: int = 2
+    # Fast paths of pq_matmul_kernel (see its docstring); each is used only where it applies.
+    acc_wide: bool = True
+    block_scale: bool = True
+    cb_vec: bool = True
+    code_typed: bool = True
+    x_vec: bool = True
+    cb_smem: bool = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,20 +97,39 @@ def _block_j(columns: int, subvector_dim: int, bits: int) -> int:
     return max(16, per_word, triton.next_power_of_2(max(1, columns // subvector_dim)))
 
 
+# Launches measured faster than the heuristics below for one (tokens, in, out, d, code bits, group
+# size) key; filled by whoever measured them (benchmarks/gpu.py's 1-token sweep does, for its run).
+DECODE_TUNED: dict[tuple, Launch] = {}
+
+
+def _fit_group(block_j: int, subvector_dim: int, group_size: int) -> int:
+    """block_j, halved while that lets every reduction block lie inside one scale group (so the
+    kernel loads one scale per row and block) and keeps it >= 16; ``group_size`` 0: per-row scales."""
+    subs = group_size // subvector_dim if group_size and group_size % subvector_dim == 0 else 0
+    while subs and subs % block_j and block_j // 2 >= 16:
+        block_j //= 2
+    return block_j
+
+
 def decode_launch(tokens: int, in_features: int, out_features: int, subvector_dim: int, bits: int,
-                  device, split_k: int = 0) -> Launch:
+                  device, split_k: int = 0, group_size: int = 0) -> Launch:
     """Few tokens: one token tile, small output tiles, the reduction dim split over programs.
 
     For 1-4 tokens a [tokens, BLOCK_O, BLOCK_J] multiply-and-sum on CUDA cores; for 5-16 the
     token tile is padded to 16 and fed to ``tl.dot``.  ``split_k`` > 0 forces the split count.
+    ``group_size``: columns per scale group (0: per-row scales or none), to align the blocks.
     """
     if tokens > DECODE_MAX_TOKENS:
         raise ValueError(f"decode kernel: {tokens} tokens, at most {DECODE_MAX_TOKENS} allowed")
+    tuned = DECODE_TUNED.get((tokens, in_features, out_features, subvector_dim, bits, group_size))
+    if tuned is not None and split_k <= 0:
+        return tuned
     bt = triton.next_power_of_2(max(tokens, 1))
     if bt <= 4:
         block_o, block_j, use_dot = 16, _block_j(256 // bt, subvector_dim, bits), False
     else:
         bt, block_o, block_j, use_dot = 16, 16, _block_j(128, subvector_dim, bits), True
+    block_j = max(_fit_group(block_j, subvector_dim, group_size), _block_j(1, subvector_dim, bits))
     n_sub = triton.cdiv(in_features, subvector_dim)
     chunks = triton.cdiv(n_sub, block_j)
     if split_k > 0:
@@ -104,15 +138,22 @@ def decode_launch(tokens: int, in_features: int, out_features: int, subvector_di
         programs = 4 * _sm_count(torch.device(device))
         splits = max(1, min(triton.cdiv(programs, triton.cdiv(out_features, block_o)), chunks // 2))
     per = triton.cdiv(chunks, splits)
+    if bt == 1:
+        # Measured (H200, benchmarks/gpu.py sweep): the same split with 8-row tiles on 2 warps is
+        # 5-35% faster on every 8B shape, and the tl.gather codebook helps 8-bit codes only.
+        return Launch(1, 8, block_j, False, triton.cdiv(chunks, per), per * block_j, num_warps=2,
+                      cb_smem=bits == 8)
     return Launch(bt, block_o, block_j, use_dot, triton.cdiv(chunks, per), per * block_j)
 
 
-def prefill_launch(tokens: int, in_features: int, out_features: int, subvector_dim: int, bits: int) -> Launch:
+def prefill_launch(tokens: int, in_features: int, out_features: int, subvector_dim: int, bits: int,
+                   group_size: int = 0) -> Launch:
     """Many tokens: [BLOCK_T, BLOCK_O] output tiles, whole reduction per program, tensor cores."""
     bt = 128 if tokens >= 128 else max(16, triton.next_power_of_2(tokens))
     n_sub = triton.cdiv(in_features, subvector_dim)
-    return Launch(bt, 128, _block_j(32, subvector_dim, bits), True, 1, n_sub, num_warps=8 if bt >= 64 else 4,
-                  num_stages=3)
+    block_j = max(_fit_group(_block_j(32, subvector_dim, bits), subvector_dim, group_size),
+                  _block_j(1, subvector_dim, bits))
+    return Launch(bt, 128, block_j, True, 1, n_sub, num_warps=8 if bt >= 64 else 4, num_stages=3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,6 +193,41 @@ def check_layout(codes, codebooks, scales, in_features: int, subvector_dim: int,
         raise ValueError(f"group_size={group_size} must be a multiple of subvector_dim={subvector_dim}")
 
 
+_TL_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def fast_paths(cfg: Launch, geo: dict, codebooks: torch.Tensor, x: torch.Tensor) -> dict:
+    """The kernel's fast-path switches for this launch: those ``cfg`` asks for that apply."""
+    d, little = geo["D"], sys.byteorder == "little"
+    blocks_in_group = geo["HAS_SCALES"] and (geo["N_GROUPS"] == 1 or geo["GROUP"] % (cfg.block_j * d) == 0)
+    x_word = d * x.element_size() if x.element_size() == 2 else 0   # fp16 / bf16 inputs
+    cb_vec = cfg.cb_vec and little and d in (2, 4) and codebooks.dtype == torch.float16
+    cb_smem = cfg.cb_smem and cb_vec and geo["NUM_BOOKS"] == 1 and geo["K"] <= CB_SMEM_MAX_K
+    return dict(CB_SMEM=cb_smem, K_POW2=triton.next_power_of_2(geo["K"]) if cb_smem else 1,
+                ACC_WIDE=cfg.acc_wide and not cfg.use_dot,
+                BLOCK_SCALE=bool(cfg.block_scale and blocks_in_group),
+                CB_VEC=cb_vec,
+                CODE_TYPED=cfg.code_typed and little and geo["BITS"] in (8, 16),
+                X_VEC=cfg.x_vec and little and x_word in (4, 8) and geo["IN"] % d == 0
+                and x.data_ptr() % x_word == 0,
+                X_DTYPE=getattr(triton.language, _TL_DTYPES[x.dtype]))
+
+
+def _x_view(x: torch.Tensor, d: int) -> torch.Tensor:
+    """x [T, in] as one int32 / int64 word per sub-vector: [T, in / d]."""
+    return x.view(torch.int32 if d * x.element_size() == 4 else torch.int64)
+
+
+def _code_view(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """The int32 code words as uint8 (8-bit codes) or int16 (16-bit codes): code j is element j."""
+    return codes.view(torch.uint8 if bits == 8 else torch.int16)
+
+
+def _centroid_view(codebooks: torch.Tensor) -> torch.Tensor:
+    """fp16 codebooks [M, K, d] (d = 2 or 4) as one int32 / int64 word per centroid: [M, K, 1]."""
+    return codebooks.view(torch.int32 if codebooks.shape[-1] == 2 else torch.int64)
+
+
 def pq_matmul(x: torch.Tensor, codes, codebooks, scales, bias, in_features: int, subvector_dim: int,
               group_size: int, method: str = "decode", split_k: int = 0, launch: Launch | None = None
               ) -> torch.Tensor:
@@ -164,25 +240,28 @@ def pq_matmul(x: torch.Tensor, codes, codebooks, scales, bias, in_features: int,
     y = _new_buffer((tokens, out), x.dtype, x.device)
     if tokens == 0 or out == 0:
         return y
+    group = geo["GROUP"] if geo["N_GROUPS"] > 1 else 0
     if launch is not None:
         cfg = launch
     elif method == "decode":
-        cfg = decode_launch(tokens, in_features, out, subvector_dim, geo["BITS"], x.device, split_k)
+        cfg = decode_launch(tokens, in_features, out, subvector_dim, geo["BITS"], x.device, split_k, group)
     elif method == "prefill":
-        cfg = prefill_launch(tokens, in_features, out, subvector_dim, geo["BITS"])
+        cfg = prefill_launch(tokens, in_features, out, subvector_dim, geo["BITS"], group)
     else:
         raise ValueError(f"method={method!r}: pq_matmul takes 'decode' or 'prefill'")
     split = cfg.splits > 1
     dst = _new_buffer((cfg.splits, tokens, out), torch.float32, x.device) if split else y
     grid = (triton.cdiv(tokens, cfg.block_t), triton.cdiv(out, cfg.block_o), cfg.splits)
     has_bias = bias is not None and not split
+    fast = fast_paths(cfg, geo, codebooks, x)
     pq_matmul_kernel[grid](
-        x, codes, codebooks, scales, bias if has_bias else x, dst,
+        _x_view(x, geo["D"]) if fast["X_VEC"] else x, _code_view(codes, geo["BITS"]) if fast["CODE_TYPED"] else codes,
+        _centroid_view(codebooks) if fast["CB_VEC"] else codebooks, scales, bias if has_bias else x, dst,
         tokens, in_features, out, geo["N_SUB"], geo["WORDS"], geo["K"], geo["N_GROUPS"], geo["GROUP"],
         cfg.subs_per_split, tokens * out,
         BITS=geo["BITS"], D=geo["D"], NUM_BOOKS=geo["NUM_BOOKS"], HAS_SCALES=geo["HAS_SCALES"],
         HAS_BIAS=has_bias, BLOCK_T=cfg.block_t, BLOCK_O=cfg.block_o, BLOCK_J=cfg.block_j,
-        USE_DOT=cfg.use_dot, DOT_FP32=INTERPRETED or x.dtype == torch.float32,
+        USE_DOT=cfg.use_dot, DOT_FP32=INTERPRETED or x.dtype == torch.float32, **fast,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split:
         n, block = tokens * out, 1024
@@ -192,18 +271,38 @@ def pq_matmul(x: torch.Tensor, codes, codebooks, scales, bias, in_features: int,
     return y
 
 
+def packed_dequant_applies(subvector_dim: int, num_books: int, codebook_dtype, dtype, in_features: int) -> bool:
+    """Whether :func:`dequantize_rotated` can take its packed path (one word per sub-vector)."""
+    return (sys.byteorder == "little" and subvector_dim in (2, 4) and num_books == 1
+            and codebook_dtype == torch.float16 and dtype in (torch.float16, torch.bfloat16)
+            and in_features % subvector_dim == 0)
+
+
 def dequantize_rotated(codes, codebooks, scales, in_features: int, subvector_dim: int, group_size: int,
-                       dtype=torch.float16) -> torch.Tensor:
-    """W_r [out, in] in ``dtype``, written by the Triton dequant kernel."""
+                       dtype=torch.float16, packed: bool = True) -> torch.Tensor:
+    """W_r [out, in] in ``dtype``, written by the Triton dequant kernel (``packed``: its one-word-
+    per-sub-vector path where it applies)."""
     geo = _geometry(codes, codebooks, scales, in_features, subvector_dim, group_size)
-    out = geo["OUT"]
+    out, d = geo["OUT"], subvector_dim
     w = _new_buffer((out, in_features), dtype, codes.device)
     if out == 0 or in_features == 0:
         return w
-    block_o, block_j = 32, _block_j(128, subvector_dim, geo["BITS"])
+    if packed and packed_dequant_applies(d, geo["NUM_BOOKS"], codebooks.dtype, dtype, in_features):
+        block_o, block_j = 16, max(_fit_group(_block_j(256 // d, d, geo["BITS"]), d,
+                                              geo["GROUP"] if geo["N_GROUPS"] > 1 else 0), _block_j(1, d, geo["BITS"]))
+        typed = geo["BITS"] in (8, 16)
+        block_scale = geo["HAS_SCALES"] and (geo["N_GROUPS"] == 1 or geo["GROUP"] % (block_j * d) == 0)
+        dequant_kernel[(triton.cdiv(geo["N_SUB"], block_j), triton.cdiv(out, block_o))](
+            _code_view(codes, geo["BITS"]) if typed else codes, _centroid_view(codebooks), scales, _x_view(w, d),
+            in_features, out, geo["N_SUB"], geo["WORDS"], geo["K"], geo["N_GROUPS"], geo["GROUP"],
+            BITS=geo["BITS"], D=d, NUM_BOOKS=1, HAS_SCALES=geo["HAS_SCALES"], BLOCK_O=block_o, BLOCK_J=block_j,
+            PACKED=True, CODE_TYPED=typed, BLOCK_SCALE=bool(block_scale),
+            W_DTYPE=getattr(triton.language, _TL_DTYPES[dtype]), num_warps=4)
+        return w
+    block_o, block_j = 32, _block_j(128, d, geo["BITS"])
     dequant_kernel[(triton.cdiv(geo["N_SUB"], block_j), triton.cdiv(out, block_o))](
         codes, codebooks, scales, w, in_features, out, geo["N_SUB"], geo["WORDS"], geo["K"], geo["N_GROUPS"],
-        geo["GROUP"], BITS=geo["BITS"], D=geo["D"], NUM_BOOKS=geo["NUM_BOOKS"], HAS_SCALES=geo["HAS_SCALES"],
+        geo["GROUP"], BITS=geo["BITS"], D=d, NUM_BOOKS=geo["NUM_BOOKS"], HAS_SCALES=geo["HAS_SCALES"],
         BLOCK_O=block_o, BLOCK_J=block_j, num_warps=4)
     return w
 
@@ -302,7 +401,23 @@ def _method_fn(method: str):
     return fn
 
 
-register(Kernel("triton_decode", ("cuda",), lambda layer, x: _layer_ok(layer, x) and
-                _tokens(x) <= DECODE_MAX_TOKENS, _method_fn("decode"), priority=30))
-register(Kernel("triton_prefill", ("cuda",), _layer_ok, _method_fn("prefill"), priority=20))
-register(Kernel("triton_dequant", ("cuda",), _layer_ok, _method_fn("dequant"), priority=10))
+DECODE_FEW_TOKENS = 4    # the registry's decode kernel limit where the packed dequantize applies
+
+
+def _packed(layer, x: torch.Tensor) -> bool:
+    s = layer.spec
+    return packed_dequant_applies(s.subvector_dim, s.num_codebooks, layer.codebooks.dtype, x.dtype, s.in_features)
+
+
+def _decode_ok(layer, x: torch.Tensor) -> bool:
+    limit = DECODE_FEW_TOKENS if _packed(layer, x) else DECODE_MAX_TOKENS
+    return _layer_ok(layer, x) and _tokens(x) <= limit
+
+
+def _dequant_ok(layer, x: torch.Tensor) -> bool:
+    return _layer_ok(layer, x) and (_packed(layer, x) or _tokens(x) > DECODE_MAX_TOKENS)
+
+
+register(Kernel("triton_decode", ("cuda",), _decode_ok, _method_fn("decode"), priority=30))
+register(Kernel("triton_dequant", ("cuda",), _dequant_ok, _method_fn("dequant"), priority=20))
+register(Kernel("triton_prefill", ("cuda",), _layer_ok, _method_fn("prefill"), priority=10))

@@ -75,17 +75,62 @@ def _scales(scales_ptr, offs_o, offs_j, OUT, N_GROUPS, GROUP, D: tl.constexpr):
     return s.to(tl.float32)
 
 
+@triton.jit
+def _codes_typed(codes_ptr, m, offs_o, offs_j, N_SUB, OUT, WORDS, BITS: tl.constexpr):
+    """Like :func:`_codes` for 8- and 16-bit codes, read through a uint8 / int16 view of the words.
+
+    On a little-endian machine code j of a row is then simply element j of the row (the row is
+    ``4 * WORDS`` bytes long): one coalesced load per code, no unpacking and no reshape.
+    """
+    per_row = WORDS * (32 // BITS)
+    row = (offs_o + m * OUT).to(tl.int64) * per_row
+    mask = (offs_o < OUT)[:, None] & (offs_j < N_SUB)[None, :]
+    code = tl.load(codes_ptr + row[:, None] + offs_j[None, :], mask=mask, other=0).to(tl.int32)
+    return code & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _unpack(packed, e: tl.constexpr, ELEM: tl.constexpr):
+    """fp32 element e of vectors loaded whole as one 32- or 64-bit word (``packed``) of 16-bit
+    elements of type ELEM (fp16 or bf16), element 0 in the low bits (little-endian)."""
+    if packed.dtype == tl.int64:
+        bits = packed.to(tl.uint64, bitcast=True)
+    else:
+        bits = packed.to(tl.uint32, bitcast=True)
+    return ((bits >> (16 * e)) & 0xFFFF).to(tl.uint16).to(ELEM, bitcast=True).to(tl.float32)
+
+
 @triton.jit(do_not_specialize=["T", "stride_ys"])  # token counts vary call to call: no recompiles
 def pq_matmul_kernel(x_ptr, codes_ptr, cb_ptr, scales_ptr, bias_ptr, y_ptr,
                      T, IN, OUT, N_SUB, WORDS, K, N_GROUPS, GROUP, SUBS_PER_SPLIT, stride_ys,
                      BITS: tl.constexpr, D: tl.constexpr, NUM_BOOKS: tl.constexpr, HAS_SCALES: tl.constexpr,
                      HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr,
-                     BLOCK_J: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
+                     BLOCK_J: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+                     ACC_WIDE: tl.constexpr = False, BLOCK_SCALE: tl.constexpr = False,
+                     CB_VEC: tl.constexpr = False, CODE_TYPED: tl.constexpr = False,
+                     X_VEC: tl.constexpr = False, X_DTYPE: tl.constexpr = tl.float16,
+                     CB_SMEM: tl.constexpr = False, K_POW2: tl.constexpr = 1):
     """y[split, t, o] = sum over this split's columns c of x[t, c] * W_r[o, c] (+ bias).
 
     x: [T, IN] contiguous (already rotated); y: [splits, T, OUT] contiguous, fp32 partials when
     split, else the output itself in x's dtype.  Grid: (token tiles, output tiles, splits); split
     k covers sub-vectors [k*SUBS_PER_SPLIT, (k+1)*SUBS_PER_SPLIT).
+
+    Fast-path switches (the host sets each only where it applies; all off is the plain path):
+
+    * ``ACC_WIDE`` (CUDA-core path): accumulate ``[BLOCK_T, BLOCK_O, BLOCK_J]`` products and sum
+      over BLOCK_J once at the end instead of once per block; the weight is not rounded to x's
+      dtype first (fp32 products of the fp16 codebook and scale).
+    * ``BLOCK_SCALE``: each reduction block lies inside one scale group, so one scale per row is
+      loaded per block instead of one per (row, sub-vector).
+    * ``CB_VEC``: ``cb_ptr`` is the codebook viewed as int32 (d = 2) or int64 (d = 4): one
+      gather per sub-vector fetches the whole fp16 centroid.
+    * ``CODE_TYPED``: ``codes_ptr`` is the codes viewed as uint8 (8-bit) or int16 (16-bit).
+    * ``CB_SMEM`` (with CB_VEC, one codebook): the packed codebook (K_POW2 >= K words) is held by
+      the program and looked up with ``tl.gather`` (on a GPU: through shared memory) instead of
+      one global-memory gather per sub-vector.
+    * ``X_VEC``: ``x_ptr`` is x (fp16 or bf16: X_DTYPE) viewed as one int32 / int64 word per
+      sub-vector (IN is a multiple of D): one load per sub-vector instead of D strided ones.
     """
     pid_t = tl.program_id(0)   # fastest: programs sharing an output tile run together (L2 reuse)
     pid_o = tl.program_id(1)
@@ -93,33 +138,67 @@ def pq_matmul_kernel(x_ptr, codes_ptr, cb_ptr, scales_ptr, bias_ptr, y_ptr,
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     mask_t = offs_t < T
-    x_rows = x_ptr + offs_t.to(tl.int64)[:, None] * IN                          # [BT, 1]
+    if X_VEC:
+        x_rows = x_ptr + offs_t.to(tl.int64)[:, None] * (IN // D)               # [BT, 1]
+    else:
+        x_rows = x_ptr + offs_t.to(tl.int64)[:, None] * IN                      # [BT, 1]
+    if ACC_WIDE:
+        acc3 = tl.zeros([BLOCK_T, BLOCK_O, BLOCK_J], dtype=tl.float32)
     acc = tl.zeros([BLOCK_T, BLOCK_O], dtype=tl.float32)
+    if CB_SMEM:
+        offs_k = tl.arange(0, K_POW2)
+        book = tl.load(cb_ptr + offs_k, mask=offs_k < K, other=0)                   # [K_POW2] words
     j_begin = pid_k * SUBS_PER_SPLIT
     j_end = tl.minimum(j_begin + SUBS_PER_SPLIT, N_SUB)
     for j0 in range(j_begin, j_end, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
         mask_j = offs_j < j_end
         if HAS_SCALES:
-            s = _scales(scales_ptr, offs_o, offs_j, OUT, N_GROUPS, GROUP, D)     # [BO, BJ]
+            if BLOCK_SCALE:
+                s = tl.load(scales_ptr + offs_o * N_GROUPS + (j0 * D) // GROUP, mask=offs_o < OUT,
+                            other=0.0).to(tl.float32)[:, None]                        # [BO, 1]
+            else:
+                s = _scales(scales_ptr, offs_o, offs_j, OUT, N_GROUPS, GROUP, D)     # [BO, BJ]
         for m in tl.static_range(NUM_BOOKS):
-            code = _codes(codes_ptr, m, offs_o, j0, j_end, OUT, WORDS, BITS, BLOCK_J)  # [BO, BJ]
-            cb_rows = cb_ptr + (m * K + code) * D
+            if CODE_TYPED:
+                code = _codes_typed(codes_ptr, m, offs_o, offs_j, j_end, OUT, WORDS, BITS)
+            else:
+                code = _codes(codes_ptr, m, offs_o, j0, j_end, OUT, WORDS, BITS, BLOCK_J)  # [BO, BJ]
+            if CB_SMEM:
+                packed = tl.reshape(tl.gather(book, tl.reshape(code, [BLOCK_O * BLOCK_J]), 0),
+                                    [BLOCK_O, BLOCK_J])
+            elif CB_VEC:
+                packed = tl.load(cb_ptr + (m * K + code))                           # whole centroids
+            else:
+                cb_rows = cb_ptr + (m * K + code) * D
+            if X_VEC:
+                x_packed = tl.load(x_rows + offs_j[None, :], mask=mask_t[:, None] & mask_j[None, :], other=0)
             for e in tl.static_range(D):
-                cols = offs_j * D + e
-                x = tl.load(x_rows + cols[None, :], mask=mask_t[:, None] & (mask_j & (cols < IN))[None, :],
-                            other=0.0)                                              # [BT, BJ]
-                w = tl.load(cb_rows + e).to(tl.float32)                             # [BO, BJ]; L1 hits
+                if X_VEC:
+                    x = _unpack(x_packed, e, X_DTYPE).to(X_DTYPE)                    # [BT, BJ]
+                else:
+                    cols = offs_j * D + e
+                    x = tl.load(x_rows + cols[None, :], mask=mask_t[:, None] & (mask_j & (cols < IN))[None, :],
+                                other=0.0)                                          # [BT, BJ]
+                if CB_VEC or CB_SMEM:
+                    w = _unpack(packed, e, tl.float16)                              # [BO, BJ]
+                else:
+                    w = tl.load(cb_rows + e).to(tl.float32)                         # [BO, BJ]; L1 hits
                 if HAS_SCALES:
                     w = w * s
-                w = w.to(x.dtype)   # W_r rounded to the input's dtype, as the reference does
-                if USE_DOT:
-                    if DOT_FP32:    # Triton interpreter (wrong bf16 dot) or fp32 input: exact products
-                        acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-                    else:
-                        acc += tl.dot(x, tl.trans(w))
-                else:               # few tokens: CUDA cores, [BT, BO, BJ] products summed over BJ
-                    acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+                if ACC_WIDE:
+                    acc3 += x.to(tl.float32)[:, None, :] * w[None, :, :]
+                else:
+                    w = w.to(x.dtype)   # W_r rounded to the input's dtype, as the reference does
+                    if USE_DOT:
+                        if DOT_FP32:    # Triton interpreter (wrong bf16 dot) or fp32 input: exact products
+                            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+                        else:
+                            acc += tl.dot(x, tl.trans(w))
+                    else:               # few tokens: CUDA cores, [BT, BO, BJ] products summed over BJ
+                        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    if ACC_WIDE:
+        acc += tl.sum(acc3, axis=2)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_o, mask=offs_o < OUT, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + pid_k * stride_ys + offs_t.to(tl.int64)[:, None] * OUT + offs_o[None, :]
@@ -143,21 +222,55 @@ def splitk_reduce_kernel(ws_ptr, bias_ptr, y_ptr, N, OUT, SPLITS,
 @triton.jit
 def dequant_kernel(codes_ptr, cb_ptr, scales_ptr, w_ptr, IN, OUT, N_SUB, WORDS, K, N_GROUPS, GROUP,
                    BITS: tl.constexpr, D: tl.constexpr, NUM_BOOKS: tl.constexpr, HAS_SCALES: tl.constexpr,
-                   BLOCK_O: tl.constexpr, BLOCK_J: tl.constexpr):
-    """w[o, c] = W_r[o, c] in w's dtype; w: [OUT, IN] contiguous.  Grid: (sub-vector tiles, row tiles)."""
+                   BLOCK_O: tl.constexpr, BLOCK_J: tl.constexpr, PACKED: tl.constexpr = False,
+                   CODE_TYPED: tl.constexpr = False, BLOCK_SCALE: tl.constexpr = False,
+                   W_DTYPE: tl.constexpr = tl.float16):
+    """w[o, c] = W_r[o, c] in w's dtype; w: [OUT, IN] contiguous.  Grid: (sub-vector tiles, row tiles).
+
+    ``PACKED`` (d = 2 or 4, one fp16 codebook, IN a multiple of d, w fp16 / bf16 = W_DTYPE):
+    ``cb_ptr`` is the codebook as one int32 / int64 word per centroid and ``w_ptr`` is w as one
+    word per sub-vector, so each sub-vector costs one gather and one coalesced store instead of d
+    of each.  ``CODE_TYPED`` and ``BLOCK_SCALE`` mean what they mean to :func:`pq_matmul_kernel`.
+    """
     j0 = tl.program_id(0) * BLOCK_J
     offs_j = j0 + tl.arange(0, BLOCK_J)
     offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     if HAS_SCALES:
-        s = _scales(scales_ptr, offs_o, offs_j, OUT, N_GROUPS, GROUP, D)
-    w_rows = w_ptr + offs_o.to(tl.int64)[:, None] * IN
-    for e in tl.static_range(D):
-        w = tl.zeros([BLOCK_O, BLOCK_J], dtype=tl.float32)
-        for m in tl.static_range(NUM_BOOKS):   # codes re-read per e: L1 hits; this kernel is not hot
-            code = _codes(codes_ptr, m, offs_o, j0, N_SUB, OUT, WORDS, BITS, BLOCK_J)
-            w += tl.load(cb_ptr + (m * K + code) * D + e).to(tl.float32)
-        if HAS_SCALES:
-            w = w * s
-        cols = offs_j * D + e
-        tl.store(w_rows + cols[None, :], w.to(w_ptr.dtype.element_ty),
-                 mask=(offs_o < OUT)[:, None] & (cols < IN)[None, :])
+        if BLOCK_SCALE:
+            s = tl.load(scales_ptr + offs_o * N_GROUPS + (j0 * D) // GROUP, mask=offs_o < OUT,
+                        other=0.0).to(tl.float32)[:, None]
+        else:
+            s = _scales(scales_ptr, offs_o, offs_j, OUT, N_GROUPS, GROUP, D)
+    if PACKED:
+        if CODE_TYPED:
+            code = _codes_typed(codes_ptr, 0, offs_o, offs_j, N_SUB, OUT, WORDS, BITS)
+        else:
+            code = _codes(codes_ptr, 0, offs_o, j0, N_SUB, OUT, WORDS, BITS, BLOCK_J)
+        packed = tl.load(cb_ptr + code)
+        if D == 2:
+            word = tl.zeros([BLOCK_O, BLOCK_J], dtype=tl.uint32)
+        else:
+            word = tl.zeros([BLOCK_O, BLOCK_J], dtype=tl.uint64)
+        for e in tl.static_range(D):
+            v = _unpack(packed, e, tl.float16)
+            if HAS_SCALES:
+                v = v * s
+            word = word | (v.to(W_DTYPE).to(tl.uint16, bitcast=True).to(word.dtype) << (16 * e))
+        if D == 2:
+            out_word = word.to(tl.int32, bitcast=True)
+        else:
+            out_word = word.to(tl.int64, bitcast=True)
+        tl.store(w_ptr + offs_o.to(tl.int64)[:, None] * N_SUB + offs_j[None, :], out_word,
+                 mask=(offs_o < OUT)[:, None] & (offs_j < N_SUB)[None, :])
+    else:
+        w_rows = w_ptr + offs_o.to(tl.int64)[:, None] * IN
+        for e in tl.static_range(D):
+            w = tl.zeros([BLOCK_O, BLOCK_J], dtype=tl.float32)
+            for m in tl.static_range(NUM_BOOKS):   # codes re-read per e: L1 hits
+                code = _codes(codes_ptr, m, offs_o, j0, N_SUB, OUT, WORDS, BITS, BLOCK_J)
+                w += tl.load(cb_ptr + (m * K + code) * D + e).to(tl.float32)
+            if HAS_SCALES:
+                w = w * s
+            cols = offs_j * D + e
+            tl.store(w_rows + cols[None, :], w.to(w_ptr.dtype.element_ty),
+                     mask=(offs_o < OUT)[:, None] & (cols < IN)[None, :])
