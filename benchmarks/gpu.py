@@ -238,6 +238,9 @@ def kernel_timings(device, dry: bool, deadline: float, sweep: bool) -> tuple[lis
                     methods[f"{kind}, fast paths off"] = lambda L: tk.pq_matmul(xr, *args(L), launch=plain)
                 if tokens in (1, max(token_list)) or dry:
                     methods["rotation only"] = lambda L: tk.rotate(x, L.rot_signs, s.rotation_block)
+                    if tk.fused_rotation_applies(x, s.rotation_block):
+                        methods["rotation only, fused kernel"] = lambda L: tk.rotate_fused(x, L.rot_signs,
+                                                                                           s.rotation_block)
                 if tokens == 1 or dry:
                     methods["dequant only"] = lambda L: tk.dequantize_rotated(*args(L)[:3], *args(L)[4:], dtype=dtype)
                     methods["dequant only, unpacked"] = lambda L: tk.dequantize_rotated(
@@ -570,22 +573,23 @@ def markdown(res: dict) -> str:
               "GPU µs per call: calls replayed from a CUDA graph (no host launch cost), cycling through enough "
               "copies of the layer that its weight is read from DRAM, not L2 (median of 7 replays). `auto op` is "
               "PQLinear's forward as a model runs it (the registry's choice, input rotation included); the kernel "
-              "columns take a rotated input; `rotation` is the input rotation alone. "
+              "columns take a rotated input; `rotation` is the input rotation alone (sign flip and Hadamard matmul "
+              "in torch, as the op runs it; `fused`: the one-pass `rotate_kernel`). "
               "'% copy BW' = (bytes of the stored weight / decode-kernel time) / copy bandwidth. "
               "Every row is in the JSON, with GB/s.", ""]
     by = {(r["shape"], r["tokens"], r["format"], r["method"]): r for r in res["kernels"]}
     keys = sorted({(r["shape"], r["tokens"]) for r in res["kernels"]},
                   key=lambda k: (res_shapes(res).index(k[0]), k[1]))
     cols = ("decode", "decode, fast paths off", "prefill", "prefill, fast paths off", "dequant+F.linear",
-            "rotation only", "auto op (with rotation)")
+            "rotation only", "rotation only, fused kernel", "auto op (with rotation)")
     for fmt in FORMATS:
         bpw = next((r["bits_per_weight"] for r in res["kernels"] if r["format"] == fmt), None)
         if bpw is None:
             continue
         lines += [f"**{fmt}** ({bpw:.3f} bits/weight on the first shape)", "",
                   "| shape (out x in) | tokens | FP16 F.linear | decode | decode, plain | prefill | prefill, plain "
-                  "| dequant+F.linear | rotation | auto op | auto vs FP16 | decode % copy BW |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| dequant+F.linear | rotation | rotation, fused | auto op | auto vs FP16 | decode % copy BW |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for shape, t in keys:
             fp16 = by.get((shape, t, "fp16", "F.linear"))
             cells = [f"{by[(shape, t, fmt, c)]['us']:.1f}" if (shape, t, fmt, c) in by else "" for c in cols]
@@ -593,7 +597,7 @@ def markdown(res: dict) -> str:
             dec = by.get((shape, t, fmt, "decode"))
             lines.append(f"| {shape} | {t} | {fp16['us']:.1f} | " + " | ".join(cells) +
                          f" | {auto['speedup_vs_fp16']:.2f}x | " + (f"{dec['frac_copy_bw']:.0%}" if dec else "") + " |"
-                         if fp16 and auto else f"| {shape} | {t} |" + " |" * 10)
+                         if fp16 and auto else f"| {shape} | {t} |" + " |" * 11)
         lines.append("")
     extra = ("decode + cb_smem", "dequant only", "dequant only, unpacked", "auto op, eager (host launch included)")
     if any(r["method"] in extra for r in res["kernels"]):

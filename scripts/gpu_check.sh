@@ -16,7 +16,7 @@ stage "install"
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { tail -20 "$OUT/install.log"; exit 1; }
 stage "correctness on the card (fp16/bf16, cb_smem, packed dequant, graphs, compile)"
 timeout -s INT ${QUICK_S:-80} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_triton.py \
-    -k "float16 or registry" > "$OUT/pytest_quick.log" 2>&1; echo "rc=$?"; tail -4 "$OUT/pytest_quick.log"
+    -k "float16 or registry or rotate" > "$OUT/pytest_quick.log" 2>&1; echo "rc=$?"; tail -4 "$OUT/pytest_quick.log"
 stage "benchmark"
 timeout -s INT ${BENCH_S:-250} python3 benchmarks/gpu.py --kernel-budget-s ${KERNEL_BUDGET_S:-160} \
     --out "$OUT/gpu.json" --markdown BENCHMARKS.md > "$OUT/bench.log" 2>&1; echo "rc=$?"

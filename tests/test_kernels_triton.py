@@ -218,6 +218,21 @@ def inner_interp_shapes_and_errors(poisoned):
         tk.decode_launch(17, 72, 40, 2, 8, "cpu")
 
 
+@pytest.mark.parametrize("block,tokens", [(16, 1), (64, 3), (256, 20), (128, 70)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def inner_interp_rotate_fused(block, tokens, dtype, poisoned):
+    """The one-pass rotation kernel equals reference.rotate (3-D input, several blocks, edge token tiles)."""
+    tk = poisoned
+    n = 2 * block if block > 64 else 3 * block
+    g = torch.Generator().manual_seed(block + tokens)
+    x = torch.randn(1, tokens, n, generator=g).to(dtype)
+    signs = (torch.randint(0, 2, (n,), generator=g) * 2 - 1).to(torch.int8)
+    y = tk.rotate_fused(x, signs, block)
+    assert_close(y, reference.rotate(x, signs, block), dtype, f"rotate_fused block={block} tokens={tokens}")
+    with pytest.raises(ValueError, match="block"):
+        tk.rotate_fused(torch.randn(2, 16), signs[:16], 8)
+
+
 def inner_interp_torch_library_op():
     """The custom op's schema and fake implementation hold up under opcheck and torch.compile."""
     from fasq.kernels import triton_kernels as tk
@@ -308,6 +323,8 @@ def _compile_cases():
         "dequant_packed": (kp.dequant_kernel, {"codes_ptr": "*u8", "cb_ptr": "*i32", "w_ptr": "*i32"},
                            dict(BITS=8, D=2, NUM_BOOKS=1, HAS_SCALES=True, BLOCK_O=16, BLOCK_J=128, PACKED=True,
                                 CODE_TYPED=True, BLOCK_SCALE=True, W_DTYPE=tl.bfloat16), dict(num_warps=4)),
+        "rotate": (kp.rotate_kernel, {"signs_ptr": "*i8", "x_ptr": "*bf16", "h_ptr": "*bf16", "y_ptr": "*bf16"},
+                   dict(BLOCK=256, BLOCK_T=64, BLOCK_K=64, DOT_FP32=False), dict(num_warps=8)),
         "splitk_reduce": (kp.splitk_reduce_kernel, {"ws_ptr": "*fp32", "y_ptr": "*bf16"},
                           dict(HAS_BIAS=True, BLOCK=1024), dict(num_warps=4)),
         "dequant": (kp.dequant_kernel, {"codes_ptr": "*i32"},
@@ -318,12 +335,13 @@ def _compile_cases():
 
 
 COMPILE_CASES = ["decode_cuda_cores", "decode_dot_bf16_straddle", "prefill", "prefill_fp32_ieee",
-                 "decode_fast_paths", "prefill_fast_paths", "splitk_reduce", "dequant", "dequant_packed"]
+                 "decode_fast_paths", "prefill_fast_paths", "splitk_reduce", "dequant", "dequant_packed", "rotate"]
 
 
 @pytest.mark.parametrize("case,cc", [(case, cc) for case in COMPILE_CASES for cc in (80, 86, 89, 90)
                                      if cc in (80, 90) or case in ("decode_fast_paths", "prefill_fast_paths",
-                                                                   "splitk_reduce", "dequant", "dequant_packed")])  # variants: sm_80, sm_90
+                                                                   "splitk_reduce", "dequant", "dequant_packed",
+                                                                   "rotate")])  # variants: sm_80, sm_90
 def inner_compile(case, cc):
     import triton
     from triton.backends.compiler import GPUTarget
@@ -426,3 +444,16 @@ def test_gpu_cb_smem_and_packed_dequant(dtype, poisoned):
                              s.subvector_dim, s.effective_group, launch=dataclasses.replace(base, cb_smem=True))
             ref = reference.pq_linear(x, s, layer.codes, layer.codebooks, layer.scales, layer.rot_signs, layer.bias)
             assert_close(y, ref, dtype, f"cb_smem {s} tokens={tokens}")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_rotate_fused(dtype, poisoned):
+    tk = poisoned
+    for block, tokens in ((16, 1), (256, 1), (256, 300), (64, 17)):
+        n = 4 * block
+        x = torch.randn(tokens, n, device="cuda").to(dtype)
+        signs = (torch.randint(0, 2, (n,), device="cuda") * 2 - 1).to(torch.int8)
+        assert_close(tk.rotate_fused(x, signs, block), reference.rotate(x, signs, block), dtype,
+                     f"rotate_fused block={block} tokens={tokens}")

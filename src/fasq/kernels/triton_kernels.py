@@ -42,7 +42,7 @@ import triton
 from .. import reference
 from ..format import code_bits, packed_words
 from . import Kernel, register
-from .triton_pq import dequant_kernel, pq_matmul_kernel, splitk_reduce_kernel
+from .triton_pq import dequant_kernel, pq_matmul_kernel, rotate_kernel, splitk_reduce_kernel
 
 DECODE_MAX_TOKENS = 16
 METHODS = ("decode", "prefill", "dequant")
@@ -310,15 +310,51 @@ def dequantize_rotated(codes, codebooks, scales, in_features: int, subvector_dim
 _HADAMARD: dict[tuple, torch.Tensor] = {}
 
 
-def rotate(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
-    """Same maths as :func:`fasq.reference.rotate`, with the Hadamard matrix cached on x's device
-    (the reference copies it from the host every call, which a CUDA graph cannot capture)."""
-    key = (block, x.device, x.dtype)
+# The one-pass rotation kernel (rotate_fused) is used by rotate() only when this is True: it is
+# correct (tests) but its speed against the two-op torch path has not been measured on a GPU yet
+# (benchmarks/gpu.py times both as "rotation only" and "rotation only, fused kernel").
+FUSED_ROTATION = False
+
+
+def _hadamard(block: int, device, dtype) -> torch.Tensor:
+    key = (block, device, dtype)
     h = _HADAMARD.get(key)
     if h is None:
-        h = _HADAMARD[key] = reference.hadamard_matrix(block, x.device, x.dtype)
+        h = _HADAMARD[key] = reference.hadamard_matrix(block, device, dtype)
+    return h
+
+
+def rotate(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
+    """Same maths as :func:`fasq.reference.rotate`, with the Hadamard matrix cached on x's device
+    (a CUDA graph cannot capture a host-to-device copy); the one-pass kernel where
+    ``FUSED_ROTATION`` is set and it applies."""
+    if FUSED_ROTATION and fused_rotation_applies(x, block):
+        return rotate_fused(x, signs, block)
+    h = _hadamard(block, x.device, x.dtype)
     n = x.shape[-1]
     return ((x * signs).reshape(*x.shape[:-1], n // block, block) @ h).reshape(x.shape)
+
+
+def fused_rotation_applies(x: torch.Tensor, block: int) -> bool:
+    return 16 <= block <= 256 and x.dtype in SUPPORTED_DTYPES and (x.device.type == "cuda" or INTERPRETED)
+
+
+def rotate_fused(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
+    """:func:`rotate` by ``rotate_kernel``: one read and one write of x (block 16-256)."""
+    if not fused_rotation_applies(x, block):
+        raise ValueError(f"rotate_fused: block {block} (16-256) on {x.device} with {x.dtype} is not supported")
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n).contiguous()
+    y = _new_buffer(x2.shape, x.dtype, x.device)
+    tokens = x2.shape[0]
+    if tokens == 0 or n == 0:
+        return y.reshape(x.shape)
+    bt = 16 if tokens <= 16 else 64
+    rotate_kernel[(triton.cdiv(tokens, bt), n // block)](
+        x2, signs, _hadamard(block, x.device, x.dtype), y, tokens, n, BLOCK=block, BLOCK_T=bt,
+        BLOCK_K=min(block, 64), DOT_FP32=INTERPRETED or x.dtype == torch.float32,
+        num_warps=8 if bt == 64 and block >= 128 else 4)
+    return y.reshape(x.shape)
 
 
 def _forward(x, codes, codebooks, scales, rot_signs, bias, in_features, subvector_dim, group_size,

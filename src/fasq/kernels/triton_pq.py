@@ -274,3 +274,33 @@ def dequant_kernel(codes_ptr, cb_ptr, scales_ptr, w_ptr, IN, OUT, N_SUB, WORDS, 
             cols = offs_j * D + e
             tl.store(w_rows + cols[None, :], w.to(w_ptr.dtype.element_ty),
                      mask=(offs_o < OUT)[:, None] & (cols < IN)[None, :])
+
+
+@triton.jit(do_not_specialize=["T"])
+def rotate_kernel(x_ptr, signs_ptr, h_ptr, y_ptr, T, IN, BLOCK: tl.constexpr, BLOCK_T: tl.constexpr,
+                  BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
+    """y[t, b*BLOCK + c] = sum_k x[t, b*BLOCK + k] * signs[b*BLOCK + k] * H[k, c]: the input rotation
+    (sign flip, then the orthonormal Hadamard matrix ``h`` of one block) in one pass over x.
+
+    x, y: [T, IN] contiguous, same dtype; signs: int8 [IN]; h: [BLOCK, BLOCK] in x's dtype.
+    Grid: (token tiles, IN // BLOCK).  Like :func:`fasq.reference.rotate`, the signed input is in
+    x's dtype and the products are summed in fp32.
+    """
+    pid_t = tl.program_id(0)
+    blk = tl.program_id(1)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
+    offs_c = tl.arange(0, BLOCK)
+    rows = offs_t.to(tl.int64)[:, None] * IN + blk * BLOCK
+    acc = tl.zeros([BLOCK_T, BLOCK], dtype=tl.float32)
+    for k0 in tl.static_range(0, BLOCK, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        xk = tl.load(x_ptr + rows + offs_k[None, :], mask=mask_t[:, None], other=0.0)
+        sk = tl.load(signs_ptr + blk * BLOCK + offs_k).to(tl.float32)
+        xs = (xk.to(tl.float32) * sk[None, :]).to(xk.dtype)                # exact: signs are +-1
+        hk = tl.load(h_ptr + offs_k[:, None] * BLOCK + offs_c[None, :])
+        if DOT_FP32:
+            acc += tl.dot(xs.to(tl.float32), hk.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(xs, hk)
+    tl.store(y_ptr + rows + offs_c[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask_t[:, None])
