@@ -272,7 +272,7 @@ def test_module_fast_path_matches_reference(shape):
     layer = layer_with_outliers(spec, n_out, seed=i + o) if n_out else random_layer(spec, seed=i + o)
     gen = torch.Generator().manual_seed(5)
     for dt in (torch.float32, torch.bfloat16, torch.float16):
-        for t in (1, 2, 3, 5, 8, 9):
+        for t in (1, 2, 3, 5, 8, 9, 16, 17):
             x = torch.randn(1, t, i, generator=gen).to(dt)
             want = select(layer, x).name
             ref = ref_out(layer, x, outliers=True)

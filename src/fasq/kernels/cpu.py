@@ -14,7 +14,7 @@ name            priority  used for
                           x.codebook
 ``cpu_perm``    25        up to FEW_MAX_TOKENS tokens, K <= 256, AVX-512 VBMI: exact, codebook in
                           registers, looked up by byte permutes for 64 rows at a time
-``cpu_direct``  20        up to FEW_MAX_TOKENS tokens, any K / CPU: gather centroids, fp32 FMA
+``cpu_direct``  20        up to DIRECT_MAX_TOKENS tokens, any K / CPU: gather centroids, fp32 FMA
 ``cpu_tiled``   10        any token count: dequantize row tiles in x's dtype, then ATen GEMM
 ==============  ========  ======================================================================
 
@@ -52,12 +52,13 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("pq_cpu.cpp")
 # Method choice, from measurements (docs/kernels_cpu.md): LUT for 1 token on layers of at least
 # LUT_MIN_ROWS rows (its per-call table build needs enough rows to pay off; LUT_MIN_ROWS_FP16 where
-# the tables are built in fp16 arithmetic, about 3x cheaper), PERM (or DIRECT where PERM cannot run)
-# up to FEW_MAX_TOKENS tokens, TILED above.
+# the tables are built in fp16 arithmetic, about 3x cheaper), PERM up to FEW_MAX_TOKENS tokens (DIRECT
+# up to DIRECT_MAX_TOKENS where PERM cannot run), TILED above.
 LUT_MAX_TOKENS = 1
 LUT_MIN_ROWS = 256
 LUT_MIN_ROWS_FP16 = 128
-FEW_MAX_TOKENS = 8
+FEW_MAX_TOKENS = 16      # PERM and the per-layer Plan (kPlanTokens in pq_cpu.cpp)
+DIRECT_MAX_TOKENS = 8    # DIRECT: slower than TILED at 16 tokens on every benchmarked shape
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 METHODS = ("lut", "perm", "direct", "tiled")
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
@@ -336,7 +337,7 @@ def _supports_perm(layer, x) -> bool:
 
 
 def _supports_direct(layer, x) -> bool:
-    return _tokens(x) <= FEW_MAX_TOKENS and _caps(layer)[1] and _input_ok(x)
+    return _tokens(x) <= DIRECT_MAX_TOKENS and _caps(layer)[1] and _input_ok(x)
 
 
 def _supports_tiled(layer, x) -> bool:

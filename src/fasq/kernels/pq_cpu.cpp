@@ -1290,7 +1290,7 @@ at::Tensor cpu_pq_linear(const at::Tensor& x, const at::Tensor& codes, const at:
 //     same version counters (in-place updates);
 //   * the registry's generation and $FASQ_DISABLE_KERNELS.
 // The sparse outlier correction y[t, row] += val * x[t, col] is added here too, in fp32.
-constexpr int kPlanTokens = 8;  // = FEW_MAX_TOKENS in cpu.py
+constexpr int kPlanTokens = 16;  // = FEW_MAX_TOKENS in cpu.py
 
 struct Plan {
   at::Tensor codes, tables, scales, signs, bias;  // stored layout (direct / tiled)
