@@ -293,12 +293,20 @@ def bench_e2e(variants=E2E_VARIANTS, new_tokens: int = 64, threads=(None,), repe
 
 
 # ----------------------------------------------------------------------------------------------
+def _load_words(meta: dict) -> str:
+    """What the load averages say: the benchmark itself keeps about one core busy."""
+    loads = [v for k in ("load_average_start", "load_average_end") for v in (meta.get(k) or [])[:1]]
+    if loads and max(loads) <= float(meta.get("threads") or 1) + 0.5:
+        return "nothing else of note ran on the machine"
+    return f"the {os.cpu_count()} cores were shared with other jobs"
+
+
 def markdown(meta: dict, kernels: list[dict], e2e: list[dict]) -> str:
     out = ["## CPU (issue 6)", "",
            f"Machine: {meta['cpu']}, {meta['threads']} threads (torch {meta['torch']}); {meta['date']}.  ",
            f"Command: `{meta['command']}` at commit {meta.get('commit', 'unknown')}  ",
            f"Load average (1/5/15 min) at start {meta.get('load_average_start')}, at end "
-           f"{meta.get('load_average_end')}: the {os.cpu_count()} cores were shared with other jobs; "
+           f"{meta.get('load_average_end')}: {_load_words(meta)}; "
            "compare ratios within a row (candidates are timed in the same interleaved rounds).", ""]
     if kernels:
         out += ["### Kernel: y = x W^T, microseconds per call",
