@@ -47,7 +47,7 @@ try:
 except ImportError:  # a checkout that is not pip-installed
     sys.path.insert(0, str(ROOT / "src"))
 
-from fasq.format import LayerSpec
+from fasq.format import LayerSpec, code_bits
 from fasq.nn import PQLinear
 from fasq.reference import rotation_block_for
 
@@ -293,7 +293,7 @@ def tune_decode(sweeps: list) -> dict:
         b = min(rs, key=lambda r: r["us"])
         if b["us"] < 0.97 * d["us"]:
             sd, k, group = FORMATS[fmt]
-            key = (1, d["in"], d["out"], sd, (k - 1).bit_length(), group)
+            key = (1, d["in"], d["out"], sd, code_bits(k), group)
             tk.DECODE_TUNED[key] = tk.Launch(**b["launch"])
             chosen[f"{shape} {fmt}"] = b["variant"]
     return chosen

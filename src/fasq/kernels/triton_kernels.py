@@ -102,13 +102,14 @@ def _block_j(columns: int, subvector_dim: int, bits: int) -> int:
 DECODE_TUNED: dict[tuple, Launch] = {}
 
 
-def _fit_group(block_j: int, subvector_dim: int, group_size: int) -> int:
+def _fit_group(block_j: int, subvector_dim: int, bits: int, group_size: int) -> int:
     """block_j, halved while that lets every reduction block lie inside one scale group (so the
-    kernel loads one scale per row and block) and keeps it >= 16; ``group_size`` 0: per-row scales."""
+    kernel loads one scale per row and block) and keeps it >= 16; never below the least block
+    ``_block_j`` allows for these codes.  ``group_size`` 0: per-row scales (or none)."""
     subs = group_size // subvector_dim if group_size and group_size % subvector_dim == 0 else 0
     while subs and subs % block_j and block_j // 2 >= 16:
         block_j //= 2
-    return block_j
+    return max(block_j, _block_j(1, subvector_dim, bits))
 
 
 def decode_launch(tokens: int, in_features: int, out_features: int, subvector_dim: int, bits: int,
@@ -129,7 +130,7 @@ def decode_launch(tokens: int, in_features: int, out_features: int, subvector_di
         block_o, block_j, use_dot = 16, _block_j(256 // bt, subvector_dim, bits), False
     else:
         bt, block_o, block_j, use_dot = 16, 16, _block_j(128, subvector_dim, bits), True
-    block_j = max(_fit_group(block_j, subvector_dim, group_size), _block_j(1, subvector_dim, bits))
+    block_j = _fit_group(block_j, subvector_dim, bits, group_size)
     n_sub = triton.cdiv(in_features, subvector_dim)
     chunks = triton.cdiv(n_sub, block_j)
     if split_k > 0:
@@ -151,8 +152,7 @@ def prefill_launch(tokens: int, in_features: int, out_features: int, subvector_d
     """Many tokens: [BLOCK_T, BLOCK_O] output tiles, whole reduction per program, tensor cores."""
     bt = 128 if tokens >= 128 else max(16, triton.next_power_of_2(tokens))
     n_sub = triton.cdiv(in_features, subvector_dim)
-    block_j = max(_fit_group(_block_j(32, subvector_dim, bits), subvector_dim, group_size),
-                  _block_j(1, subvector_dim, bits))
+    block_j = _fit_group(_block_j(32, subvector_dim, bits), subvector_dim, bits, group_size)
     return Launch(bt, 128, block_j, True, 1, n_sub, num_warps=8 if bt >= 64 else 4, num_stages=3)
 
 
@@ -194,21 +194,41 @@ def check_layout(codes, codebooks, scales, in_features: int, subvector_dim: int,
 
 
 _TL_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+_LITTLE = sys.byteorder == "little"   # the word views below put element 0 in the low bits
+
+
+def _scale_group(geo: dict) -> int:
+    """Columns per scale group as the launch heuristics take it: 0 for per-row scales or none."""
+    return geo["GROUP"] if geo["N_GROUPS"] > 1 else 0
+
+
+def _blocks_in_group(geo: dict, block_j: int) -> bool:
+    """Every reduction block of ``block_j`` sub-vectors lies inside one scale group."""
+    return geo["HAS_SCALES"] and (geo["N_GROUPS"] == 1 or geo["GROUP"] % (block_j * geo["D"]) == 0)
+
+
+def _centroid_words(subvector_dim: int, codebook_dtype) -> bool:
+    """fp16 centroids of d = 2 or 4 can be read as one int32 / int64 word (:func:`_centroid_view`)."""
+    return _LITTLE and subvector_dim in (2, 4) and codebook_dtype == torch.float16
+
+
+def _typed_codes(bits: int) -> bool:
+    """8- and 16-bit codes can be read through a uint8 / int16 view (:func:`_code_view`)."""
+    return _LITTLE and bits in (8, 16)
 
 
 def fast_paths(cfg: Launch, geo: dict, codebooks: torch.Tensor, x: torch.Tensor) -> dict:
     """The kernel's fast-path switches for this launch: those ``cfg`` asks for that apply."""
-    d, little = geo["D"], sys.byteorder == "little"
-    blocks_in_group = geo["HAS_SCALES"] and (geo["N_GROUPS"] == 1 or geo["GROUP"] % (cfg.block_j * d) == 0)
+    d = geo["D"]
     x_word = d * x.element_size() if x.element_size() == 2 else 0   # fp16 / bf16 inputs
-    cb_vec = cfg.cb_vec and little and d in (2, 4) and codebooks.dtype == torch.float16
+    cb_vec = cfg.cb_vec and _centroid_words(d, codebooks.dtype)
     cb_smem = cfg.cb_smem and cb_vec and geo["NUM_BOOKS"] == 1 and geo["K"] <= CB_SMEM_MAX_K
     return dict(CB_SMEM=cb_smem, K_POW2=triton.next_power_of_2(geo["K"]) if cb_smem else 1,
                 ACC_WIDE=cfg.acc_wide and not cfg.use_dot,
-                BLOCK_SCALE=bool(cfg.block_scale and blocks_in_group),
+                BLOCK_SCALE=bool(cfg.block_scale and _blocks_in_group(geo, cfg.block_j)),
                 CB_VEC=cb_vec,
-                CODE_TYPED=cfg.code_typed and little and geo["BITS"] in (8, 16),
-                X_VEC=cfg.x_vec and little and x_word in (4, 8) and geo["IN"] % d == 0
+                CODE_TYPED=cfg.code_typed and _typed_codes(geo["BITS"]),
+                X_VEC=cfg.x_vec and _LITTLE and x_word in (4, 8) and geo["IN"] % d == 0
                 and x.data_ptr() % x_word == 0,
                 X_DTYPE=getattr(triton.language, _TL_DTYPES[x.dtype]))
 
@@ -240,7 +260,7 @@ def pq_matmul(x: torch.Tensor, codes, codebooks, scales, bias, in_features: int,
     y = _new_buffer((tokens, out), x.dtype, x.device)
     if tokens == 0 or out == 0:
         return y
-    group = geo["GROUP"] if geo["N_GROUPS"] > 1 else 0
+    group = _scale_group(geo)
     if launch is not None:
         cfg = launch
     elif method == "decode":
@@ -273,9 +293,8 @@ def pq_matmul(x: torch.Tensor, codes, codebooks, scales, bias, in_features: int,
 
 def packed_dequant_applies(subvector_dim: int, num_books: int, codebook_dtype, dtype, in_features: int) -> bool:
     """Whether :func:`dequantize_rotated` can take its packed path (one word per sub-vector)."""
-    return (sys.byteorder == "little" and subvector_dim in (2, 4) and num_books == 1
-            and codebook_dtype == torch.float16 and dtype in (torch.float16, torch.bfloat16)
-            and in_features % subvector_dim == 0)
+    return (_centroid_words(subvector_dim, codebook_dtype) and num_books == 1
+            and dtype in (torch.float16, torch.bfloat16) and in_features % subvector_dim == 0)
 
 
 def dequantize_rotated(codes, codebooks, scales, in_features: int, subvector_dim: int, group_size: int,
@@ -288,10 +307,9 @@ def dequantize_rotated(codes, codebooks, scales, in_features: int, subvector_dim
     if out == 0 or in_features == 0:
         return w
     if packed and packed_dequant_applies(d, geo["NUM_BOOKS"], codebooks.dtype, dtype, in_features):
-        block_o, block_j = 16, max(_fit_group(_block_j(256 // d, d, geo["BITS"]), d,
-                                              geo["GROUP"] if geo["N_GROUPS"] > 1 else 0), _block_j(1, d, geo["BITS"]))
-        typed = geo["BITS"] in (8, 16)
-        block_scale = geo["HAS_SCALES"] and (geo["N_GROUPS"] == 1 or geo["GROUP"] % (block_j * d) == 0)
+        block_o, block_j = 16, _fit_group(_block_j(256 // d, d, geo["BITS"]), d, geo["BITS"], _scale_group(geo))
+        typed = _typed_codes(geo["BITS"])
+        block_scale = _blocks_in_group(geo, block_j)
         dequant_kernel[(triton.cdiv(geo["N_SUB"], block_j), triton.cdiv(out, block_o))](
             _code_view(codes, geo["BITS"]) if typed else codes, _centroid_view(codebooks), scales, _x_view(w, d),
             in_features, out, geo["N_SUB"], geo["WORDS"], geo["K"], geo["N_GROUPS"], geo["GROUP"],

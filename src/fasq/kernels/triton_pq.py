@@ -90,6 +90,31 @@ def _codes_typed(codes_ptr, m, offs_o, offs_j, N_SUB, OUT, WORDS, BITS: tl.const
 
 
 @triton.jit
+def _block_codes(codes_ptr, m, offs_o, j0, offs_j, N_SUB, OUT, WORDS, BITS: tl.constexpr, BLOCK_J: tl.constexpr,
+                 CODE_TYPED: tl.constexpr):
+    """int32 ``[BLOCK_O, BLOCK_J]`` codes of one block: :func:`_codes_typed` through the typed view
+    (``CODE_TYPED``), else :func:`_codes` from the int32 words."""
+    if CODE_TYPED:
+        code = _codes_typed(codes_ptr, m, offs_o, offs_j, N_SUB, OUT, WORDS, BITS)
+    else:
+        code = _codes(codes_ptr, m, offs_o, j0, N_SUB, OUT, WORDS, BITS, BLOCK_J)
+    return code
+
+
+@triton.jit
+def _block_scales(scales_ptr, offs_o, offs_j, j0, OUT, N_GROUPS, GROUP, D: tl.constexpr,
+                  BLOCK_SCALE: tl.constexpr):
+    """fp32 scales of one block: ``[BLOCK_O, 1]`` when the block lies inside one scale group
+    (``BLOCK_SCALE``: one load per row), else ``[BLOCK_O, BLOCK_J]`` from :func:`_scales`."""
+    if BLOCK_SCALE:
+        s = tl.load(scales_ptr + offs_o * N_GROUPS + (j0 * D) // GROUP, mask=offs_o < OUT,
+                    other=0.0).to(tl.float32)[:, None]
+    else:
+        s = _scales(scales_ptr, offs_o, offs_j, OUT, N_GROUPS, GROUP, D)
+    return s
+
+
+@triton.jit
 def _unpack(packed, e: tl.constexpr, ELEM: tl.constexpr):
     """fp32 element e of vectors loaded whole as one 32- or 64-bit word (``packed``) of 16-bit
     elements of type ELEM (fp16 or bf16), element 0 in the low bits (little-endian)."""
@@ -154,16 +179,10 @@ def pq_matmul_kernel(x_ptr, codes_ptr, cb_ptr, scales_ptr, bias_ptr, y_ptr,
         offs_j = j0 + tl.arange(0, BLOCK_J)
         mask_j = offs_j < j_end
         if HAS_SCALES:
-            if BLOCK_SCALE:
-                s = tl.load(scales_ptr + offs_o * N_GROUPS + (j0 * D) // GROUP, mask=offs_o < OUT,
-                            other=0.0).to(tl.float32)[:, None]                        # [BO, 1]
-            else:
-                s = _scales(scales_ptr, offs_o, offs_j, OUT, N_GROUPS, GROUP, D)     # [BO, BJ]
+            s = _block_scales(scales_ptr, offs_o, offs_j, j0, OUT, N_GROUPS, GROUP, D, BLOCK_SCALE)
         for m in tl.static_range(NUM_BOOKS):
-            if CODE_TYPED:
-                code = _codes_typed(codes_ptr, m, offs_o, offs_j, j_end, OUT, WORDS, BITS)
-            else:
-                code = _codes(codes_ptr, m, offs_o, j0, j_end, OUT, WORDS, BITS, BLOCK_J)  # [BO, BJ]
+            code = _block_codes(codes_ptr, m, offs_o, j0, offs_j, j_end, OUT, WORDS, BITS, BLOCK_J,
+                                CODE_TYPED)                                         # [BO, BJ]
             if CB_SMEM:
                 packed = tl.reshape(tl.gather(book, tl.reshape(code, [BLOCK_O * BLOCK_J]), 0),
                                     [BLOCK_O, BLOCK_J])
@@ -236,16 +255,9 @@ def dequant_kernel(codes_ptr, cb_ptr, scales_ptr, w_ptr, IN, OUT, N_SUB, WORDS, 
     offs_j = j0 + tl.arange(0, BLOCK_J)
     offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     if HAS_SCALES:
-        if BLOCK_SCALE:
-            s = tl.load(scales_ptr + offs_o * N_GROUPS + (j0 * D) // GROUP, mask=offs_o < OUT,
-                        other=0.0).to(tl.float32)[:, None]
-        else:
-            s = _scales(scales_ptr, offs_o, offs_j, OUT, N_GROUPS, GROUP, D)
+        s = _block_scales(scales_ptr, offs_o, offs_j, j0, OUT, N_GROUPS, GROUP, D, BLOCK_SCALE)
     if PACKED:
-        if CODE_TYPED:
-            code = _codes_typed(codes_ptr, 0, offs_o, offs_j, N_SUB, OUT, WORDS, BITS)
-        else:
-            code = _codes(codes_ptr, 0, offs_o, j0, N_SUB, OUT, WORDS, BITS, BLOCK_J)
+        code = _block_codes(codes_ptr, 0, offs_o, j0, offs_j, N_SUB, OUT, WORDS, BITS, BLOCK_J, CODE_TYPED)
         packed = tl.load(cb_ptr + code)
         if D == 2:
             word = tl.zeros([BLOCK_O, BLOCK_J], dtype=tl.uint32)
