@@ -45,6 +45,7 @@ SHAPES = {  # name: (out, in)
 }
 CONFIGS = {  # name: LayerSpec settings (group 128, Hadamard rotation as fasq.quantize uses)
     "4bit d2 K256": dict(subvector_dim=2, num_centroids=256),
+    "4bit d2 K512": dict(subvector_dim=2, num_centroids=512),  # --preset 4bit's v_proj and some down_proj
     "3bit d2 K64": dict(subvector_dim=2, num_centroids=64),
     "2bit d4 K256": dict(subvector_dim=4, num_centroids=256),
     "4bit d4 K65536": dict(subvector_dim=4, num_centroids=65536),

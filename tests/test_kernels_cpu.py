@@ -87,7 +87,7 @@ def run_all(layer: PQLinear, tokens=(1, 3, 8, 11), dtypes=(torch.float32,), seed
 
 
 # ----------------------------------------------------------------------------------------------
-D_K = [(d, k) for d in (1, 2, 3, 4, 8) for k in (2, 16, 64, 256, 1000, 4096, 65536)]
+D_K = [(d, k) for d in (1, 2, 3, 4, 8) for k in (2, 16, 64, 256, 300, 512, 1000, 4096, 65536)]
 
 
 @pytest.mark.parametrize("d,k", D_K, ids=[f"d{d}-K{k}" for d, k in D_K])
@@ -110,6 +110,9 @@ SHAPES = [
     (576, 192, 4, 256, 1, 128, 64, False),     # SmolLM2 k/v, 2 bits
     (256, 64, 16, 128, 1, 32, 256, False),     # d=16, 7-bit codes
     (96, 50, 2, 32, 3, 32, 32, True),          # 5-bit codes, three codebooks
+    (576, 192, 2, 512, 1, 256, 64, False),     # SmolLM2 v, 9-bit codes (--preset 4bit)
+    (1536, 576, 2, 512, 1, 256, 512, True),    # SmolLM2 down, 9-bit codes (--preset 4bit)
+    (70, 130, 2, 400, 2, 14, 2, True),         # 9-bit codes, K not a power of 2, two codebooks, 3 row blocks
 ]
 
 
@@ -261,7 +264,8 @@ PLAN_SPECS = [
     (576, 576, 2, 256, 1, 128, 64, True, 330),     # SmolLM2 q/o
     (100, 33, 3, 64, 1, 0, 4, False, 5),           # in not a multiple of d
     (70, 130, 8, 256, 2, 16, 2, True, 0),
-    (96, 50, 4, 4096, 1, 32, 32, False, 9),        # K > 256: direct
+    (576, 192, 2, 512, 1, 256, 64, False, 110),    # SmolLM2 v at --preset 4bit: 9-bit codes
+    (96, 50, 4, 4096, 1, 32, 32, False, 9),        # K > 512: direct
 ]
 
 

@@ -10,9 +10,9 @@ kernel here declines, so the plain-PyTorch reference serves.
 ==============  ========  ======================================================================
 name            priority  used for
 ==============  ========  ======================================================================
-``cpu_lut``     30        1 token, >= lut_min_rows() rows, K <= 256, AVX-512 VBMI: int16 tables
+``cpu_lut``     30        1 token, >= lut_min_rows() rows, K <= 512, AVX-512 VBMI: int16 tables
                           x.codebook
-``cpu_perm``    25        up to FEW_MAX_TOKENS tokens, K <= 256, AVX-512 VBMI: exact, codebook in
+``cpu_perm``    25        up to FEW_MAX_TOKENS tokens, K <= 512, AVX-512 VBMI: exact, codebook in
                           registers, looked up by byte permutes for 64 rows at a time
 ``cpu_direct``  20        up to DIRECT_MAX_TOKENS tokens, any K / CPU: gather centroids, fp32 FMA
 ``cpu_tiled``   10        any token count: dequantize row tiles in x's dtype, then ATen GEMM
@@ -150,9 +150,9 @@ def default_isa() -> str:
 
 
 def lut_supported(spec: LayerSpec, isa: str | None = None) -> bool:
-    """Whether the LUT and PERM methods can run this layer (K <= 256 and AVX-512 VBMI)."""
+    """Whether the LUT and PERM methods can run this layer (K <= 512 and AVX-512 VBMI)."""
     isa = isa or default_isa()
-    return spec.bits <= 8 and ISAS[isa] >= ISAS["avx512"] and features() >= 0 and bool(features() & _FEAT_VBMI)
+    return spec.bits <= 9 and ISAS[isa] >= ISAS["avx512"] and features() >= 0 and bool(features() & _FEAT_VBMI)
 
 
 @dataclass
@@ -160,7 +160,7 @@ class _Prepared:
     bufs: tuple                                   # the buffers it was made from (by identity) ...
     versions: list                                # ... and [(buffer, version)] of those that have one
     tables: torch.Tensor                          # fp32 [M, K, dp] codebooks for direct / tiled
-    lut: tuple | None = None                      # (codes [n_rb, M, n_sub, 64] u8, cbT [M, d+1, KP],
+    lut: tuple | None = None                      # (codes [n_rb, M, cstride] u8, cbT [M, d+1, KP],
                                                   #  scales [n_rb, G, 64], planes [M, d, 2, KP] u8)
     args: dict = field(default_factory=dict)      # (method, isa, poison) -> the op's arguments after x
 
@@ -186,21 +186,28 @@ def _prepare(layer) -> _Prepared:
 # Table planes (LUT and PERM) hold, in each block of 64 bytes, entry 64b + i at byte 2i and entry
 # 64b + 32 + i at byte 2i + 1 (the order pq_cpu.cpp's store_planes writes without byte permutes);
 # the repacked codes hold each code's byte position.
-_P = torch.arange(256)
+_P = torch.arange(512)
 PLANE_ORDER = (_P & ~63) | ((_P & 63) // 2 + 32 * (_P & 1))                   # byte position -> entry
-_PLANE_POSITION = torch.empty(256, dtype=torch.uint8)
-_PLANE_POSITION[PLANE_ORDER] = _P.to(torch.uint8)                               # entry -> byte position
+_PLANE_POSITION = torch.empty(512, dtype=torch.int16)
+_PLANE_POSITION[PLANE_ORDER] = _P.to(torch.int16)                               # entry -> byte position
 del _P
 
 
+def table_size(spec: LayerSpec) -> int:
+    """KP, the entries of a LUT / PERM table plane: the least of 64, 128, 256 and 512 that holds K."""
+    return 64 if spec.bits <= 6 else 128 if spec.bits == 7 else 256 if spec.bits == 8 else 512
+
+
 def _lut_tensors(layer, p: _Prepared) -> tuple:
-    """Repack for the LUT and PERM methods (once per layer): one byte per code, 64 rows side by side."""
+    """Repack for the LUT and PERM methods (once per layer): one byte per code, 64 rows side by side;
+    with 9-bit codes, the ninth bits follow each (row block, codebook) as one 64-bit mask per position."""
     if p.lut is None:
         spec = layer.spec
         m_books, out, n_sub = spec.num_codebooks, spec.out_features, spec.n_sub
         rb = ROWS_PER_BLOCK
         n_rb = -(-out // rb)
-        codes = torch.zeros(n_rb * rb, m_books, n_sub, dtype=torch.uint8)
+        kp = table_size(spec)
+        codes = torch.zeros(n_rb * rb, m_books, n_sub, dtype=torch.int16)
         step = max(rb, (1 << 22) // max(1, m_books * n_sub) // rb * rb)         # bound the int64 temp
         for r0 in range(0, out, step):
             r1 = min(out, r0 + step)
@@ -210,8 +217,13 @@ def _lut_tensors(layer, p: _Prepared) -> tuple:
         # and odd bytes of a looked-up table plane as 16-bit words (see even_bytes in pq_cpu.cpp).
         lanes = torch.arange(rb)
         order = lanes // 2 + (rb // 2) * (lanes % 2)
-        codes = codes.view(n_rb, rb, m_books, n_sub).permute(0, 2, 3, 1)[..., order].contiguous()
-        kp = 64 if spec.bits <= 6 else 128 if spec.bits == 7 else 256
+        codes = codes.view(n_rb, rb, m_books, n_sub).permute(0, 2, 3, 1)[..., order]  # [n_rb, M, n_sub, 64]
+        low = (codes & 0xFF).to(torch.uint8).reshape(n_rb, m_books, n_sub * rb)
+        if kp == 512:  # bit i of a position's mask = the ninth bit of byte lane i (little-endian u64)
+            bits = ((codes >> 8).long() << torch.arange(rb)).sum(-1)           # [n_rb, M, n_sub], wraps at bit 63
+            codes = torch.cat([low, bits.view(torch.uint8).view(n_rb, m_books, n_sub * 8)], -1).contiguous()
+        else:
+            codes = low.contiguous()
         cbt = layer.codebooks.detach().float().permute(0, 2, 1)                  # [M, d, K]
         cmax = torch.nn.functional.pad(cbt.abs().amax(-1), (0, kp - spec.subvector_dim))  # [M, KP]
         cbt = torch.nn.functional.pad(cbt, (0, kp - spec.num_centroids))
@@ -232,7 +244,7 @@ def _lut_tensors(layer, p: _Prepared) -> tuple:
 def _meta(spec: LayerSpec, method: str, isa: str) -> list[int]:
     d = spec.subvector_dim
     gs = spec.effective_group // d if spec.has_scales else spec.n_sub
-    kp = 64 if spec.bits <= 6 else 128 if spec.bits == 7 else 256
+    kp = table_size(spec)
     return [spec.in_features, spec.out_features, d, spec.num_centroids, spec.num_codebooks, spec.bits,
             spec.n_sub, gs, spec.n_groups, spec.rotation_block, _MODE[method], ISAS[isa],
             _padded_dim(d), kp, spec.words_per_row, int(POISON)]
@@ -251,7 +263,7 @@ def cpu_linear(x: torch.Tensor, layer, method: str, isa: str | None = None) -> t
         if method not in METHODS:
             raise ValueError(f"method={method!r}: allowed are {METHODS}")
         if method in ("lut", "perm") and not lut_supported(layer.spec, isa):
-            raise ValueError(f"method={method!r} needs K <= 256 and AVX-512 VBMI (layer {layer.spec}, isa {isa})")
+            raise ValueError(f"method={method!r} needs K <= 512 and AVX-512 VBMI (layer {layer.spec}, isa {isa})")
         b = layer._buffers
         if method == "lut":
             codes, tables, scales, _ = _lut_tensors(layer, p)

@@ -4,13 +4,13 @@
 // -fopenmp) and registered as the op `fasq::cpu_pq_linear`.  Four methods (docs/kernels_cpu.md
 // has the measurements behind the choice):
 //
-//   LUT     1 token, K <= 256, AVX-512 VBMI.  Per sub-vector position j a table
+//   LUT     1 token, K <= 512, AVX-512 VBMI.  Per sub-vector position j a table
 //           LUT[j][k] = <codebook[k], x_j> in int16 fixed point (one scale per token).  Codes are
 //           repacked once per layer so that one 64-byte load holds the codes of 64 rows at one j;
 //           the table (lo/hi byte planes, 512 bytes for K = 256) is looked up for the 64 rows with
 //           vpermt2b (no gathers) and the bytes summed exactly in 16-bit lanes.  Tables are built
 //           and scanned in ~16 KiB chunks.
-//   PERM    2..8 tokens (and small layers), K <= 256, AVX-512 VBMI.  Same layout, but the table is
+//   PERM    2..16 tokens (and small layers), K <= 512, AVX-512 VBMI.  Same layout, but the table is
 //           the fp16 codebook itself (per coordinate), then fp32 FMAs with x.  Exact.
 //   DIRECT  few tokens, any K, any CPU: per row, decode the codes, gather fp32 centroids and FMA
 //           them with x; the gathers are shared by all tokens.  AVX-512, AVX2 and scalar paths.
@@ -527,28 +527,43 @@ static void run_direct(const at::Tensor& x2, at::Tensor& y, const at::Tensor& co
 // LUT and PERM scan the repacked codes [n_rb][M][n_sub][64] (one byte per code, the codes of 64
 // rows at one sub-vector position side by side): one 64-byte load feeds 64 table lookups done
 // with byte permutes (vpermt2b), so no gather is needed.  Tables are fp16 split into a lo-byte
-// plane and a hi-byte plane of KP entries each (KP = 64, 128 or 256 >= K).
+// plane and a hi-byte plane of KP entries each (KP = 64, 128, 256 or 512 >= K).  With KP = 512
+// (9-bit codes) each (row block, codebook) holds the low bytes [n_sub][64] followed by the ninth
+// bits [n_sub] as one 64-bit mask per position (bit i = byte lane i): a code byte picks an entry
+// in each 256-entry half and the mask picks the half.
 //   LUT:  per (token, codebook, j), entry k = <codebook[k], x_j> / tscale[t]; one lookup per code.
 //   PERM: the codebook itself, per (codebook, coordinate); d lookups per code, then fp32 FMAs with
 //         x.  Exact; the lookups are shared by all tokens of a pass.
 struct ScanArgs {
-  const uint8_t* codes;     // repacked [n_rb][M][n_sub][64]
+  const uint8_t* codes;     // repacked [n_rb][M][cstride]: [n_sub][64] low bytes (+ [n_sub] u64 ninth bits)
   const uint8_t* tab;       // LUT: [T][M][n_sub][2][KP];  PERM: codebook planes [M][d][2][KP]
   const float* x;           // PERM: prepared input [T][stride]
   const float* tscale;      // LUT: [T]
   const c10::Half* scales;  // repacked [n_rb][G][64], or nullptr
   float* ypart;             // [S][T][n_rb*64]
   int64_t T, M, d, nsub, gs, ng, nrb, S, stride;
+  int64_t cstride;                // bytes of codes per (row block, codebook): n_sub * 64 (* 9 / 8 for KP = 512)
   int64_t tab_j0 = 0, tab_n = 0;  // LUT: the tables held are those of positions [tab_j0, tab_j0 + tab_n)
   bool accumulate = false;        // add to ypart from the first group on (a later chunk of a slice)
 };
 
 
-// Look up a byte plane pair (lo bytes, hi bytes) of one table for the 64 codes in idx.
+// The bytes of a 256-entry byte plane at T for the 64 code bytes in idx (top: their bit 7).
+static inline __m512i lookup_256(const __m512i* T, __m512i idx, __mmask64 top) {
+  return _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(_mm512_load_si512(T), idx, _mm512_load_si512(T + 1)),
+                                _mm512_permutex2var_epi8(_mm512_load_si512(T + 2), idx, _mm512_load_si512(T + 3)));
+}
+
+// Look up a byte plane pair (lo bytes, hi bytes) of one table for the 64 codes in idx (KP = 512:
+// the ninth bits in `upper`, ignored otherwise).
 template <int KP>
-static inline void lookup_planes(const uint8_t* L, __m512i idx, __m512i& lo, __m512i& hi) {
+static inline void lookup_planes(const uint8_t* L, __m512i idx, __mmask64 upper, __m512i& lo, __m512i& hi) {
   const __m512i* T = reinterpret_cast<const __m512i*>(L);
-  if constexpr (KP == 64) {
+  if constexpr (KP == 512) {
+    const __mmask64 top = _mm512_movepi8_mask(idx);  // bit 7 of each code
+    lo = _mm512_mask_blend_epi8(upper, lookup_256(T, idx, top), lookup_256(T + 4, idx, top));
+    hi = _mm512_mask_blend_epi8(upper, lookup_256(T + 8, idx, top), lookup_256(T + 12, idx, top));
+  } else if constexpr (KP == 64) {
     lo = _mm512_permutexvar_epi8(idx, _mm512_load_si512(T));
     hi = _mm512_permutexvar_epi8(idx, _mm512_load_si512(T + 1));
   } else if constexpr (KP == 128) {
@@ -556,10 +571,8 @@ static inline void lookup_planes(const uint8_t* L, __m512i idx, __m512i& lo, __m
     hi = _mm512_permutex2var_epi8(_mm512_load_si512(T + 2), idx, _mm512_load_si512(T + 3));
   } else {
     const __mmask64 top = _mm512_movepi8_mask(idx);  // bit 7 of each code: upper 128 entries
-    lo = _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(_mm512_load_si512(T), idx, _mm512_load_si512(T + 1)),
-                                _mm512_permutex2var_epi8(_mm512_load_si512(T + 2), idx, _mm512_load_si512(T + 3)));
-    hi = _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(_mm512_load_si512(T + 4), idx, _mm512_load_si512(T + 5)),
-                                _mm512_permutex2var_epi8(_mm512_load_si512(T + 6), idx, _mm512_load_si512(T + 7)));
+    lo = lookup_256(T, idx, top);
+    hi = lookup_256(T + 4, idx, top);
   }
 }
 
@@ -573,9 +586,9 @@ static inline __m512i odd_bytes(__m512i v) { return _mm512_srli_epi16(v, 8); }
 
 // PERM: 64 fp16 codebook values (one per row) as fp32, 4 x 16 lanes in row order.
 template <int KP>
-static inline void lookup64(const uint8_t* L, __m512i idx, __m512 w[4]) {
+static inline void lookup64(const uint8_t* L, __m512i idx, __mmask64 upper, __m512 w[4]) {
   __m512i lo, hi;
-  lookup_planes<KP>(L, idx, lo, hi);
+  lookup_planes<KP>(L, idx, upper, lo, hi);
   // w0 = (lo & 0x00FF) | (hi << 8): rows 0..31;  w1 = (lo >> 8) | (hi & 0xFF00): rows 32..63
   const __m512i m = _mm512_set1_epi16(0x00FF);
   const __m512i w0 = _mm512_ternarylogic_epi32(m, lo, _mm512_slli_epi16(hi, 8), 0xEA);   // (m & lo) | c
@@ -632,7 +645,7 @@ static void scan_item(const ScanArgs& a, int64_t t0, int64_t rb0, int64_t rb1, i
   // are a row block (M * n_sub * 64 bytes) apart: each starts a new 4 KiB page, where the hardware
   // prefetcher stops.  In a decode step the layer's codes come from DRAM / L3, so each code line
   // is prefetched SCAN_PF row blocks ahead (a prefetch never faults, even past the end).
-  const int64_t pf = SCAN_PF * a.M * a.nsub * RB;
+  const int64_t pf = SCAN_PF * a.M * a.cstride;
   for (int64_t g = g0; g < g1; ++g)
   for (int64_t rb = rb0; rb < rb1; ++rb) {
     const int64_t js = std::max(g * a.gs, ja), je = std::min({(g + 1) * a.gs, jb, a.nsub});
@@ -640,7 +653,20 @@ static void scan_item(const ScanArgs& a, int64_t t0, int64_t rb0, int64_t rb1, i
     for (int t = 0; t < NT; ++t)
       for (int q = 0; q < 4; ++q) acc[t][q] = _mm512_setzero_ps();
     for (int64_t m = 0; m < a.M; ++m) {
-      const uint8_t* cp = a.codes + ((rb * a.M + m) * a.nsub + js) * RB;
+      const uint8_t* cbase = a.codes + (rb * a.M + m) * a.cstride;
+      const uint8_t* cp = cbase + js * RB;
+      // KP = 512: the ninth bits of position j (read unaligned: 8 bytes, inside the block)
+      const uint8_t* up = cbase + a.nsub * RB + js * 8;
+      auto upper = [&]() -> __mmask64 {
+        if constexpr (KP == 512) {
+          uint64_t u;
+          std::memcpy(&u, up, 8);
+          up += 8;
+          return static_cast<__mmask64>(u);
+        } else {
+          return 0;
+        }
+      };
       if constexpr (PERM) {
         const uint8_t* pl = a.tab + m * d * 2 * KP;
         const float* xp[NT];
@@ -648,9 +674,10 @@ static void scan_item(const ScanArgs& a, int64_t t0, int64_t rb0, int64_t rb1, i
         for (int64_t j = js; j < je; ++j, cp += RB) {
           _mm_prefetch(reinterpret_cast<const char*>(cp + pf), _MM_HINT_T0);
           const __m512i idx = _mm512_loadu_si512(cp);
+          const __mmask64 hb = upper();
           for (int64_t c = 0; c < d; ++c) {
             __m512 w[4];
-            lookup64<KP>(pl + c * 2 * KP, idx, w);
+            lookup64<KP>(pl + c * 2 * KP, idx, hb, w);
             for (int t = 0; t < NT; ++t) {
               const __m512 xv = _mm512_set1_ps(xp[t][c]);
               for (int q = 0; q < 4; ++q) acc[t][q] = _mm512_fmadd_ps(w[q], xv, acc[t][q]);
@@ -669,9 +696,10 @@ static void scan_item(const ScanArgs& a, int64_t t0, int64_t rb0, int64_t rb1, i
           for (int64_t j = j0; j < j1; ++j, cp += RB) {
             _mm_prefetch(reinterpret_cast<const char*>(cp + pf), _MM_HINT_T0);
             const __m512i idx = _mm512_loadu_si512(cp);
+            const __mmask64 hb = upper();
             for (int t = 0; t < NT; ++t) {
               __m512i lo, hi;
-              lookup_planes<KP>(lp[t], idx, lo, hi);
+              lookup_planes<KP>(lp[t], idx, hb, lo, hi);
               lp[t] += 2 * KP;
               lo_e[t] = _mm512_add_epi16(lo_e[t], even_bytes(lo));
               lo_o[t] = _mm512_add_epi16(lo_o[t], odd_bytes(lo));
@@ -724,9 +752,9 @@ static ScanFn pick_scan_d(int nt, int64_t d) {
 
 static ScanFn pick_scan(bool perm, int64_t kp, int nt, int64_t d) {
   if (perm) return kp == 64 ? pick_scan_d<true, 64>(nt, d) : kp == 128 ? pick_scan_d<true, 128>(nt, d)
-                                                                        : pick_scan_d<true, 256>(nt, d);
+                : kp == 256 ? pick_scan_d<true, 256>(nt, d) : pick_scan_d<true, 512>(nt, d);
   return kp == 64 ? pick_scan_d<false, 64>(nt, d) : kp == 128 ? pick_scan_d<false, 128>(nt, d)
-                                                              : pick_scan_d<false, 256>(nt, d);
+                : kp == 256 ? pick_scan_d<false, 256>(nt, d) : pick_scan_d<false, 512>(nt, d);
 }
 
 // Store 64 int16 table entries (wa: entries k0..k0+31, wb: k0+32..k0+63) as a lo-byte plane and an
@@ -796,7 +824,9 @@ static void run_scan(bool perm, const at::Tensor& x2, at::Tensor& y, const at::T
   const int64_t T = x2.size(0), out = mt[M_OUT], nsub = mt[M_NSUB], Mb = mt[M_M], d = mt[M_D], kp = mt[M_KP];
   const int64_t nrb = (out + RB - 1) / RB, ng = mt[M_NG];
   const int64_t stride = nsub * d + 16;
-  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.numel() == nrb * Mb * nsub * RB,
+  const int64_t cstride = nsub * RB + (kp == 512 ? nsub * 8 : 0);
+  TORCH_CHECK(kp == 64 || kp == 128 || kp == 256 || kp == 512, "fasq cpu_pq_linear: bad table size");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.numel() == nrb * Mb * cstride,
               "fasq cpu_pq_linear: codes are not in the repacked layout");
   TORCH_CHECK(tables.scalar_type() == (perm ? at::kByte : at::kFloat) && tables.is_contiguous(),
               "fasq cpu_pq_linear: bad tables");
@@ -807,7 +837,7 @@ static void run_scan(bool perm, const at::Tensor& x2, at::Tensor& y, const at::T
   // fetch overlaps the input rotation and the table build instead of stalling the first scans.
   {
     const uint8_t* cb = codes.data_ptr<uint8_t>();
-    const int64_t first = std::min<int64_t>(nrb, SCAN_PF) * Mb * nsub * RB;
+    const int64_t first = std::min<int64_t>(nrb, SCAN_PF) * Mb * cstride;
     for (int64_t i = 0; i < first; i += 64) _mm_prefetch(reinterpret_cast<const char*>(cb + i), _MM_HINT_T1);
   }
   float* xbuf = scratch(xbuf_v, static_cast<size_t>(T * stride));
@@ -876,7 +906,8 @@ static void run_scan(bool perm, const at::Tensor& x2, at::Tensor& y, const at::T
   }
   if (mt[M_POISON]) std::fill(ypart, ypart + S * T * nrb * RB, std::numeric_limits<float>::quiet_NaN());
   ScanArgs a{codes.data_ptr<uint8_t>(), perm ? tables.data_ptr<uint8_t>() : lut, xbuf, ts,
-             ng ? scales.data_ptr<c10::Half>() : nullptr, ypart, T, Mb, d, nsub, mt[M_GS], ng, nrb, S, stride};
+             ng ? scales.data_ptr<c10::Half>() : nullptr, ypart, T, Mb, d, nsub, mt[M_GS], ng, nrb, S, stride,
+             cstride};
 #ifdef __AVX512FP16__
   // fp16 copy of the codebooks [M][d][KP] for the fp16 build (the values are exact fp16).
   thread_local std::vector<uint16_t> cbh_v;
