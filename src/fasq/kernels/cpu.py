@@ -219,9 +219,10 @@ def _lut_tensors(layer, p: _Prepared) -> tuple:
         order = lanes // 2 + (rb // 2) * (lanes % 2)
         codes = codes.view(n_rb, rb, m_books, n_sub).permute(0, 2, 3, 1)[..., order]  # [n_rb, M, n_sub, 64]
         low = (codes & 0xFF).to(torch.uint8).reshape(n_rb, m_books, n_sub * rb)
-        if kp == 512:  # bit i of a position's mask = the ninth bit of byte lane i (little-endian u64)
-            bits = ((codes >> 8).long() << torch.arange(rb)).sum(-1)           # [n_rb, M, n_sub], wraps at bit 63
-            codes = torch.cat([low, bits.view(torch.uint8).view(n_rb, m_books, n_sub * 8)], -1).contiguous()
+        if kp == 512:  # bit i of a position's 64-bit mask (little-endian) = the ninth bit of byte lane i
+            ninth = (codes >> 8).to(torch.uint8).reshape(n_rb, m_books, n_sub, 8, 8)
+            bits = (ninth << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)  # [n_rb, M, n_sub, 8]
+            codes = torch.cat([low, bits.reshape(n_rb, m_books, n_sub * 8)], -1).contiguous()
         else:
             codes = low.contiguous()
         cbt = layer.codebooks.detach().float().permute(0, 2, 1)                  # [M, d, K]
