@@ -72,6 +72,33 @@ def test_target_bits_lands_within_one_percent(bits):
     assert model.config.quantization_config["allocation"]["target_bits"] == bits
 
 
+def test_planner_steps_v_proj_two_menu_points_up():
+    """The size planner moves layers one menu step above the base, v_proj layers (TYPE_EXTRA_STEPS) up to
+    three but not past EXTRA_STEP_MAX_K, most sensitive types first, and never exceeds the budget."""
+    from fasq.fit import allocate
+
+    torch.manual_seed(0)
+    layers = [(f"model.layers.{i}.{kind}", torch.nn.Linear(inp, out, bias=False))
+              for i in range(2) for kind, out, inp in (("self_attn.v_proj", 64, 256), ("mlp.down_proj", 256, 512),
+                                                      ("mlp.up_proj", 512, 256))]
+    cfg = FASQConfig(group_size=64)
+    options = allocate.menu(cfg)
+    n = sum(lin.in_features * lin.out_features for _, lin in layers)
+    bits = lambda plan: 8 * sum(allocate.layer_bytes(lin, plan[name]) for name, lin in layers) / n  # noqa: E731
+    base = 8 * sum(allocate.layer_bytes(lin, options[2]) for _, lin in layers) / n   # K = 16 everywhere
+    plan = allocate.plan(layers, cfg, base + 0.3)
+    k = {name: plan[name].codebook_size for name, _ in layers}
+    assert all(k[nm] == 128 for nm in k if nm.endswith("v_proj")), k      # three steps: 16 -> 128
+    assert all(k[nm] in (16, 32) for nm in k if not nm.endswith("v_proj")), k
+    assert any(k[nm] == 32 for nm in k if nm.endswith("down_proj")), k     # next in priority
+    assert bits(plan) <= base + 0.3
+    # From a base of K = 256 the extra steps would pass K = 512: v_proj stops at 512 (the usual step).
+    base8 = 8 * sum(allocate.layer_bytes(lin, options[6]) for _, lin in layers) / n
+    plan8 = allocate.plan(layers, cfg, base8 + 0.6)
+    assert {plan8[nm].codebook_size for nm, _ in layers if nm.endswith("v_proj")} == {allocate.EXTRA_STEP_MAX_K}
+    assert bits(plan8) <= base8 + 0.6
+
+
 def test_target_size_fraction_of_fp16():
     model = tiny_model("llama")
     fasq.quantize(model, FASQConfig(group_size=32), progress=False, target_fraction=0.6)

@@ -151,7 +151,8 @@ def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
 # planner (fasq.fit.allocate) gives the richer K to the layer types most sensitive first.  Scales per
 # 256 columns beat scales per 128 at both sizes (docs/experiments.md rows 25 and 29): the bits they free
 # buy richer-K layers.  At 3 bits, Hadamard blocks of 64 columns (down_proj's 1536 columns otherwise get
-# blocks of 256) gave lower perplexity over 8 seeds (docs/experiments.md row 37).
+# blocks of 256) gave lower perplexity over 8 seeds (docs/experiments.md row 37); the planner's extra
+# steps for v_proj (fasq.fit.allocate.TYPE_EXTRA_STEPS, rows 46-47) give it K=512 there.
 PRESETS: dict[str, dict[str, Any]] = {
     "4bit": dict(subvector_dim=2, codebook_size=256, group_size=256, target_bits=4.25),
     "3bit": dict(subvector_dim=2, codebook_size=64, group_size=256, target_bits=3.25, rotation_block=64),
