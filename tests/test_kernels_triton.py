@@ -119,7 +119,7 @@ def test_import_fasq_does_not_import_triton():
 # Interpreter suite (CPU tensors, TRITON_INTERPRET=1).
 
 DS = (1, 2, 3, 4, 8)
-KS = (2, 16, 64, 256, 1000, 4096, 65536)        # 1..16 bits; 6, 10 and 12 bits straddle words
+KS = (2, 16, 64, 256, 512, 1000, 4096, 65536)   # 1..16 bits; 6, 9, 10 and 12 bits straddle words
 SHAPES = ((72, 40), (70, 33), (64, 17))          # (in, out): awkward, padded (70 % 4, 70 % 8), odd out
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
