@@ -36,7 +36,21 @@ def parse_kv(items):
     return out
 
 
-def main():
+def score_and_record(model, tok, rec: dict, texts, max_tokens: int) -> None:
+    """Add the perplexity on each text and the peak RSS to ``rec``; print it and append it to OUT."""
+    for t in texts:
+        r = perplexity(model, tok, load_text(t), max_tokens=max_tokens, progress=False)
+        rec[f"ppl_{t}"] = round(r["perplexity"], 3)
+    rec["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(json.dumps(rec))
+    with open(OUT, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def main(argv=None):
+    """Run one experiment; ``argv`` as on the command line (wrappers such as
+    restarts_experiment.py patch the library first, then call this)."""
+    torch.manual_seed(0)
     ap = argparse.ArgumentParser()
     ap.add_argument("--name", required=True)
     ap.add_argument("--max-tokens", type=int, default=8192)
@@ -44,7 +58,7 @@ def main():
     ap.add_argument("--original", action="store_true", help="evaluate the unquantized model")
     ap.add_argument("--bits", type=float, help="target bits/weight: per-layer allocation (fasq.fit.allocate)")
     ap.add_argument("settings", nargs="*")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     model, tok = load_any(str(smollm2_checkpoint()))
     rec = {"name": a.name, "date": str(date.today()), "machine": platform.processor() or platform.machine(),
            "max_tokens": a.max_tokens}
@@ -56,15 +70,8 @@ def main():
         rep = model_size_report(model)
         rec.update(config={k: v for k, v in cfg.to_dict().items() if k not in ("skip_modules", "quant_method")},
                    target_bits=a.bits, bits_per_weight=round(rep["bits_per_weight"], 4), fraction_of_fp16=round(rep["fraction_of_fp16"], 4))
-    for t in a.texts.split(","):
-        r = perplexity(model, tok, load_text(t), max_tokens=a.max_tokens, progress=False)
-        rec[f"ppl_{t}"] = round(r["perplexity"], 3)
-    rec["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    print(json.dumps(rec))
-    with open(OUT, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+    score_and_record(model, tok, rec, a.texts.split(","), a.max_tokens)
 
 
 if __name__ == "__main__":
-    torch.manual_seed(0)
     main()

@@ -10,9 +10,9 @@ process only.
 """
 from __future__ import annotations
 
-import runpy
 import sys
-from pathlib import Path
+
+import experiments  # benchmarks/experiments.py (this script's folder is on sys.path)
 
 import fasq.fit.allocate as allocate
 
@@ -35,9 +35,7 @@ def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in ("early", "late", "ends"):
         sys.exit(__doc__)
     allocate._priority = _ordered(sys.argv.pop(1))
-    script = Path(__file__).with_name("experiments.py")
-    sys.argv = [str(script)] + sys.argv[1:]
-    runpy.run_path(str(script), run_name="__main__")
+    experiments.main(sys.argv[1:])
 
 
 if __name__ == "__main__":

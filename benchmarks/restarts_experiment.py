@@ -8,10 +8,10 @@ It wraps benchmarks/experiments.py (same arguments, same JSONL record) and chang
 """
 from __future__ import annotations
 
-import runpy
 import sys
 import threading
-from pathlib import Path
+
+import experiments  # benchmarks/experiments.py (this script's folder is on sys.path)
 
 import fasq.fit.pq as pq
 
@@ -38,10 +38,8 @@ def main() -> None:
     if len(sys.argv) < 2 or not sys.argv[1].isdigit() or int(sys.argv[1]) < 1:
         sys.exit(__doc__)
     pq.kmeans = _best_of(int(sys.argv.pop(1)))
-    script = Path(__file__).with_name("experiments.py")
-    sys.argv = [str(script)] + sys.argv[1:]
     try:
-        runpy.run_path(str(script), run_name="__main__")
+        experiments.main(sys.argv[1:])
     finally:
         print(f"k-means calls: {_calls[0]}", file=sys.stderr)
 

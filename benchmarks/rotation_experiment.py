@@ -12,32 +12,26 @@ Every layer gets the preset's per-layer setting (size planner at ``--bits``) and
   kron     Q = signs . blockdiag(Hadamard) . (random orthogonal across blocks (x) I): the same full
            mixing at Hadamard cost (what a kernel could afford).
 The weight is dequantized into the dense model, which is then scored like benchmarks/experiments.py
-(8192 tokens of each text) and appended to benchmarks/results/experiments.jsonl.
+(8192 tokens of each text, its score_and_record) and appended to benchmarks/results/experiments.jsonl.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import resource
 import time
 from datetime import date
-from pathlib import Path
 
 import torch
+from experiments import score_and_record  # benchmarks/experiments.py (this script's folder is on sys.path)
 
 from fasq import preset
 from fasq.cli import load_any
 from fasq.data import smollm2_checkpoint
-from fasq.eval import load_text, perplexity
 from fasq.fit.allocate import allocate
 from fasq.fit.equalize import equalize
 from fasq.fit.pq import layer_seed, planned_spec, quantize_weight
 from fasq.model import quantizable_linears
 from fasq.nn import PQLinear
 from fasq.reference import hadamard_matrix
-
-OUT = Path(__file__).parent / "results" / "experiments.jsonl"
-
 
 def orthogonal(n: int, g: torch.Generator) -> torch.Tensor:
     q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
@@ -88,13 +82,7 @@ def main() -> None:
     rec = {"name": f"3bit-rotation-{a.variant}-s{a.seed}", "date": str(date.today()),
            "script": "benchmarks/rotation_experiment.py", "variant": a.variant, "seed": a.seed,
            "target_bits": a.bits, "max_tokens": a.max_tokens, "quantize_seconds": round(time.perf_counter() - t0, 1)}
-    for text in ("lee", "austen"):
-        r = perplexity(model, tok, load_text(text), max_tokens=a.max_tokens, progress=False)
-        rec[f"ppl_{text}"] = round(r["perplexity"], 3)
-    rec["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    print(json.dumps(rec))
-    with open(OUT, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+    score_and_record(model, tok, rec, ("lee", "austen"), a.max_tokens)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,13 @@ none, all, each layer type, each run of 5 decoder layers.  Perplexity over the f
 of Lee and Austen; one JSON line per group on stdout (benchmarks/results/seed_swap_0_3.jsonl holds
 the run `0 3 4096 256`: the preset's rotation blocks before row 37).  Changes no library code.
 """
-import json, re, sys, time, torch
+import json
+import re
+import sys
+import time
+
+import torch
+
 from fasq import preset
 from fasq.cli import load_any
 from fasq.data import smollm2_checkpoint

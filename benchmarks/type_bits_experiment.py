@@ -10,9 +10,9 @@ benchmarks/experiments.py (same arguments, same JSONL record) and changes no lib
 """
 from __future__ import annotations
 
-import runpy
 import sys
-from pathlib import Path
+
+import experiments  # benchmarks/experiments.py (this script's folder is on sys.path)
 
 import fasq.fit.allocate as allocate
 
@@ -21,8 +21,8 @@ _original = allocate.plan
 
 def _fixed(kind: str, k: int):
     def plan(layers, config, target_bits):
-        fixed = [(n, lin) for n, lin in layers if n.rsplit(".", 1)[-1] == kind]
-        rest = [(n, lin) for n, lin in layers if n.rsplit(".", 1)[-1] != kind]
+        fixed = [(n, lin) for n, lin in layers if allocate._type(n) == kind]
+        rest = [(n, lin) for n, lin in layers if allocate._type(n) != kind]
         cfg = config.replace(subvector_dim=2, codebook_size=k, num_codebooks=1)
         fixed_bytes = sum(allocate.layer_bytes(lin, cfg) for _, lin in fixed)
         n_all = sum(lin.in_features * lin.out_features for _, lin in layers)
@@ -39,9 +39,7 @@ def main() -> None:
         sys.exit(__doc__)
     kind, k = sys.argv.pop(1), int(sys.argv.pop(1))
     allocate.plan = _fixed(kind, k)
-    script = Path(__file__).with_name("experiments.py")
-    sys.argv = [str(script)] + sys.argv[1:]
-    runpy.run_path(str(script), run_name="__main__")
+    experiments.main(sys.argv[1:])
 
 
 if __name__ == "__main__":
