@@ -314,6 +314,46 @@ def test_plan_follows_buffers_env_and_grad(monkeypatch):
     assert xg.grad is not None and xg.grad.shape == x.shape
 
 
+def test_module_call_fast_path_honours_hooks_and_overrides():
+    """PQLinear.__call__ lets the plan stand in for nn.Module.__call__ only when nothing else would
+    run: module hooks, global module hooks, a forward replaced on the instance (as accelerate's
+    hooks do), keyword arguments and module.compile() all take the usual path."""
+    import torch.nn.modules.module as module_py
+    spec = LayerSpec(64, 300, 2, 256, group_size=32, rotation_block=16)
+    layer = random_layer(spec, seed=5)
+    x = torch.randn(1, 64)
+    kind = "lut" if cpu.lut_supported(spec) else "exact"
+    with torch.no_grad():
+        y0 = layer(x)
+        assert layer.__dict__.get("_fasq_plan") is not None
+        assert torch.equal(layer.__dict__["_fasq_plan"].call(layer.__dict__, x, cpu_generation()), layer(x))
+        check(layer(x), ref_out(layer, x), x, kind, "fast path")
+        seen = []
+        h = layer.register_forward_hook(lambda m, i, o: seen.append("hook") or 2 * o)
+        assert torch.equal(layer(x), 2 * y0) and seen == ["hook"]
+        h.remove()
+        h = layer.register_forward_pre_hook(lambda m, i: (3 * i[0],))
+        check(layer(x), ref_out(layer, 3 * x), 3 * x, kind, "pre-hook")
+        h.remove()
+        h = module_py.register_module_forward_hook(lambda m, i, o: seen.append("global") or o)
+        layer(x)
+        h.remove()
+        assert seen == ["hook", "global"]
+        original = layer.forward
+        layer.forward = lambda v: seen.append("override") or original(v)
+        layer(x)
+        del layer.forward
+        assert seen == ["hook", "global", "override"]
+        assert torch.equal(layer(x=x), y0) and torch.equal(layer(x), y0)
+        layer.compile(backend="eager")                 # module.compile(): the compiled call runs
+        check(layer(x), ref_out(layer, x), x, kind, "module.compile()")
+
+
+def cpu_generation() -> int:
+    from fasq import kernels
+    return kernels._generation
+
+
 def test_layer_copies_and_pickles_after_calls():
     """The per-layer kernel caches (registry choices, C++ plan) are left out of copies and pickles."""
     import copy

@@ -11,6 +11,9 @@ from . import kernels, reference
 # Attributes under this prefix are per-layer kernel caches (registry choices, prepared tensors, the
 # C++ plan): rebuilt on demand, dropped when buffers move and left out of copies and pickles.
 _CACHE_PREFIX = "_fasq_"
+# torch.compile traces a call of this as True (one Python frame eagerly; torch.compiler.is_compiling
+# costs a few more, which count when a decode step's interpreter state is out of the caches).
+_is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
 
 
 class PQLinear(nn.Module):
@@ -81,6 +84,18 @@ class PQLinear(nn.Module):
     def outliers(self):
         """(flat indices, values) of the sparse correction, or None (see docs/format.md)."""
         return (self.outlier_idx, self.outlier_val) if self.spec.n_outliers else None
+
+    def __call__(self, *args, **kwargs):
+        # The per-layer plan (below) also stands in for nn.Module.__call__ when no hook or
+        # module.compile() applies (Plan.call checks, in C++): cold, that Python costs as much as a
+        # small layer's kernel.  Under torch.compile this is traced as the plain module call.
+        d = self.__dict__
+        plan = d.get("_fasq_plan")
+        if plan is not None and len(args) == 1 and not kwargs and not _is_dynamo_compiling():
+            y = plan.call(d, args[0], kernels._generation)
+            if y is not None:
+                return y
+        return super().__call__(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # A kernel may leave a per-layer plan that serves calls like the last ones in one C++ call

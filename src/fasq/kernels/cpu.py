@@ -96,6 +96,8 @@ def _build_or_fail() -> int:
     if label != "native":
         log.warning("fasq: CPU kernel built without -march=native/OpenMP (%s); it will be slower", failed)
     _lib = lib
+    import torch.nn.modules.module as _module_py
+    lib.set_module_globals(vars(_module_py))  # where nn.Module keeps the global hooks (Plan.call checks them)
     torch.library.register_fake("fasq::cpu_pq_linear")(_fake_cpu_pq_linear)
     torch.library.register_fake("fasq::cpu_dense16_linear")(_fake_cpu_dense16_linear)
     return int(torch.ops.fasq.cpu_features())

@@ -27,6 +27,7 @@
 // to 8 tokens: checks, rotation, the method the registry chose, bias and the sparse outlier
 // correction in one C++ call.
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <c10/util/BFloat16.h>
@@ -474,9 +475,9 @@ static void store_outputs(at::Tensor& y, int64_t T, int64_t out, const float* sr
   }
 }
 
-static void run_direct(const at::Tensor& x2, at::Tensor& y, const at::Tensor& codes, const at::Tensor& tables,
+static void run_direct(const at::Tensor& x2, int64_t T, at::Tensor& y, const at::Tensor& codes, const at::Tensor& tables,
                        const at::Tensor& scales, const at::Tensor& signs, const at::Tensor& bias, const int64_t* mt) {
-  const int64_t T = x2.size(0), out = mt[M_OUT], nsub = mt[M_NSUB], Mb = mt[M_M], dp = mt[M_DP], K_ = mt[M_K];
+  const int64_t out = mt[M_OUT], nsub = mt[M_NSUB], Mb = mt[M_M], dp = mt[M_DP], K_ = mt[M_K];
   const int isa = static_cast<int>(mt[M_ISA]), b = static_cast<int>(mt[M_BITS]);
   const int64_t words = mt[M_WORDS], nbytes = words * 4;
   // Token blocks of 1, 2, 4 or 8 (zero-padded): the gathers of a row are shared by a block's tokens.
@@ -549,9 +550,13 @@ struct ScanArgs {
 
 
 // The bytes of a 256-entry byte plane at T for the 64 code bytes in idx (top: their bit 7).
+// No blend: the first permute (vpermi2b, index register = destination) writes only the lanes
+// whose code is < 128 and leaves the others holding their code, which the second permute then
+// looks up in the upper half.
 static inline __m512i lookup_256(const __m512i* T, __m512i idx, __mmask64 top) {
-  return _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(_mm512_load_si512(T), idx, _mm512_load_si512(T + 1)),
-                                _mm512_permutex2var_epi8(_mm512_load_si512(T + 2), idx, _mm512_load_si512(T + 3)));
+  const __m512i r = _mm512_mask2_permutex2var_epi8(_mm512_load_si512(T), idx, static_cast<__mmask64>(~top),
+                                                   _mm512_load_si512(T + 1));
+  return _mm512_mask2_permutex2var_epi8(_mm512_load_si512(T + 2), r, top, _mm512_load_si512(T + 3));
 }
 
 // Look up a byte plane pair (lo bytes, hi bytes) of one table for the 64 codes in idx (KP = 512:
@@ -560,9 +565,15 @@ template <int KP>
 static inline void lookup_planes(const uint8_t* L, __m512i idx, __mmask64 upper, __m512i& lo, __m512i& hi) {
   const __m512i* T = reinterpret_cast<const __m512i*>(L);
   if constexpr (KP == 512) {
+    // The same chain over the four 128-entry quarters (bit 7 and the ninth bit pick one).
     const __mmask64 top = _mm512_movepi8_mask(idx);  // bit 7 of each code
-    lo = _mm512_mask_blend_epi8(upper, lookup_256(T, idx, top), lookup_256(T + 4, idx, top));
-    hi = _mm512_mask_blend_epi8(upper, lookup_256(T + 8, idx, top), lookup_256(T + 12, idx, top));
+    const __mmask64 q[4] = {static_cast<__mmask64>(~(top | upper)), _kandn_mask64(upper, top),
+                            _kandn_mask64(top, upper), _kand_mask64(top, upper)};
+    lo = idx, hi = idx;
+    for (int k = 0; k < 4; ++k) {
+      lo = _mm512_mask2_permutex2var_epi8(_mm512_load_si512(T + 2 * k), lo, q[k], _mm512_load_si512(T + 2 * k + 1));
+      hi = _mm512_mask2_permutex2var_epi8(_mm512_load_si512(T + 8 + 2 * k), hi, q[k], _mm512_load_si512(T + 8 + 2 * k + 1));
+    }
   } else if constexpr (KP == 64) {
     lo = _mm512_permutexvar_epi8(idx, _mm512_load_si512(T));
     hi = _mm512_permutexvar_epi8(idx, _mm512_load_si512(T + 1));
@@ -581,7 +592,6 @@ static inline void lookup_planes(const uint8_t* L, __m512i idx, __mmask64 upper,
 // rows 0..31 and the odd bytes rows 32..63: joining or widening the planes needs only and / shift /
 // ternary-logic ops (ports 0 and 5) instead of byte permutes (port 5 only, two cycles each on this
 // CPU, which already does the lookups).
-static inline __m512i even_bytes(__m512i v) { return _mm512_and_si512(v, _mm512_set1_epi16(0x00FF)); }
 static inline __m512i odd_bytes(__m512i v) { return _mm512_srli_epi16(v, 8); }
 
 // PERM: 64 fp16 codebook values (one per row) as fp32, 4 x 16 lanes in row order.
@@ -629,7 +639,7 @@ static inline void flush_int_sums(__m512i lo_e, __m512i lo_o, __m512i hi_e, __m5
 #ifndef SCAN_PF
 #define SCAN_PF 4
 #endif
-constexpr int64_t kLutChunkBytes = 16384;  // LUT tables built and scanned at a time per thread
+constexpr int64_t kLutChunkBytes = 32768;  // LUT tables built and scanned at a time per thread
 
 // Row blocks [rb0, rb1) over the sub-vector positions [ja, jb) (a thread's slice), tokens
 // [t0, t0 + NT).  Groups are the outer loop so that a group's LUT tables (gs * 2 * KP bytes per
@@ -701,13 +711,18 @@ static void scan_item(const ScanArgs& a, int64_t t0, int64_t rb0, int64_t rb1, i
               __m512i lo, hi;
               lookup_planes<KP>(lp[t], idx, hb, lo, hi);
               lp[t] += 2 * KP;
-              lo_e[t] = _mm512_add_epi16(lo_e[t], even_bytes(lo));
+              // Whole 16-bit words (even byte + 256 * odd byte, wrapping) and the odd bytes: the
+              // even bytes' sum is recovered at the flush, one and per plane fewer per code.
+              lo_e[t] = _mm512_add_epi16(lo_e[t], lo);
               lo_o[t] = _mm512_add_epi16(lo_o[t], odd_bytes(lo));
-              hi_e[t] = _mm512_add_epi16(hi_e[t], even_bytes(hi));
+              hi_e[t] = _mm512_add_epi16(hi_e[t], hi);
               hi_o[t] = _mm512_add_epi16(hi_o[t], odd_bytes(hi));
             }
           }
-          for (int t = 0; t < NT; ++t) flush_int_sums(lo_e[t], lo_o[t], hi_e[t], hi_o[t], j1 - j0, acc[t]);
+          // word sums - 256 * odd sums = even sums (mod 2^16, and they are < 2^16: at most 256 x 255)
+          for (int t = 0; t < NT; ++t)
+            flush_int_sums(_mm512_sub_epi16(lo_e[t], _mm512_slli_epi16(lo_o[t], 8)), lo_o[t],
+                           _mm512_sub_epi16(hi_e[t], _mm512_slli_epi16(hi_o[t], 8)), hi_o[t], j1 - j0, acc[t]);
         }
       }
     }
@@ -816,12 +831,37 @@ static void lut_build_one_fp16(const uint16_t* cbh, const float* xj, int64_t d_r
 }
 #endif
 
+// The tables of positions [c0, c1) of every token and codebook, in the order the scan reads
+// them: [t][m][j - c0][2 * kp].  One call per chunk rather than per table: no indirect call per
+// table, and d is a compile-time constant for the usual d (288 calls cost ~1 us of a SmolLM2
+// k_proj's ~12).
+template <int DD>
+static void lut_build_chunk(const float* cbT, const uint16_t* cbh, const float* xbuf, int64_t stride, int64_t T,
+                            int64_t Mb, int64_t d_rt, int64_t kp, int64_t c0, int64_t c1, uint8_t* tab) {
+  const int64_t d = DD ? DD : d_rt, n = c1 - c0;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t m = 0; m < Mb; ++m) {
+      uint8_t* L = tab + (t * Mb + m) * n * 2 * kp;
+      const float* xj = xbuf + t * stride + c0 * d;
+      for (int64_t j = c0; j < c1; ++j, xj += d, L += 2 * kp) {
+#ifdef __AVX512FP16__
+        lut_build_one_fp16<DD>(cbh + m * d * kp, xj, d, kp, L);
+#else
+        lut_build_one<DD>(cbT + m * (d + 1) * kp, xj, d, kp, L);
+#endif
+      }
+    }
+  (void)cbT, (void)cbh;
+}
+using BuildFn = void (*)(const float*, const uint16_t*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                         int64_t, int64_t, uint8_t*);
+
 // LUT (perm = false) or PERM (perm = true).  LUT tables: fp32 cbT [M][d + 1][KP] (row d: max |cb|
 // per coordinate); PERM tables: uint8 codebook planes [M][d][2][KP].
-static void run_scan(bool perm, const at::Tensor& x2, at::Tensor& y, const at::Tensor& codes,
+static void run_scan(bool perm, const at::Tensor& x2, int64_t T, at::Tensor& y, const at::Tensor& codes,
                      const at::Tensor& tables, const at::Tensor& scales, const at::Tensor& signs,
                      const at::Tensor& bias, const int64_t* mt) {
-  const int64_t T = x2.size(0), out = mt[M_OUT], nsub = mt[M_NSUB], Mb = mt[M_M], d = mt[M_D], kp = mt[M_KP];
+  const int64_t out = mt[M_OUT], nsub = mt[M_NSUB], Mb = mt[M_M], d = mt[M_D], kp = mt[M_KP];
   const int64_t nrb = (out + RB - 1) / RB, ng = mt[M_NG];
   const int64_t stride = nsub * d + 16;
   const int64_t cstride = nsub * RB + (kp == 512 ? nsub * 8 : 0);
@@ -917,14 +957,11 @@ static void run_scan(bool perm, const at::Tensor& x2, at::Tensor& y, const at::T
       for (int64_t i = 0; i < d * kp; i += 16)  // kp is a multiple of 64
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(cbh + m * d * kp + i),
                             _mm512_cvtps_ph(_mm512_loadu_ps(cbT + m * (d + 1) * kp + i), _MM_FROUND_TO_NEAREST_INT));
-  auto build16 = d == 2 ? &lut_build_one_fp16<2> : d == 1 ? &lut_build_one_fp16<1> : d == 4 ? &lut_build_one_fp16<4>
-               : &lut_build_one_fp16<0>;
-  auto build = [&](int64_t m, const float* xj, uint8_t* L) { build16(cbh + m * d * kp, xj, d, kp, L); };
 #else
-  auto build32 = d == 2 ? &lut_build_one<2> : d == 1 ? &lut_build_one<1> : d == 4 ? &lut_build_one<4>
-               : d == 8 ? &lut_build_one<8> : &lut_build_one<0>;
-  auto build = [&](int64_t m, const float* xj, uint8_t* L) { build32(cbT + m * (d + 1) * kp, xj, d, kp, L); };
+  const uint16_t* cbh = nullptr;
 #endif
+  const BuildFn build = d == 2 ? &lut_build_chunk<2> : d == 1 ? &lut_build_chunk<1> : d == 4 ? &lut_build_chunk<4>
+                      : &lut_build_chunk<0>;
   const ScanFn full = pick_scan(perm, kp, 4, d);
   const ScanFn tail = pick_scan(perm, kp, static_cast<int>(T % 4), d);
   auto slice = [&](int64_t s) {
@@ -941,10 +978,7 @@ static void run_scan(bool perm, const at::Tensor& x2, at::Tensor& y, const at::T
     for (int64_t c0 = ja, c1; c0 < jb; c0 = c1) {
       c1 = std::min(jb, c0 + chunk);
       as.tab_j0 = c0, as.tab_n = c1 - c0, as.accumulate = c0 != ja;
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t m = 0; m < Mb; ++m)
-          for (int64_t j = c0; j < c1; ++j)
-            build(m, xbuf + t * stride + j * d, tab + ((t * Mb + m) * as.tab_n + j - c0) * 2 * kp);
+      build(cbT, cbh, xbuf, stride, T, Mb, d, kp, c0, c1, tab);
       for (int64_t rb0 = 0; rb0 < nrb; rb0 += RBB)
         for (int64_t t0 = 0; t0 < T; t0 += 4)
           (T - t0 >= 4 ? full : tail)(as, t0, rb0, std::min(nrb, rb0 + RBB), s, c0, c1);
@@ -1270,24 +1304,26 @@ static at::Tensor pq_linear_impl(const at::Tensor& x, const at::Tensor& codes, c
                                  const at::Tensor& scales, const at::Tensor& rot_signs, const at::Tensor& b,
                                  const int64_t* mt) {
   const int64_t in = mt[M_IN], out = mt[M_OUT];
-  std::vector<int64_t> osize(x.sizes().begin(), x.sizes().end());
+  c10::SmallVector<int64_t, 4> osize(x.sizes().begin(), x.sizes().end());
   osize.back() = out;
-  at::Tensor y = at::empty(osize, x.options());
+  // Straight to the CPU allocator, not through the dispatcher (x is a plain CPU tensor here; an
+  // inference-mode call still gets an inference tensor: TensorImpl reads the mode)
+  at::Tensor y = at::detail::empty_cpu(osize, x.scalar_type());
   const int64_t T = in ? x.numel() / in : 0;
   if (T == 0 || out == 0) return y;
   if (mt[M_POISON]) y.fill_(std::numeric_limits<float>::quiet_NaN());
-  const at::Tensor x2 = x.reshape({T, in}).contiguous();
+  const at::Tensor x2 = x.contiguous();  // [.., in]: the methods but TILED read it as T rows
   switch (mt[M_MODE]) {
     case LUT:
     case PERM:
 #ifdef FASQ_VBMI
-      run_scan(mt[M_MODE] == PERM, x2, y, codes, tables, scales, rot_signs, b, mt);
+      run_scan(mt[M_MODE] == PERM, x2, T, y, codes, tables, scales, rot_signs, b, mt);
       break;
 #else
       TORCH_CHECK(false, "fasq cpu_pq_linear: the LUT and PERM methods need AVX-512 VBMI (not compiled in)");
 #endif
-    case DIRECT: run_direct(x2, y, codes, tables, scales, rot_signs, b, mt); break;
-    case TILED: run_tiled(x2, y, codes, tables, scales, rot_signs, b, mt); break;
+    case DIRECT: run_direct(x2, T, y, codes, tables, scales, rot_signs, b, mt); break;
+    case TILED: run_tiled(x2.reshape({T, in}), y, codes, tables, scales, rot_signs, b, mt); break;
     default: TORCH_CHECK(false, "fasq cpu_pq_linear: unknown mode ", mt[M_MODE]);
   }
   return y;
@@ -1385,6 +1421,56 @@ struct Plan {
     return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(y)));
   }
 
+  // PQLinear.__call__'s fast path: the checks of nn.Module._call_impl (no hooks of the module or
+  // global ones, no module.compile(), forward not replaced on the instance, e.g. by accelerate's
+  // hooks), then run().  `d` is the module's __dict__.  None: call nn.Module.__call__ instead.  Cold
+  // (a decode step whose model does not fit the caches) nn.Module.__call__ + forward cost ~60 us of
+  // interpreter cache misses on a SmolLM2-size layer, as much as the kernel.
+  py::object call(py::handle d, py::handle xh, int64_t gen) const {
+    PyObject* dict = d.ptr();
+    if (!PyDict_Check(dict)) return py::none();
+    const CallKeys& k = call_keys();
+    PyObject* v = PyDict_GetItem(dict, k.compiled.ptr());  // borrowed references throughout
+    if (v != nullptr && v != Py_None) return py::none();
+    if (PyDict_GetItem(dict, k.forward.ptr()) != nullptr) return py::none();
+    for (const py::str& name : k.hooks) {
+      v = PyDict_GetItem(dict, name.ptr());
+      if (v == nullptr || !PyDict_Check(v) || PyDict_GET_SIZE(v) != 0) return py::none();
+    }
+    if (!k.globals) return py::none();
+    for (const py::str& name : k.global_hooks) {
+      v = PyDict_GetItem(k.globals, name.ptr());
+      if (v == nullptr || !PyDict_Check(v) || PyDict_GET_SIZE(v) != 0) return py::none();
+    }
+    PyObject* buffers = PyDict_GetItem(dict, k.buffers.ptr());
+    if (buffers == nullptr) return py::none();
+    return run(xh, buffers, gen);
+  }
+
+  // Interned key strings, and torch.nn.modules.module's globals (set_module_globals).
+  struct CallKeys {
+    py::str compiled{"_compiled_call_impl"}, forward{"forward"}, buffers{"_buffers"};
+    std::vector<py::str> hooks{py::str("_forward_hooks"), py::str("_forward_pre_hooks"), py::str("_backward_hooks"),
+                               py::str("_backward_pre_hooks")};
+    std::vector<py::str> global_hooks{py::str("_global_forward_hooks"), py::str("_global_forward_pre_hooks"),
+                                      py::str("_global_backward_hooks"), py::str("_global_backward_pre_hooks")};
+    PyObject* globals = nullptr;  // a strong reference, never released (module globals live as long)
+    CallKeys() {
+      for (py::str* s : {&compiled, &forward, &buffers}) intern(*s);
+      for (auto& s : hooks) intern(s);
+      for (auto& s : global_hooks) intern(s);
+    }
+    static void intern(py::str& s) {
+      PyObject* o = s.release().ptr();
+      PyUnicode_InternInPlace(&o);
+      s = py::reinterpret_steal<py::str>(o);
+    }
+  };
+  static CallKeys& call_keys() {
+    static CallKeys* k = new CallKeys();  // leaked on purpose: no Python calls at interpreter exit
+    return *k;
+  }
+
   // y[t, row[k]] += val[k] * x[t, col[k]], summed in fp32 and rounded once to y's dtype per entry.
   void add_outliers(at::Tensor& y, const at::Tensor& x2, int64_t T) const {
     const int64_t n = orow.numel(), in = meta[M_IN], out = meta[M_OUT];
@@ -1461,5 +1547,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init(&fasq_cpu::make_plan))
       .def("run", &fasq_cpu::Plan::run, "y, or None when the plan cannot serve this call")
       .def("valid", &fasq_cpu::Plan::valid)
-      .def("set_method", &fasq_cpu::Plan::set_method);
+      .def("set_method", &fasq_cpu::Plan::set_method)
+      .def("call", &fasq_cpu::Plan::call, "PQLinear.__call__: y, or None when nn.Module.__call__ must run");
+  m.def("set_module_globals", [](py::dict g) {
+    auto& k = fasq_cpu::Plan::call_keys();
+    Py_XDECREF(k.globals);
+    k.globals = g.inc_ref().ptr();
+  }, "torch.nn.modules.module.__dict__, where the global module hooks live (Plan.call checks them)");
 }
