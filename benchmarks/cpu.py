@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fasq import kernels as _kernels
+
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {  # name: (out, in)
     "4096x4096": (4096, 4096), "11008x4096": (11008, 4096),
@@ -142,16 +144,21 @@ def bench_kernels(shapes=SHAPES, configs=CONFIGS, tokens=(1, 4, 16), caches=("ho
             layers = [random_layer(out, inp, cfg, seed=i) for i in range(n_copies)]
             w32s = [torch.randn(out, inp) * 0.02 for _ in range(n_copies)]
             w16s = [w.bfloat16() for w in w32s]
+            mods = [torch.nn.Linear(inp, out, bias=False) for _ in range(n_copies)]
+            for m, w in zip(mods, w32s):
+                m.weight.data = w
             layer, w32, w16 = layers[0], w32s[0], w16s[0]
             for t in tokens if cfg_name == main_config else tokens[:1]:
                 x32 = torch.randn(t, inp)
                 x16 = x32.bfloat16()
                 methods = [m for m in cpu.METHODS if m not in ("lut", "perm") or cpu.lut_supported(layer.spec)]
 
-                def candidates(ls, a32, a16):  # name -> one call per copy
+                def candidates(ls, a32, a16, ms):  # name -> one call per copy
                     c = {"dense_fp32": [lambda w=w: F.linear(x32, w) for w in a32],
                          "dense_bf16": [lambda w=w: F.linear(x16, w) for w in a16],
-                         "fasq_fp32": [lambda q=q: q(x32) for q in ls], "fasq_bf16": [lambda q=q: q(x16) for q in ls]}
+                         "dense_module": [lambda m=m: m(x32) for m in ms],
+                         "fasq_fp32": [lambda q=q: q(x32) for q in ls], "fasq_bf16": [lambda q=q: q(x16) for q in ls],
+                         "fasq_kernel": [lambda q=q: _kernel_call(q, x32) for q in ls]}
                     for m in methods:
                         c[f"op_{m}"] = [lambda q=q, m=m: cpu.cpu_linear(x32, q, m) for q in ls]
                     return c
@@ -161,7 +168,7 @@ def bench_kernels(shapes=SHAPES, configs=CONFIGS, tokens=(1, 4, 16), caches=("ho
                         continue  # one layer is already far larger than L2: "hot" measures the same
                     cold = cache == "cold"  # each cold sample pays an eviction: fewer rounds
                     n = n_copies if cache == "stream" else 1
-                    fns = {k: _stream(v) for k, v in candidates(layers[:n], w32s[:n], w16s[:n]).items()}
+                    fns = {k: _stream(v) for k, v in candidates(layers[:n], w32s[:n], w16s[:n], mods[:n]).items()}
                     res = time_interleaved(fns, max(5, rounds // 4) if cold else rounds, evict=evictor if cold else None)
                     res = {k: {q: v / n for q, v in r.items()} for k, r in res.items()}  # per layer call
                     row = {"config": cfg_name, "shape": shape_name, "out": out, "in": inp, "tokens": t,
@@ -172,13 +179,25 @@ def bench_kernels(shapes=SHAPES, configs=CONFIGS, tokens=(1, 4, 16), caches=("ho
                     row["speedup_vs_best_dense"] = round(best_dense / row["fasq_fp32_us"], 2)
                     best_dense_min = min(row["dense_fp32_min_us"], row["dense_bf16_min_us"])
                     row["speedup_vs_best_dense_min"] = round(best_dense_min / row["fasq_fp32_min_us"], 2)
+                    row["kernel_speedup_vs_best_dense"] = round(best_dense / row["fasq_kernel_us"], 2)
+                    row["module_speedup_vs_dense_module"] = round(row["dense_module_us"] / row["fasq_fp32_us"], 2)
                     rows.append(row)
                     log(f"{cfg_name:15s} {shape_name:16s} t={t:<2d} {cache:6s} fp32 {row['dense_fp32_us']:9.1f}  "
                         f"bf16 {row['dense_bf16_us']:9.1f}  fasq {row['fasq_fp32_us']:9.1f} us ({chosen}) "
-                        f"x{row['speedup_vs_best_dense']:.2f}  "
+                        f"x{row['speedup_vs_best_dense']:.2f}  kernel {row['fasq_kernel_us']:.1f} "
+                        f"x{row['kernel_speedup_vs_best_dense']:.2f}  nn.Linear {row['dense_module_us']:.1f} "
+                        f"x{row['module_speedup_vs_dense_module']:.2f}  "
                         + " ".join(f"{m} {row[f'op_{m}_us']:.1f}" for m in methods))
-            del layers, layer, w32s, w16s, w32, w16
+            del layers, layer, w32s, w16s, w32, w16, mods
     return rows
+
+
+def _kernel_call(layer, x):
+    """The fasq kernel without the module: the layer's C++ plan (checks, rotation, the method the
+    registry chose, output), as PQLinear.__call__ runs it; the registry when there is no plan."""
+    plan = layer.__dict__.get("_fasq_plan")
+    y = plan.run(x, layer._buffers, _kernels._generation) if plan is not None else None
+    return y if y is not None else _kernels.pq_linear(x, layer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,23 +331,30 @@ def markdown(meta: dict, kernels: list[dict], e2e: list[dict]) -> str:
     if kernels:
         out += ["### Kernel: y = x W^T, microseconds per call",
                 "",
-                "fasq = the `PQLinear` module call (registry dispatch + op); dense = `F.linear`. "
+                "fasq = the `PQLinear` module call; dense = `F.linear`; fasq kernel = the layer's C++ plan "
+                "called directly (what `PQLinear.__call__` runs: checks, rotation, the chosen method, output "
+                "tensor), dense module = an `nn.Linear` module call (fp32). "
                 "hot: the same weights every call (they stay in L1/L2 if they fit); stream: calls cycle through "
                 f"distinct random layers of the shape (up to 32, >= {STREAM_MB} MB of fp32 weights; shapes larger "
                 "than that have no stream row), as a decode step runs every layer once; cold: caches evicted "
                 "(a 512 MB write) before each call, which also evicts the Python interpreter's state. "
                 "x = faster of dense fp32 / bf16 over fasq (fp32 input), from medians; x min = the same from "
-                "the fastest samples (less sensitive to other jobs).", "",
-                "| config | shape (out x in) | tokens | cache | dense fp32 | dense bf16 | fasq fp32 | fasq bf16 "
-                "| x | x min | kernel | lut / perm / direct / tiled (op only) |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "the fastest samples (less sensitive to other jobs); x kernel = faster dense `F.linear` over "
+                "the fasq kernel; x module = `nn.Linear` over `PQLinear`, module call against module call, "
+                "as in a model.", "",
+                "| config | shape (out x in) | tokens | cache | dense fp32 | dense bf16 | dense module | fasq fp32 "
+                "| fasq bf16 | fasq kernel | x | x min | x kernel | x module | kernel | lut / perm / direct / tiled (op only) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in kernels:
             ops = " / ".join(f"{r[f'op_{m}_us']:.0f}" if f"op_{m}_us" in r else "-"
                              for m in ("lut", "perm", "direct", "tiled"))
+            nan = float("nan")
             out.append(f"| {r['config']} ({r['bits_per_weight']:.2f} b/w) | {r['shape']} ({r['out']}x{r['in']}) "
                        f"| {r['tokens']} | {r['cache']} | {r['dense_fp32_us']:.0f} | {r['dense_bf16_us']:.0f} "
-                       f"| {r['fasq_fp32_us']:.0f} | {r['fasq_bf16_us']:.0f} | **{r['speedup_vs_best_dense']:.2f}** "
-                       f"| {r['speedup_vs_best_dense_min']:.2f} | {r['kernel']} | {ops} |")
+                       f"| {r.get('dense_module_us', nan):.0f} | {r['fasq_fp32_us']:.0f} | {r['fasq_bf16_us']:.0f} "
+                       f"| {r.get('fasq_kernel_us', nan):.0f} | **{r['speedup_vs_best_dense']:.2f}** "
+                       f"| {r['speedup_vs_best_dense_min']:.2f} | {r.get('kernel_speedup_vs_best_dense', nan):.2f} "
+                       f"| {r.get('module_speedup_vs_dense_module', nan):.2f} | {r['kernel']} | {ops} |")
         out.append("")
     if e2e:
         out += ["### End to end: SmolLM2-135M-Instruct greedy decode",

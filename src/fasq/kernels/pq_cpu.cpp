@@ -788,7 +788,7 @@ static inline void store_planes(__m512i wa, __m512i wb, uint8_t* lo_dst, uint8_t
 // scale, so |entry| <= LUT_MAX) rounded to int16, stored as a lo-byte plane [kp] then an
 // offset-binary hi-byte plane [kp] (see LUT_MAX).
 template <int DD>
-static void lut_build_one(const float* cbT, const float* xj, int64_t d_rt, int64_t kp, uint8_t* L) {
+__attribute__((always_inline)) static inline void lut_build_one(const float* cbT, const float* xj, int64_t d_rt, int64_t kp, uint8_t* L) {
   const int64_t d = DD ? DD : d_rt;
   __m512 xv[16];
   for (int64_t c = 0; c < d; ++c) xv[c] = _mm512_set1_ps(xj[c]);
@@ -814,7 +814,7 @@ static void lut_build_one(const float* cbT, const float* xj, int64_t d_rt, int64
 // per entry (x_j, the product): the worst relative error on y in the kernel tests stays below 5e-4
 // (they allow 2e-3).
 template <int DD>
-static void lut_build_one_fp16(const uint16_t* cbh, const float* xj, int64_t d_rt, int64_t kp, uint8_t* L) {
+__attribute__((always_inline)) static inline void lut_build_one_fp16(const uint16_t* cbh, const float* xj, int64_t d_rt, int64_t kp, uint8_t* L) {
   const int64_t d = DD ? DD : d_rt;
   __m512h xv[16];
   for (int64_t c = 0; c < d; ++c) xv[c] = _mm512_set1_ph(static_cast<_Float16>(xj[c]));
@@ -878,7 +878,8 @@ static void run_scan(bool perm, const at::Tensor& x2, int64_t T, at::Tensor& y, 
   {
     const uint8_t* cb = codes.data_ptr<uint8_t>();
     const int64_t first = std::min<int64_t>(nrb, SCAN_PF) * Mb * cstride;
-    for (int64_t i = 0; i < first; i += 64) _mm_prefetch(reinterpret_cast<const char*>(cb + i), _MM_HINT_T1);
+    // every other line: the L2 prefetcher fetches the pair of each line it misses
+    for (int64_t i = 0; i < first; i += 128) _mm_prefetch(reinterpret_cast<const char*>(cb + i), _MM_HINT_T1);
   }
   float* xbuf = scratch(xbuf_v, static_cast<size_t>(T * stride));
   prepare_input(x2, T, mt, signs, static_cast<int>(d), xbuf, stride, tmp_v);
