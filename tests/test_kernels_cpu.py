@@ -346,6 +346,7 @@ def test_module_call_fast_path_honours_hooks_and_overrides():
         assert seen == ["hook", "global", "override"]
         assert torch.equal(layer(x=x), y0) and torch.equal(layer(x), y0)
         layer.compile(backend="eager")                 # module.compile(): the compiled call runs
+        assert layer.__dict__["_fasq_plan"].call(layer.__dict__, x, cpu_generation()) is None
         check(layer(x), ref_out(layer, x), x, kind, "module.compile()")
 
 
