@@ -1,7 +1,8 @@
 """Build-and-cache for fasq's C++ CPU extensions (``torch.utils.cpp_extension``), never at import.
 
 Each extension is compiled once per machine, source, flags and torch version into
-``~/.cache/fasq/<subdir>/<hash>/`` (``$FASQ_CACHE_DIR`` overrides ``~/.cache/fasq``); a ``built.ok``
+``~/.cache/fasq/<subdir>/<hash>/`` (``$FASQ_CACHE`` overrides ``~/.cache/fasq`` as for every fasq cache,
+and ``$FASQ_CACHE_DIR`` for the builds alone); a ``built.ok``
 marker, written atomically after a successful build, is what later processes trust.  Flags are tried
 in order (``-march=native`` with OpenMP first, then a portable ``-O3``).
 """
@@ -26,7 +27,7 @@ ATTEMPTS = (("native", ["-O3", "-march=native", "-fopenmp"], ["-fopenmp"]),
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("FASQ_CACHE_DIR") or Path.home() / ".cache" / "fasq")
+    return Path(os.environ.get("FASQ_CACHE_DIR") or os.environ.get("FASQ_CACHE") or Path.home() / ".cache" / "fasq")
 
 
 def cpu_flags() -> str:

@@ -3,7 +3,7 @@
 Importing this module compiles nothing; it registers four kernels with :mod:`fasq.kernels`
 (the registry imports it the first time a layer runs on the CPU).  The first ``supports()`` call
 builds ``pq_cpu.cpp`` with ``torch.utils.cpp_extension`` (``-O3 -march=native -fopenmp``) into
-``~/.cache/fasq/cpu_kernels/<hash>/`` (``$FASQ_CACHE_DIR`` overrides ``~/.cache/fasq``; :mod:`fasq.native`), once
+``~/.cache/fasq/cpu_kernels/<hash>/`` (``$FASQ_CACHE`` or, for builds alone, ``$FASQ_CACHE_DIR`` overrides ``~/.cache/fasq``; :mod:`fasq.native`), once
 per machine, source and torch version.  When no compiler works, one warning is logged and every
 kernel here declines, so the plain-PyTorch reference serves.
 
