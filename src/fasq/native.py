@@ -27,7 +27,9 @@ ATTEMPTS = (("native", ["-O3", "-march=native", "-fopenmp"], ["-fopenmp"]),
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("FASQ_CACHE_DIR") or os.environ.get("FASQ_CACHE") or Path.home() / ".cache" / "fasq")
+    from .data import cache_dir  # $FASQ_CACHE or ~/.cache/fasq, like every fasq cache
+
+    return Path(os.environ.get("FASQ_CACHE_DIR") or cache_dir())
 
 
 def cpu_flags() -> str:

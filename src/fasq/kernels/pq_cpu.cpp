@@ -8,8 +8,8 @@
 //           LUT[j][k] = <codebook[k], x_j> in int16 fixed point (one scale per token).  Codes are
 //           repacked once per layer so that one 64-byte load holds the codes of 64 rows at one j;
 //           the table (lo/hi byte planes, 512 bytes for K = 256) is looked up for the 64 rows with
-//           vpermt2b (no gathers) and the bytes summed exactly in 16-bit lanes.  Tables are built
-//           and scanned in ~16 KiB chunks.
+//           byte permutes (no gathers) and the bytes summed exactly in 16-bit lanes.  Tables are
+//           built and scanned in ~32 KiB chunks (kLutChunkBytes).
 //   PERM    2..16 tokens (and small layers), K <= 512, AVX-512 VBMI.  Same layout, but the table is
 //           the fp16 codebook itself (per coordinate), then fp32 FMAs with x.  Exact.
 //   DIRECT  few tokens, any K, any CPU: per row, decode the codes, gather fp32 centroids and FMA
