@@ -188,13 +188,64 @@ def triton_next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def kernel_timings(device, dry: bool, deadline: float, sweep: bool) -> tuple[list, list, list]:
+CUDA_SWEEP = [(nw, rt, sp) for nw in (4, 8) for rt in (1, 2, 4) for sp in (0, 1, 2, 4)]   # (warps, row tiles, splits)
+
+
+def cuda_rows(tokens: int, x, xr, copies, base: dict, fmt: str, device, cuda_sweep: bool, rows: list,
+              sweeps: list, skipped: list) -> None:
+    """The CUDA decode kernel (fasq.kernels.cuda_decode) on a rotated input: its default launch
+    at each token count it serves, and at 1 token a sweep of launches (``sweeps``)."""
+    from fasq.kernels import cuda_decode as cd
+    s = copies[0].spec
+    n_groups = copies[0].scales.shape[1]
+    dflt = cd.plan(tokens, s.in_features, s.out_features, s.subvector_dim, s.num_centroids, n_groups,
+                   s.effective_group, x.dtype, device)
+    if dflt is None:
+        return
+
+    def run(L, cfg):
+        return cd.pq_decode(xr, L.codes, L.codebooks, L.scales, None, s.in_features, s.subvector_dim,
+                            s.effective_group, cfg)
+    try:
+        y = run(copies[0], dflt)
+        ref = F.linear(xr.float(), _w_rotated(copies[0]))
+        err = ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+        us = gpu_time([lambda L=L: run(L, dflt) for L in copies], device)
+    except Exception as e:  # report, keep measuring the rest
+        skipped.append(f"cuda decode {base['shape']} {fmt} tokens={tokens}: {type(e).__name__}: {e}")
+        print(skipped[-1], flush=True)
+        return
+    rows.append(dict(base, format=fmt, method="cuda decode", us=us, bytes=s.weight_storage_bytes(),
+                     bits_per_weight=s.bits_per_weight(), copies=len(copies), launch=dataclasses.asdict(dflt),
+                     rel_err_vs_dequant=err))
+    if not (cuda_sweep and tokens == 1):
+        return
+    for nw, rt, sp in CUDA_SWEEP:
+        cfg = cd.plan(tokens, s.in_features, s.out_features, s.subvector_dim, s.num_centroids, n_groups,
+                      s.effective_group, x.dtype, device, nwarps=nw, rowt=rt, splits=sp)
+        try:
+            us = gpu_time([lambda L=L, cfg=cfg: run(L, cfg) for L in copies], device)
+        except Exception as e:
+            skipped.append(f"cuda sweep {base['shape']} {fmt} w{nw} r{rt} s{sp}: {type(e).__name__}: {e}")
+            continue
+        sweeps.append(dict(base, format=fmt, variant=f"w{nw}_r{rt}_s{sp or 'auto'}({cfg.splits})",
+                           launch=dataclasses.asdict(cfg), default=cfg == dflt, us=us, bytes=s.weight_storage_bytes()))
+
+
+def _w_rotated(layer):
+    """W_r of a PQLinear in fp32 (for a correctness figure next to the timings)."""
+    from fasq import reference
+    return reference.dequantize_rotated(layer.spec, layer.codes, layer.codebooks, layer.scales)
+
+
+def kernel_timings(device, dry: bool, deadline: float, sweep: bool, cuda_sweep: bool = True
+                   ) -> tuple[list, list, list, list]:
     """Every row's ``us`` is GPU time per call from :func:`gpu_time` (graph replay, weights cold in
     L2); ``auto op, eager`` alone is one eager call with its host launch cost."""
     from fasq.kernels import triton_kernels as tk
     dtype = torch.float32 if dry else torch.float16
     shapes, token_list = (DRY_SHAPES, DRY_TOKENS) if dry else (SHAPES, TOKENS)
-    rows, sweeps, skipped = [], [], []
+    rows, sweeps, skipped, csweeps = [], [], [], []
     for out_f, in_f in shapes:
         if time.monotonic() > deadline:
             skipped.append(f"kernels {out_f}x{in_f}: time budget spent")
@@ -247,6 +298,8 @@ def kernel_timings(device, dry: bool, deadline: float, sweep: bool) -> tuple[lis
                         *args(L)[:3], *args(L)[4:], dtype=dtype, packed=False)
                     methods[f"{kind} + cb_smem"] = lambda L: tk.pq_matmul(xr, *args(L), launch=dataclasses.replace(
                         dflt, cb_smem=True))
+                if device.type == "cuda" and tokens <= 8:
+                    cuda_rows(tokens, x, xr, copies, base, fmt, device, cuda_sweep, rows, csweeps, skipped)
                 for name, fn in methods.items():
                     us = gpu_time([lambda L=L, fn=fn: fn(L) for L in copies], device)
                     rows.append(dict(base, format=fmt, method=name, us=us, bytes=s.weight_storage_bytes(),
@@ -277,7 +330,24 @@ def kernel_timings(device, dry: bool, deadline: float, sweep: bool) -> tuple[lis
         del w16, layers
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows, sweeps, skipped
+    return rows, sweeps, skipped, csweeps
+
+
+def tune_cuda(csweeps: list) -> dict:
+    """For each (shape, format): the CUDA sweep's fastest launch, if >= 3% faster than the planner's
+    default; installed in ``cuda_decode.TUNED`` for the end-to-end run."""
+    from fasq.kernels import cuda_decode as cd
+    chosen, groups = {}, {}
+    for r in csweeps:
+        groups.setdefault((r["shape"], r["format"]), []).append(r)
+    for (shape, fmt), rs in groups.items():
+        d = next((r for r in rs if r["default"]), None)
+        b = min(rs, key=lambda r: r["us"])
+        if d is not None and b["us"] < 0.97 * d["us"]:
+            sd, k, group = FORMATS[fmt]
+            cd.TUNED[(1, d["in"], d["out"], sd, k, group, torch.float16)] = cd.Config(**b["launch"])
+            chosen[f"{shape} {fmt}"] = b["variant"]
+    return chosen
 
 
 def tune_decode(sweeps: list) -> dict:
@@ -510,6 +580,19 @@ def _e2e_runs(cfg, prompt, new_tokens, device, dtype, mode) -> list[dict]:
         bits = 16.0 if fmt is None else model.layers[0].q_proj.spec.bits_per_weight()
         runs.append(dict(run, model=name, bits_per_weight_linear=bits, weight_bytes=weight_bytes(model)))
         print(f"e2e {name}: {run['tok_s']:.1f} tok/s ({mode})", flush=True)
+        if fmt == E2E_FORMATS[0] and device.type == "cuda":   # the same model on the Triton decode kernel
+            old = os.environ.get("FASQ_DISABLE_KERNELS")
+            os.environ["FASQ_DISABLE_KERNELS"] = ",".join(filter(None, [old, "cuda_decode"]))
+            try:
+                run = decode_speed(model, prompt, new_tokens, mode)
+            finally:
+                if old is None:
+                    os.environ.pop("FASQ_DISABLE_KERNELS")
+                else:
+                    os.environ["FASQ_DISABLE_KERNELS"] = old
+            runs.append(dict(run, model=f"{name}, Triton decode", bits_per_weight_linear=bits,
+                             weight_bytes=weight_bytes(model)))
+            print(f"e2e {name}, Triton decode: {run['tok_s']:.1f} tok/s ({mode})", flush=True)
     del model
     return runs
 
@@ -534,6 +617,12 @@ def targets(res: dict) -> list[str]:
         if f:
             out.append(f"decode kernel at 1 token, {fmt}: lowest fraction of copy bandwidth over the shapes "
                        f"{min(f):.0%} (target >= 80%)")
+    cdec = [r for r in res["kernels"] if r["method"] == "cuda decode" and r["tokens"] == 1]
+    for fmt in FORMATS:
+        f = [r["frac_copy_bw"] for r in cdec if r["format"] == fmt]
+        if f:
+            out.append(f"CUDA decode kernel at 1 token, {fmt}: lowest fraction of copy bandwidth over the shapes "
+                       f"{min(f):.0%}, highest {max(f):.0%} (target >= 80%)")
     runs = {r["model"]: r for r in res.get("end_to_end", {}).get("runs", [])}
     for name, goal in (("fasq 4bit d2 K256", 3.0), ("fasq 3bit d2 K64", 3.5), ("fasq 3bit d4 K4096", 3.5)):
         if name in runs and runs[name]["vs_fp16"]:
@@ -580,24 +669,28 @@ def markdown(res: dict) -> str:
     by = {(r["shape"], r["tokens"], r["format"], r["method"]): r for r in res["kernels"]}
     keys = sorted({(r["shape"], r["tokens"]) for r in res["kernels"]},
                   key=lambda k: (res_shapes(res).index(k[0]), k[1]))
-    cols = ("decode", "decode, fast paths off", "prefill", "prefill, fast paths off", "dequant+F.linear",
+    cols = ("cuda decode", "decode", "decode, fast paths off", "prefill", "prefill, fast paths off", "dequant+F.linear",
             "rotation only", "rotation only, fused kernel", "auto op (with rotation)")
     for fmt in FORMATS:
         bpw = next((r["bits_per_weight"] for r in res["kernels"] if r["format"] == fmt), None)
         if bpw is None:
             continue
         lines += [f"**{fmt}** ({bpw:.3f} bits/weight on the first shape)", "",
-                  "| shape (out x in) | tokens | FP16 F.linear | decode | decode, plain | prefill | prefill, plain "
-                  "| dequant+F.linear | rotation | rotation, fused | auto op | auto vs FP16 | decode % copy BW |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| shape (out x in) | tokens | FP16 F.linear | CUDA decode | decode | decode, plain | prefill "
+                  "| prefill, plain | dequant+F.linear | rotation | rotation, fused | auto op | auto vs FP16 "
+                  "| CUDA decode % copy BW | decode % copy BW |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+                  "| ---: |"]
         for shape, t in keys:
             fp16 = by.get((shape, t, "fp16", "F.linear"))
             cells = [f"{by[(shape, t, fmt, c)]['us']:.1f}" if (shape, t, fmt, c) in by else "" for c in cols]
             auto = by.get((shape, t, fmt, cols[-1]))
             dec = by.get((shape, t, fmt, "decode"))
+            cdec = by.get((shape, t, fmt, "cuda decode"))
             lines.append(f"| {shape} | {t} | {fp16['us']:.1f} | " + " | ".join(cells) +
-                         f" | {auto['speedup_vs_fp16']:.2f}x | " + (f"{dec['frac_copy_bw']:.0%}" if dec else "") + " |"
-                         if fp16 and auto else f"| {shape} | {t} |" + " |" * 11)
+                         f" | {auto['speedup_vs_fp16']:.2f}x | " + (f"{cdec['frac_copy_bw']:.0%}" if cdec else "") +
+                         " | " + (f"{dec['frac_copy_bw']:.0%}" if dec else "") + " |"
+                         if fp16 and auto else f"| {shape} | {t} |" + " |" * 13)
         lines.append("")
     extra = ("decode + cb_smem", "dequant only", "dequant only, unpacked", "auto op, eager (host launch included)")
     if any(r["method"] in extra for r in res["kernels"]):
@@ -641,12 +734,29 @@ def markdown(res: dict) -> str:
             by_v = {r["variant"]: r["us"] for r in rs}
             lines.append(f"| {shape} | {fmt} | {by_v['default']:.1f} | " +
                          " | ".join(f"{by_v[v]:.1f}" if v in by_v else "" for v in ablate) + " |")
+    if res.get("cuda_sweep"):
+        lines += ["", "CUDA decode kernel launches at 1 token (`w`: warps per block, `r`: 16-row tiles per warp, "
+                  "`s`: splits of the reduction dim asked for (made)); `default` is what `cuda_decode.plan` picks:", "",
+                  "| shape | format | default | default µs | best | best µs | best % copy BW | worst µs |",
+                  "| --- | --- | --- | ---: | --- | ---: | ---: | ---: |"]
+        groups = {}
+        for r in res["cuda_sweep"]:
+            groups.setdefault((r["shape"], r["format"]), []).append(r)
+        for (shape, fmt), rs in groups.items():
+            d = next((r for r in rs if r["default"]), None)
+            b = min(rs, key=lambda r: r["us"])
+            w = max(rs, key=lambda r: r["us"])
+            lines.append(f"| {shape} | {fmt} | {d['variant'] if d else ''} | {d['us'] if d else float('nan'):.1f} | "
+                         f"{b['variant']} | {b['us']:.1f} | {b['frac_copy_bw']:.0%} | {w['us']:.1f} |")
     e2e = res.get("end_to_end")
     if e2e:
         lines += ["", f"### End to end: {e2e['new_tokens']} tokens after a {e2e['prompt_tokens']}-token prompt, "
                   f"batch 1, {e2e['dtype']}, mode {e2e['mode']}", ""]
         if e2e["note"]:
             lines += [f"Model: {e2e['note']}.", ""]
+        if res.get("cuda_tuned"):
+            lines += ["CUDA decode launches in this run: the 1-token sweep's fastest where it beat `plan` by >= 3% (" +
+                      "; ".join(f"{k}: {v}" for k, v in res["cuda_tuned"].items()) + ").", ""]
         if res.get("decode_tuned"):
             lines += ["Decode launches in this run: the 1-token sweep's fastest where it beat the heuristics by "
                       ">= 3% (" + "; ".join(f"{k}: {v}" for k, v in res["decode_tuned"].items()) + ").", ""]
@@ -692,6 +802,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU under the Triton interpreter")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers of the end-to-end model (default 32)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the decode launch sweep")
+    ap.add_argument("--no-cuda-sweep", action="store_true", help="skip the CUDA decode kernel's launch sweep")
     ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end decode")
     ap.add_argument("--no-tune", action="store_true",
                     help="end to end with the heuristics' decode launches, not the sweep's fastest")
@@ -722,16 +833,19 @@ def main(argv=None) -> int:
     res["device_rates"] = device_rates(device, dry)
     print(f"copy {res['device_rates']['copy_GBps']:.0f} GB/s, matmul {res['device_rates']['matmul_TFLOPs']:.1f} "
           f"TFLOP/s", flush=True)
-    rows, sweeps, skipped = kernel_timings(device, dry, time.monotonic() + args.kernel_budget_s, not args.no_sweep)
+    rows, sweeps, skipped, csweeps = kernel_timings(device, dry, time.monotonic() + args.kernel_budget_s,
+                                                    not args.no_sweep, not args.no_cuda_sweep)
     annotate(rows, res["device_rates"]["copy_GBps"])
     annotate(sweeps, res["device_rates"]["copy_GBps"])
-    res.update(kernels=rows, decode_sweep=sweeps)
+    annotate(csweeps, res["device_rates"]["copy_GBps"])
+    res.update(kernels=rows, decode_sweep=sweeps, cuda_sweep=csweeps)
     res["skipped"] += skipped
     print(f"kernel timings: {len(rows)} rows, {len(sweeps)} sweep rows, {time.monotonic() - t_start:.0f} s", flush=True)
     res["formats"] = {fmt: dict(zip(("subvector_dim", "num_centroids", "group_size"), v)) for fmt, v in FORMATS.items()}
     write_atomic(out, json.dumps(res, indent=1))          # kernel figures survive a failure below
     if not args.no_e2e:
         res["decode_tuned"] = tune_decode(sweeps) if not args.no_tune else {}
+        res["cuda_tuned"] = tune_cuda(csweeps) if not args.no_tune else {}
         res["end_to_end"] = end_to_end(device, dry, args.layers)
     res["wall_s"] = time.monotonic() - t_start
     write_atomic(out, json.dumps(res, indent=1))

@@ -82,7 +82,7 @@ def test_every_cpp_source_ships_in_the_package():
     root = Path(__file__).resolve().parents[1]
     globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["fasq"]
     pkg = root / "src" / "fasq"
-    sources = [p.relative_to(pkg).as_posix() for p in pkg.rglob("*.cpp")]
+    sources = [p.relative_to(pkg).as_posix() for ext in ("*.cpp", "*.cu") for p in pkg.rglob(ext)]
     assert sources
     for src in sources:
         assert any(fnmatch.fnmatch(src, g) for g in globs), f"{src} is not in pyproject's package-data"

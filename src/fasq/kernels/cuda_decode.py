@@ -1,0 +1,314 @@
+"""CUDA decode kernel for PQLinear (1-8 tokens, NVIDIA sm_80+): ``pq_cuda.cu`` built with NVRTC.
+
+The Triton decode kernel (``triton_pq.py``) decodes codes on CUDA cores and gathers centroids
+through L1 or ``tl.gather``; on an H200 it reached 11-20% of the copy bandwidth at 1 token
+(BENCHMARKS.md).  This kernel does the two things Triton cannot express (see the source's header):
+a shared-memory codebook replicated once per lane, so that a warp's 32 random lookups never
+conflict on a bank, and centroids decoded straight into tensor-core operand registers
+(``mma.m16n8k16``), so that the multiply-adds cost no CUDA-core instructions.
+
+Built at first use with ``torch.cuda._compile_kernel`` (NVRTC, which the CUDA builds of PyTorch
+ship; no compiler needed), one build per configuration, cached for the process.  A failed build
+logs one warning and the registry moves on to the Triton kernels.  Registered as ``cuda_decode``
+(priority 40, above ``triton_decode``) for the layers and inputs :func:`plan` accepts; exposed as
+the custom op ``torch.ops.fasq.cuda_pq_linear`` (with a fake implementation) so that
+``torch.compile`` and CUDA graphs see one opaque call per layer.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import dataclass
+from importlib import resources
+from typing import Optional
+
+import torch
+
+from .. import reference
+from ..format import code_bits, packed_words
+from . import Kernel, register
+
+log = logging.getLogger(__name__)
+
+MAX_TOKENS = 8                     # the B fragment's 8 columns
+SOURCE = "pq_cuda.cu"
+REPL_MAX_BYTES = 64 * 1024         # the per-lane replicated codebook up to this size, else one copy
+TABLE_MAX_BYTES = 96 * 1024
+
+
+@dataclass(frozen=True)
+class Config:
+    """One build (the FQ_* defines) and launch of ``fasq_pq_decode``."""
+
+    bits: int
+    d: int
+    run: int            # consecutive codes per lane and row in one span (a span: 4 * run sub-vectors)
+    nwarps: int
+    rowt: int           # 16-row tiles per warp (a block covers 16 * rowt rows)
+    bf16: bool
+    repl: bool
+    scales: bool
+    splits: int
+    spans_per_split: int
+
+
+def _run_for(bits: int, d: int, n_sub: int, in_features: int, group_cols: int) -> int:
+    """Codes per lane-run: the largest of 32, 16, 8 that fills whole code words, keeps a lane's code
+    words <= 8 and x words <= 32 (registers), divides the row into whole spans and keeps each span inside one scale group
+    (``group_cols``: columns per group, 0 when one scale covers the row); 0 when none does."""
+    for run in (32, 16, 8):
+        if (run * bits) % 32 or run * bits // 32 > 8 or (run * d // 2) % 4 or run * d // 2 > 32:
+            continue
+        if n_sub % (4 * run):
+            continue
+        if group_cols and group_cols % (4 * run * d):
+            continue
+        return run
+    return 0
+
+
+def _table_bytes(k: int, d: int, repl: bool) -> int:
+    return k * d * 2 * (32 if repl else 1)
+
+
+# Launches measured faster than plan()'s heuristics for one (tokens, in, out, d, K, group size, dtype);
+# filled by whoever measured them (benchmarks/gpu.py's 1-token sweep does, for its own run).
+TUNED: dict[tuple, "Config"] = {}
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def plan(tokens: int, in_features: int, out_features: int, d: int, k: int, n_groups: int, group_size: int,
+         dtype: torch.dtype, device, nwarps: int = 4, rowt: int = 2, splits: int = 0) -> Optional[Config]:
+    """The launch for this layer and input, or None where the kernel does not apply.  ``splits``
+    > 0 forces the split of the reduction dim (the benchmark's sweep)."""
+    if not 1 <= tokens <= MAX_TOKENS or d not in (2, 4) or dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if splits <= 0 and (nwarps, rowt) == (4, 2):
+        tuned = TUNED.get((tokens, in_features, out_features, d, k, group_size, dtype))
+        if tuned is not None:
+            return tuned
+    bits = code_bits(k)
+    if bits > 16 or in_features % 8 or in_features % d:
+        return None
+    n_sub = in_features // d
+    group_cols = group_size if n_groups > 1 else 0
+    run = _run_for(bits, d, n_sub, in_features, group_cols)
+    if not run:
+        return None
+    if packed_words(n_sub, bits) % (4 if (run * bits // 32) % 4 == 0 else 2 if (run * bits // 32) % 2 == 0 else 1):
+        return None
+    repl = _table_bytes(k, d, True) <= REPL_MAX_BYTES
+    if not repl and _table_bytes(k, d, False) > TABLE_MAX_BYTES:
+        return None
+    n_spans = n_sub // (4 * run)
+    row_blocks = math.ceil(out_features / (16 * rowt))
+    if splits <= 0:
+        sms = _sm_count(torch.device(device)) if torch.device(device).type == "cuda" else 132
+        splits = min(max(1, n_spans // nwarps), max(1, math.ceil(2 * sms / row_blocks)))
+    splits = max(1, min(splits, n_spans))
+    per = math.ceil(n_spans / splits)
+    return Config(bits, d, run, nwarps, rowt, dtype == torch.bfloat16, repl, n_groups > 0,
+                  math.ceil(n_spans / per), per)
+
+
+def _defines(cfg: Config, split: bool, bias_kind: int) -> str:
+    vals = dict(FQ_BITS=cfg.bits, FQ_D=cfg.d, FQ_RUN=cfg.run, FQ_NWARPS=cfg.nwarps, FQ_ROWT=cfg.rowt,
+                FQ_XBF16=int(cfg.bf16), FQ_REPL=int(cfg.repl), FQ_SCALES=int(cfg.scales), FQ_SPLIT=int(split),
+                FQ_BIAS=bias_kind)
+    return "".join(f"#define {n} {v}\n" for n, v in vals.items())
+
+
+@functools.lru_cache(maxsize=None)
+def source() -> str:
+    return resources.files("fasq.kernels").joinpath(SOURCE).read_text()
+
+
+_REDUCE = r"""
+extern "C" __global__ void fasq_splitk_reduce(const float* __restrict__ ws, const void* __restrict__ bias,
+                                              unsigned short* __restrict__ y, int N, int OUT, int SPLITS) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= N) return;
+    float v = 0.f;
+    for (int s = 0; s < SPLITS; ++s) v += ws[(long long)s * N + i];
+#if FQ_BIAS == 1
+    { float b; asm("cvt.f32.f16 %0, %1;" : "=f"(b) : "h"(((const unsigned short*)bias)[i % OUT])); v += b; }
+#elif FQ_BIAS == 2
+    { float b; asm("mov.b32 %0, %1;" : "=f"(b) : "r"(((unsigned)((const unsigned short*)bias)[i % OUT]) << 16)); v += b; }
+#elif FQ_BIAS == 3
+    v += ((const float*)bias)[i % OUT];
+#endif
+    unsigned short h;
+#if FQ_XBF16
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+#else
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+#endif
+    y[i] = h;
+}
+"""
+
+
+def _new_buffer(shape, dtype, device) -> torch.Tensor:
+    """Every buffer the kernels write comes from here (tests swap in NaN-filled buffers)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _compile(src: str, name: str):
+    compile_kernel = getattr(torch.cuda, "_compile_kernel", None)
+    if compile_kernel is None:
+        raise RuntimeError(f"torch {torch.__version__} has no torch.cuda._compile_kernel (NVRTC)")
+    return compile_kernel(src, name)
+
+
+def _build_key(cfg: Config) -> tuple:
+    """The fields of a Config that the build depends on (splits are launch arguments)."""
+    return cfg.bits, cfg.d, cfg.run, cfg.nwarps, cfg.rowt, cfg.bf16, cfg.repl, cfg.scales
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_kernel(build_key: tuple, split: bool, bias_kind: int, smem: int):
+    cfg = Config(*build_key, splits=1, spans_per_split=1)
+    fn = _compile(_defines(cfg, split, bias_kind) + source(), "fasq_pq_decode")
+    if smem >= 48 * 1024:
+        if not hasattr(fn, "set_shared_memory_config"):
+            raise RuntimeError(f"torch {torch.__version__}: compiled kernels cannot take {smem} bytes of shared memory")
+        fn.set_shared_memory_config(smem)
+    return fn
+
+
+@functools.lru_cache(maxsize=None)
+def _reduce_kernel(bf16: bool, bias_kind: int):
+    return _compile(f"#define FQ_XBF16 {int(bf16)}\n#define FQ_BIAS {bias_kind}\n" + _REDUCE, "fasq_splitk_reduce")
+
+
+_BIAS_KIND = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
+
+
+def _smem_bytes(cfg: Config, k: int) -> int:
+    table = _table_bytes(k, cfg.d, cfg.repl)
+    table = (table + 15) // 16 * 16
+    return table + cfg.nwarps * 16 * cfg.rowt * 8 * 4
+
+
+def pq_decode(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+              bias: Optional[torch.Tensor], in_features: int, subvector_dim: int, group_size: int,
+              cfg: Optional[Config] = None) -> torch.Tensor:
+    """y [T, out] = x [T, in] @ W_r^T (+ bias) in x's dtype; x already rotated, contiguous."""
+    tokens = x.shape[0]
+    out = codes.shape[1]
+    k = codebooks.shape[1]
+    n_groups = scales.shape[1] if scales.dim() == 2 else 0
+    if cfg is None:
+        cfg = plan(tokens, in_features, out, subvector_dim, k, n_groups, group_size, x.dtype, x.device)
+        if cfg is None:
+            raise ValueError("cuda_decode: this layer/input is not supported (see cuda_decode.plan)")
+    y = _new_buffer((tokens, out), x.dtype, x.device)
+    if tokens == 0 or out == 0:
+        return y
+    split = cfg.splits > 1
+    bias_kind = 0 if bias is None else _BIAS_KIND[bias.dtype]
+    smem = _smem_bytes(cfg, k)
+    fn = _decode_kernel(_build_key(cfg), split, 0 if split else bias_kind, smem)
+    dst = _new_buffer((cfg.splits, tokens, out), torch.float32, x.device) if split else y
+    n_spans = in_features // subvector_dim // (4 * cfg.run)
+    span_cols = 4 * cfg.run * subvector_dim
+    spans_per_group = group_size // span_cols if n_groups > 1 else n_spans
+    words = codes.shape[2]
+    fn(grid=(math.ceil(out / (16 * cfg.rowt)), cfg.splits, 1), block=(32 * cfg.nwarps, 1, 1),
+       args=[x, codes, codebooks, scales, bias if bias is not None and not split else x, dst,
+             tokens, in_features, out, words, k, max(n_groups, 1), spans_per_group, cfg.spans_per_split, n_spans],
+       shared_mem=smem)
+    if split:
+        n = tokens * out
+        _reduce_kernel(cfg.bf16, bias_kind)(grid=(math.ceil(n / 256), 1, 1), block=(256, 1, 1),
+                                            args=[dst, bias if bias is not None else dst, y, n, out, cfg.splits])
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotation, op and registry entry.
+
+_HADAMARD: dict[tuple, torch.Tensor] = {}
+
+
+def rotate(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
+    """:func:`fasq.reference.rotate` with the Hadamard matrix cached on x's device (no host-to-device
+    copy inside a CUDA graph); the Triton kernels' rotation where Triton is there."""
+    try:
+        from .triton_kernels import rotate as triton_rotate
+    except Exception:  # no Triton: the same two torch ops
+        key = (block, x.device, x.dtype)
+        h = _HADAMARD.get(key)
+        if h is None:
+            h = _HADAMARD[key] = reference.hadamard_matrix(block, x.device, x.dtype)
+        n = x.shape[-1]
+        return ((x * signs).reshape(*x.shape[:-1], n // block, block) @ h).reshape(x.shape)
+    return triton_rotate(x, signs, block)
+
+
+@torch.library.custom_op("fasq::cuda_pq_linear", mutates_args=())
+def cuda_pq_linear(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+                   rot_signs: torch.Tensor, bias: Optional[torch.Tensor], in_features: int, subvector_dim: int,
+                   group_size: int, rotation_block: int) -> torch.Tensor:
+    """y = x W^T + b for a PQ layer with the CUDA decode kernel; x: [..., in], 1-8 tokens."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    if rotation_block:
+        x2 = rotate(x2, rot_signs, rotation_block)
+    y = pq_decode(x2.contiguous(), codes.contiguous(), codebooks.contiguous(), scales.contiguous(),
+                  None if bias is None else bias.contiguous(), in_features, subvector_dim, group_size)
+    return y.reshape(*lead, codes.shape[1])
+
+
+@cuda_pq_linear.register_fake
+def _(x, codes, codebooks, scales, rot_signs, bias, in_features, subvector_dim, group_size, rotation_block):
+    return x.new_empty((*x.shape[:-1], codes.shape[1]))
+
+
+def layer_linear(x: torch.Tensor, layer) -> torch.Tensor:
+    s = layer.spec
+    return torch.ops.fasq.cuda_pq_linear(x, layer.codes, layer.codebooks, layer.scales, layer.rot_signs, layer.bias,
+                                         s.in_features, s.subvector_dim, s.effective_group, s.rotation_block)
+
+
+_broken: set[str] = set()
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _supports(layer, x: torch.Tensor) -> bool:
+    if _broken or x.device.type != "cuda" or not x.shape[-1]:
+        return False
+    s = layer.spec
+    if s.num_codebooks != 1 or layer.codebooks.dtype != torch.float16 or layer.codes.device != x.device:
+        return False
+    if _capability(x.device) < (8, 0):
+        return False
+    tokens = x.numel() // x.shape[-1]
+    n_groups = layer.scales.shape[1] if layer.scales.dim() == 2 else 0
+    cfg = plan(tokens, s.in_features, s.out_features, s.subvector_dim, s.num_centroids, n_groups,
+               s.effective_group, x.dtype, x.device)
+    if cfg is None:
+        return False
+    try:  # build now, so that a failed build falls back to the next kernel instead of failing the call
+        _decode_kernel(_build_key(cfg), cfg.splits > 1,
+                       0 if cfg.splits > 1 or layer.bias is None else _BIAS_KIND[layer.bias.dtype],
+                       _smem_bytes(cfg, s.num_centroids))
+        if cfg.splits > 1:
+            _reduce_kernel(cfg.bf16, 0 if layer.bias is None else _BIAS_KIND[layer.bias.dtype])
+    except Exception as e:  # no NVRTC, an old driver, ...: the Triton kernels serve
+        _broken.add(str(e))
+        log.warning("fasq: the CUDA decode kernel could not be built (%s); using the Triton kernels", e)
+        return False
+    return True
+
+
+register(Kernel("cuda_decode", ("cuda",), _supports, layer_linear, priority=40))

@@ -1,0 +1,161 @@
+"""The CUDA decode kernel (fasq/kernels/pq_cuda.cu, built with NVRTC; fasq/kernels/cuda_decode.py).
+
+On a machine without a GPU: the launch planning, and a compile check of the source for sm_80 and
+sm_90 with nvcc where nvcc is installed.  With a GPU: the kernel against the reference on random
+layers (outputs poisoned first), every configuration the planner can pick, the registry's choice,
+and CUDA-graph capture.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from fasq import reference
+from fasq.format import LayerSpec, pack_codes
+from fasq.kernels import cuda_decode as cd
+from fasq.nn import PQLinear
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+RTOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def random_layer(in_f, out_f, d, k, group=0, scales=True, rot=0, bias=False, seed=0, device="cpu"):
+    spec = LayerSpec(in_f, out_f, d, k, 1, group if scales else 0, scales, rot, bias)
+    g = torch.Generator().manual_seed(seed)
+    codes = pack_codes(torch.randint(0, k, (1, out_f, spec.n_sub), generator=g), spec.bits)
+    codebooks = torch.randn(1, k, d, generator=g).half()
+    sc = ((torch.rand(out_f, spec.n_groups, generator=g) + 0.5) *
+          (torch.randint(0, 2, (out_f, spec.n_groups), generator=g) * 2 - 1)).half()
+    signs = ((torch.randint(0, 2, (in_f,), generator=g) * 2 - 1).to(torch.int8) if rot
+             else torch.zeros(0, dtype=torch.int8))
+    b = torch.randn(out_f, generator=g).half() if bias else None
+    return PQLinear.from_tensors(spec, codes, codebooks, sc, signs, b).to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning (no GPU).
+
+def test_plan_picks_runs_that_fit_words_spans_and_scale_groups():
+    f16 = torch.float16
+    c = cd.plan(1, 4096, 4096, 2, 256, 16, 256, f16, "cpu")
+    assert (c.bits, c.run, c.repl, c.scales) == (8, 32, True, True)       # a span = 256 columns = one group
+    c = cd.plan(1, 4096, 4096, 2, 256, 32, 128, f16, "cpu")
+    assert c.run == 16                                                    # groups of 128: spans of 128 columns
+    c = cd.plan(1, 4096, 1024, 4, 4096, 32, 128, f16, "cpu")
+    assert (c.bits, c.run, c.repl) == (12, 8, False)                      # 32 KiB codebook: one copy
+    c = cd.plan(1, 4096, 1024, 2, 64, 16, 256, torch.bfloat16, "cpu")
+    assert (c.bits, c.run, c.bf16) == (6, 32, True)
+    assert cd.plan(1, 4096, 1024, 2, 256, 1, 4096, f16, "cpu").run == 32  # one scale per row: any span
+    # Not served: 9+ tokens, fp32 inputs, d = 3, rows that are not whole spans, groups finer than a span.
+    assert cd.plan(9, 4096, 1024, 2, 256, 16, 256, f16, "cpu") is None
+    assert cd.plan(1, 4096, 1024, 2, 256, 16, 256, torch.float32, "cpu") is None
+    assert cd.plan(1, 4095, 1024, 3, 256, 16, 256, f16, "cpu") is None
+    assert cd.plan(1, 72, 40, 2, 256, 1, 72, f16, "cpu") is None
+    assert cd.plan(1, 4096, 1024, 2, 256, 128, 32, f16, "cpu") is None
+
+
+def test_plan_splits_cover_every_span_once():
+    for out_f, in_f in ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (16, 256)):
+        for forced in (0, 1, 2, 3, 7, 100):
+            c = cd.plan(1, in_f, out_f, 2, 256, in_f // 256, 256, torch.float16, "cpu", splits=forced)
+            n_spans = in_f // 2 // (4 * c.run)
+            assert 1 <= c.splits <= n_spans
+            assert (c.splits - 1) * c.spans_per_split < n_spans <= c.splits * c.spans_per_split
+
+
+def test_source_compiles_with_nvcc():
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not installed")
+    src = Path(cd.__file__).with_name(cd.SOURCE)
+    configs = [cd.plan(1, 4096, 4096, 2, 256, 16, 256, torch.float16, "cpu"),
+               cd.plan(8, 4096, 1024, 2, 64, 16, 256, torch.bfloat16, "cpu", splits=4),
+               cd.plan(3, 4096, 1024, 4, 4096, 32, 128, torch.float16, "cpu", nwarps=8, rowt=1),
+               cd.plan(1, 4096, 1024, 2, 16, 0, 0, torch.float16, "cpu", rowt=4)]
+    for arch in ("sm_80", "sm_90"):
+        for cfg in configs:
+            for split, bias in ((False, 1), (True, 0), (False, 3)):
+                defines = [f"-D{line.split()[1]}={line.split()[2]}" for line in
+                           cd._defines(cfg, split, bias).splitlines()]
+                r = subprocess.run([nvcc, f"-arch={arch}", "-cubin", "-o", "/dev/null", *defines, str(src)],
+                                   capture_output=True, text=True)
+                assert r.returncode == 0, f"{arch} {cfg}: {r.stderr[-2000:]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only.
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    def nan_buffer(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    monkeypatch.setattr(cd, "_new_buffer", nan_buffer)
+
+
+CASES = [dict(in_f=4096, out_f=1024, d=2, k=256, group=256, rot=256, bias=True),
+         dict(in_f=4096, out_f=1000, d=2, k=256, group=128, rot=256),
+         dict(in_f=2048, out_f=520, d=2, k=64, group=256, rot=64, bias=True),
+         dict(in_f=2048, out_f=264, d=4, k=4096, group=128, rot=128),
+         dict(in_f=1024, out_f=48, d=2, k=16, scales=False),
+         dict(in_f=1024, out_f=200, d=4, k=256, group=0, rot=0),
+         dict(in_f=3072, out_f=72, d=2, k=1024, group=512, rot=1024)]
+
+
+def reference_out(layer, x):
+    s = layer.spec
+    return reference.pq_linear(x, s, layer.codes, layer.codebooks, layer.scales, layer.rot_signs, layer.bias)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gpu_cuda_decode_matches_reference(dtype, poisoned):
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("needs sm_80+")
+    for i, kw in enumerate(CASES):
+        layer = random_layer(**kw, seed=i, device="cuda")
+        s = layer.spec
+        n_groups = layer.scales.shape[1]
+        for t in (1, 3, 8):
+            x = torch.randn(t, s.in_features, device="cuda", dtype=dtype)
+            ref = reference_out(layer, x)
+            xr = cd.rotate(x, layer.rot_signs, s.rotation_block) if s.rotation_block else x
+            for nwarps, rowt, splits in ((4, 2, 0), (8, 1, 1), (2, 4, 100)):
+                cfg = cd.plan(t, s.in_features, s.out_features, s.subvector_dim, s.num_centroids, n_groups,
+                              s.effective_group, dtype, "cuda", nwarps=nwarps, rowt=rowt, splits=splits)
+                assert cfg is not None, kw
+                y = cd.pq_decode(xr.contiguous(), layer.codes, layer.codebooks, layer.scales, layer.bias,
+                                 s.in_features, s.subvector_dim, s.effective_group, cfg)
+                what = f"{kw} tokens={t} {cfg}"
+                assert y.dtype == dtype and y.shape == ref.shape, what
+                assert bool(torch.isfinite(y).all()), f"{what}: unwritten outputs"
+                err = (y.float() - ref.float()).abs().max().item()
+                scale = ref.float().abs().max().item()
+                assert err <= RTOL[dtype] * scale, f"{what}: max error {err:.3g} vs max |ref| {scale:.3g}"
+
+
+@gpu
+@needs_cuda
+def test_gpu_cuda_decode_is_the_registry_choice_and_captures_in_a_graph():
+    import fasq.kernels as registry
+    layer = random_layer(4096, 1024, 2, 256, group=256, rot=256, bias=True, device="cuda")
+    x1 = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    assert registry.select(layer, x1).name == "cuda_decode"
+    assert registry.select(layer, torch.randn(9, 4096, device="cuda", dtype=torch.float16)).name != "cuda_decode"
+    ref = layer(x1)
+    torch.testing.assert_close(ref, reference_out(layer, x1), rtol=0, atol=4e-3 * ref.abs().max().item())
+    static_x = x1.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = layer(static_x)
+    x2 = torch.randn_like(x1)
+    static_x.copy_(x2)
+    graph.replay()
+    torch.testing.assert_close(static_y, layer(x2))
+    compiled = torch.compile(layer, fullgraph=False)
+    torch.testing.assert_close(compiled(x1), ref)
