@@ -153,7 +153,7 @@ __device__ __forceinline__ void load_words(u32 (&dst)[CW], const u32* __restrict
     }
 }
 
-#if D == 2
+#if FQ_D == 2
 typedef u32 entry_t;
 #else
 typedef V2 entry_t;
@@ -280,7 +280,7 @@ fasq_pq_decode(const u32* __restrict__ x,        // [T, IN/2]: x_r (fp16 / bf16)
 #pragma unroll
             for (int s = 0; s < STEPS; ++s) {
                 u32 a0, a1, a2, a3;
-#if D == 2
+#if FQ_D == 2
                 // Two codes per row and step: sub-vectors 2s (columns 2q, 2q+1 of the k16 step)
                 // and 2s + 1 (columns 8 + 2q, 9 + 2q).
                 a0 = lookup(tab, code_at(cw[r][0], 2 * s));
