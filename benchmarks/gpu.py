@@ -188,7 +188,9 @@ def triton_next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-CUDA_SWEEP = [(nw, rt, sp) for nw in (4, 8) for rt in (1, 2, 4) for sp in (0, 1, 2, 4)]   # (warps, row tiles, splits)
+# The CUDA kernel's 1-token launch sweep: (warps per block, 16-row tiles per warp, splits; 0 = plan's choice).
+CUDA_SWEEP = [(8, 1, 0), (8, 2, 0), (8, 4, 0), (4, 1, 0), (4, 2, 0), (16, 1, 0), (8, 1, 2), (8, 1, 4), (8, 2, 2),
+              (4, 1, 4)]
 
 
 def cuda_rows(tokens: int, x, xr, copies, base: dict, fmt: str, device, cuda_sweep: bool, rows: list,
@@ -198,38 +200,58 @@ def cuda_rows(tokens: int, x, xr, copies, base: dict, fmt: str, device, cuda_swe
     from fasq.kernels import cuda_decode as cd
     s = copies[0].spec
     n_groups = copies[0].scales.shape[1]
-    dflt = cd.plan(tokens, s.in_features, s.out_features, s.subvector_dim, s.num_centroids, n_groups,
-                   s.effective_group, x.dtype, device)
-    if dflt is None:
-        return
+    rb = s.rotation_block
 
-    def run(L, cfg):
+    def plan(rot, **kw):
+        return cd.plan(tokens, s.in_features, s.out_features, s.subvector_dim, s.num_centroids, n_groups,
+                       s.effective_group, x.dtype, device, rot_block=rot, **kw)
+
+    def run(L, cfg, fused):
+        if fused:   # the input as the model has it: the kernel rotates it (or rotates it first where it cannot)
+            return cd.pq_decode(x, L.codes, L.codebooks, L.scales, None, s.in_features, s.subvector_dim,
+                                s.effective_group, cfg, rot_signs=L.rot_signs, rotation_block=rb)
         return cd.pq_decode(xr, L.codes, L.codebooks, L.scales, None, s.in_features, s.subvector_dim,
                             s.effective_group, cfg)
-    try:
-        y = run(copies[0], dflt)
-        ref = F.linear(xr.float(), _w_rotated(copies[0]))
-        err = ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-        us = gpu_time([lambda L=L: run(L, dflt) for L in copies], device)
-    except Exception as e:  # report, keep measuring the rest
-        skipped.append(f"cuda decode {base['shape']} {fmt} tokens={tokens}: {type(e).__name__}: {e}")
-        print(skipped[-1], flush=True)
+    dflt, dflt_rot = plan(0), plan(rb)
+    if dflt is None:
         return
-    rows.append(dict(base, format=fmt, method="cuda decode", us=us, bytes=s.weight_storage_bytes(),
-                     bits_per_weight=s.bits_per_weight(), copies=len(copies), launch=dataclasses.asdict(dflt),
-                     rel_err_vs_dequant=err))
+    ref = F.linear(xr.float(), _w_rotated(copies[0]))
+    variants = [("cuda decode", dflt, False, None), ("cuda decode, rotation fused", dflt_rot, True, None)]
+    if tokens == 1:   # the kernel built without its fast lookups (FQ_FAST=0), for comparison
+        variants.append(("cuda decode, rotation fused, plain lookups", dflt_rot, True, "0"))
+    for name, cfg, fused, fast in variants:
+        old = os.environ.get("FASQ_CUDA_FAST")
+        if fast is not None:
+            os.environ["FASQ_CUDA_FAST"] = fast
+        try:
+            y = run(copies[0], cfg, fused)
+            err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+            us = gpu_time([lambda L=L: run(L, cfg, fused) for L in copies], device)
+        except Exception as e:  # report, keep measuring the rest
+            skipped.append(f"{name} {base['shape']} {fmt} tokens={tokens}: {type(e).__name__}: {e}")
+            print(skipped[-1], flush=True)
+            continue
+        finally:
+            if fast is not None:
+                if old is None:
+                    os.environ.pop("FASQ_CUDA_FAST", None)
+                else:
+                    os.environ["FASQ_CUDA_FAST"] = old
+        rows.append(dict(base, format=fmt, method=name, us=us, bytes=s.weight_storage_bytes(),
+                         bits_per_weight=s.bits_per_weight(), copies=len(copies), launch=dataclasses.asdict(cfg),
+                         rel_err_vs_dequant=err))
     if not (cuda_sweep and tokens == 1):
         return
     for nw, rt, sp in CUDA_SWEEP:
-        cfg = cd.plan(tokens, s.in_features, s.out_features, s.subvector_dim, s.num_centroids, n_groups,
-                      s.effective_group, x.dtype, device, nwarps=nw, rowt=rt, splits=sp)
+        cfg = plan(rb, nwarps=nw, rowt=rt, splits=sp)
         try:
-            us = gpu_time([lambda L=L, cfg=cfg: run(L, cfg) for L in copies], device)
+            us = gpu_time([lambda L=L, cfg=cfg: run(L, cfg, True) for L in copies], device)
         except Exception as e:
             skipped.append(f"cuda sweep {base['shape']} {fmt} w{nw} r{rt} s{sp}: {type(e).__name__}: {e}")
             continue
         sweeps.append(dict(base, format=fmt, variant=f"w{nw}_r{rt}_s{sp or 'auto'}({cfg.splits})",
-                           launch=dataclasses.asdict(cfg), default=cfg == dflt, us=us, bytes=s.weight_storage_bytes()))
+                           launch=dataclasses.asdict(cfg), default=cfg == dflt_rot, us=us, rot_block=rb,
+                           bytes=s.weight_storage_bytes()))
 
 
 def _w_rotated(layer):
@@ -345,7 +367,7 @@ def tune_cuda(csweeps: list) -> dict:
         b = min(rs, key=lambda r: r["us"])
         if d is not None and b["us"] < 0.97 * d["us"]:
             sd, k, group = FORMATS[fmt]
-            cd.TUNED[(1, d["in"], d["out"], sd, k, group, torch.float16)] = cd.Config(**b["launch"])
+            cd.TUNED[(1, d["in"], d["out"], sd, k, group, torch.float16, d["rot_block"])] = cd.Config(**b["launch"])
             chosen[f"{shape} {fmt}"] = b["variant"]
     return chosen
 
@@ -617,12 +639,13 @@ def targets(res: dict) -> list[str]:
         if f:
             out.append(f"decode kernel at 1 token, {fmt}: lowest fraction of copy bandwidth over the shapes "
                        f"{min(f):.0%} (target >= 80%)")
-    cdec = [r for r in res["kernels"] if r["method"] == "cuda decode" and r["tokens"] == 1]
-    for fmt in FORMATS:
-        f = [r["frac_copy_bw"] for r in cdec if r["format"] == fmt]
-        if f:
-            out.append(f"CUDA decode kernel at 1 token, {fmt}: lowest fraction of copy bandwidth over the shapes "
-                       f"{min(f):.0%}, highest {max(f):.0%} (target >= 80%)")
+    for method in ("cuda decode", "cuda decode, rotation fused"):
+        cdec = [r for r in res["kernels"] if r["method"] == method and r["tokens"] == 1]
+        for fmt in FORMATS:
+            f = [r["frac_copy_bw"] for r in cdec if r["format"] == fmt]
+            if f:
+                out.append(f"{method.replace('cuda', 'CUDA')} at 1 token, {fmt}: lowest fraction of copy bandwidth "
+                           f"over the shapes {min(f):.0%}, highest {max(f):.0%} (target >= 80%)")
     runs = {r["model"]: r for r in res.get("end_to_end", {}).get("runs", [])}
     for name, goal in (("fasq 4bit d2 K256", 3.0), ("fasq 3bit d2 K64", 3.5), ("fasq 3bit d4 K4096", 3.5)):
         if name in runs and runs[name]["vs_fp16"]:
@@ -669,18 +692,18 @@ def markdown(res: dict) -> str:
     by = {(r["shape"], r["tokens"], r["format"], r["method"]): r for r in res["kernels"]}
     keys = sorted({(r["shape"], r["tokens"]) for r in res["kernels"]},
                   key=lambda k: (res_shapes(res).index(k[0]), k[1]))
-    cols = ("cuda decode", "decode", "decode, fast paths off", "prefill", "prefill, fast paths off", "dequant+F.linear",
+    cols = ("cuda decode", "cuda decode, rotation fused", "decode", "decode, fast paths off", "prefill", "prefill, fast paths off", "dequant+F.linear",
             "rotation only", "rotation only, fused kernel", "auto op (with rotation)")
     for fmt in FORMATS:
         bpw = next((r["bits_per_weight"] for r in res["kernels"] if r["format"] == fmt), None)
         if bpw is None:
             continue
         lines += [f"**{fmt}** ({bpw:.3f} bits/weight on the first shape)", "",
-                  "| shape (out x in) | tokens | FP16 F.linear | CUDA decode | decode | decode, plain | prefill "
-                  "| prefill, plain | dequant+F.linear | rotation | rotation, fused | auto op | auto vs FP16 "
-                  "| CUDA decode % copy BW | decode % copy BW |",
+                  "| shape (out x in) | tokens | FP16 F.linear | CUDA decode | CUDA decode + rotation | decode "
+                  "| decode, plain | prefill | prefill, plain | dequant+F.linear | rotation | rotation, fused "
+                  "| auto op | auto vs FP16 | CUDA decode % copy BW | decode % copy BW |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-                  "| ---: |"]
+                  "| ---: | ---: |"]
         for shape, t in keys:
             fp16 = by.get((shape, t, "fp16", "F.linear"))
             cells = [f"{by[(shape, t, fmt, c)]['us']:.1f}" if (shape, t, fmt, c) in by else "" for c in cols]
@@ -690,7 +713,7 @@ def markdown(res: dict) -> str:
             lines.append(f"| {shape} | {t} | {fp16['us']:.1f} | " + " | ".join(cells) +
                          f" | {auto['speedup_vs_fp16']:.2f}x | " + (f"{cdec['frac_copy_bw']:.0%}" if cdec else "") +
                          " | " + (f"{dec['frac_copy_bw']:.0%}" if dec else "") + " |"
-                         if fp16 and auto else f"| {shape} | {t} |" + " |" * 13)
+                         if fp16 and auto else f"| {shape} | {t} |" + " |" * 14)
         lines.append("")
     extra = ("decode + cb_smem", "dequant only", "dequant only, unpacked", "auto op, eager (host launch included)")
     if any(r["method"] in extra for r in res["kernels"]):
@@ -735,8 +758,9 @@ def markdown(res: dict) -> str:
             lines.append(f"| {shape} | {fmt} | {by_v['default']:.1f} | " +
                          " | ".join(f"{by_v[v]:.1f}" if v in by_v else "" for v in ablate) + " |")
     if res.get("cuda_sweep"):
-        lines += ["", "CUDA decode kernel launches at 1 token (`w`: warps per block, `r`: 16-row tiles per warp, "
-                  "`s`: splits of the reduction dim asked for (made)); `default` is what `cuda_decode.plan` picks:", "",
+        lines += ["", "CUDA decode kernel launches at 1 token, input rotation fused (`w`: warps per block, `r`: "
+                  "16-row tiles per warp, `s`: splits of the reduction dim asked for (made)); `default` is what "
+                  "`cuda_decode.plan` picks:", "",
                   "| shape | format | default | default µs | best | best µs | best % copy BW | worst µs |",
                   "| --- | --- | --- | ---: | --- | ---: | ---: | ---: |"]
         groups = {}

@@ -59,6 +59,19 @@ def test_plan_picks_runs_that_fit_words_spans_and_scale_groups():
     assert cd.plan(1, 4096, 1024, 2, 256, 128, 32, f16, "cpu") is None
 
 
+def test_plan_fuses_the_rotation_where_column_ranges_and_shared_memory_allow():
+    f16 = torch.float16
+    assert cd.plan(1, 4096, 4096, 2, 256, 16, 256, f16, "cpu", rot_block=256).rotb == 256
+    assert cd.plan(1, 4096, 4096, 2, 256, 16, 256, f16, "cpu").rotb == 0          # x comes rotated
+    assert cd.plan(1, 3072, 72, 2, 1024, 6, 512, f16, "cpu", rot_block=1024).rotb == 1024
+    # One span (128 columns) per split cannot hold a 1024-column block: rotate first.
+    assert cd.plan(1, 3072, 72, 2, 1024, 6, 512, f16, "cpu", splits=100, rot_block=1024).rotb == 0
+    assert cd.plan(1, 4096, 4096, 2, 256, 16, 256, f16, "cpu", rot_block=2048).rotb == 0
+    # 8 tokens of 14336 columns do not fit in shared memory next to the codebook; one token does.
+    assert cd.plan(8, 14336, 4096, 2, 256, 56, 256, f16, "cpu", rot_block=256).rotb == 0
+    assert cd.plan(1, 14336, 4096, 2, 256, 56, 256, f16, "cpu", rot_block=256).rotb == 256
+
+
 def test_plan_splits_cover_every_span_once():
     for out_f, in_f in ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (16, 256)):
         for forced in (0, 1, 2, 3, 7, 100):
@@ -74,14 +87,16 @@ def test_source_compiles_with_nvcc():
         pytest.skip("nvcc is not installed")
     src = Path(cd.__file__).with_name(cd.SOURCE)
     configs = [cd.plan(1, 4096, 4096, 2, 256, 16, 256, torch.float16, "cpu"),
+               cd.plan(1, 4096, 4096, 2, 256, 16, 256, torch.bfloat16, "cpu", rot_block=256),
+               cd.plan(2, 4096, 4096, 2, 64, 16, 256, torch.float16, "cpu", rot_block=16),
                cd.plan(8, 4096, 1024, 2, 64, 16, 256, torch.bfloat16, "cpu", splits=4),
                cd.plan(3, 4096, 1024, 4, 4096, 32, 128, torch.float16, "cpu", nwarps=8, rowt=1),
                cd.plan(1, 4096, 1024, 2, 16, 0, 0, torch.float16, "cpu", rowt=4)]
     for arch in ("sm_80", "sm_90"):
         for cfg in configs:
-            for split, bias in ((False, 1), (True, 0), (False, 3)):
+            for split, bias, fast in ((False, 1, True), (True, 0, True), (False, 3, False)):
                 defines = [f"-D{line.split()[1]}={line.split()[2]}" for line in
-                           cd._defines(cfg, split, bias).splitlines()]
+                           cd._defines(cfg, split, bias, fast).splitlines()]
                 r = subprocess.run([nvcc, f"-arch={arch}", "-cubin", "-o", "/dev/null", *defines, str(src)],
                                    capture_output=True, text=True)
                 assert r.returncode == 0, f"{arch} {cfg}: {r.stderr[-2000:]}"
@@ -125,18 +140,22 @@ def test_gpu_cuda_decode_matches_reference(dtype, poisoned):
             x = torch.randn(t, s.in_features, device="cuda", dtype=dtype)
             ref = reference_out(layer, x)
             xr = cd.rotate(x, layer.rot_signs, s.rotation_block) if s.rotation_block else x
-            for nwarps, rowt, splits in ((4, 2, 0), (8, 1, 1), (2, 4, 100)):
-                cfg = cd.plan(t, s.in_features, s.out_features, s.subvector_dim, s.num_centroids, n_groups,
-                              s.effective_group, dtype, "cuda", nwarps=nwarps, rowt=rowt, splits=splits)
-                assert cfg is not None, kw
-                y = cd.pq_decode(xr.contiguous(), layer.codes, layer.codebooks, layer.scales, layer.bias,
-                                 s.in_features, s.subvector_dim, s.effective_group, cfg)
-                what = f"{kw} tokens={t} {cfg}"
-                assert y.dtype == dtype and y.shape == ref.shape, what
-                assert bool(torch.isfinite(y).all()), f"{what}: unwritten outputs"
-                err = (y.float() - ref.float()).abs().max().item()
-                scale = ref.float().abs().max().item()
-                assert err <= RTOL[dtype] * scale, f"{what}: max error {err:.3g} vs max |ref| {scale:.3g}"
+            for nwarps, rowt, splits in ((8, 1, 0), (2, 4, 100)):
+                for fused in (True, False):    # the kernel rotates x / x comes rotated
+                    rot = s.rotation_block if fused else 0
+                    cfg = cd.plan(t, s.in_features, s.out_features, s.subvector_dim, s.num_centroids, n_groups,
+                                  s.effective_group, dtype, "cuda", nwarps=nwarps, rowt=rowt, splits=splits,
+                                  rot_block=rot)
+                    assert cfg is not None, kw
+                    y = cd.pq_decode((x if fused else xr).contiguous(), layer.codes, layer.codebooks, layer.scales,
+                                     layer.bias, s.in_features, s.subvector_dim, s.effective_group, cfg,
+                                     rot_signs=layer.rot_signs, rotation_block=rot)
+                    what = f"{kw} tokens={t} {cfg}"
+                    assert y.dtype == dtype and y.shape == ref.shape, what
+                    assert bool(torch.isfinite(y).all()), f"{what}: unwritten outputs"
+                    err = (y.float() - ref.float()).abs().max().item()
+                    scale = ref.float().abs().max().item()
+                    assert err <= RTOL[dtype] * scale, f"{what}: max error {err:.3g} vs max |ref| {scale:.3g}"
 
 
 @gpu

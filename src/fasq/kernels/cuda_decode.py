@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 from dataclasses import dataclass
 from importlib import resources
 from typing import Optional
@@ -35,6 +36,8 @@ MAX_TOKENS = 8                     # the B fragment's 8 columns
 SOURCE = "pq_cuda.cu"
 REPL_MAX_BYTES = 64 * 1024         # the per-lane replicated codebook up to this size, else one copy
 TABLE_MAX_BYTES = 96 * 1024
+SMEM_MAX_BYTES = 112 * 1024        # a block's shared memory at most (two blocks per multiprocessor)
+MAX_ROT_BLOCK = 1024               # in-kernel rotation: up to 32 values per lane
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class Config:
     bf16: bool
     repl: bool
     scales: bool
+    rotb: int           # > 0: the kernel rotates x itself (Hadamard blocks of rotb columns), 0: x comes rotated
     splits: int
     spans_per_split: int
 
@@ -83,13 +87,17 @@ def _sm_count(device: torch.device) -> int:
 
 
 def plan(tokens: int, in_features: int, out_features: int, d: int, k: int, n_groups: int, group_size: int,
-         dtype: torch.dtype, device, nwarps: int = 4, rowt: int = 2, splits: int = 0) -> Optional[Config]:
+         dtype: torch.dtype, device, nwarps: int = 8, rowt: int = 1, splits: int = 0,
+         rot_block: int = 0) -> Optional[Config]:
     """The launch for this layer and input, or None where the kernel does not apply.  ``splits``
-    > 0 forces the split of the reduction dim (the benchmark's sweep)."""
+    > 0 forces the split of the reduction dim (the benchmark's sweep).  ``rot_block`` > 0: the
+    input still needs its rotation (Hadamard blocks of that many columns); the config has the
+    kernel do it (``rotb``) where the blocks' column ranges and shared memory allow, else
+    ``rotb`` is 0 and the caller rotates first."""
     if not 1 <= tokens <= MAX_TOKENS or d not in (2, 4) or dtype not in (torch.float16, torch.bfloat16):
         return None
-    if splits <= 0 and (nwarps, rowt) == (4, 2):
-        tuned = TUNED.get((tokens, in_features, out_features, d, k, group_size, dtype))
+    if splits <= 0 and (nwarps, rowt) == (8, 1):
+        tuned = TUNED.get((tokens, in_features, out_features, d, k, group_size, dtype, rot_block))
         if tuned is not None:
             return tuned
     bits = code_bits(k)
@@ -108,18 +116,35 @@ def plan(tokens: int, in_features: int, out_features: int, d: int, k: int, n_gro
     n_spans = n_sub // (4 * run)
     row_blocks = math.ceil(out_features / (16 * rowt))
     if splits <= 0:
+        # Measured (H200, benchmarks/gpu.py's sweep): one split (no second kernel) is fastest
+        # down to a few dozen row blocks; below that the card needs the split's extra blocks.
         sms = _sm_count(torch.device(device)) if torch.device(device).type == "cuda" else 132
-        splits = min(max(1, n_spans // nwarps), max(1, math.ceil(2 * sms / row_blocks)))
+        splits = 1 if 4 * row_blocks >= sms else min(max(1, n_spans // nwarps), math.ceil(sms / row_blocks))
     splits = max(1, min(splits, n_spans))
     per = math.ceil(n_spans / splits)
-    return Config(bits, d, run, nwarps, rowt, dtype == torch.bfloat16, repl, n_groups > 0,
-                  math.ceil(n_spans / per), per)
+    splits = math.ceil(n_spans / per)
+    rotb = 0
+    if rot_block and os.environ.get("FASQ_CUDA_FUSED_ROTATION", "1") != "0":
+        chunk = max(32, rot_block)
+        span_cols = 4 * run * d
+        width = per * span_cols
+        table = (_table_bytes(k, d, repl) + 15) // 16 * 16 + nwarps * 16 * rowt * 8 * 4
+        if (rot_block <= MAX_ROT_BLOCK and width % chunk == 0 and in_features % chunk == 0
+                and table + tokens * width * 2 <= SMEM_MAX_BYTES):
+            rotb = rot_block
+    return Config(bits, d, run, nwarps, rowt, dtype == torch.bfloat16, repl, n_groups > 0, rotb, splits, per)
 
 
-def _defines(cfg: Config, split: bool, bias_kind: int) -> str:
-    vals = dict(FQ_BITS=cfg.bits, FQ_D=cfg.d, FQ_RUN=cfg.run, FQ_NWARPS=cfg.nwarps, FQ_ROWT=cfg.rowt,
+def _fast() -> bool:
+    """The kernel's fast lookups and ping-pong loop (``FQ_FAST``); FASQ_CUDA_FAST=0 builds the plain
+    version, kept as a fallback and for comparison."""
+    return os.environ.get("FASQ_CUDA_FAST", "1") != "0"
+
+
+def _defines(cfg: Config, split: bool, bias_kind: int, fast: bool = True) -> str:
+    vals = dict(FQ_FAST=int(fast), FQ_BITS=cfg.bits, FQ_D=cfg.d, FQ_RUN=cfg.run, FQ_NWARPS=cfg.nwarps, FQ_ROWT=cfg.rowt,
                 FQ_XBF16=int(cfg.bf16), FQ_REPL=int(cfg.repl), FQ_SCALES=int(cfg.scales), FQ_SPLIT=int(split),
-                FQ_BIAS=bias_kind)
+                FQ_BIAS=bias_kind, FQ_ROTB=cfg.rotb, FQ_ROTS=f"{1.0 / math.sqrt(cfg.rotb or 1):.9e}f")
     return "".join(f"#define {n} {v}\n" for n, v in vals.items())
 
 
@@ -167,17 +192,26 @@ def _compile(src: str, name: str):
 
 def _build_key(cfg: Config) -> tuple:
     """The fields of a Config that the build depends on (splits are launch arguments)."""
-    return cfg.bits, cfg.d, cfg.run, cfg.nwarps, cfg.rowt, cfg.bf16, cfg.repl, cfg.scales
+    return cfg.bits, cfg.d, cfg.run, cfg.nwarps, cfg.rowt, cfg.bf16, cfg.repl, cfg.scales, cfg.rotb
 
 
 @functools.lru_cache(maxsize=None)
-def _decode_kernel(build_key: tuple, split: bool, bias_kind: int, smem: int):
+def _build(build_key: tuple, split: bool, bias_kind: int, fast: bool):
     cfg = Config(*build_key, splits=1, spans_per_split=1)
-    fn = _compile(_defines(cfg, split, bias_kind) + source(), "fasq_pq_decode")
-    if smem >= 48 * 1024:
+    return _compile(_defines(cfg, split, bias_kind, fast) + source(), "fasq_pq_decode")
+
+
+_SMEM_SET: dict[int, int] = {}   # id(kernel) -> dynamic shared memory it was allowed
+
+
+def _decode_kernel(build_key: tuple, split: bool, bias_kind: int, smem: int):
+    """The build for these defines, allowed ``smem`` bytes of dynamic shared memory."""
+    fn = _build(build_key, split, bias_kind, _fast())
+    if smem >= 48 * 1024 and _SMEM_SET.get(id(fn), 0) < smem:
         if not hasattr(fn, "set_shared_memory_config"):
             raise RuntimeError(f"torch {torch.__version__}: compiled kernels cannot take {smem} bytes of shared memory")
         fn.set_shared_memory_config(smem)
+        _SMEM_SET[id(fn)] = smem
     return fn
 
 
@@ -189,30 +223,41 @@ def _reduce_kernel(bf16: bool, bias_kind: int):
 _BIAS_KIND = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
 
 
-def _smem_bytes(cfg: Config, k: int) -> int:
+def _smem_bytes(cfg: Config, k: int, tokens: int) -> int:
     table = _table_bytes(k, cfg.d, cfg.repl)
     table = (table + 15) // 16 * 16
-    return table + cfg.nwarps * 16 * cfg.rowt * 8 * 4
+    xs = tokens * cfg.spans_per_split * 4 * cfg.run * cfg.d * 2 if cfg.rotb else 0
+    return table + cfg.nwarps * 16 * cfg.rowt * 8 * 4 + xs
 
 
 def pq_decode(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
               bias: Optional[torch.Tensor], in_features: int, subvector_dim: int, group_size: int,
-              cfg: Optional[Config] = None) -> torch.Tensor:
-    """y [T, out] = x [T, in] @ W_r^T (+ bias) in x's dtype; x already rotated, contiguous."""
+              cfg: Optional[Config] = None, rot_signs: Optional[torch.Tensor] = None,
+              rotation_block: int = 0) -> torch.Tensor:
+    """y [T, out] = rotate(x) [T, in] @ W_r^T (+ bias) in x's dtype; x contiguous.  Without
+    ``rotation_block`` x is taken as already rotated; with it the kernel rotates x itself where
+    the config allows (``cfg.rotb``), else it is rotated first."""
     tokens = x.shape[0]
     out = codes.shape[1]
     k = codebooks.shape[1]
     n_groups = scales.shape[1] if scales.dim() == 2 else 0
     if cfg is None:
-        cfg = plan(tokens, in_features, out, subvector_dim, k, n_groups, group_size, x.dtype, x.device)
+        cfg = plan(tokens, in_features, out, subvector_dim, k, n_groups, group_size, x.dtype, x.device,
+                   rot_block=rotation_block)
         if cfg is None:
             raise ValueError("cuda_decode: this layer/input is not supported (see cuda_decode.plan)")
+    if rotation_block and cfg.rotb != rotation_block:
+        if cfg.rotb:
+            raise ValueError(f"cuda_decode: config rotates blocks of {cfg.rotb}, the layer's are {rotation_block}")
+        x = rotate(x, rot_signs, rotation_block).contiguous()
+    elif cfg.rotb and not rotation_block:
+        raise ValueError("cuda_decode: the config rotates x, but no rotation was given")
     y = _new_buffer((tokens, out), x.dtype, x.device)
     if tokens == 0 or out == 0:
         return y
     split = cfg.splits > 1
     bias_kind = 0 if bias is None else _BIAS_KIND[bias.dtype]
-    smem = _smem_bytes(cfg, k)
+    smem = _smem_bytes(cfg, k, tokens)
     fn = _decode_kernel(_build_key(cfg), split, 0 if split else bias_kind, smem)
     dst = _new_buffer((cfg.splits, tokens, out), torch.float32, x.device) if split else y
     n_spans = in_features // subvector_dim // (4 * cfg.run)
@@ -220,7 +265,8 @@ def pq_decode(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, sca
     spans_per_group = group_size // span_cols if n_groups > 1 else n_spans
     words = codes.shape[2]
     fn(grid=(math.ceil(out / (16 * cfg.rowt)), cfg.splits, 1), block=(32 * cfg.nwarps, 1, 1),
-       args=[x, codes, codebooks, scales, bias if bias is not None and not split else x, dst,
+       args=[x, rot_signs if cfg.rotb else x, codes, codebooks, scales,
+             bias if bias is not None and not split else x, dst,
              tokens, in_features, out, words, k, max(n_groups, 1), spans_per_group, cfg.spans_per_split, n_spans],
        shared_mem=smem)
     if split:
@@ -257,11 +303,10 @@ def cuda_pq_linear(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor
                    group_size: int, rotation_block: int) -> torch.Tensor:
     """y = x W^T + b for a PQ layer with the CUDA decode kernel; x: [..., in], 1-8 tokens."""
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features)
-    if rotation_block:
-        x2 = rotate(x2, rot_signs, rotation_block)
-    y = pq_decode(x2.contiguous(), codes.contiguous(), codebooks.contiguous(), scales.contiguous(),
-                  None if bias is None else bias.contiguous(), in_features, subvector_dim, group_size)
+    x2 = x.reshape(-1, in_features).contiguous()
+    y = pq_decode(x2, codes.contiguous(), codebooks.contiguous(), scales.contiguous(),
+                  None if bias is None else bias.contiguous(), in_features, subvector_dim, group_size,
+                  rot_signs=rot_signs.contiguous(), rotation_block=rotation_block)
     return y.reshape(*lead, codes.shape[1])
 
 
@@ -295,13 +340,13 @@ def _supports(layer, x: torch.Tensor) -> bool:
     tokens = x.numel() // x.shape[-1]
     n_groups = layer.scales.shape[1] if layer.scales.dim() == 2 else 0
     cfg = plan(tokens, s.in_features, s.out_features, s.subvector_dim, s.num_centroids, n_groups,
-               s.effective_group, x.dtype, x.device)
+               s.effective_group, x.dtype, x.device, rot_block=s.rotation_block)
     if cfg is None:
         return False
     try:  # build now, so that a failed build falls back to the next kernel instead of failing the call
         _decode_kernel(_build_key(cfg), cfg.splits > 1,
                        0 if cfg.splits > 1 or layer.bias is None else _BIAS_KIND[layer.bias.dtype],
-                       _smem_bytes(cfg, s.num_centroids))
+                       _smem_bytes(cfg, s.num_centroids, tokens))
         if cfg.splits > 1:
             _reduce_kernel(cfg.bf16, 0 if layer.bias is None else _BIAS_KIND[layer.bias.dtype])
     except Exception as e:  # no NVRTC, an old driver, ...: the Triton kernels serve

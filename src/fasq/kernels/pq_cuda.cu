@@ -55,6 +55,15 @@
 #ifndef FQ_BIAS
 #define FQ_BIAS 0   // 0: none, 1: fp16, 2: bf16, 3: fp32
 #endif
+#ifndef FQ_ROTB
+#define FQ_ROTB 0   // > 0: x arrives unrotated; each block rotates its columns (blocks of FQ_ROTB) into shared memory
+#endif
+#ifndef FQ_ROTS
+#define FQ_ROTS 1.0f  // 1 / sqrt(FQ_ROTB)
+#endif
+#ifndef FQ_FAST
+#define FQ_FAST 1     // shared-memory lookups by byte address in PTX, and a ping-pong span loop
+#endif
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -73,6 +82,8 @@ constexpr int STEPS = RUN * D / 4;          // mma k16 steps per span
 constexpr int SPAN_SUBS = 4 * RUN;          // sub-vectors per span
 constexpr u32 MASK = (BITS == 32) ? 0xffffffffu : ((1u << BITS) - 1u);
 constexpr int VEC = (CW % 4 == 0) ? 4 : ((CW % 2 == 0) ? 2 : 1);   // words per code load
+constexpr int ROTB = FQ_ROTB;
+constexpr int ROT_E = ROTB > 32 ? ROTB / 32 : 1;   // elements per lane in the rotation (a warp: 32 * ROT_E columns)
 
 static_assert(D == 2 || D == 4, "D must be 2 or 4");
 static_assert((RUN * BITS) % 32 == 0, "a lane's run of codes must fill whole words");
@@ -111,6 +122,69 @@ __device__ __forceinline__ u32 table_word(u32 w) {
     return w;
 #endif
 }
+
+// One 16-bit value of x's dtype to fp32, and back (round to nearest even).
+__device__ __forceinline__ float x2f(u16 h) {
+#if FQ_XBF16
+    return b2f(h);
+#else
+    return h2f(h);
+#endif
+}
+
+__device__ __forceinline__ u16 f2x(float f) {
+#if FQ_XBF16
+    return f2b(f);
+#else
+    return f2h(f);
+#endif
+}
+
+#if FQ_ROTB
+// x_r for columns [c0, c1) of every token into shared memory ``xs`` ([T, c1 - c0], x's dtype): the
+// input rotation of fasq.reference.rotate (sign flip, then the orthonormal Hadamard transform of
+// each block of ROTB columns), as a fast Walsh-Hadamard transform in fp32 registers.  A warp takes
+// 32 * ROT_E consecutive columns of one token at a time, lane l holding columns l*ROT_E + i:
+// butterflies of stride < ROT_E stay in the lane, wider ones pair lane l with lane l ^ (stride / ROT_E).
+__device__ __forceinline__ void rotate_to_smem(const u16* __restrict__ x, const signed char* __restrict__ signs,
+                                               u16* xs, int T, int IN, int c0, int c1, int warp, int lane) {
+    const int width = c1 - c0, chunk = 32 * ROT_E, chunks = width / chunk;
+    // The Hadamard entries as the reference holds them: 1/sqrt(ROTB) rounded to x's dtype.
+    const float hs = x2f(f2x(FQ_ROTS));     // FQ_ROTS: 1/sqrt(ROTB) as a float literal (no math header)
+    for (int task = warp; task < T * chunks; task += NWARPS) {
+        const int t = task / chunks, col = c0 + (task % chunks) * chunk + lane * ROT_E;
+        float v[ROT_E];
+#pragma unroll
+        for (int i = 0; i < ROT_E; ++i) {
+            const float xv = x2f(x[(long long)t * IN + col + i]);
+            v[i] = signs[col + i] < 0 ? -xv : xv;
+        }
+#pragma unroll
+        for (int st = 1; st < ROTB; st *= 2) {
+            if (st < ROT_E) {
+#pragma unroll
+                for (int i = 0; i < ROT_E; ++i) {
+                    if ((i & st) == 0) {
+                        const float a = v[i], b = v[i + st];
+                        v[i] = a + b; v[i + st] = a - b;
+                    }
+                }
+            } else {
+                const int m = st / ROT_E;
+                const bool upper = (lane & m) != 0;
+#pragma unroll
+                for (int i = 0; i < ROT_E; ++i) {
+                    float o;
+                    asm volatile("shfl.sync.bfly.b32 %0, %1, %2, 0x1f, 0xffffffff;" : "=f"(o) : "f"(v[i]), "r"(m));
+                    v[i] = upper ? o - v[i] : v[i] + o;
+                }
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < ROT_E; ++i) xs[t * width + col - c0 + i] = f2x(v[i] * hs);
+    }
+}
+#endif
 
 __device__ __forceinline__ void mma16816(float c[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
 #if FQ_XBF16
@@ -167,35 +241,130 @@ __device__ __forceinline__ entry_t lookup(const entry_t* __restrict__ tab, u32 c
 #endif
 }
 
-// x words, code words and scales of one span for this lane (zeros where ``ok`` is false).
+// The fast path's lookups: the table by 32-bit shared-memory byte address.  For 8-bit codes one
+// byte-permute extracts a code and one shift-add makes its entry's address (3 instructions per
+// lookup with the load, against 5 when the compiler forms the index from the pointer).
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+#if FQ_REPL
+constexpr int ENTRY_SHIFT = (D == 2) ? 7 : 8;     // 32 lanes x 4 or 8 bytes per table row
+#else
+constexpr int ENTRY_SHIFT = (D == 2) ? 2 : 3;
+#endif
+
+__device__ __forceinline__ u32 code_fast(const u32 (&w)[CW], int i) {
+    if (BITS == 8) {
+        u32 c;
+        asm("prmt.b32 %0, %1, 0, %2;" : "=r"(c) : "r"(w[i >> 2]), "r"(0x4440u | (u32)(i & 3)));
+        return c;
+    }
+    return code_at(w, i);
+}
+
+__device__ __forceinline__ entry_t lookup_addr(u32 base, u32 code) {
+    const u32 a = base + (code << ENTRY_SHIFT);
+    entry_t e;
+#if FQ_D == 2
+    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(e) : "r"(a));
+#else
+    asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];" : "=r"(e.x), "=r"(e.y) : "r"(a));
+#endif
+    return e;
+}
+
+// One span's products for one lane: ROWT tiles x STEPS mma, scaled into acc.
+__device__ __forceinline__ void compute_span(const u32 (&xr)[XW], const u32 (&cw)[ROWT][2][CW],
+                                             const float (&sc)[ROWT][2], float (&acc)[ROWT][4],
+                                             const entry_t* __restrict__ tab, u32 tab_addr) {
+#pragma unroll
+    for (int r = 0; r < ROWT; ++r) {
+#if FQ_SCALES
+        float c[4] = {0.f, 0.f, 0.f, 0.f};
+#else
+        float* c = acc[r];
+#endif
+#pragma unroll
+        for (int s = 0; s < STEPS; ++s) {
+            u32 a0, a1, a2, a3;
+#if FQ_D == 2
+            // Two codes per row and step: sub-vectors 2s (columns 2q, 2q+1 of the k16 step)
+            // and 2s + 1 (columns 8 + 2q, 9 + 2q).
+#if FQ_FAST
+            a0 = lookup_addr(tab_addr, code_fast(cw[r][0], 2 * s));
+            a2 = lookup_addr(tab_addr, code_fast(cw[r][0], 2 * s + 1));
+            a1 = lookup_addr(tab_addr, code_fast(cw[r][1], 2 * s));
+            a3 = lookup_addr(tab_addr, code_fast(cw[r][1], 2 * s + 1));
+#else
+            a0 = lookup(tab, code_at(cw[r][0], 2 * s));
+            a2 = lookup(tab, code_at(cw[r][0], 2 * s + 1));
+            a1 = lookup(tab, code_at(cw[r][1], 2 * s));
+            a3 = lookup(tab, code_at(cw[r][1], 2 * s + 1));
+#endif
+#else
+            // One code per row and step: its centroid's first pair at columns 2q, 2q+1 and
+            // its second pair at 8 + 2q, 9 + 2q.
+#if FQ_FAST
+            const entry_t ea = lookup_addr(tab_addr, code_fast(cw[r][0], s));
+            const entry_t eb = lookup_addr(tab_addr, code_fast(cw[r][1], s));
+#else
+            const entry_t ea = lookup(tab, code_at(cw[r][0], s));
+            const entry_t eb = lookup(tab, code_at(cw[r][1], s));
+#endif
+            a0 = ea.x; a2 = ea.y; a1 = eb.x; a3 = eb.y;
+#endif
+            mma16816(c, a0, a1, a2, a3, xr[2 * s], xr[2 * s + 1]);
+        }
+#if FQ_SCALES
+        acc[r][0] += c[0] * sc[r][0]; acc[r][1] += c[1] * sc[r][0];
+        acc[r][2] += c[2] * sc[r][1]; acc[r][3] += c[3] * sc[r][1];
+#endif
+    }
+}
+
+__device__ __forceinline__ void zero_operands(u32 (&xr)[XW], u32 (&cw)[ROWT][2][CW], float (&sc)[ROWT][2]) {
+#pragma unroll
+    for (int i = 0; i < XW; ++i) xr[i] = 0u;
+#pragma unroll
+    for (int r = 0; r < ROWT; ++r) {
+        sc[r][0] = sc[r][1] = 0.f;
+#pragma unroll
+        for (int i = 0; i < CW; ++i) cw[r][0][i] = cw[r][1][i] = 0u;
+    }
+}
+
+// x words, code words and scales of one span for this lane.
 __device__ __forceinline__ void load_span(int span, bool ok, const u32* __restrict__ x, const u32* __restrict__ codes,
                                           const u16* __restrict__ scales, int T, int OUT, int WORDS, int NG,
-                                          int SPANS_PER_GROUP, int xwords, int row0, int g, int q,
+                                          int SPANS_PER_GROUP, int xwords, int xoff, int row0, int g, int q,
                                           u32 (&xr)[XW], u32 (&cw)[ROWT][2][CW], float (&sc)[ROWT][2]) {
+    // Past the last span nothing is loaded: the registers keep older, valid operands that the
+    // caller never multiplies.  Lanes of absent tokens (g >= T) keep the zeros they start with.
+    if (!ok) return;
     const int sub0 = span * SPAN_SUBS + q * RUN;             // first sub-vector of this lane's run
-    // B fragment words: x of token g for this lane's sub-vectors (zero for absent tokens).
-    if (ok && g < T) {
-        const V4* xp = reinterpret_cast<const V4*>(x + (long long)g * xwords + sub0 * HW);
+    // B fragment words: x of token g for this lane's sub-vectors.
+    if (g < T) {
+        const V4* xp = reinterpret_cast<const V4*>(x + (long long)g * xwords + sub0 * HW - xoff);
 #pragma unroll
         for (int i = 0; i < XW / 4; ++i) {
             const V4 v = xp[i];
             xr[4 * i] = v.x; xr[4 * i + 1] = v.y; xr[4 * i + 2] = v.z; xr[4 * i + 3] = v.w;
         }
-    } else {
-#pragma unroll
-        for (int i = 0; i < XW; ++i) xr[i] = 0u;
     }
     // Codes (and scales) of rows g and g + 8 of each tile.
     const int word0 = sub0 * BITS / 32;
 #pragma unroll
     for (int r = 0; r < ROWT; ++r) {
         const int ra = row0 + 16 * r + g, rb = ra + 8;
-        load_words(cw[r][0], codes + (long long)ra * WORDS + word0, ok && ra < OUT);
-        load_words(cw[r][1], codes + (long long)rb * WORDS + word0, ok && rb < OUT);
+        load_words(cw[r][0], codes + (long long)ra * WORDS + word0, ra < OUT);   // rows past OUT: code 0
+        load_words(cw[r][1], codes + (long long)rb * WORDS + word0, rb < OUT);
 #if FQ_SCALES
         const int grp = span / SPANS_PER_GROUP;
-        sc[r][0] = (ok && ra < OUT) ? h2f(scales[(long long)ra * NG + grp]) : 0.f;
-        sc[r][1] = (ok && rb < OUT) ? h2f(scales[(long long)rb * NG + grp]) : 0.f;
+        sc[r][0] = ra < OUT ? h2f(scales[(long long)ra * NG + grp]) : 0.f;
+        sc[r][1] = rb < OUT ? h2f(scales[(long long)rb * NG + grp]) : 0.f;
 #else
         sc[r][0] = sc[r][1] = 0.f;
 #endif
@@ -203,7 +372,9 @@ __device__ __forceinline__ void load_span(int span, bool ok, const u32* __restri
 }
 
 extern "C" __global__ void __launch_bounds__(FQ_NWARPS * 32)
-fasq_pq_decode(const u32* __restrict__ x,        // [T, IN/2]: x_r (fp16 / bf16) as 32-bit words
+fasq_pq_decode(const u32* __restrict__ x,        // [T, IN/2]: x (fp16 / bf16) as 32-bit words, rotated
+                                                 // unless FQ_ROTB (then rotated here)
+               const signed char* __restrict__ signs,  // [IN] the rotation's signs (FQ_ROTB)
                const u32* __restrict__ codes,    // [OUT, WORDS]
                const u32* __restrict__ cb,       // [K, D] fp16 as [K, HW] words
                const u16* __restrict__ scales,   // [OUT, NG] fp16
@@ -241,6 +412,20 @@ fasq_pq_decode(const u32* __restrict__ x,        // [T, IN/2]: x_r (fp16 / bf16)
     for (int p = tid; p < tab_words; p += NWARPS * 32) smem[p] = table_word(cb[p]);
 #endif
     float* red = reinterpret_cast<float*>(smem + ((tab_words + 3) & ~3));
+    const int row0 = blockIdx.x * (16 * ROWT);
+    const int span_begin = blockIdx.y * SPANS_PER_SPLIT;
+    const int span_end = span_begin + SPANS_PER_SPLIT < NSPANS ? span_begin + SPANS_PER_SPLIT : NSPANS;
+#if FQ_ROTB
+    // This block's columns of x_r, rotated into shared memory after the reduction scratch.
+    const int c0 = span_begin * SPAN_SUBS * D, c1 = span_end * SPAN_SUBS * D;
+    u32* xs = reinterpret_cast<u32*>(red + NWARPS * 16 * ROWT * 8);
+    rotate_to_smem(reinterpret_cast<const u16*>(x), signs, reinterpret_cast<u16*>(xs), T, IN, c0, c1, warp, lane);
+    const u32* xsrc = xs;
+    const int xwords = (c1 - c0) / 2, xoff = c0 / 2;
+#else
+    const u32* xsrc = x;
+    const int xwords = IN / 2, xoff = 0;
+#endif
     __syncthreads();
 
 #if FQ_REPL
@@ -249,58 +434,44 @@ fasq_pq_decode(const u32* __restrict__ x,        // [T, IN/2]: x_r (fp16 / bf16)
     const entry_t* tab = reinterpret_cast<const entry_t*>(smem);
 #endif
 
-    const int row0 = blockIdx.x * (16 * ROWT);
-    const int span_begin = blockIdx.y * SPANS_PER_SPLIT;
-    const int span_end = span_begin + SPANS_PER_SPLIT < NSPANS ? span_begin + SPANS_PER_SPLIT : NSPANS;
-    const int xwords = IN / 2;
 
     float acc[ROWT][4];
 #pragma unroll
     for (int r = 0; r < ROWT; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = 0.f;
 
+    const u32 tab_addr = smem_u32(tab);
     // Operands of one span, loaded one span ahead of their use (software pipelining).
     u32 xr[XW], cw[ROWT][2][CW];
     float sc[ROWT][2];
+    zero_operands(xr, cw, sc);
     int span = span_begin + warp;
-    load_span(span, span < span_end, x, codes, scales, T, OUT, WORDS, NG, SPANS_PER_GROUP, xwords, row0, g, q,
-              xr, cw, sc);
+    load_span(span, span < span_end, xsrc, codes, scales, T, OUT, WORDS, NG, SPANS_PER_GROUP, xwords, xoff, row0,
+              g, q, xr, cw, sc);
+#if FQ_FAST
+    // Two operand sets used in turn (no register copies between spans).
+    u32 xn[XW], cn[ROWT][2][CW];
+    float sn[ROWT][2];
+    zero_operands(xn, cn, sn);
+    while (span < span_end) {
+        load_span(span + NWARPS, span + NWARPS < span_end, xsrc, codes, scales, T, OUT, WORDS, NG,
+                  SPANS_PER_GROUP, xwords, xoff, row0, g, q, xn, cn, sn);
+        compute_span(xr, cw, sc, acc, tab, tab_addr);
+        span += NWARPS;
+        if (span >= span_end) break;
+        load_span(span + NWARPS, span + NWARPS < span_end, xsrc, codes, scales, T, OUT, WORDS, NG,
+                  SPANS_PER_GROUP, xwords, xoff, row0, g, q, xr, cw, sc);
+        compute_span(xn, cn, sn, acc, tab, tab_addr);
+        span += NWARPS;
+    }
+#else
+    u32 xn[XW], cn[ROWT][2][CW];
+    float sn[ROWT][2];
+    zero_operands(xn, cn, sn);
     for (; span < span_end; span += NWARPS) {
-        u32 xn[XW], cn[ROWT][2][CW];
-        float sn[ROWT][2];
         const int nxt = span + NWARPS;
-        load_span(nxt, nxt < span_end, x, codes, scales, T, OUT, WORDS, NG, SPANS_PER_GROUP, xwords, row0, g, q,
-                  xn, cn, sn);
-#pragma unroll
-        for (int r = 0; r < ROWT; ++r) {
-#if FQ_SCALES
-            float c[4] = {0.f, 0.f, 0.f, 0.f};
-#else
-            float* c = acc[r];
-#endif
-#pragma unroll
-            for (int s = 0; s < STEPS; ++s) {
-                u32 a0, a1, a2, a3;
-#if FQ_D == 2
-                // Two codes per row and step: sub-vectors 2s (columns 2q, 2q+1 of the k16 step)
-                // and 2s + 1 (columns 8 + 2q, 9 + 2q).
-                a0 = lookup(tab, code_at(cw[r][0], 2 * s));
-                a2 = lookup(tab, code_at(cw[r][0], 2 * s + 1));
-                a1 = lookup(tab, code_at(cw[r][1], 2 * s));
-                a3 = lookup(tab, code_at(cw[r][1], 2 * s + 1));
-#else
-                // One code per row and step: its centroid's first pair at columns 2q, 2q+1 and
-                // its second pair at 8 + 2q, 9 + 2q.
-                const entry_t ea = lookup(tab, code_at(cw[r][0], s));
-                const entry_t eb = lookup(tab, code_at(cw[r][1], s));
-                a0 = ea.x; a2 = ea.y; a1 = eb.x; a3 = eb.y;
-#endif
-                mma16816(c, a0, a1, a2, a3, xr[2 * s], xr[2 * s + 1]);
-            }
-#if FQ_SCALES
-            acc[r][0] += c[0] * sc[r][0]; acc[r][1] += c[1] * sc[r][0];
-            acc[r][2] += c[2] * sc[r][1]; acc[r][3] += c[3] * sc[r][1];
-#endif
-        }
+        load_span(nxt, nxt < span_end, xsrc, codes, scales, T, OUT, WORDS, NG, SPANS_PER_GROUP, xwords, xoff,
+                  row0, g, q, xn, cn, sn);
+        compute_span(xr, cw, sc, acc, tab, tab_addr);
 #pragma unroll
         for (int i = 0; i < XW; ++i) xr[i] = xn[i];
 #pragma unroll
@@ -310,6 +481,7 @@ fasq_pq_decode(const u32* __restrict__ x,        // [T, IN/2]: x_r (fp16 / bf16)
             for (int i = 0; i < CW; ++i) { cw[r][0][i] = cn[r][0][i]; cw[r][1][i] = cn[r][1][i]; }
         }
     }
+#endif
 
     // Block reduction over warps: red[warp][row in block][token].
     constexpr int BR = 16 * ROWT;
