@@ -831,8 +831,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-tune", action="store_true",
                     help="end to end with the heuristics' decode launches, not the sweep's fastest")
     ap.add_argument("--kernel-budget-s", type=float, default=150.0, help="stop kernel timings after this long")
+    ap.add_argument("--tokens", type=str, default=None, help="comma-separated token counts (default: all)")
     args = ap.parse_args(argv)
     dry = args.dry_run
+    if args.tokens:
+        TOKENS[:] = [int(t) for t in args.tokens.split(",")]
     if not dry and not torch.cuda.is_available():
         print("benchmarks/gpu.py needs a CUDA GPU (or --dry-run)", file=sys.stderr)
         return 2

@@ -68,8 +68,11 @@ def test_plan_fuses_the_rotation_where_column_ranges_and_shared_memory_allow():
     assert cd.plan(1, 3072, 72, 2, 1024, 6, 512, f16, "cpu", splits=100, rot_block=1024).rotb == 0
     assert cd.plan(1, 4096, 4096, 2, 256, 16, 256, f16, "cpu", rot_block=2048).rotb == 0
     # 8 tokens of 14336 columns do not fit in shared memory next to the codebook; one token does.
-    assert cd.plan(8, 14336, 4096, 2, 256, 56, 256, f16, "cpu", rot_block=256).rotb == 0
+    assert cd.plan(8, 14336, 4096, 2, 256, 56, 256, f16, "cpu", rot_block=256, force_rotation=True).rotb == 0
     assert cd.plan(1, 14336, 4096, 2, 256, 56, 256, f16, "cpu", rot_block=256).rotb == 256
+    # 2+ tokens: rotated separately unless forced.
+    assert cd.plan(2, 4096, 4096, 2, 256, 16, 256, f16, "cpu", rot_block=256).rotb == 0
+    assert cd.plan(2, 4096, 4096, 2, 256, 16, 256, f16, "cpu", rot_block=256, force_rotation=True).rotb == 256
 
 
 def test_plan_splits_cover_every_span_once():
@@ -145,7 +148,7 @@ def test_gpu_cuda_decode_matches_reference(dtype, poisoned):
                     rot = s.rotation_block if fused else 0
                     cfg = cd.plan(t, s.in_features, s.out_features, s.subvector_dim, s.num_centroids, n_groups,
                                   s.effective_group, dtype, "cuda", nwarps=nwarps, rowt=rowt, splits=splits,
-                                  rot_block=rot)
+                                  rot_block=rot, force_rotation=True)
                     assert cfg is not None, kw
                     y = cd.pq_decode((x if fused else xr).contiguous(), layer.codes, layer.codebooks, layer.scales,
                                      layer.bias, s.in_features, s.subvector_dim, s.effective_group, cfg,

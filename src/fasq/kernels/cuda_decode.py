@@ -87,16 +87,17 @@ def _sm_count(device: torch.device) -> int:
 
 
 def plan(tokens: int, in_features: int, out_features: int, d: int, k: int, n_groups: int, group_size: int,
-         dtype: torch.dtype, device, nwarps: int = 8, rowt: int = 1, splits: int = 0,
-         rot_block: int = 0) -> Optional[Config]:
+         dtype: torch.dtype, device, nwarps: int = 0, rowt: int = 0, splits: int = 0,
+         rot_block: int = 0, force_rotation: bool = False) -> Optional[Config]:
     """The launch for this layer and input, or None where the kernel does not apply.  ``splits``
     > 0 forces the split of the reduction dim (the benchmark's sweep).  ``rot_block`` > 0: the
     input still needs its rotation (Hadamard blocks of that many columns); the config has the
     kernel do it (``rotb``) where the blocks' column ranges and shared memory allow, else
-    ``rotb`` is 0 and the caller rotates first."""
+    ``rotb`` is 0 and the caller rotates first.  The kernel rotates for one token only, unless
+    ``force_rotation`` (tests)."""
     if not 1 <= tokens <= MAX_TOKENS or d not in (2, 4) or dtype not in (torch.float16, torch.bfloat16):
         return None
-    if splits <= 0 and (nwarps, rowt) == (8, 1):
+    if splits <= 0 and nwarps <= 0 and rowt <= 0:
         tuned = TUNED.get((tokens, in_features, out_features, d, k, group_size, dtype, rot_block))
         if tuned is not None:
             return tuned
@@ -114,17 +115,26 @@ def plan(tokens: int, in_features: int, out_features: int, d: int, k: int, n_gro
     if not repl and _table_bytes(k, d, False) > TABLE_MAX_BYTES:
         return None
     n_spans = n_sub // (4 * run)
+    sms = _sm_count(torch.device(device)) if torch.device(device).type == "cuda" else 132
+    # Launch shape measured fastest on an H200 (benchmarks/gpu.py's sweep, BENCHMARKS.md): 8 warps
+    # per block and one 16-row tile per warp; 4 tiles per warp for tall layers (fewer blocks to
+    # fill the codebook table and rotate x); 16 warps where there are fewer row blocks than SMs.
+    if rowt <= 0:
+        rowt = 4 if out_features >= 64 * sms else 1
+    if nwarps <= 0:
+        nwarps = 16 if math.ceil(out_features / (16 * rowt)) < sms and n_spans >= 16 else 8
     row_blocks = math.ceil(out_features / (16 * rowt))
     if splits <= 0:
-        # Measured (H200, benchmarks/gpu.py's sweep): one split (no second kernel) is fastest
-        # down to a few dozen row blocks; below that the card needs the split's extra blocks.
-        sms = _sm_count(torch.device(device)) if torch.device(device).type == "cuda" else 132
+        # One split (no second kernel) is fastest down to a few dozen row blocks; below that the
+        # card needs the split's extra blocks.
         splits = 1 if 4 * row_blocks >= sms else min(max(1, n_spans // nwarps), math.ceil(sms / row_blocks))
     splits = max(1, min(splits, n_spans))
     per = math.ceil(n_spans / splits)
     splits = math.ceil(n_spans / per)
     rotb = 0
-    if rot_block and os.environ.get("FASQ_CUDA_FUSED_ROTATION", "1") != "0":
+    # The rotation is fused for one token only: every block rotates all of its columns, which at
+    # 2+ tokens costs more than the separate rotation it saves (measured on an H200).
+    if rot_block and (tokens == 1 or force_rotation) and os.environ.get("FASQ_CUDA_FUSED_ROTATION", "1") != "0":
         chunk = max(32, rot_block)
         span_cols = 4 * run * d
         width = per * span_cols
