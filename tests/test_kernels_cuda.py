@@ -51,6 +51,9 @@ def test_plan_picks_runs_that_fit_words_spans_and_scale_groups():
     c = cd.plan(1, 4096, 1024, 2, 64, 16, 256, torch.bfloat16, "cpu")
     assert (c.bits, c.run, c.bf16) == (6, 32, True)
     assert cd.plan(1, 4096, 1024, 2, 256, 1, 4096, f16, "cpu").run == 32  # one scale per row: any span
+    c = cd.plan(1, 4096, 1024, 2, 512, 16, 256, f16, "cpu")               # 9-bit codes (K = 512): 9 words a run
+    assert (c.bits, c.run, c.repl) == (9, 32, True)                       # 64 KiB: still one copy per lane
+    assert cd.plan(1, 3072, 72, 2, 1024, 6, 512, f16, "cpu").run == 16    # 10-bit: 5 words preferred to 10
     # Not served: 9+ tokens, fp32 inputs, d = 3, rows that are not whole spans, groups finer than a span.
     assert cd.plan(9, 4096, 1024, 2, 256, 16, 256, f16, "cpu") is None
     assert cd.plan(1, 4096, 1024, 2, 256, 16, 256, torch.float32, "cpu") is None
@@ -70,9 +73,12 @@ def test_plan_fuses_the_rotation_where_column_ranges_and_shared_memory_allow():
     # 8 tokens of 14336 columns do not fit in shared memory next to the codebook; one token does.
     assert cd.plan(8, 14336, 4096, 2, 256, 56, 256, f16, "cpu", rot_block=256, force_rotation=True).rotb == 0
     assert cd.plan(1, 14336, 4096, 2, 256, 56, 256, f16, "cpu", rot_block=256).rotb == 256
-    # 2+ tokens: rotated separately unless forced.
-    assert cd.plan(2, 4096, 4096, 2, 256, 16, 256, f16, "cpu", rot_block=256).rotb == 0
-    assert cd.plan(2, 4096, 4096, 2, 256, 16, 256, f16, "cpu", rot_block=256, force_rotation=True).rotb == 256
+    # Every block rotates all its columns for every token: beyond FUSE_LIMIT the separate
+    # rotation is cheaper (unless forced).
+    assert cd.plan(2, 4096, 4096, 2, 256, 16, 256, f16, "cpu", rot_block=256).rotb == 256
+    assert cd.plan(8, 4096, 4096, 2, 256, 16, 256, f16, "cpu", rot_block=256).rotb == 0
+    assert cd.plan(2, 14336, 4096, 2, 256, 56, 256, f16, "cpu", rot_block=256).rotb == 0
+    assert cd.plan(8, 4096, 4096, 2, 256, 16, 256, f16, "cpu", rot_block=256, force_rotation=True).rotb == 256
 
 
 def test_plan_splits_cover_every_span_once():
@@ -94,7 +100,8 @@ def test_source_compiles_with_nvcc():
                cd.plan(2, 4096, 4096, 2, 64, 16, 256, torch.float16, "cpu", rot_block=16),
                cd.plan(8, 4096, 1024, 2, 64, 16, 256, torch.bfloat16, "cpu", splits=4),
                cd.plan(3, 4096, 1024, 4, 4096, 32, 128, torch.float16, "cpu", nwarps=8, rowt=1),
-               cd.plan(1, 4096, 1024, 2, 16, 0, 0, torch.float16, "cpu", rowt=4)]
+               cd.plan(1, 4096, 1024, 2, 16, 0, 0, torch.float16, "cpu", rowt=4),
+               cd.plan(1, 4096, 14336, 2, 512, 16, 256, torch.float16, "cpu", rot_block=256)]
     for arch in ("sm_80", "sm_90"):
         for cfg in configs:
             for split, bias, fast in ((False, 1, True), (True, 0, True), (False, 3, False)):
@@ -121,7 +128,8 @@ CASES = [dict(in_f=4096, out_f=1024, d=2, k=256, group=256, rot=256, bias=True),
          dict(in_f=2048, out_f=264, d=4, k=4096, group=128, rot=128),
          dict(in_f=1024, out_f=48, d=2, k=16, scales=False),
          dict(in_f=1024, out_f=200, d=4, k=256, group=0, rot=0),
-         dict(in_f=3072, out_f=72, d=2, k=1024, group=512, rot=1024)]
+         dict(in_f=3072, out_f=72, d=2, k=1024, group=512, rot=1024),
+         dict(in_f=1024, out_f=136, d=2, k=512, group=256, rot=256, bias=True)]
 
 
 def reference_out(layer, x):

@@ -38,6 +38,7 @@ REPL_MAX_BYTES = 64 * 1024         # the per-lane replicated codebook up to this
 TABLE_MAX_BYTES = 96 * 1024
 SMEM_MAX_BYTES = 112 * 1024        # a block's shared memory at most (two blocks per multiprocessor)
 MAX_ROT_BLOCK = 1024               # in-kernel rotation: up to 32 values per lane
+FUSE_LIMIT = 64                    # in-kernel rotation while tokens * columns per thread * waves < this
 
 
 @dataclass(frozen=True)
@@ -58,17 +59,19 @@ class Config:
 
 
 def _run_for(bits: int, d: int, n_sub: int, in_features: int, group_cols: int) -> int:
-    """Codes per lane-run: the largest of 32, 16, 8 that fills whole code words, keeps a lane's code
-    words <= 8 and x words <= 32 (registers), divides the row into whole spans and keeps each span inside one scale group
-    (``group_cols``: columns per group, 0 when one scale covers the row); 0 when none does."""
-    for run in (32, 16, 8):
-        if (run * bits) % 32 or run * bits // 32 > 8 or (run * d // 2) % 4 or run * d // 2 > 32:
-            continue
-        if n_sub % (4 * run):
-            continue
-        if group_cols and group_cols % (4 * run * d):
-            continue
-        return run
+    """Codes per lane-run: the largest of 32, 16, 8 that fills whole code words, keeps x words <= 32
+    (registers), divides the row into whole spans and keeps each span inside one scale group
+    (``group_cols``: columns per group, 0 when one scale covers the row), preferring runs of <= 8
+    code words (fewer registers; 9- to 12-bit codes such as K = 512 need up to 12); 0 when none fits."""
+    for max_words in (8, 12):
+        for run in (32, 16, 8):
+            if (run * bits) % 32 or run * bits // 32 > max_words or (run * d // 2) % 4 or run * d // 2 > 32:
+                continue
+            if n_sub % (4 * run):
+                continue
+            if group_cols and group_cols % (4 * run * d):
+                continue
+            return run
     return 0
 
 
@@ -93,8 +96,8 @@ def plan(tokens: int, in_features: int, out_features: int, d: int, k: int, n_gro
     > 0 forces the split of the reduction dim (the benchmark's sweep).  ``rot_block`` > 0: the
     input still needs its rotation (Hadamard blocks of that many columns); the config has the
     kernel do it (``rotb``) where the blocks' column ranges and shared memory allow, else
-    ``rotb`` is 0 and the caller rotates first.  The kernel rotates for one token only, unless
-    ``force_rotation`` (tests)."""
+    ``rotb`` is 0 and the caller rotates first.  The kernel rotates only where that is cheaper
+    than the separate rotation (``FUSE_LIMIT``), unless ``force_rotation`` (tests)."""
     if not 1 <= tokens <= MAX_TOKENS or d not in (2, 4) or dtype not in (torch.float16, torch.bfloat16):
         return None
     if splits <= 0 and nwarps <= 0 and rowt <= 0:
@@ -120,7 +123,7 @@ def plan(tokens: int, in_features: int, out_features: int, d: int, k: int, n_gro
     # per block and one 16-row tile per warp; 4 tiles per warp for tall layers (fewer blocks to
     # fill the codebook table and rotate x); 16 warps where there are fewer row blocks than SMs.
     if rowt <= 0:
-        rowt = 4 if out_features >= 64 * sms else 1
+        rowt = 4 if out_features >= 64 * sms and run * bits // 32 <= 8 else 1
     if nwarps <= 0:
         nwarps = 16 if math.ceil(out_features / (16 * rowt)) < sms and n_spans >= 16 else 8
     row_blocks = math.ceil(out_features / (16 * rowt))
@@ -132,12 +135,15 @@ def plan(tokens: int, in_features: int, out_features: int, d: int, k: int, n_gro
     per = math.ceil(n_spans / splits)
     splits = math.ceil(n_spans / per)
     rotb = 0
-    # The rotation is fused for one token only: every block rotates all of its columns, which at
-    # 2+ tokens costs more than the separate rotation it saves (measured on an H200).
-    if rot_block and (tokens == 1 or force_rotation) and os.environ.get("FASQ_CUDA_FUSED_ROTATION", "1") != "0":
+    # Every block rotates all of its columns for every token: worth it while that prologue costs
+    # less than the separate rotation it replaces (~7 us with its launch).  On an H200 the
+    # prologue cost ~0.1 us per column-token per thread, times the waves of blocks: fused below
+    # 64 of those (runs of benchmarks/gpu.py, BENCHMARKS.md).
+    width = per * 4 * run * d
+    waves = max(1.0, row_blocks * splits / (2 * sms))
+    cheap = tokens * width / (32 * nwarps) * waves < FUSE_LIMIT
+    if rot_block and (cheap or force_rotation) and os.environ.get("FASQ_CUDA_FUSED_ROTATION", "1") != "0":
         chunk = max(32, rot_block)
-        span_cols = 4 * run * d
-        width = per * span_cols
         table = (_table_bytes(k, d, repl) + 15) // 16 * 16 + nwarps * 16 * rowt * 8 * 4
         if (rot_block <= MAX_ROT_BLOCK and width % chunk == 0 and in_features % chunk == 0
                 and table + tokens * width * 2 <= SMEM_MAX_BYTES):

@@ -12,7 +12,10 @@ name                priority   used for
 ``triton_prefill``  10         fallback: decode W_r tiles to registers, ``tl.dot``
 ==================  =========  ==================================================================
 
-The thresholds come from ``benchmarks/gpu.py`` on an H200 (BENCHMARKS.md): from 5 tokens on,
+Above them all, ``cuda_decode`` (priority 40, :mod:`fasq.kernels.cuda_decode`) takes 1-8 tokens
+wherever its layout rules allow (d = 2 or 4, one fp16 codebook, fp16 / bf16 inputs); on the H200 it
+is 1.5-7x faster than ``triton_decode``.  The thresholds below come from ``benchmarks/gpu.py`` on an
+H200 (BENCHMARKS.md): from 5 tokens on,
 the packed dequantize (about 2.3 TB/s written) plus cuBLAS beats the decode kernel, and at every
 token count from 16 to 2048 it beats the prefill kernel by 4-10x.
 
@@ -328,10 +331,10 @@ def dequantize_rotated(codes, codebooks, scales, in_features: int, subvector_dim
 _HADAMARD: dict[tuple, torch.Tensor] = {}
 
 
-# The one-pass rotation kernel (rotate_fused) is used by rotate() only when this is True: it is
-# correct (tests) but its speed against the two-op torch path has not been measured on a GPU yet
-# (benchmarks/gpu.py times both as "rotation only" and "rotation only, fused kernel").
-FUSED_ROTATION = False
+# The one-pass rotation kernel (rotate_fused) is used by rotate() where it applies.  Measured on an
+# H200 (benchmarks/gpu.py, "rotation only" vs "rotation only, fused kernel"): as fast as the two
+# torch ops at 1 token (5.3 us) and 18% faster at 2048 tokens (34.7 vs 42.2 us for 4096 columns).
+FUSED_ROTATION = True
 
 
 def _hadamard(block: int, device, dtype) -> torch.Tensor:
