@@ -34,7 +34,8 @@ class Kernel:
 
 _KERNELS: dict[str, Kernel] = {}
 # device type -> modules that register kernels for it (imported on first use).
-_PROVIDERS: dict[str, list[str]] = {"cuda": ["fasq.kernels.triton_kernels", "fasq.kernels.cuda_decode"], "cpu": ["fasq.kernels.cpu"]}
+_PROVIDERS: dict[str, list[str]] = {"cuda": ["fasq.kernels.triton_kernels", "fasq.kernels.cuda_decode"],
+                                    "cpu": ["fasq.kernels.cpu"]}
 _loaded: set[str] = set()
 _warned: set[str] = set()
 

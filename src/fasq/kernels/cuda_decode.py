@@ -212,28 +212,33 @@ def _build_key(cfg: Config) -> tuple:
 
 
 @functools.lru_cache(maxsize=None)
-def _build(build_key: tuple, split: bool, bias_kind: int, fast: bool):
+def _build(build_key: tuple, split: bool, bias_kind: int, fast: bool, device: int):
+    """One build per device too: a loaded module belongs to its device's context (the build targets
+    that device's compute capability)."""
     cfg = Config(*build_key, splits=1, spans_per_split=1)
-    return _compile(_defines(cfg, split, bias_kind, fast) + source(), "fasq_pq_decode")
+    with torch.cuda.device(device):
+        return _compile(_defines(cfg, split, bias_kind, fast) + source(), "fasq_pq_decode")
 
 
 _SMEM_SET: dict[int, int] = {}   # id(kernel) -> dynamic shared memory it was allowed
 
 
-def _decode_kernel(build_key: tuple, split: bool, bias_kind: int, smem: int):
-    """The build for these defines, allowed ``smem`` bytes of dynamic shared memory."""
-    fn = _build(build_key, split, bias_kind, _fast())
+def _decode_kernel(build_key: tuple, split: bool, bias_kind: int, smem: int, device: int):
+    """The build for these defines on this device, allowed ``smem`` bytes of dynamic shared memory."""
+    fn = _build(build_key, split, bias_kind, _fast(), device)
     if smem >= 48 * 1024 and _SMEM_SET.get(id(fn), 0) < smem:
         if not hasattr(fn, "set_shared_memory_config"):
             raise RuntimeError(f"torch {torch.__version__}: compiled kernels cannot take {smem} bytes of shared memory")
-        fn.set_shared_memory_config(smem)
+        with torch.cuda.device(device):
+            fn.set_shared_memory_config(smem)
         _SMEM_SET[id(fn)] = smem
     return fn
 
 
 @functools.lru_cache(maxsize=None)
-def _reduce_kernel(bf16: bool, bias_kind: int):
-    return _compile(f"#define FQ_XBF16 {int(bf16)}\n#define FQ_BIAS {bias_kind}\n" + _REDUCE, "fasq_splitk_reduce")
+def _reduce_kernel(bf16: bool, bias_kind: int, device: int):
+    with torch.cuda.device(device):
+        return _compile(f"#define FQ_XBF16 {int(bf16)}\n#define FQ_BIAS {bias_kind}\n" + _REDUCE, "fasq_splitk_reduce")
 
 
 _BIAS_KIND = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
@@ -244,6 +249,28 @@ def _smem_bytes(cfg: Config, k: int, tokens: int) -> int:
     table = (table + 15) // 16 * 16
     xs = tokens * cfg.spans_per_split * 4 * cfg.run * cfg.d * 2 if cfg.rotb else 0
     return table + cfg.nwarps * 16 * cfg.rowt * 8 * 4 + xs
+
+
+def _launch(x, codes, codebooks, scales, bias, rot_signs, y, cfg: Config, in_features: int, subvector_dim: int,
+            group_size: int, n_groups: int, k: int, tokens: int, out: int, dev: int) -> None:
+    split = cfg.splits > 1
+    bias_kind = 0 if bias is None else _BIAS_KIND[bias.dtype]
+    smem = _smem_bytes(cfg, k, tokens)
+    fn = _decode_kernel(_build_key(cfg), split, 0 if split else bias_kind, smem, dev)
+    dst = _new_buffer((cfg.splits, tokens, out), torch.float32, x.device) if split else y
+    n_spans = in_features // subvector_dim // (4 * cfg.run)
+    span_cols = 4 * cfg.run * subvector_dim
+    spans_per_group = group_size // span_cols if n_groups > 1 else n_spans
+    words = codes.shape[2]
+    fn(grid=(math.ceil(out / (16 * cfg.rowt)), cfg.splits, 1), block=(32 * cfg.nwarps, 1, 1),
+       args=[x, rot_signs if cfg.rotb else x, codes, codebooks, scales,
+             bias if bias is not None and not split else x, dst,
+             tokens, in_features, out, words, k, max(n_groups, 1), spans_per_group, cfg.spans_per_split, n_spans],
+       shared_mem=smem)
+    if split:
+        n = tokens * out
+        _reduce_kernel(cfg.bf16, bias_kind, dev)(grid=(math.ceil(n / 256), 1, 1), block=(256, 1, 1),
+                                                 args=[dst, bias if bias is not None else dst, y, n, out, cfg.splits])
 
 
 def pq_decode(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
@@ -271,24 +298,14 @@ def pq_decode(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, sca
     y = _new_buffer((tokens, out), x.dtype, x.device)
     if tokens == 0 or out == 0:
         return y
-    split = cfg.splits > 1
-    bias_kind = 0 if bias is None else _BIAS_KIND[bias.dtype]
-    smem = _smem_bytes(cfg, k, tokens)
-    fn = _decode_kernel(_build_key(cfg), split, 0 if split else bias_kind, smem)
-    dst = _new_buffer((cfg.splits, tokens, out), torch.float32, x.device) if split else y
-    n_spans = in_features // subvector_dim // (4 * cfg.run)
-    span_cols = 4 * cfg.run * subvector_dim
-    spans_per_group = group_size // span_cols if n_groups > 1 else n_spans
-    words = codes.shape[2]
-    fn(grid=(math.ceil(out / (16 * cfg.rowt)), cfg.splits, 1), block=(32 * cfg.nwarps, 1, 1),
-       args=[x, rot_signs if cfg.rotb else x, codes, codebooks, scales,
-             bias if bias is not None and not split else x, dst,
-             tokens, in_features, out, words, k, max(n_groups, 1), spans_per_group, cfg.spans_per_split, n_spans],
-       shared_mem=smem)
-    if split:
-        n = tokens * out
-        _reduce_kernel(cfg.bf16, bias_kind)(grid=(math.ceil(n / 256), 1, 1), block=(256, 1, 1),
-                                            args=[dst, bias if bias is not None else dst, y, n, out, cfg.splits])
+    dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if dev != torch.cuda.current_device():    # launch on x's device (its current stream)
+        with torch.cuda.device(dev):
+            _launch(x, codes, codebooks, scales, bias, rot_signs, y, cfg, in_features, subvector_dim, group_size,
+                    n_groups, k, tokens, out, dev)
+    else:
+        _launch(x, codes, codebooks, scales, bias, rot_signs, y, cfg, in_features, subvector_dim, group_size,
+                n_groups, k, tokens, out, dev)
     return y
 
 
@@ -360,11 +377,12 @@ def _supports(layer, x: torch.Tensor) -> bool:
     if cfg is None:
         return False
     try:  # build now, so that a failed build falls back to the next kernel instead of failing the call
+        dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
         _decode_kernel(_build_key(cfg), cfg.splits > 1,
                        0 if cfg.splits > 1 or layer.bias is None else _BIAS_KIND[layer.bias.dtype],
-                       _smem_bytes(cfg, s.num_centroids, tokens))
+                       _smem_bytes(cfg, s.num_centroids, tokens), dev)
         if cfg.splits > 1:
-            _reduce_kernel(cfg.bf16, 0 if layer.bias is None else _BIAS_KIND[layer.bias.dtype])
+            _reduce_kernel(cfg.bf16, 0 if layer.bias is None else _BIAS_KIND[layer.bias.dtype], dev)
     except Exception as e:  # no NVRTC, an old driver, ...: the Triton kernels serve
         _broken.add(str(e))
         log.warning("fasq: the CUDA decode kernel could not be built (%s); using the Triton kernels", e)
