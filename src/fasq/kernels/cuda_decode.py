@@ -1,11 +1,14 @@
 """CUDA decode kernel for PQLinear (1-8 tokens, NVIDIA sm_80+): ``pq_cuda.cu`` built with NVRTC.
 
 The Triton decode kernel (``triton_pq.py``) decodes codes on CUDA cores and gathers centroids
-through L1 or ``tl.gather``; on an H200 it reached 11-20% of the copy bandwidth at 1 token
-(BENCHMARKS.md).  This kernel does the two things Triton cannot express (see the source's header):
-a shared-memory codebook replicated once per lane, so that a warp's 32 random lookups never
-conflict on a bank, and centroids decoded straight into tensor-core operand registers
-(``mma.m16n8k16``), so that the multiply-adds cost no CUDA-core instructions.
+through L1 or ``tl.gather``; on an H200 it reached 6-20% of the copy bandwidth at 1 token
+(BENCHMARKS.md).  This kernel does what Triton cannot express (see the source's header): a
+shared-memory codebook replicated once per lane, so that a warp's 32 random lookups never conflict
+on a bank, looked up by byte address (three instructions per lookup for 8-bit codes), centroids
+decoded straight into tensor-core operand registers (``mma.m16n8k16``), so that the multiply-adds
+cost no CUDA-core instructions, and the input rotation done in the same launch where that is
+cheaper than a separate kernel.  On the H200 it is 1.5-9x faster than the Triton decode kernel and
+makes 1-token layer calls 1.3-1.4x faster than FP16 ``F.linear`` at d = 2 (docs/kernels_gpu.md).
 
 Built at first use with ``torch.cuda._compile_kernel`` (NVRTC, which the CUDA builds of PyTorch
 ship; no compiler needed), one build per configuration, cached for the process.  A failed build
@@ -75,12 +78,18 @@ def _run_for(bits: int, d: int, n_sub: int, in_features: int, group_cols: int) -
     return 0
 
 
+def _vec_words(code_words: int) -> int:
+    """32-bit words per code load in the kernel (its VEC): 4, 2 or 1."""
+    return 4 if code_words % 4 == 0 else 2 if code_words % 2 == 0 else 1
+
+
 def _table_bytes(k: int, d: int, repl: bool) -> int:
     return k * d * 2 * (32 if repl else 1)
 
 
-# Launches measured faster than plan()'s heuristics for one (tokens, in, out, d, K, group size, dtype);
-# filled by whoever measured them (benchmarks/gpu.py's 1-token sweep does, for its own run).
+# Launches measured faster than plan()'s heuristics for one (tokens, in, out, d, K, group size, dtype,
+# rotation block); filled by whoever measured them (benchmarks/gpu.py's 1-token sweep does, for its
+# own run).
 TUNED: dict[tuple, "Config"] = {}
 
 
@@ -112,7 +121,8 @@ def plan(tokens: int, in_features: int, out_features: int, d: int, k: int, n_gro
     run = _run_for(bits, d, n_sub, in_features, group_cols)
     if not run:
         return None
-    if packed_words(n_sub, bits) % (4 if (run * bits // 32) % 4 == 0 else 2 if (run * bits // 32) % 2 == 0 else 1):
+    code_words = run * bits // 32
+    if packed_words(n_sub, bits) % _vec_words(code_words):   # rows must keep the vector loads aligned
         return None
     repl = _table_bytes(k, d, True) <= REPL_MAX_BYTES
     if not repl and _table_bytes(k, d, False) > TABLE_MAX_BYTES:
@@ -123,9 +133,9 @@ def plan(tokens: int, in_features: int, out_features: int, d: int, k: int, n_gro
     # per block and one 16-row tile per warp; 4 tiles per warp for tall layers (fewer blocks to
     # fill the codebook table and rotate x); 16 warps where there are fewer row blocks than SMs.
     if rowt <= 0:
-        rowt = 4 if out_features >= 64 * sms and run * bits // 32 <= 8 else 1
-    if nwarps <= 0:
-        nwarps = 16 if math.ceil(out_features / (16 * rowt)) < sms and n_spans >= 16 else 8
+        rowt = 4 if out_features >= 64 * sms and code_words <= 8 else 1
+    if nwarps <= 0:   # (16 warps leave 128 registers a thread: only for runs of <= 8 code words)
+        nwarps = 16 if math.ceil(out_features / (16 * rowt)) < sms and n_spans >= 16 and code_words <= 8 else 8
     row_blocks = math.ceil(out_features / (16 * rowt))
     if splits <= 0:
         # One split (no second kernel) is fastest down to a few dozen row blocks; below that the

@@ -14,7 +14,7 @@ name                priority   used for
 
 Above them all, ``cuda_decode`` (priority 40, :mod:`fasq.kernels.cuda_decode`) takes 1-8 tokens
 wherever its layout rules allow (d = 2 or 4, one fp16 codebook, fp16 / bf16 inputs); on the H200 it
-is 1.5-7x faster than ``triton_decode``.  The thresholds below come from ``benchmarks/gpu.py`` on an
+is 1.5-9x faster than ``triton_decode``.  The thresholds below come from ``benchmarks/gpu.py`` on an
 H200 (BENCHMARKS.md): from 5 tokens on,
 the packed dequantize (about 2.3 TB/s written) plus cuBLAS beats the decode kernel, and at every
 token count from 16 to 2048 it beats the prefill kernel by 4-10x.
