@@ -158,12 +158,17 @@ def device_rates(device, dry: bool) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Random layers of a given format
 
+OUTLIER_FRACTION = 1e-3   # as fasq's default config (FASQConfig.outlier_fraction); --outliers sets it
+
+
 def random_pq_linear(out_f: int, in_f: int, fmt: str, device, seed: int = 0) -> PQLinear:
-    """A PQLinear with random buffers of the format: any bit pattern is a valid code (K = 2**bits)."""
+    """A PQLinear with random buffers of the format: any bit pattern is a valid code (K = 2**bits),
+    and OUTLIER_FRACTION of the weights in the sparse correction, as fasq's default config keeps."""
     d, k, group = FORMATS[fmt]
     if k & (k - 1):
         raise ValueError(f"format {fmt!r}: random codes need K a power of two, got {k}")
-    spec = LayerSpec(in_f, out_f, d, k, 1, group, True, rotation_block_for(in_f, 256), False)
+    n_out = round(OUTLIER_FRACTION * out_f * in_f)
+    spec = LayerSpec(in_f, out_f, d, k, 1, group, True, rotation_block_for(in_f, 256), False, n_out)
     layer = PQLinear(spec, device=device)
     g = torch.Generator(device=device).manual_seed(seed)
     m, o, w = layer.codes.shape
@@ -172,6 +177,10 @@ def random_pq_linear(out_f: int, in_f: int, fmt: str, device, seed: int = 0) -> 
     layer.codebooks.copy_(torch.randn(layer.codebooks.shape, generator=g, device=device))
     layer.scales.copy_(0.02 * (0.5 + torch.rand(layer.scales.shape, generator=g, device=device)))
     layer.rot_signs.copy_(torch.randint(0, 2, layer.rot_signs.shape, generator=g, device=device) * 2 - 1)
+    if n_out:
+        idx = torch.randperm(out_f * in_f, generator=g, device=device)[:n_out]
+        layer.outlier_idx.copy_(idx.sort().values.to(torch.int32))
+        layer.outlier_val.copy_(0.05 * torch.randn(n_out, generator=g, device=device))
     return layer
 
 
@@ -314,6 +323,10 @@ def kernel_timings(device, dry: bool, deadline: float, sweep: bool, cuda_sweep: 
                     if tk.fused_rotation_applies(x, s.rotation_block):
                         methods["rotation only, fused kernel"] = lambda L: tk.rotate_fused(x, L.rot_signs,
                                                                                            s.rotation_block)
+                if copies[0].spec.n_outliers and (tokens in (1, max(token_list)) or dry):
+                    y0 = torch.zeros(tokens, out_f, device=device, dtype=dtype)
+                    methods["outlier correction"] = lambda L: (tk._add_outliers(y0, x, L) if device.type == "cuda"
+                                                               else None)
                 if tokens == 1 or dry:
                     methods["dequant only"] = lambda L: tk.dequantize_rotated(*args(L)[:3], *args(L)[4:], dtype=dtype)
                     methods["dequant only, unpacked"] = lambda L: tk.dequantize_rotated(
@@ -677,6 +690,8 @@ def markdown(res: dict) -> str:
               f"- command: `{res['command']}`",
               f"- torch {res['versions']['torch']}, triton {res['versions']['triton']}, "
               f"transformers {res['versions']['transformers']}",
+              f"- layers: random codes of each format, {res.get('outlier_fraction', 0):g} of the weights in the "
+              "sparse outlier correction (fasq's default keeps 1e-3)",
               f"- copy bandwidth {rates['copy_GBps']:.0f} GB/s ({rates['copy_note']}); "
               f"{rates['matmul_dtype']} matmul {rates['matmul_TFLOPs']:.1f} TFLOP/s at n={rates['matmul_n']}",
               "", "### Targets (issue 5), as measured", ""]
@@ -685,7 +700,8 @@ def markdown(res: dict) -> str:
               "GPU µs per call: calls replayed from a CUDA graph (no host launch cost), cycling through enough "
               "copies of the layer that its weight is read from DRAM, not L2 (median of 7 replays). `auto op` is "
               "PQLinear's forward as a model runs it (the registry's choice, input rotation included); the kernel "
-              "columns take a rotated input; `rotation` is the input rotation alone (sign flip and Hadamard matmul "
+              "columns take a rotated input; `outliers` is the sparse outlier correction alone (included in "
+              "`auto op`); `rotation` is the input rotation alone (sign flip and Hadamard matmul "
               "in torch, as the op runs it; `fused`: the one-pass `rotate_kernel`). "
               "'% copy BW' = (bytes of the stored weight / decode-kernel time) / copy bandwidth. "
               "Every row is in the JSON, with GB/s.", ""]
@@ -693,7 +709,7 @@ def markdown(res: dict) -> str:
     keys = sorted({(r["shape"], r["tokens"]) for r in res["kernels"]},
                   key=lambda k: (res_shapes(res).index(k[0]), k[1]))
     cols = ("cuda decode", "cuda decode, rotation fused", "decode", "decode, fast paths off", "prefill", "prefill, fast paths off", "dequant+F.linear",
-            "rotation only", "rotation only, fused kernel", "auto op (with rotation)")
+            "rotation only", "rotation only, fused kernel", "outlier correction", "auto op (with rotation)")
     for fmt in FORMATS:
         bpw = next((r["bits_per_weight"] for r in res["kernels"] if r["format"] == fmt), None)
         if bpw is None:
@@ -701,9 +717,9 @@ def markdown(res: dict) -> str:
         lines += [f"**{fmt}** ({bpw:.3f} bits/weight on the first shape)", "",
                   "| shape (out x in) | tokens | FP16 F.linear | CUDA decode | CUDA decode + rotation | decode "
                   "| decode, plain | prefill | prefill, plain | dequant+F.linear | rotation | rotation, fused "
-                  "| auto op | auto vs FP16 | CUDA decode % copy BW | decode % copy BW |",
+                  "| outliers | auto op | auto vs FP16 | CUDA decode % copy BW | decode % copy BW |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-                  "| ---: | ---: |"]
+                  "| ---: | ---: | ---: |"]
         for shape, t in keys:
             fp16 = by.get((shape, t, "fp16", "F.linear"))
             cells = [f"{by[(shape, t, fmt, c)]['us']:.1f}" if (shape, t, fmt, c) in by else "" for c in cols]
@@ -713,7 +729,7 @@ def markdown(res: dict) -> str:
             lines.append(f"| {shape} | {t} | {fp16['us']:.1f} | " + " | ".join(cells) +
                          f" | {auto['speedup_vs_fp16']:.2f}x | " + (f"{cdec['frac_copy_bw']:.0%}" if cdec else "") +
                          " | " + (f"{dec['frac_copy_bw']:.0%}" if dec else "") + " |"
-                         if fp16 and auto else f"| {shape} | {t} |" + " |" * 14)
+                         if fp16 and auto else f"| {shape} | {t} |" + " |" * 15)
         lines.append("")
     extra = ("decode + cb_smem", "dequant only", "dequant only, unpacked", "auto op, eager (host launch included)")
     if any(r["method"] in extra for r in res["kernels"]):
@@ -819,6 +835,7 @@ def update_markdown(path: Path, section: str) -> None:
 
 
 def main(argv=None) -> int:
+    global OUTLIER_FRACTION
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/gpu.json)")
     ap.add_argument("--markdown", type=Path, default=None,
@@ -832,8 +849,11 @@ def main(argv=None) -> int:
                     help="end to end with the heuristics' decode launches, not the sweep's fastest")
     ap.add_argument("--kernel-budget-s", type=float, default=150.0, help="stop kernel timings after this long")
     ap.add_argument("--tokens", type=str, default=None, help="comma-separated token counts (default: all)")
+    ap.add_argument("--outliers", type=float, default=OUTLIER_FRACTION,
+                    help="fraction of each layer's weights in the sparse outlier correction (default: fasq's, 1e-3)")
     args = ap.parse_args(argv)
     dry = args.dry_run
+    OUTLIER_FRACTION = args.outliers
     if args.tokens:
         TOKENS[:] = [int(t) for t in args.tokens.split(",")]
     if not dry and not torch.cuda.is_available():
@@ -869,6 +889,7 @@ def main(argv=None) -> int:
     res["skipped"] += skipped
     print(f"kernel timings: {len(rows)} rows, {len(sweeps)} sweep rows, {time.monotonic() - t_start:.0f} s", flush=True)
     res["formats"] = {fmt: dict(zip(("subvector_dim", "num_centroids", "group_size"), v)) for fmt, v in FORMATS.items()}
+    res["outlier_fraction"] = OUTLIER_FRACTION
     write_atomic(out, json.dumps(res, indent=1))          # kernel figures survive a failure below
     if not args.no_e2e:
         res["decode_tuned"] = tune_decode(sweeps) if not args.no_tune else {}

@@ -171,6 +171,30 @@ def test_gpu_cuda_decode_matches_reference(dtype, poisoned):
 
 @gpu
 @needs_cuda
+def test_gpu_outlier_correction_in_one_launch():
+    """A layer with outliers through the registry: the CUDA decode kernel, then the one-launch
+    correction (fasq.kernels.triton_kernels.triton_add_outliers), equals the reference."""
+    from fasq.kernels import triton_kernels  # noqa: F401  (registers the CUDA outlier adder)
+    base = random_layer(4096, 1024, 2, 256, group=256, rot=256, seed=3)
+    n = 4096
+    spec = LayerSpec(4096, 1024, 2, 256, 1, 256, True, 256, False, n)
+    g = torch.Generator().manual_seed(4)
+    idx = torch.randperm(4096 * 1024, generator=g)[:n].to(torch.int32)
+    val = torch.randn(n, generator=g).half()
+    layer = PQLinear.from_tensors(spec, base.codes, base.codebooks, base.scales, base.rot_signs,
+                                  outlier_idx=idx, outlier_val=val).to("cuda")
+    for t in (1, 5):
+        x = torch.randn(t, 4096, device="cuda", dtype=torch.float16)
+        ref = reference_out(layer, x).float()
+        rows, cols = reference.outlier_rows_cols(layer.outlier_idx, 4096)
+        ref = reference.add_outliers_to_output(ref, x.float(), rows, cols, layer.outlier_val)
+        y = layer(x)
+        err = (y.float() - ref).abs().max().item()
+        assert err <= 4e-3 * ref.abs().max().item(), f"tokens={t}: max error {err:.3g}"
+
+
+@gpu
+@needs_cuda
 def test_gpu_cuda_decode_is_the_registry_choice_and_captures_in_a_graph():
     import fasq.kernels as registry
     layer = random_layer(4096, 1024, 2, 256, group=256, rot=256, bias=True, device="cuda")

@@ -233,6 +233,29 @@ def inner_interp_rotate_fused(block, tokens, dtype, poisoned):
         tk.rotate_fused(torch.randn(2, 16), signs[:16], 8)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def inner_interp_outlier_correction(dtype, poisoned):
+    """The one-launch sparse correction equals the reference's index_add: rows with 0, 1 and many
+    outliers (unsorted flat indices, a repeated row), 1 and 20 tokens, a 3-D input."""
+    tk = poisoned
+    in_f, out_f = 40, 70
+    g = torch.Generator().manual_seed(5)
+    idx = torch.cat([torch.randperm(in_f * out_f, generator=g)[:50], torch.arange(7 * in_f, 7 * in_f + 30)])
+    idx = idx[torch.randperm(idx.numel(), generator=g)].to(torch.int32)
+    val = torch.randn(idx.numel(), generator=g).half()
+    rowptr, cols, vals = tk.outlier_csr(idx, val, in_f, out_f)
+    assert rowptr.dtype == cols.dtype == torch.int32 and int(rowptr[-1]) == idx.numel()
+    rows, cols_ref = reference.outlier_rows_cols(idx, in_f)
+    for lead in ((1,), (20,), (2, 3)):
+        x = torch.randn(*lead, in_f, generator=g).to(dtype)
+        y = torch.randn(*lead, out_f, generator=g).to(dtype)
+        out = tk.triton_add_outliers(y, x, rowptr, cols, vals)
+        ref = reference.add_outliers_to_output(y.float(), x.float(), rows, cols_ref, val).to(dtype)
+        assert_close(out, ref, dtype, f"outliers {lead}")
+    torch.library.opcheck(torch.ops.fasq.triton_add_outliers.default, (y, x, rowptr, cols, vals),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 def inner_interp_torch_library_op():
     """The custom op's schema and fake implementation hold up under opcheck and torch.compile."""
     from fasq.kernels import triton_kernels as tk
@@ -327,6 +350,9 @@ def _compile_cases():
                    dict(BLOCK=256, BLOCK_T=64, BLOCK_K=64, DOT_FP32=False), dict(num_warps=8)),
         "splitk_reduce": (kp.splitk_reduce_kernel, {"ws_ptr": "*fp32", "y_ptr": "*bf16"},
                           dict(HAS_BIAS=True, BLOCK=1024), dict(num_warps=4)),
+        "outlier_add": (kp.outlier_add_kernel, {"y_ptr": "*bf16", "x_ptr": "*bf16", "rowptr_ptr": "*i32",
+                                                "cols_ptr": "*i32", "vals_ptr": "*fp16", "out_ptr": "*bf16"},
+                        dict(BLOCK_T=1, BLOCK_R=64), dict(num_warps=4)),
         "dequant": (kp.dequant_kernel, {"codes_ptr": "*i32"},
                     dict(BITS=16, D=1, NUM_BOOKS=1, HAS_SCALES=True, BLOCK_O=32, BLOCK_J=128, PACKED=False,
                          CODE_TYPED=False, BLOCK_SCALE=False, W_DTYPE=tl.float16), dict(num_warps=4)),
@@ -335,13 +361,14 @@ def _compile_cases():
 
 
 COMPILE_CASES = ["decode_cuda_cores", "decode_dot_bf16_straddle", "prefill", "prefill_fp32_ieee",
-                 "decode_fast_paths", "prefill_fast_paths", "splitk_reduce", "dequant", "dequant_packed", "rotate"]
+                 "decode_fast_paths", "prefill_fast_paths", "splitk_reduce", "dequant", "dequant_packed", "rotate",
+                 "outlier_add"]
 
 
 @pytest.mark.parametrize("case,cc", [(case, cc) for case in COMPILE_CASES for cc in (80, 86, 89, 90)
                                      if cc in (80, 90) or case in ("decode_fast_paths", "prefill_fast_paths",
                                                                    "splitk_reduce", "dequant", "dequant_packed",
-                                                                   "rotate")])  # variants: sm_80, sm_90
+                                                                   "rotate", "outlier_add")])  # variants: sm_80, sm_90
 def inner_compile(case, cc):
     import triton
     from triton.backends.compiler import GPUTarget

@@ -37,6 +37,9 @@ _KERNELS: dict[str, Kernel] = {}
 _PROVIDERS: dict[str, list[str]] = {"cuda": ["fasq.kernels.triton_kernels", "fasq.kernels.cuda_decode"],
                                     "cpu": ["fasq.kernels.cpu"]}
 _loaded: set[str] = set()
+# device type -> fn(y, x, layer) adding a layer's sparse outlier correction to a kernel's output
+# (registered by a provider; the reference's index_add serves other devices).
+_OUTLIER_ADDERS: dict[str, Callable[..., torch.Tensor]] = {}
 _warned: set[str] = set()
 
 
@@ -47,6 +50,10 @@ def register(kernel: Kernel) -> None:
     global _generation
     _KERNELS[kernel.name] = kernel
     _generation += 1
+
+
+def register_outlier_adder(device_type: str, fn: Callable[..., torch.Tensor]) -> None:
+    _OUTLIER_ADDERS[device_type] = fn
 
 
 def kernels() -> list[Kernel]:
@@ -108,11 +115,14 @@ def pq_linear(x: torch.Tensor, layer) -> torch.Tensor:
     choices = layer.__dict__.get("_fasq_choices")
     if choices is None:
         choices = layer.__dict__["_fasq_choices"] = {}
-    k = choices.get(key, choices)
-    if k is choices:
+    entry = choices.get(key)
+    if entry is None:
         if len(choices) >= 8:
             choices.clear()
-        k = choices[key] = select(layer, x)
+        kernel = select(layer, x)                       # (loads the device's providers first)
+        adder = _OUTLIER_ADDERS.get(x.device.type) if "outliers" not in _disabled() else None
+        entry = choices[key] = (kernel, adder)
+    k, adder = entry
     if k is not None:
         y = k.fn(x, layer)
         if k.install is not None and not torch.compiler.is_compiling():
@@ -124,7 +134,10 @@ def pq_linear(x: torch.Tensor, layer) -> torch.Tensor:
                         "slow plain-PyTorch reference", layer.spec, x.reshape(-1, x.shape[-1]).shape[0])
         y = reference_linear(x, layer)
     if layer.spec.n_outliers:  # kernels compute the product-quantized part; the sparse correction is added here
-        y = reference.add_outliers_to_output(y, x, *_outlier_operands(layer))
+        if adder is not None:   # one launch (the CUDA provider's), where the device has one
+            y = adder(y, x, layer)
+        else:
+            y = reference.add_outliers_to_output(y, x, *_outlier_operands(layer))
     return y
 
 

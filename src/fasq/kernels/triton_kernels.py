@@ -44,8 +44,8 @@ import triton
 
 from .. import reference
 from ..format import code_bits, packed_words
-from . import Kernel, register
-from .triton_pq import dequant_kernel, pq_matmul_kernel, rotate_kernel, splitk_reduce_kernel
+from . import Kernel, register, register_outlier_adder
+from .triton_pq import dequant_kernel, outlier_add_kernel, pq_matmul_kernel, rotate_kernel, splitk_reduce_kernel
 
 DECODE_MAX_TOKENS = 16
 METHODS = ("decode", "prefill", "dequant")
@@ -475,6 +475,52 @@ def _dequant_ok(layer, x: torch.Tensor) -> bool:
     return _layer_ok(layer, x) and (_packed(layer, x) or _tokens(x) > DECODE_MAX_TOKENS)
 
 
+# ---------------------------------------------------------------------------------------------
+# The sparse outlier correction in one launch (the reference's index_add takes four on a GPU).
+
+def outlier_csr(idx: torch.Tensor, val: torch.Tensor, in_features: int, out_features: int) -> tuple:
+    """(rowptr int32 [out + 1], cols int32 [n], vals [n]) of the flat outlier indices, sorted by row."""
+    rows, cols = reference.outlier_rows_cols(idx, in_features)
+    order = torch.argsort(rows, stable=True)
+    counts = torch.bincount(rows, minlength=out_features)
+    rowptr = torch.zeros(out_features + 1, dtype=torch.int32, device=idx.device)
+    rowptr[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    return rowptr, cols[order].to(torch.int32).contiguous(), val[order].contiguous()
+
+
+@torch.library.custom_op("fasq::triton_add_outliers", mutates_args=())
+def triton_add_outliers(y: torch.Tensor, x: torch.Tensor, rowptr: torch.Tensor, cols: torch.Tensor,
+                        vals: torch.Tensor) -> torch.Tensor:
+    """y + x S^T for a layer's sparse correction S given as CSR (:func:`outlier_csr`); y: [..., out],
+    x: [..., in] (the layer's unrotated input)."""
+    out_f, in_f = y.shape[-1], x.shape[-1]
+    y2 = y.reshape(-1, out_f).contiguous()
+    x2 = x.reshape(-1, in_f).contiguous()
+    out = _new_buffer(y2.shape, y.dtype, y.device)
+    tokens = y2.shape[0]
+    if tokens and out_f:
+        bt = min(16, triton.next_power_of_2(tokens))
+        outlier_add_kernel[(triton.cdiv(tokens, bt), triton.cdiv(out_f, 64))](
+            y2, x2, rowptr, cols, vals, out, tokens, in_f, out_f, BLOCK_T=bt, BLOCK_R=64, num_warps=4)
+    return out.reshape(y.shape)
+
+
+@triton_add_outliers.register_fake
+def _(y, x, rowptr, cols, vals):
+    return torch.empty_like(y)
+
+
+def _add_outliers(y: torch.Tensor, x: torch.Tensor, layer) -> torch.Tensor:
+    idx, val = layer.outlier_idx, layer.outlier_val
+    key = (idx.data_ptr(), val.data_ptr(), idx.device, None if idx.is_inference() else idx._version)
+    cached = layer.__dict__.get("_fasq_outlier_csr")
+    if cached is None or cached[0] != key:
+        cached = layer.__dict__["_fasq_outlier_csr"] = (key, *outlier_csr(idx, val, layer.in_features,
+                                                                          layer.out_features))
+    return torch.ops.fasq.triton_add_outliers(y, x, *cached[1:])
+
+
+register_outlier_adder("cuda", _add_outliers)
 register(Kernel("triton_decode", ("cuda",), _decode_ok, _method_fn("decode"), priority=30))
 register(Kernel("triton_dequant", ("cuda",), _dequant_ok, _method_fn("dequant"), priority=20))
 register(Kernel("triton_prefill", ("cuda",), _layer_ok, _method_fn("prefill"), priority=10))

@@ -316,3 +316,32 @@ def rotate_kernel(x_ptr, signs_ptr, h_ptr, y_ptr, T, IN, BLOCK: tl.constexpr, BL
         else:
             acc += tl.dot(xs, hk)
     tl.store(y_ptr + rows + offs_c[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask_t[:, None])
+
+
+@triton.jit(do_not_specialize=["T"])
+def outlier_add_kernel(y_ptr, x_ptr, rowptr_ptr, cols_ptr, vals_ptr, out_ptr, T, IN, OUT,
+                       BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr):
+    """out[t, r] = y[t, r] + sum over the layer's outliers p in row r of vals[p] * x[t, cols[p]].
+
+    The sparse correction of a layer (``docs/format.md``) in one launch: rowptr int32 [OUT + 1] and
+    cols int32 / vals fp16 [n] sorted by row (CSR); x [T, IN] is the unrotated input, y and out
+    [T, OUT] in y's dtype; products and sums in fp32.  Grid: (token tiles, row tiles).
+    """
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_t = offs_t < T
+    mask_r = offs_r < OUT
+    start = tl.load(rowptr_ptr + offs_r, mask=mask_r, other=0)
+    nnz = tl.load(rowptr_ptr + offs_r + 1, mask=mask_r, other=0) - start
+    x_rows = x_ptr + offs_t.to(tl.int64)[:, None] * IN
+    acc = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
+    for i in range(0, tl.max(nnz, axis=0)):
+        m = mask_r & (i < nnz)
+        c = tl.load(cols_ptr + start + i, mask=m, other=0)
+        v = tl.load(vals_ptr + start + i, mask=m, other=0.0).to(tl.float32)
+        xv = tl.load(x_rows + c[None, :], mask=mask_t[:, None] & m[None, :], other=0.0).to(tl.float32)
+        acc += xv * v[None, :]
+    ptrs = offs_t.to(tl.int64)[:, None] * OUT + offs_r[None, :]
+    mask = mask_t[:, None] & mask_r[None, :]
+    y = tl.load(y_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + ptrs, (y + acc).to(out_ptr.dtype.element_ty), mask=mask)
