@@ -16,7 +16,7 @@
    (VmHWM) is its own; with all threads and with 1 thread.
 
 Writes JSON (--out) and the section between ``<!-- cpu:begin -->`` and ``<!-- cpu:end -->`` of
-BENCHMARKS.md.  For one model, ``fasq bench`` can call ``fasq.kernels.cpu.bench_model``; this
+BENCHMARKS.md.  For whole models side by side see ``fasq bench`` (``fasq.bench``); this
 file's :func:`bench_kernels` and :func:`bench_e2e` are importable too.
 """
 from __future__ import annotations

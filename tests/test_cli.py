@@ -44,3 +44,21 @@ def test_bad_setting_is_a_clear_error(model_dir, tmp_path, capsys):
 def test_python_dash_m_entry_point():
     r = subprocess.run([sys.executable, "-m", "fasq", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "quantize" in r.stdout
+
+
+def test_bench_compares_models_side_by_side(model_dir, tmp_path, capsys):
+    """fasq bench: each model decoded in its own process, alternating; speed relative to the first
+    model, peak memory, and how many greedy tokens agree with the first model's."""
+    out = tmp_path / "qb"
+    assert main(["quantize", str(model_dir), "-o", str(out), "-d", "2", "-k", "16", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["bench", str(model_dir), str(out), "--new-tokens", "4", "--repeats", "1", "--threads", "1",
+                 "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["model"] for r in rows] == [str(model_dir), str(out)]
+    base, q = rows
+    assert base["bits_per_weight"] == 32.0 and 1 < q["bits_per_weight"] < 16
+    assert len(base["all_tokens_per_s"]) == len(q["all_tokens_per_s"]) == 1
+    assert base["speedup_vs_first_run_median"] == 1.0 and q["speedup_vs_first_run_median"] > 0
+    assert base["same_tokens_as_first"] == len(base["generated"]) == 4
+    assert q["weights_mib"] < base["weights_mib"] and q["peak_rss_mib"] > 0

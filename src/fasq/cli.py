@@ -212,6 +212,30 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from . import bench
+
+    args.prompt = args.prompt or bench.DEFAULT_PROMPT
+    if args.worker:   # one run, in its own process (bench.bench starts these)
+        res = bench.run_one(args.models[0], new_tokens=args.new_tokens, prompt=args.prompt, device=args.device,
+                            threads=args.threads)
+        Path(args.worker).write_text(json.dumps(res))
+        return 0
+    if args.new_tokens < 2:
+        raise SystemExit("fasq bench: --new-tokens must be at least 2")
+    rows = bench.bench(args.models, new_tokens=args.new_tokens, prompt=args.prompt, device=args.device,
+                       threads=args.threads, repeats=args.repeats,
+                       log=(lambda *a: None) if args.quiet or args.json else (lambda m: print(m, file=sys.stderr)))
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(bench.table(rows))
+        print(f"\n{args.new_tokens} greedy tokens after the same prompt, {args.repeats} alternating runs per model "
+              f"({args.device}, {rows[0]['threads']} thread(s)); tok/s: best run; vs first: median of run-by-run "
+              f"ratios; same tokens: greedy tokens equal to the first model's")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
 def add_quant_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantization settings (defaults: FASQConfig)")
@@ -287,6 +311,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true")
     add_quant_args(p)
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("bench", help="end-to-end decoding speed and peak memory of models, side by side")
+    p.add_argument("models", nargs="+", help="fasq directories, 'smollm2', HF directories or ids, .gguf files")
+    p.add_argument("--new-tokens", dest="new_tokens", type=int, default=64)
+    p.add_argument("--prompt", default=None, help="prompt text (default: a short question, in the chat template)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (cuda: 16-bit activations)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--repeats", type=int, default=3, help="alternating runs per model")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.set_defaults(fn=cmd_bench)
 
     add_stream_cli(sub)   # fasq verify
     add_sweep_cli(sub)    # fasq sweep

@@ -32,11 +32,8 @@ buffers, registry, ``$FASQ_DISABLE_KERNELS``), and the registry path runs (and r
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import os
-import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -366,52 +363,5 @@ for _name, _supports, _priority in (("lut", _supports_lut, 30), ("perm", _suppor
 
 
 # ----------------------------------------------------------------------------------------------
-@torch.inference_mode()
-def bench_decode(model, input_ids: torch.Tensor, new_tokens: int = 64, warmup: int = 4) -> dict:
-    """Greedy decode ``new_tokens`` after ``input_ids`` [1, S] with a Hugging Face causal LM.
-
-    Returns the generated ids, prefill seconds, decode tokens/s, the median decode step (ms) and
-    CPU seconds per decoded token
-    (the prompt is prefilled once, then one token per forward with the KV cache; a warm-up run
-    first prepares per-layer kernel caches).  ``fasq bench`` and benchmarks/cpu.py use it.
-    """
-    params = inspect.signature(model.forward).parameters
-    cache_kw = "cache" if "cache" in params else "past_key_values"     # transformers >= 5 says "cache"
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-
-    def run(n):
-        out = model(input_ids=input_ids, use_cache=True, **extra)
-        past, tok = getattr(out, cache_kw), out.logits[:, -1:].argmax(-1)
-        marks = [(time.perf_counter(), time.process_time())]
-        toks = [tok]
-        for _ in range(n - 1):
-            out = model(input_ids=tok, use_cache=True, **{cache_kw: past}, **extra)
-            past, tok = getattr(out, cache_kw), out.logits[:, -1:].argmax(-1)
-            toks.append(tok)
-            marks.append((time.perf_counter(), time.process_time()))
-        return torch.cat(toks, 1), marks
-
-    if warmup:
-        run(min(warmup, new_tokens))
-    t0 = time.perf_counter()
-    ids, marks = run(new_tokens)
-    (t1, c1), (t2, c2) = marks[0], marks[-1]
-    steps = [b[0] - a[0] for a, b in zip(marks, marks[1:])] or [float("nan")]
-    return {"generated": ids[0].tolist(), "prefill_s": t1 - t0, "decode_s": t2 - t1,
-            "decode_tokens_per_s": len(steps) / (t2 - t1) if new_tokens > 1 else float("nan"),
-            # robust to other jobs on a shared machine: the median step, and CPU time per step
-            "decode_step_ms_median": 1e3 * statistics.median(steps),
-            "decode_cpu_s_per_token": (c2 - c1) / len(steps)}
-
-
-def bench_model(model, tokenizer, prompt: str = "Explain in a few sentences why the sky is blue.",
-                new_tokens: int = 64, warmup: int = 4, chat: bool = True) -> dict:
-    """:func:`bench_decode` from a text prompt (wrapped in the tokenizer's chat template when it has
-    one and ``chat``); adds the prompt length and the decoded text.  The entry for ``fasq bench``."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                               add_generation_prompt=True)
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    res = bench_decode(model, ids, new_tokens=new_tokens, warmup=warmup)
-    res.update(prompt_tokens=int(ids.shape[1]), text=tokenizer.decode(res["generated"], skip_special_tokens=True))
-    return res
+# Whole-model decoding speed: in fasq.bench (``fasq bench``); kept here under their old names.
+from ..bench import bench_decode, bench_model  # noqa: E402,F401

@@ -1,0 +1,185 @@
+"""``fasq bench``: end-to-end greedy decoding speed and peak memory of whole models, side by side.
+
+    fasq bench smollm2 out/smollm2-fasq            # the original and a quantized model, CPU
+    fasq bench out/model-fasq --device cuda --new-tokens 128
+
+Each model is loaded and decoded in its own subprocess (so that each peak memory is its own), the
+models alternate for ``--repeats`` rounds, and the table reports each model's best decode speed,
+its speed relative to the first model (the median of round-by-round ratios: robust to a shared
+machine's slow and fast phases), its peak memory and its size.  The same prompt (in the chat
+template where the tokenizer has one) and the same number of new tokens for every model.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+DEFAULT_PROMPT = "Explain in a few sentences why the sky is blue."
+
+
+@torch.inference_mode()
+def bench_decode(model, input_ids: torch.Tensor, new_tokens: int = 64, warmup: int = 4) -> dict:
+    """Greedy decode ``new_tokens`` after ``input_ids`` [1, S] with a Hugging Face causal LM.
+
+    Returns the generated ids, prefill seconds, decode tokens/s, the median decode step (ms) and
+    CPU seconds per decoded token (the prompt is prefilled once, then one token per forward with the
+    KV cache; a warm-up run first prepares per-layer kernel caches and compiles GPU kernels).  On a
+    GPU every step is synchronized before its time is read.
+    """
+    params = inspect.signature(model.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"     # transformers >= 5 says "cache"
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    sync = torch.cuda.synchronize if input_ids.is_cuda else (lambda: None)
+
+    def run(n):
+        out = model(input_ids=input_ids, use_cache=True, **extra)
+        past, tok = getattr(out, cache_kw), out.logits[:, -1:].argmax(-1)
+        sync()
+        marks = [(time.perf_counter(), time.process_time())]
+        toks = [tok]
+        for _ in range(n - 1):
+            out = model(input_ids=tok, use_cache=True, **{cache_kw: past}, **extra)
+            past, tok = getattr(out, cache_kw), out.logits[:, -1:].argmax(-1)
+            toks.append(tok)
+            sync()
+            marks.append((time.perf_counter(), time.process_time()))
+        return torch.cat(toks, 1), marks
+
+    if warmup:
+        run(min(warmup, new_tokens))
+    sync()
+    t0 = time.perf_counter()
+    ids, marks = run(new_tokens)
+    (t1, c1), (t2, c2) = marks[0], marks[-1]
+    steps = [b[0] - a[0] for a, b in zip(marks, marks[1:])] or [float("nan")]
+    return {"generated": ids[0].tolist(), "prefill_s": t1 - t0, "decode_s": t2 - t1,
+            "decode_tokens_per_s": len(steps) / (t2 - t1) if new_tokens > 1 else float("nan"),
+            # robust to other jobs on a shared machine: the median step, and CPU time per step
+            "decode_step_ms_median": 1e3 * statistics.median(steps),
+            "decode_cpu_s_per_token": (c2 - c1) / len(steps)}
+
+
+def bench_model(model, tokenizer, prompt: str = DEFAULT_PROMPT, new_tokens: int = 64, warmup: int = 4,
+                chat: bool = True) -> dict:
+    """:func:`bench_decode` from a text prompt (wrapped in the tokenizer's chat template when it has
+    one and ``chat``); adds the prompt length and the decoded text."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                               add_generation_prompt=True)
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
+    res = bench_decode(model, ids, new_tokens=new_tokens, warmup=warmup)
+    res.update(prompt_tokens=int(ids.shape[1]), text=tokenizer.decode(res["generated"], skip_special_tokens=True))
+    return res
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM where /proc has it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _weights_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def run_one(model_arg: str, new_tokens: int = 64, prompt: str = DEFAULT_PROMPT, device: str = "cpu",
+            threads: int = 0, dense_16bit: bool = True) -> dict:
+    """Load one model (a fasq directory, ``smollm2``, an HF directory or id, a .gguf) and decode."""
+    from . import io
+    from .cli import is_fasq_dir, load_any
+    from .model import model_size_report
+
+    if threads:
+        torch.set_num_threads(threads)
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    t0 = time.perf_counter()
+    if is_fasq_dir(model_arg):
+        model, tok = io.load(model_arg, device=device, dtype=dtype, with_tokenizer=True,
+                             dense_16bit=dense_16bit and not device.startswith("cuda"))
+    else:
+        model, tok = load_any(model_arg, dtype=dtype)
+        model.to(device)
+    model.eval()
+    load_s = time.perf_counter() - t0
+    rep = model_size_report(model)
+    quantized = bool(rep.get("quantized_layers"))
+    dense = next((m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)), None)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    res = bench_model(model, tok, prompt, new_tokens=new_tokens)
+    res.update(model=model_arg, device=device, threads=torch.get_num_threads(), load_s=round(load_s, 2),
+               quantized=quantized, bits_per_weight=(rep["bits_per_weight"] if quantized else
+                                                     8.0 * dense.element_size() if dense is not None else None),
+               weights_mib=round(_weights_bytes(model) / 2**20, 1), peak_rss_mib=round(peak_rss_mib(), 1))
+    if device.startswith("cuda"):
+        res["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return res
+
+
+def bench(models: list[str], new_tokens: int = 64, prompt: str = DEFAULT_PROMPT, device: str = "cpu",
+          threads: int = 0, repeats: int = 3, log=print) -> list[dict]:
+    """Every model decoded ``repeats`` times, alternating, each run in a fresh subprocess."""
+    runs: dict[str, list[dict]] = {m: [] for m in models}
+    for r in range(repeats):
+        for m in models:
+            with tempfile.TemporaryDirectory() as tmp:
+                out = os.path.join(tmp, "run.json")
+                cmd = [sys.executable, "-m", "fasq", "bench", m, "--worker", out, "--new-tokens", str(new_tokens),
+                       "--prompt", prompt, "--device", device, "--threads", str(threads)]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"fasq bench: the run of {m} failed:\n{proc.stderr[-3000:]}")
+                with open(out) as f:
+                    res = json.load(f)
+            runs[m].append(res)
+            log(f"round {r + 1}/{repeats} {m}: {res['decode_tokens_per_s']:.1f} tok/s, "
+                f"peak RSS {res['peak_rss_mib']:.0f} MiB")
+    rows = []
+    for m in models:
+        best = dict(max(runs[m], key=lambda d: d["decode_tokens_per_s"]))
+        best["all_tokens_per_s"] = [round(d["decode_tokens_per_s"], 2) for d in runs[m]]
+        best["peak_rss_mib"] = max(d["peak_rss_mib"] for d in runs[m])
+        best["decode_step_ms_median"] = min(d["decode_step_ms_median"] for d in runs[m])
+        rows.append(best)
+    base = rows[0]
+    for row in rows:
+        ratios = [a / b for a, b in zip(row["all_tokens_per_s"], base["all_tokens_per_s"])]
+        row["speedup_vs_first_run_median"] = round(statistics.median(ratios), 3)
+        row["speedup_vs_first_runs"] = [round(v, 3) for v in ratios]
+        row["same_tokens_as_first"] = sum(a == b for a, b in zip(row["generated"], base["generated"]))
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    name_w = max(12, *(len(r["model"]) for r in rows))
+    mem = "peak GPU MiB" if "peak_gpu_mib" in rows[0] else "peak RSS MiB"
+    lines = [f"{'model':<{name_w}} {'bits/w':>7} {'weights MiB':>11} {'tok/s':>8} {'vs first':>8} "
+             f"{'ms/step':>8} {mem:>12} {'same tokens':>11}"]
+    for r in rows:
+        bpw = f"{r['bits_per_weight']:.3f}" if r["bits_per_weight"] else "-"
+        peak = r.get("peak_gpu_mib", r["peak_rss_mib"])
+        lines.append(f"{r['model']:<{name_w}} {bpw:>7} {r['weights_mib']:>11.1f} {r['decode_tokens_per_s']:>8.1f} "
+                     f"{r['speedup_vs_first_run_median']:>7.2f}x {r['decode_step_ms_median']:>8.2f} {peak:>12.0f} "
+                     f"{r['same_tokens_as_first']:>5}/{len(r['generated'])}")
+    return "\n".join(lines)
