@@ -62,3 +62,5 @@ def test_bench_compares_models_side_by_side(model_dir, tmp_path, capsys):
     assert base["speedup_vs_first_run_median"] == 1.0 and q["speedup_vs_first_run_median"] > 0
     assert base["same_tokens_as_first"] == len(base["generated"]) == 4
     assert q["weights_mib"] < base["weights_mib"] and q["peak_rss_mib"] > 0
+    assert main(["bench", str(tmp_path / "missing"), "--new-tokens", "2", "--repeats", "1"]) == 2
+    assert "missing" in capsys.readouterr().err

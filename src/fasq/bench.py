@@ -148,8 +148,9 @@ def bench(models: list[str], new_tokens: int = 64, prompt: str = DEFAULT_PROMPT,
                 cmd = [sys.executable, "-m", "fasq", "bench", m, "--worker", out, "--new-tokens", str(new_tokens),
                        "--prompt", prompt, "--device", device, "--threads", str(threads)]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise RuntimeError(f"fasq bench: the run of {m} failed:\n{proc.stderr[-3000:]}")
+                if proc.returncode != 0:   # the child's last line is its error message
+                    last = next((ln for ln in reversed(proc.stderr.splitlines()) if ln.strip()), "no output")
+                    raise ValueError(f"bench: loading or decoding {m} failed: {last}")
                 with open(out) as f:
                     res = json.load(f)
             runs[m].append(res)
