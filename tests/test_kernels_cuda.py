@@ -151,7 +151,7 @@ def test_gpu_cuda_decode_matches_reference(dtype, poisoned):
             x = torch.randn(t, s.in_features, device="cuda", dtype=dtype)
             ref = reference_out(layer, x)
             xr = cd.rotate(x, layer.rot_signs, s.rotation_block) if s.rotation_block else x
-            for nwarps, rowt, splits in ((8, 1, 0), (2, 4, 100)):
+            for nwarps, rowt, splits in ((8, 1, 0), (16, 1, 0), (2, 4, 100)):
                 for fused in (True, False):    # the kernel rotates x / x comes rotated
                     rot = s.rotation_block if fused else 0
                     cfg = cd.plan(t, s.in_features, s.out_features, s.subvector_dim, s.num_centroids, n_groups,
