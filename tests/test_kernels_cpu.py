@@ -370,3 +370,27 @@ def test_layer_copies_and_pickles_after_calls():
     for other in (copy.deepcopy(layer), torch.load(buf, weights_only=False)):
         assert not any(k.startswith("_fasq_") for k in other.__dict__)
         assert torch.equal(other(x), y) and torch.equal(other(x), y2)
+
+
+def test_outlier_op_matches_reference_and_checks_its_inputs():
+    """fasq::cpu_add_outliers (the registry's CPU outlier adder for calls the Plan does not serve):
+    y + the sparse correction, 2-D and 3-D, fp32 / bf16, a new tensor; bad indices are an error."""
+    if not cpu.available():
+        pytest.skip("CPU kernel not built")
+    g = torch.Generator().manual_seed(7)
+    in_f, out_f, n = 40, 70, 90
+    idx = torch.randperm(in_f * out_f, generator=g)[:n].int()
+    val = torch.randn(n, generator=g).half()
+    rows, cols = reference.outlier_rows_cols(idx, in_f)
+    ops = (rows.contiguous(), cols.contiguous(), val.float())
+    for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        for lead in ((33,), (2, 5)):
+            x = torch.randn(*lead, in_f, generator=g).to(dt)
+            y = torch.randn(*lead, out_f, generator=g).to(dt)
+            y0 = y.clone()
+            out = torch.ops.fasq.cpu_add_outliers(y, x, *ops)
+            ref = reference.add_outliers_to_output(y.float(), x.float(), rows, cols, val)
+            assert out.shape == y.shape and out.dtype == dt and torch.equal(y, y0)
+            assert (out.float() - ref).abs().max().item() <= tol * ref.abs().max().item()
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.fasq.cpu_add_outliers(y, x, ops[0] + out_f, ops[1], ops[2])

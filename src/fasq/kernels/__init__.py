@@ -120,7 +120,8 @@ def pq_linear(x: torch.Tensor, layer) -> torch.Tensor:
         if len(choices) >= 8:
             choices.clear()
         kernel = select(layer, x)                       # (loads the device's providers first)
-        adder = _OUTLIER_ADDERS.get(x.device.type) if "outliers" not in _disabled() else None
+        off = _disabled()
+        adder = _OUTLIER_ADDERS.get(x.device.type) if not off & {"all", "outliers"} else None
         entry = choices[key] = (kernel, adder)
     k, adder = entry
     if k is not None:

@@ -42,7 +42,7 @@ import torch
 from .. import reference
 from ..format import LayerSpec, unpack_codes
 from ..native import build_first_that_works
-from . import Kernel, register
+from . import Kernel, register, register_outlier_adder
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,7 @@ def _build_or_fail() -> int:
     lib.set_module_globals(vars(_module_py))  # where nn.Module keeps the global hooks (Plan.call checks them)
     torch.library.register_fake("fasq::cpu_pq_linear")(_fake_cpu_pq_linear)
     torch.library.register_fake("fasq::cpu_dense16_linear")(_fake_cpu_dense16_linear)
+    torch.library.register_fake("fasq::cpu_add_outliers")(lambda y, x, rows, cols, vals: torch.empty_like(y))
     return int(torch.ops.fasq.cpu_features())
 
 
@@ -360,6 +361,27 @@ for _name, _supports, _priority in (("lut", _supports_lut, 30), ("perm", _suppor
                                    ("direct", _supports_direct, 20), ("tiled", _supports_tiled, 10)):
     register(Kernel(f"cpu_{_name}", ("cpu",), _supports, lambda x, layer, m=_name: cpu_linear(x, layer, m),
                     priority=_priority, install=lambda layer, x, m=_name: install_plan(layer, x, m)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The sparse outlier correction for the calls the Plan does not serve (the tiled path for many
+# tokens): one C++ op, tokens over threads, instead of the reference's gather + index_add.
+def _add_outliers(y: torch.Tensor, x: torch.Tensor, layer) -> torch.Tensor:
+    idx, val = layer.outlier_idx, layer.outlier_val
+    if not available() or y.dtype != x.dtype or y.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        rows, cols = reference.outlier_rows_cols(idx, layer.in_features)
+        return reference.add_outliers_to_output(y, x, rows, cols, val)
+    key = (idx.data_ptr(), val.data_ptr(), None if idx.is_inference() else idx._version,
+           None if val.is_inference() else val._version)
+    cached = layer.__dict__.get("_fasq_cpu_outliers")
+    if cached is None or cached[0] != key:
+        rows, cols = reference.outlier_rows_cols(idx, layer.in_features)
+        cached = layer.__dict__["_fasq_cpu_outliers"] = (key, rows.contiguous(), cols.contiguous(),
+                                                        val.float().contiguous())
+    return torch.ops.fasq.cpu_add_outliers(y, x, *cached[1:])
+
+
+register_outlier_adder("cpu", _add_outliers)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1083,12 +1083,11 @@ static void run_tiled(const at::Tensor& x2, at::Tensor& y, const at::Tensor& cod
   int64_t R = std::max<int64_t>(16, (int64_t(2) << 20) / std::max<int64_t>(1, width * 4));
   R = std::min<int64_t>(out, (R + 15) / 16 * 16);
   at::Tensor tile = at::empty({R, width}, x2.options().dtype(at::kFloat));
-  at::Tensor yT = at::empty({out, T}, x2.options());
-  if (mt[M_POISON]) tile.fill_(std::numeric_limits<float>::quiet_NaN()), yT.fill_(NAN);
+  at::Tensor y2 = y.view({T, out});
+  if (mt[M_POISON]) tile.fill_(std::numeric_limits<float>::quiet_NaN());
   const uint8_t* cbase = reinterpret_cast<const uint8_t*>(codes.data_ptr<int32_t>());
   const float* tb = tables.data_ptr<float>();
   const c10::Half* sp = ng ? scales.data_ptr<c10::Half>() : nullptr;
-  const at::Tensor xT = xr.t();
   float* tp = tile.data_ptr<float>();
   const int nth = n_threads(2.5 * static_cast<double>(R) * nsub * Mb);
   (void)nth;  // unused when built without OpenMP
@@ -1110,11 +1109,11 @@ static void run_tiled(const at::Tensor& x2, at::Tensor& y, const at::Tensor& cod
     }
     at::Tensor w = tile.narrow(0, 0, n).narrow(1, 0, in);
     if (dt != at::kFloat) w = w.to(dt);  // the reference also rounds W_r to x's dtype
-    at::Tensor dst = yT.narrow(0, o0, n);
-    at::mm_out(dst, w, xT);
+    // Straight into y's columns [o0, o0 + n) (a strided GEMM output: no transposed copy of y).
+    at::Tensor dst = y2.narrow(1, o0, n);
+    at::mm_out(dst, xr, w.t());
   }
-  if (bias.defined() && bias.numel()) yT.add_(bias.to(dt).unsqueeze(1));
-  y.view({T, out}).copy_(yT.t());
+  if (bias.defined() && bias.numel()) y2.add_(bias.to(dt));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1360,6 +1359,58 @@ at::Tensor cpu_pq_linear(const at::Tensor& x, const at::Tensor& codes, const at:
 // The sparse outlier correction y[t, row] += val * x[t, col] is added here too, in fp32.
 constexpr int kPlanTokens = 16;  // = FEW_MAX_TOKENS in cpu.py
 
+// y[t, row[k]] += val[k] * x[t, col[k]] for tokens [t0, t1): a layer's sparse outlier correction,
+// summed in fp32 and rounded once to y's dtype per entry.  y [T, out] and x [T, in] contiguous, one
+// dtype; rows / cols int64 and vals fp32, contiguous, of one length.
+static void add_outliers_rows(at::Tensor& y, const at::Tensor& x, const at::Tensor& rows, const at::Tensor& cols,
+                              const at::Tensor& vals, int64_t t0, int64_t t1) {
+  const int64_t n = rows.numel(), in = x.size(-1), out = y.size(-1);
+  const int64_t* r = rows.data_ptr<int64_t>();
+  const int64_t* c = cols.data_ptr<int64_t>();
+  const float* v = vals.data_ptr<float>();
+  auto go = [&](auto* yp, const auto* xp) {
+    using Y = std::remove_pointer_t<decltype(yp)>;
+    for (int64_t t = t0; t < t1; ++t) {
+      Y* yt = yp + t * out;
+      const auto* xt = xp + t * in;
+      for (int64_t k = 0; k < n; ++k)
+        yt[r[k]] = static_cast<Y>(static_cast<float>(yt[r[k]]) + v[k] * static_cast<float>(xt[c[k]]));
+    }
+  };
+  switch (y.scalar_type()) {
+    case at::kFloat: go(y.data_ptr<float>(), x.data_ptr<float>()); break;
+    case at::kBFloat16: go(y.data_ptr<c10::BFloat16>(), x.data_ptr<c10::BFloat16>()); break;
+    case at::kHalf: go(y.data_ptr<c10::Half>(), x.data_ptr<c10::Half>()); break;
+    default: TORCH_CHECK(false, "fasq: outliers: bad dtype ", y.scalar_type());
+  }
+}
+
+// fasq::cpu_add_outliers: y + the sparse correction, as a new tensor (tokens split over threads).
+// The registry adds it after the kernels that leave it out (the tiled path for many tokens); the
+// reference's gather + index_add cost ~5x more at prefill sizes.
+static at::Tensor cpu_add_outliers(const at::Tensor& y, const at::Tensor& x, const at::Tensor& rows,
+                                   const at::Tensor& cols, const at::Tensor& vals) {
+  TORCH_CHECK(y.scalar_type() == x.scalar_type(), "fasq: outliers: y and x must have one dtype");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && cols.scalar_type() == at::kLong && vals.scalar_type() == at::kFloat &&
+              rows.is_contiguous() && cols.is_contiguous() && vals.is_contiguous() &&
+              rows.numel() == cols.numel() && vals.numel() == rows.numel(),
+              "fasq: outliers must be contiguous int64 rows / cols and fp32 values of one length");
+  const int64_t out = y.size(-1), in = x.size(-1), T = out ? y.numel() / out : 0;
+  TORCH_CHECK(in ? x.numel() / in == T : T == 0, "fasq: outliers: x and y have different token counts");
+  at::Tensor res = y.reshape({T, out}).clone(at::MemoryFormat::Contiguous);
+  const at::Tensor x2 = x.reshape({T, in}).contiguous();
+  if (rows.numel() && T) {
+    const int64_t* r = rows.data_ptr<int64_t>();
+    const int64_t* c = cols.data_ptr<int64_t>();
+    const int64_t n = rows.numel();
+    for (int64_t k = 0; k < n; ++k)
+      TORCH_CHECK(r[k] >= 0 && r[k] < out && c[k] >= 0 && c[k] < in, "fasq: outlier ", k, " out of range");
+    at::parallel_for(0, T, std::max<int64_t>(1, 65536 / std::max<int64_t>(n, 1)),
+                     [&](int64_t t0, int64_t t1) { add_outliers_rows(res, x2, rows, cols, vals, t0, t1); });
+  }
+  return res.reshape(y.sizes());
+}
+
 struct Plan {
   at::Tensor codes, tables, scales, signs, bias;  // stored layout (direct / tiled)
   at::Tensor rcodes, cbt, rscales, planes;        // repacked layout (lut / perm); undefined without VBMI
@@ -1472,28 +1523,8 @@ struct Plan {
     return *k;
   }
 
-  // y[t, row[k]] += val[k] * x[t, col[k]], summed in fp32 and rounded once to y's dtype per entry.
   void add_outliers(at::Tensor& y, const at::Tensor& x2, int64_t T) const {
-    const int64_t n = orow.numel(), in = meta[M_IN], out = meta[M_OUT];
-    const int64_t* r = orow.data_ptr<int64_t>();
-    const int64_t* c = ocol.data_ptr<int64_t>();
-    const float* v = oval.data_ptr<float>();
-    const at::Tensor xc = x2.contiguous();
-    auto go = [&](auto* yp, const auto* xp) {
-      using Y = std::remove_pointer_t<decltype(yp)>;
-      for (int64_t t = 0; t < T; ++t) {
-        Y* yt = yp + t * out;
-        const auto* xt = xp + t * in;
-        for (int64_t k = 0; k < n; ++k)
-          yt[r[k]] = static_cast<Y>(static_cast<float>(yt[r[k]]) + v[k] * static_cast<float>(xt[c[k]]));
-      }
-    };
-    switch (y.scalar_type()) {
-      case at::kFloat: go(y.data_ptr<float>(), xc.data_ptr<float>()); break;
-      case at::kBFloat16: go(y.data_ptr<c10::BFloat16>(), xc.data_ptr<c10::BFloat16>()); break;
-      case at::kHalf: go(y.data_ptr<c10::Half>(), xc.data_ptr<c10::Half>()); break;
-      default: TORCH_CHECK(false, "fasq Plan: bad dtype");
-    }
+    add_outliers_rows(y, x2.contiguous(), orow, ocol, oval, 0, T);
   }
 };
 
@@ -1536,11 +1567,13 @@ TORCH_LIBRARY_FRAGMENT(fasq, m) {
         "int[] meta) -> Tensor");
   m.def("cpu_dense16_linear(Tensor x, Tensor weight, Tensor? bias, int isa, bool poison) -> Tensor");
   m.def("cpu_features() -> int", &fasq_cpu::features);
+  m.def("cpu_add_outliers(Tensor y, Tensor x, Tensor rows, Tensor cols, Tensor vals) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fasq, CPU, m) {
   m.impl("cpu_pq_linear", &fasq_cpu::cpu_pq_linear);
   m.impl("cpu_dense16_linear", &fasq_cpu::cpu_dense16_linear);
+  m.impl("cpu_add_outliers", &fasq_cpu::cpu_add_outliers);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
