@@ -207,6 +207,7 @@ def cuda_rows(tokens: int, x, xr, copies, base: dict, fmt: str, device, cuda_swe
     """The CUDA decode kernel (fasq.kernels.cuda_decode) on a rotated input: its default launch
     at each token count it serves, and at 1 token a sweep of launches (``sweeps``)."""
     from fasq.kernels import cuda_decode as cd
+    from fasq.kernels import outlier_csr_cached
     s = copies[0].spec
     n_groups = copies[0].scales.shape[1]
     rb = s.rotation_block
@@ -217,24 +218,33 @@ def cuda_rows(tokens: int, x, xr, copies, base: dict, fmt: str, device, cuda_swe
 
     def run(L, cfg, fused):
         if fused:   # the input as the model has it: the kernel rotates it (or rotates it first where it cannot)
+            csr = outlier_csr_cached(L) if cfg.outliers else None
             return cd.pq_decode(x, L.codes, L.codebooks, L.scales, None, s.in_features, s.subvector_dim,
-                                s.effective_group, cfg, rot_signs=L.rot_signs, rotation_block=rb)
+                                s.effective_group, cfg, rot_signs=L.rot_signs, rotation_block=rb, outliers=csr)
         return cd.pq_decode(xr, L.codes, L.codebooks, L.scales, None, s.in_features, s.subvector_dim,
                             s.effective_group, cfg)
     dflt, dflt_rot = plan(0), plan(rb)
     if dflt is None:
         return
     ref = F.linear(xr.float(), _w_rotated(copies[0]))
+    if s.n_outliers:
+        from fasq import reference
+        rows_o, cols_o = reference.outlier_rows_cols(copies[0].outlier_idx, s.in_features)
+        ref_o = reference.add_outliers_to_output(ref, x.float(), rows_o, cols_o, copies[0].outlier_val)
     variants = [("cuda decode", dflt, False, None), ("cuda decode, rotation fused", dflt_rot, True, None)]
     if tokens == 1:   # the kernel built without its fast lookups (FQ_FAST=0), for comparison
         variants.append(("cuda decode, rotation fused, plain lookups", dflt_rot, True, "0"))
+    if s.n_outliers:  # the outlier correction in the kernel's epilogue (FASQ_CUDA_FUSED_OUTLIERS=1)
+        variants.append(("cuda decode + outliers in the epilogue", dataclasses.replace(dflt_rot, outliers=True),
+                         True, None))
     for name, cfg, fused, fast in variants:
         old = os.environ.get("FASQ_CUDA_FAST")
         if fast is not None:
             os.environ["FASQ_CUDA_FAST"] = fast
         try:
             y = run(copies[0], cfg, fused)
-            err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+            want = ref_o if cfg.outliers else ref
+            err = ((y.float() - want).abs().max() / want.abs().max()).item()
             us = gpu_time([lambda L=L: run(L, cfg, fused) for L in copies], device)
         except Exception as e:  # report, keep measuring the rest
             skipped.append(f"{name} {base['shape']} {fmt} tokens={tokens}: {type(e).__name__}: {e}")

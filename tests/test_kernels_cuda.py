@@ -7,6 +7,7 @@ and CUDA-graph capture.
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 from pathlib import Path
@@ -102,6 +103,7 @@ def test_source_compiles_with_nvcc():
                cd.plan(3, 4096, 1024, 4, 4096, 32, 128, torch.float16, "cpu", nwarps=8, rowt=1),
                cd.plan(1, 4096, 1024, 2, 16, 0, 0, torch.float16, "cpu", rowt=4),
                cd.plan(1, 4096, 14336, 2, 512, 16, 256, torch.float16, "cpu", rot_block=256)]
+    configs.append(dataclasses.replace(configs[1], outliers=True))   # FQ_OUTLIERS (FASQ_CUDA_FUSED_OUTLIERS=1)
     for arch in ("sm_80", "sm_90"):
         for cfg in configs:
             for split, bias, fast in ((False, 1, True), (True, 0, True), (False, 3, False)):
@@ -191,6 +193,35 @@ def test_gpu_outlier_correction_in_one_launch():
         y = layer(x)
         err = (y.float() - ref).abs().max().item()
         assert err <= 4e-3 * ref.abs().max().item(), f"tokens={t}: max error {err:.3g}"
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gpu_outliers_in_the_kernel_epilogue(dtype, poisoned):
+    """FQ_OUTLIERS (FASQ_CUDA_FUSED_OUTLIERS=1, off by default until this passes on a card): the kernel
+    adds the sparse correction itself, with and without a split of the reduction dim."""
+    from fasq.kernels import outlier_csr_cached
+    base = random_layer(4096, 1000, 2, 256, group=256, rot=256, seed=6)
+    n = 3000
+    spec = LayerSpec(4096, 1000, 2, 256, 1, 256, True, 256, False, n)
+    g = torch.Generator().manual_seed(8)
+    idx = torch.randperm(4096 * 1000, generator=g)[:n].to(torch.int32)
+    layer = PQLinear.from_tensors(spec, base.codes, base.codebooks, base.scales, base.rot_signs,
+                                  outlier_idx=idx, outlier_val=torch.randn(n, generator=g).half()).to("cuda")
+    csr = outlier_csr_cached(layer)
+    rows, cols = reference.outlier_rows_cols(layer.outlier_idx, 4096)
+    for t in (1, 3):
+        x = torch.randn(t, 4096, device="cuda", dtype=dtype)
+        ref = reference.add_outliers_to_output(reference_out(layer, x).float(), x.float(), rows, cols,
+                                               layer.outlier_val)
+        for splits in (0, 3):
+            cfg = cd.plan(t, 4096, 1000, 2, 256, 16, 256, dtype, "cuda", splits=splits, rot_block=256)
+            cfg = dataclasses.replace(cfg, outliers=True)
+            y = cd.pq_decode(x, layer.codes, layer.codebooks, layer.scales, None, 4096, 2, 256, cfg,
+                             rot_signs=layer.rot_signs, rotation_block=256, outliers=csr)
+            err = (y.float() - ref).abs().max().item()
+            assert err <= RTOL[dtype] * ref.abs().max().item(), f"tokens={t} splits={splits}: max error {err:.3g}"
 
 
 @gpu

@@ -30,6 +30,9 @@ class Kernel:
     # install(layer, x): called whenever the registry runs this kernel for (layer, x); may set up a
     # faster path for the next such calls (the CPU kernels' per-layer Plan, tried by PQLinear.forward).
     install: Callable[..., None] | None = None
+    # adds_outliers(layer, x): True when fn's output already includes the layer's sparse outlier
+    # correction (the registry then adds nothing).
+    adds_outliers: Callable[..., bool] | None = None
 
 
 _KERNELS: dict[str, Kernel] = {}
@@ -134,12 +137,26 @@ def pq_linear(x: torch.Tensor, layer) -> torch.Tensor:
             log.warning("fasq: no GPU kernel supports this layer/input (%s, %s tokens); falling back to the "
                         "slow plain-PyTorch reference", layer.spec, x.reshape(-1, x.shape[-1]).shape[0])
         y = reference_linear(x, layer)
-    if layer.spec.n_outliers:  # kernels compute the product-quantized part; the sparse correction is added here
+    if layer.spec.n_outliers and not (k is not None and k.adds_outliers is not None and k.adds_outliers(layer, x)):
+        # kernels compute the product-quantized part; the sparse correction is added here
         if adder is not None:   # one launch (the CUDA provider's), where the device has one
             y = adder(y, x, layer)
         else:
             y = reference.add_outliers_to_output(y, x, *_outlier_operands(layer))
     return y
+
+
+def outlier_csr_cached(layer) -> tuple:
+    """:func:`fasq.reference.outlier_csr` of a layer, cached on it (keyed by the buffers' identity
+    and version counters)."""
+    idx, val = layer.outlier_idx, layer.outlier_val
+    key = (idx.data_ptr(), val.data_ptr(), idx.device, None if idx.is_inference() else idx._version,
+           None if val.is_inference() else val._version)
+    cached = layer.__dict__.get("_fasq_outlier_csr")
+    if cached is None or cached[0] != key:
+        cached = layer.__dict__["_fasq_outlier_csr"] = (key, *reference.outlier_csr(idx, val, layer.in_features,
+                                                                                    layer.out_features))
+    return cached[1:]
 
 
 def _outlier_operands(layer) -> tuple:

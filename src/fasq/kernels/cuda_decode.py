@@ -19,6 +19,7 @@ the custom op ``torch.ops.fasq.cuda_pq_linear`` (with a fake implementation) so 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -31,7 +32,7 @@ import torch
 
 from .. import reference
 from ..format import code_bits, packed_words
-from . import Kernel, register
+from . import Kernel, outlier_csr_cached, register
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,10 @@ TABLE_MAX_BYTES = 96 * 1024
 SMEM_MAX_BYTES = 112 * 1024        # a block's shared memory at most (two blocks per multiprocessor)
 MAX_ROT_BLOCK = 1024               # in-kernel rotation: up to 32 values per lane
 FUSE_LIMIT = 64                    # in-kernel rotation while tokens * columns per thread * waves < this
+# The sparse outlier correction added in the kernel's epilogue (saving the separate launch of
+# triton_add_outliers) when FASQ_CUDA_FUSED_OUTLIERS=1.  Off by default: written after the last GPU
+# run, it has passed the compile check only (tests/test_kernels_cuda.py runs it on a GPU).
+FUSED_OUTLIERS = os.environ.get("FASQ_CUDA_FUSED_OUTLIERS", "0") == "1"
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ class Config:
     repl: bool
     scales: bool
     rotb: int           # > 0: the kernel rotates x itself (Hadamard blocks of rotb columns), 0: x comes rotated
+    outliers: bool      # the kernel adds the layer's sparse outlier correction (FQ_OUTLIERS)
     splits: int
     spans_per_split: int
 
@@ -100,19 +106,20 @@ def _sm_count(device: torch.device) -> int:
 
 def plan(tokens: int, in_features: int, out_features: int, d: int, k: int, n_groups: int, group_size: int,
          dtype: torch.dtype, device, nwarps: int = 0, rowt: int = 0, splits: int = 0,
-         rot_block: int = 0, force_rotation: bool = False) -> Optional[Config]:
+         rot_block: int = 0, force_rotation: bool = False, outliers: int = 0) -> Optional[Config]:
     """The launch for this layer and input, or None where the kernel does not apply.  ``splits``
     > 0 forces the split of the reduction dim (the benchmark's sweep).  ``rot_block`` > 0: the
     input still needs its rotation (Hadamard blocks of that many columns); the config has the
     kernel do it (``rotb``) where the blocks' column ranges and shared memory allow, else
     ``rotb`` is 0 and the caller rotates first.  The kernel rotates only where that is cheaper
-    than the separate rotation (``FUSE_LIMIT``), unless ``force_rotation`` (tests)."""
+    than the separate rotation (``FUSE_LIMIT``), unless ``force_rotation`` (tests).  ``outliers``:
+    the layer's outlier count; the kernel adds them itself where ``FUSED_OUTLIERS`` is on."""
     if not 1 <= tokens <= MAX_TOKENS or d not in (2, 4) or dtype not in (torch.float16, torch.bfloat16):
         return None
     if splits <= 0 and nwarps <= 0 and rowt <= 0:
         tuned = TUNED.get((tokens, in_features, out_features, d, k, group_size, dtype, rot_block))
         if tuned is not None:
-            return tuned
+            return dataclasses.replace(tuned, outliers=bool(outliers) and FUSED_OUTLIERS)
     bits = code_bits(k)
     if bits > 16 or in_features % 8 or in_features % d:
         return None
@@ -158,7 +165,8 @@ def plan(tokens: int, in_features: int, out_features: int, d: int, k: int, n_gro
         if (rot_block <= MAX_ROT_BLOCK and width % chunk == 0 and in_features % chunk == 0
                 and table + tokens * width * 2 <= SMEM_MAX_BYTES):
             rotb = rot_block
-    return Config(bits, d, run, nwarps, rowt, dtype == torch.bfloat16, repl, n_groups > 0, rotb, splits, per)
+    return Config(bits, d, run, nwarps, rowt, dtype == torch.bfloat16, repl, n_groups > 0, rotb,
+                  bool(outliers) and FUSED_OUTLIERS, splits, per)
 
 
 def _fast() -> bool:
@@ -170,7 +178,7 @@ def _fast() -> bool:
 def _defines(cfg: Config, split: bool, bias_kind: int, fast: bool = True) -> str:
     vals = dict(FQ_FAST=int(fast), FQ_BITS=cfg.bits, FQ_D=cfg.d, FQ_RUN=cfg.run, FQ_NWARPS=cfg.nwarps, FQ_ROWT=cfg.rowt,
                 FQ_XBF16=int(cfg.bf16), FQ_REPL=int(cfg.repl), FQ_SCALES=int(cfg.scales), FQ_SPLIT=int(split),
-                FQ_BIAS=bias_kind, FQ_ROTB=cfg.rotb, FQ_ROTS=f"{1.0 / math.sqrt(cfg.rotb or 1):.9e}f")
+                FQ_BIAS=bias_kind, FQ_ROTB=cfg.rotb, FQ_OUTLIERS=int(cfg.outliers), FQ_ROTS=f"{1.0 / math.sqrt(cfg.rotb or 1):.9e}f")
     return "".join(f"#define {n} {v}\n" for n, v in vals.items())
 
 
@@ -218,7 +226,7 @@ def _compile(src: str, name: str):
 
 def _build_key(cfg: Config) -> tuple:
     """The fields of a Config that the build depends on (splits are launch arguments)."""
-    return cfg.bits, cfg.d, cfg.run, cfg.nwarps, cfg.rowt, cfg.bf16, cfg.repl, cfg.scales, cfg.rotb
+    return cfg.bits, cfg.d, cfg.run, cfg.nwarps, cfg.rowt, cfg.bf16, cfg.repl, cfg.scales, cfg.rotb, cfg.outliers
 
 
 @functools.lru_cache(maxsize=None)
@@ -262,7 +270,7 @@ def _smem_bytes(cfg: Config, k: int, tokens: int) -> int:
 
 
 def _launch(x, codes, codebooks, scales, bias, rot_signs, y, cfg: Config, in_features: int, subvector_dim: int,
-            group_size: int, n_groups: int, k: int, tokens: int, out: int, dev: int) -> None:
+            group_size: int, n_groups: int, k: int, tokens: int, out: int, dev: int, x_orig, outliers) -> None:
     split = cfg.splits > 1
     bias_kind = 0 if bias is None else _BIAS_KIND[bias.dtype]
     smem = _smem_bytes(cfg, k, tokens)
@@ -275,7 +283,8 @@ def _launch(x, codes, codebooks, scales, bias, rot_signs, y, cfg: Config, in_fea
     fn(grid=(math.ceil(out / (16 * cfg.rowt)), cfg.splits, 1), block=(32 * cfg.nwarps, 1, 1),
        args=[x, rot_signs if cfg.rotb else x, codes, codebooks, scales,
              bias if bias is not None and not split else x, dst,
-             tokens, in_features, out, words, k, max(n_groups, 1), spans_per_group, cfg.spans_per_split, n_spans],
+             tokens, in_features, out, words, k, max(n_groups, 1), spans_per_group, cfg.spans_per_split, n_spans,
+             *((x_orig, *outliers) if cfg.outliers else (x, x, x, x))],
        shared_mem=smem)
     if split:
         n = tokens * out
@@ -286,19 +295,24 @@ def _launch(x, codes, codebooks, scales, bias, rot_signs, y, cfg: Config, in_fea
 def pq_decode(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
               bias: Optional[torch.Tensor], in_features: int, subvector_dim: int, group_size: int,
               cfg: Optional[Config] = None, rot_signs: Optional[torch.Tensor] = None,
-              rotation_block: int = 0) -> torch.Tensor:
+              rotation_block: int = 0, outliers: Optional[tuple] = None) -> torch.Tensor:
     """y [T, out] = rotate(x) [T, in] @ W_r^T (+ bias) in x's dtype; x contiguous.  Without
     ``rotation_block`` x is taken as already rotated; with it the kernel rotates x itself where
-    the config allows (``cfg.rotb``), else it is rotated first."""
+    the config allows (``cfg.rotb``), else it is rotated first.  ``outliers`` (rowptr, cols, vals
+    of :func:`fasq.reference.outlier_csr`): added by the kernel where ``cfg.outliers``, else left
+    out (the registry adds them)."""
     tokens = x.shape[0]
     out = codes.shape[1]
     k = codebooks.shape[1]
     n_groups = scales.shape[1] if scales.dim() == 2 else 0
     if cfg is None:
         cfg = plan(tokens, in_features, out, subvector_dim, k, n_groups, group_size, x.dtype, x.device,
-                   rot_block=rotation_block)
+                   rot_block=rotation_block, outliers=0 if outliers is None else outliers[1].numel())
         if cfg is None:
             raise ValueError("cuda_decode: this layer/input is not supported (see cuda_decode.plan)")
+    if cfg.outliers and outliers is None:
+        raise ValueError("cuda_decode: the config adds outliers, but none were given")
+    x_orig = x
     if rotation_block and cfg.rotb != rotation_block:
         if cfg.rotb:
             raise ValueError(f"cuda_decode: config rotates blocks of {cfg.rotb}, the layer's are {rotation_block}")
@@ -312,10 +326,10 @@ def pq_decode(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, sca
     if dev != torch.cuda.current_device():    # launch on x's device (its current stream)
         with torch.cuda.device(dev):
             _launch(x, codes, codebooks, scales, bias, rot_signs, y, cfg, in_features, subvector_dim, group_size,
-                    n_groups, k, tokens, out, dev)
+                    n_groups, k, tokens, out, dev, x_orig, outliers)
     else:
         _launch(x, codes, codebooks, scales, bias, rot_signs, y, cfg, in_features, subvector_dim, group_size,
-                n_groups, k, tokens, out, dev)
+                n_groups, k, tokens, out, dev, x_orig, outliers)
     return y
 
 
@@ -343,25 +357,35 @@ def rotate(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
 @torch.library.custom_op("fasq::cuda_pq_linear", mutates_args=())
 def cuda_pq_linear(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
                    rot_signs: torch.Tensor, bias: Optional[torch.Tensor], in_features: int, subvector_dim: int,
-                   group_size: int, rotation_block: int) -> torch.Tensor:
-    """y = x W^T + b for a PQ layer with the CUDA decode kernel; x: [..., in], 1-8 tokens."""
+                   group_size: int, rotation_block: int, orow: Optional[torch.Tensor] = None,
+                   ocol: Optional[torch.Tensor] = None, oval: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x W^T + b for a PQ layer with the CUDA decode kernel; x: [..., in], 1-8 tokens.  With
+    ``orow`` / ``ocol`` / ``oval`` (the outliers as CSR) the sparse correction is included."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features).contiguous()
     y = pq_decode(x2, codes.contiguous(), codebooks.contiguous(), scales.contiguous(),
                   None if bias is None else bias.contiguous(), in_features, subvector_dim, group_size,
-                  rot_signs=rot_signs.contiguous(), rotation_block=rotation_block)
+                  rot_signs=rot_signs.contiguous(), rotation_block=rotation_block,
+                  outliers=None if orow is None else (orow, ocol, oval))
     return y.reshape(*lead, codes.shape[1])
 
 
 @cuda_pq_linear.register_fake
-def _(x, codes, codebooks, scales, rot_signs, bias, in_features, subvector_dim, group_size, rotation_block):
+def _(x, codes, codebooks, scales, rot_signs, bias, in_features, subvector_dim, group_size, rotation_block,
+      orow=None, ocol=None, oval=None):
     return x.new_empty((*x.shape[:-1], codes.shape[1]))
+
+
+def _fused_outliers(layer, x=None) -> bool:
+    """Whether :func:`layer_linear` includes this layer's outlier correction."""
+    return FUSED_OUTLIERS and layer.spec.n_outliers > 0
 
 
 def layer_linear(x: torch.Tensor, layer) -> torch.Tensor:
     s = layer.spec
+    csr = outlier_csr_cached(layer) if _fused_outliers(layer) else (None, None, None)
     return torch.ops.fasq.cuda_pq_linear(x, layer.codes, layer.codebooks, layer.scales, layer.rot_signs, layer.bias,
-                                         s.in_features, s.subvector_dim, s.effective_group, s.rotation_block)
+                                         s.in_features, s.subvector_dim, s.effective_group, s.rotation_block, *csr)
 
 
 _broken: set[str] = set()
@@ -383,7 +407,7 @@ def _supports(layer, x: torch.Tensor) -> bool:
     tokens = x.numel() // x.shape[-1]
     n_groups = layer.scales.shape[1] if layer.scales.dim() == 2 else 0
     cfg = plan(tokens, s.in_features, s.out_features, s.subvector_dim, s.num_centroids, n_groups,
-               s.effective_group, x.dtype, x.device, rot_block=s.rotation_block)
+               s.effective_group, x.dtype, x.device, rot_block=s.rotation_block, outliers=s.n_outliers)
     if cfg is None:
         return False
     try:  # build now, so that a failed build falls back to the next kernel instead of failing the call
@@ -400,4 +424,4 @@ def _supports(layer, x: torch.Tensor) -> bool:
     return True
 
 
-register(Kernel("cuda_decode", ("cuda",), _supports, layer_linear, priority=40))
+register(Kernel("cuda_decode", ("cuda",), _supports, layer_linear, priority=40, adds_outliers=_fused_outliers))

@@ -61,6 +61,9 @@
 #ifndef FQ_ROTS
 #define FQ_ROTS 1.0f  // 1 / sqrt(FQ_ROTB)
 #endif
+#ifndef FQ_OUTLIERS
+#define FQ_OUTLIERS 0 // 1: add the layer's sparse outlier correction (CSR by row) in the epilogue
+#endif
 #ifndef FQ_FAST
 #define FQ_FAST 1     // shared-memory lookups by byte address in PTX, and a ping-pong span loop
 #endif
@@ -381,7 +384,11 @@ fasq_pq_decode(const u32* __restrict__ x,        // [T, IN/2]: x (fp16 / bf16) a
                const void* __restrict__ bias,    // [OUT] (FQ_BIAS)
                void* __restrict__ y,             // [T, OUT] in x's dtype, or fp32 [splits, T, OUT]
                int T, int IN, int OUT, int WORDS, int K, int NG, int SPANS_PER_GROUP,
-               int SPANS_PER_SPLIT, int NSPANS) {
+               int SPANS_PER_SPLIT, int NSPANS,
+               const u16* __restrict__ xo,       // [T, IN] the unrotated input (FQ_OUTLIERS)
+               const int* __restrict__ orow,     // [OUT + 1] CSR row pointers of the outliers (FQ_OUTLIERS)
+               const int* __restrict__ ocol,     // [n] their columns
+               const u16* __restrict__ oval) {   // [n] their values, fp16
     extern __shared__ __align__(16) u32 smem[];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, q = lane & 3;
@@ -498,6 +505,11 @@ fasq_pq_decode(const u32* __restrict__ x,        // [T, IN/2]: x (fp16 / bf16) a
         float v = 0.f;
 #pragma unroll
         for (int w = 0; w < NWARPS; ++w) v += red[(w * BR + r) * 8 + tok];
+#if FQ_OUTLIERS
+        if (blockIdx.y == 0)   // once per output: split 0 carries it into the sum of the splits
+            for (int p = orow[row]; p < orow[row + 1]; ++p)
+                v += h2f(oval[p]) * x2f(xo[(long long)tok * IN + ocol[p]]);
+#endif
 #if FQ_SPLIT
         reinterpret_cast<float*>(y)[((long long)blockIdx.y * T + tok) * OUT + row] = v;
 #else

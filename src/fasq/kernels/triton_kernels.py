@@ -44,7 +44,7 @@ import triton
 
 from .. import reference
 from ..format import code_bits, packed_words
-from . import Kernel, register, register_outlier_adder
+from . import Kernel, outlier_csr_cached, register, register_outlier_adder
 from .triton_pq import dequant_kernel, outlier_add_kernel, pq_matmul_kernel, rotate_kernel, splitk_reduce_kernel
 
 DECODE_MAX_TOKENS = 16
@@ -478,14 +478,7 @@ def _dequant_ok(layer, x: torch.Tensor) -> bool:
 # ---------------------------------------------------------------------------------------------
 # The sparse outlier correction in one launch (the reference's index_add takes four on a GPU).
 
-def outlier_csr(idx: torch.Tensor, val: torch.Tensor, in_features: int, out_features: int) -> tuple:
-    """(rowptr int32 [out + 1], cols int32 [n], vals [n]) of the flat outlier indices, sorted by row."""
-    rows, cols = reference.outlier_rows_cols(idx, in_features)
-    order = torch.argsort(rows, stable=True)
-    counts = torch.bincount(rows, minlength=out_features)
-    rowptr = torch.zeros(out_features + 1, dtype=torch.int32, device=idx.device)
-    rowptr[1:] = torch.cumsum(counts, 0).to(torch.int32)
-    return rowptr, cols[order].to(torch.int32).contiguous(), val[order].contiguous()
+outlier_csr = reference.outlier_csr
 
 
 @torch.library.custom_op("fasq::triton_add_outliers", mutates_args=())
@@ -511,13 +504,7 @@ def _(y, x, rowptr, cols, vals):
 
 
 def _add_outliers(y: torch.Tensor, x: torch.Tensor, layer) -> torch.Tensor:
-    idx, val = layer.outlier_idx, layer.outlier_val
-    key = (idx.data_ptr(), val.data_ptr(), idx.device, None if idx.is_inference() else idx._version)
-    cached = layer.__dict__.get("_fasq_outlier_csr")
-    if cached is None or cached[0] != key:
-        cached = layer.__dict__["_fasq_outlier_csr"] = (key, *outlier_csr(idx, val, layer.in_features,
-                                                                          layer.out_features))
-    return torch.ops.fasq.triton_add_outliers(y, x, *cached[1:])
+    return torch.ops.fasq.triton_add_outliers(y, x, *outlier_csr_cached(layer))
 
 
 register_outlier_adder("cuda", _add_outliers)
