@@ -100,17 +100,6 @@ def outlier_rows_cols(idx: torch.Tensor, in_features: int) -> tuple[torch.Tensor
     return idx // in_features, idx % in_features
 
 
-def outlier_csr(idx: torch.Tensor, val: torch.Tensor, in_features: int, out_features: int) -> tuple:
-    """The outliers sorted by row: (rowptr int32 [out + 1], cols int32 [n], vals [n]), the layout the
-    GPU kernels read (row r's entries are ``rowptr[r]:rowptr[r + 1]``)."""
-    rows, cols = outlier_rows_cols(idx, in_features)
-    order = torch.argsort(rows, stable=True)
-    counts = torch.bincount(rows, minlength=out_features)
-    rowptr = torch.zeros(out_features + 1, dtype=torch.int32, device=idx.device)
-    rowptr[1:] = torch.cumsum(counts, 0).to(torch.int32)
-    return rowptr, cols[order].to(torch.int32).contiguous(), val[order].contiguous()
-
-
 def add_outliers_to_output(y: torch.Tensor, x: torch.Tensor, rows, cols, val) -> torch.Tensor:
     """y + x S^T for the sparse correction S (n entries): ``y[..., row] += x[..., col] * val``.
     The kernel dispatcher adds this to every kernel's output; it costs O(tokens * n)."""

@@ -146,16 +146,27 @@ def pq_linear(x: torch.Tensor, layer) -> torch.Tensor:
     return y
 
 
+def outlier_csr(idx: torch.Tensor, val: torch.Tensor, in_features: int, out_features: int) -> tuple:
+    """The outliers sorted by row: (rowptr int32 [out + 1], cols int32 [n], vals [n]), the layout the
+    GPU kernels read (row r's entries are ``rowptr[r]:rowptr[r + 1]``)."""
+    rows, cols = reference.outlier_rows_cols(idx, in_features)
+    order = torch.argsort(rows, stable=True)
+    counts = torch.bincount(rows, minlength=out_features)
+    rowptr = torch.zeros(out_features + 1, dtype=torch.int32, device=idx.device)
+    rowptr[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    return rowptr, cols[order].to(torch.int32).contiguous(), val[order].contiguous()
+
+
 def outlier_csr_cached(layer) -> tuple:
-    """:func:`fasq.reference.outlier_csr` of a layer, cached on it (keyed by the buffers' identity
+    """:func:`outlier_csr` of a layer, cached on it (keyed by the buffers' identity
     and version counters)."""
     idx, val = layer.outlier_idx, layer.outlier_val
     key = (idx.data_ptr(), val.data_ptr(), idx.device, None if idx.is_inference() else idx._version,
            None if val.is_inference() else val._version)
     cached = layer.__dict__.get("_fasq_outlier_csr")
     if cached is None or cached[0] != key:
-        cached = layer.__dict__["_fasq_outlier_csr"] = (key, *reference.outlier_csr(idx, val, layer.in_features,
-                                                                                    layer.out_features))
+        cached = layer.__dict__["_fasq_outlier_csr"] = (key, *outlier_csr(idx, val, layer.in_features,
+                                                                          layer.out_features))
     return cached[1:]
 
 

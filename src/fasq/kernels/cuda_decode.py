@@ -299,7 +299,7 @@ def pq_decode(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, sca
     """y [T, out] = rotate(x) [T, in] @ W_r^T (+ bias) in x's dtype; x contiguous.  Without
     ``rotation_block`` x is taken as already rotated; with it the kernel rotates x itself where
     the config allows (``cfg.rotb``), else it is rotated first.  ``outliers`` (rowptr, cols, vals
-    of :func:`fasq.reference.outlier_csr`): added by the kernel where ``cfg.outliers``, else left
+    of :func:`fasq.kernels.outlier_csr`): added by the kernel where ``cfg.outliers``, else left
     out (the registry adds them)."""
     tokens = x.shape[0]
     out = codes.shape[1]

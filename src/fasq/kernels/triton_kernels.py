@@ -478,7 +478,7 @@ def _dequant_ok(layer, x: torch.Tensor) -> bool:
 # ---------------------------------------------------------------------------------------------
 # The sparse outlier correction in one launch (the reference's index_add takes four on a GPU).
 
-outlier_csr = reference.outlier_csr
+from . import outlier_csr  # noqa: E402  (re-exported: the tests build CSR through this module)
 
 
 @torch.library.custom_op("fasq::triton_add_outliers", mutates_args=())
