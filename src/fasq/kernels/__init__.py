@@ -157,26 +157,27 @@ def outlier_csr(idx: torch.Tensor, val: torch.Tensor, in_features: int, out_feat
     return rowptr, cols[order].to(torch.int32).contiguous(), val[order].contiguous()
 
 
-def outlier_csr_cached(layer) -> tuple:
-    """:func:`outlier_csr` of a layer, cached on it (keyed by the buffers' identity
-    and version counters)."""
+def outlier_cache(layer, name: str, build: Callable[..., tuple]) -> tuple:
+    """``build(idx, val)`` for the layer's outlier buffers, cached on the layer under ``name`` and
+    rebuilt when a buffer is replaced or changed in place (identity, device and version counters;
+    inference tensors have no version counter, and cannot change in place outside inference mode)."""
     idx, val = layer.outlier_idx, layer.outlier_val
     key = (idx.data_ptr(), val.data_ptr(), idx.device, None if idx.is_inference() else idx._version,
            None if val.is_inference() else val._version)
-    cached = layer.__dict__.get("_fasq_outlier_csr")
+    cached = layer.__dict__.get(name)
     if cached is None or cached[0] != key:
-        cached = layer.__dict__["_fasq_outlier_csr"] = (key, *outlier_csr(idx, val, layer.in_features,
-                                                                          layer.out_features))
+        cached = layer.__dict__[name] = (key, *build(idx, val))
     return cached[1:]
+
+
+def outlier_csr_cached(layer) -> tuple:
+    """:func:`outlier_csr` of a layer, cached on it."""
+    return outlier_cache(layer, "_fasq_outlier_csr",
+                         lambda idx, val: outlier_csr(idx, val, layer.in_features, layer.out_features))
 
 
 def _outlier_operands(layer) -> tuple:
     """(rows, cols, values) of the layer's sparse correction, cached on the layer (splitting the flat
     indices every call costs more Python than the correction itself on small layers)."""
-    idx, val = layer.outlier_idx, layer.outlier_val
-    # (inference tensors have no version counter, and cannot change in place outside inference mode)
-    key = (idx.data_ptr(), val.data_ptr(), idx.device, None if idx.is_inference() else idx._version)
-    cached = layer.__dict__.get("_fasq_outliers")
-    if cached is None or cached[0] != key:
-        cached = layer.__dict__["_fasq_outliers"] = (key, *reference.outlier_rows_cols(idx, layer.in_features), val)
-    return cached[1:]
+    return outlier_cache(layer, "_fasq_outliers",
+                         lambda idx, val: (*reference.outlier_rows_cols(idx, layer.in_features), val))

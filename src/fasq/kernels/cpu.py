@@ -42,7 +42,7 @@ import torch
 from .. import reference
 from ..format import LayerSpec, unpack_codes
 from ..native import build_first_that_works
-from . import Kernel, register, register_outlier_adder
+from . import Kernel, _outlier_operands, outlier_cache, register, register_outlier_adder
 
 log = logging.getLogger(__name__)
 
@@ -288,11 +288,9 @@ def _make_plan(layer, generation: int):
     lut = _lut_tensors(layer, p) if lut_supported(spec, isa) else (None,) * 4
     outliers = (None,) * 3
     watched = [t for t in p.bufs if t is not None]
-    if spec.n_outliers:
-        idx, val = b["outlier_idx"], b["outlier_val"]
-        rows, cols = reference.outlier_rows_cols(idx, spec.in_features)
-        outliers = (rows.contiguous(), cols.contiguous(), val.float().contiguous())
-        watched += [idx, val]
+    if spec.n_outliers:   # the same operands (one copy) as the outlier op's, _cpu_outliers
+        outliers = _cpu_outliers(layer)
+        watched += [b["outlier_idx"], b["outlier_val"]]
     watched = [t for t in watched if not t.is_inference()]  # inference tensors have no version counter
     return _lib.Plan(b["codes"], p.tables, b["scales"], b["rot_signs"], b.get("bias"), lut[0], lut[1], lut[2], lut[3],
                      *outliers, _meta(spec, "direct", isa), dict(b), watched, generation)
@@ -366,19 +364,19 @@ for _name, _supports, _priority in (("lut", _supports_lut, 30), ("perm", _suppor
 # ----------------------------------------------------------------------------------------------
 # The sparse outlier correction for the calls the Plan does not serve (the tiled path for many
 # tokens): one C++ op, tokens over threads, instead of the reference's gather + index_add.
+def _cpu_outliers(layer) -> tuple:
+    """The layer's outliers as the C++ code reads them (the Plan and the outlier op): int64 rows and
+    columns, fp32 values, contiguous; cached on the layer."""
+    def build(idx, val):
+        rows, cols = reference.outlier_rows_cols(idx, layer.in_features)
+        return rows.contiguous(), cols.contiguous(), val.float().contiguous()
+    return outlier_cache(layer, "_fasq_cpu_outliers", build)
+
+
 def _add_outliers(y: torch.Tensor, x: torch.Tensor, layer) -> torch.Tensor:
-    idx, val = layer.outlier_idx, layer.outlier_val
     if not available() or y.dtype != x.dtype or y.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        rows, cols = reference.outlier_rows_cols(idx, layer.in_features)
-        return reference.add_outliers_to_output(y, x, rows, cols, val)
-    key = (idx.data_ptr(), val.data_ptr(), None if idx.is_inference() else idx._version,
-           None if val.is_inference() else val._version)
-    cached = layer.__dict__.get("_fasq_cpu_outliers")
-    if cached is None or cached[0] != key:
-        rows, cols = reference.outlier_rows_cols(idx, layer.in_features)
-        cached = layer.__dict__["_fasq_cpu_outliers"] = (key, rows.contiguous(), cols.contiguous(),
-                                                        val.float().contiguous())
-    return torch.ops.fasq.cpu_add_outliers(y, x, *cached[1:])
+        return reference.add_outliers_to_output(y, x, *_outlier_operands(layer))
+    return torch.ops.fasq.cpu_add_outliers(y, x, *_cpu_outliers(layer))
 
 
 register_outlier_adder("cpu", _add_outliers)
