@@ -146,6 +146,27 @@ def pq_linear(x: torch.Tensor, layer) -> torch.Tensor:
     return y
 
 
+_HADAMARD: dict[tuple, torch.Tensor] = {}
+
+
+def hadamard_cached(block: int, device, dtype) -> torch.Tensor:
+    """reference.hadamard_matrix, made once per (block, device, dtype): a CUDA graph cannot capture
+    the host-to-device copy that making it takes."""
+    key = (block, device, dtype)
+    h = _HADAMARD.get(key)
+    if h is None:
+        h = _HADAMARD[key] = reference.hadamard_matrix(block, device, dtype)
+    return h
+
+
+def rotate_cached(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
+    """:func:`fasq.reference.rotate` (sign flip, then the block Hadamard matmul) with the Hadamard
+    matrix from :func:`hadamard_cached`."""
+    n = x.shape[-1]
+    return ((x * signs).reshape(*x.shape[:-1], n // block, block) @ hadamard_cached(block, x.device, x.dtype)
+            ).reshape(x.shape)
+
+
 def outlier_csr(idx: torch.Tensor, val: torch.Tensor, in_features: int, out_features: int) -> tuple:
     """The outliers sorted by row: (rowptr int32 [out + 1], cols int32 [n], vals [n]), the layout the
     GPU kernels read (row r's entries are ``rowptr[r]:rowptr[r + 1]``)."""

@@ -30,9 +30,8 @@ from typing import Optional
 
 import torch
 
-from .. import reference
 from ..format import code_bits, packed_words
-from . import Kernel, outlier_csr_cached, register
+from . import Kernel, outlier_csr_cached, register, rotate_cached
 
 log = logging.getLogger(__name__)
 
@@ -336,22 +335,20 @@ def pq_decode(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, sca
 # ---------------------------------------------------------------------------------------------
 # Rotation, op and registry entry.
 
-_HADAMARD: dict[tuple, torch.Tensor] = {}
+@functools.lru_cache(maxsize=None)
+def _rotation():
+    """The Triton kernels' rotation where Triton imports, else the same maths in two torch ops."""
+    try:
+        from .triton_kernels import rotate as triton_rotate
+    except Exception:
+        return rotate_cached
+    return triton_rotate
 
 
 def rotate(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
     """:func:`fasq.reference.rotate` with the Hadamard matrix cached on x's device (no host-to-device
-    copy inside a CUDA graph); the Triton kernels' rotation where Triton is there."""
-    try:
-        from .triton_kernels import rotate as triton_rotate
-    except Exception:  # no Triton: the same two torch ops
-        key = (block, x.device, x.dtype)
-        h = _HADAMARD.get(key)
-        if h is None:
-            h = _HADAMARD[key] = reference.hadamard_matrix(block, x.device, x.dtype)
-        n = x.shape[-1]
-        return ((x * signs).reshape(*x.shape[:-1], n // block, block) @ h).reshape(x.shape)
-    return triton_rotate(x, signs, block)
+    copy inside a CUDA graph)."""
+    return _rotation()(x, signs, block)
 
 
 @torch.library.custom_op("fasq::cuda_pq_linear", mutates_args=())

@@ -44,7 +44,7 @@ import triton
 
 from .. import reference
 from ..format import code_bits, packed_words
-from . import Kernel, outlier_csr_cached, register, register_outlier_adder
+from . import Kernel, hadamard_cached, outlier_csr_cached, register, register_outlier_adder, rotate_cached
 from .triton_pq import dequant_kernel, outlier_add_kernel, pq_matmul_kernel, rotate_kernel, splitk_reduce_kernel
 
 DECODE_MAX_TOKENS = 16
@@ -328,21 +328,10 @@ def dequantize_rotated(codes, codebooks, scales, in_features: int, subvector_dim
     return w
 
 
-_HADAMARD: dict[tuple, torch.Tensor] = {}
-
-
 # The one-pass rotation kernel (rotate_fused) is used by rotate() where it applies.  Measured on an
 # H200 (benchmarks/gpu.py, "rotation only" vs "rotation only, fused kernel"): as fast as the two
 # torch ops at 1 token (5.3 us) and 18% faster at 2048 tokens (34.7 vs 42.2 us for 4096 columns).
 FUSED_ROTATION = True
-
-
-def _hadamard(block: int, device, dtype) -> torch.Tensor:
-    key = (block, device, dtype)
-    h = _HADAMARD.get(key)
-    if h is None:
-        h = _HADAMARD[key] = reference.hadamard_matrix(block, device, dtype)
-    return h
 
 
 def rotate(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
@@ -351,9 +340,7 @@ def rotate(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
     ``FUSED_ROTATION`` is set and it applies."""
     if FUSED_ROTATION and fused_rotation_applies(x, block):
         return rotate_fused(x, signs, block)
-    h = _hadamard(block, x.device, x.dtype)
-    n = x.shape[-1]
-    return ((x * signs).reshape(*x.shape[:-1], n // block, block) @ h).reshape(x.shape)
+    return rotate_cached(x, signs, block)
 
 
 def fused_rotation_applies(x: torch.Tensor, block: int) -> bool:
@@ -372,7 +359,7 @@ def rotate_fused(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tens
         return y.reshape(x.shape)
     bt = 16 if tokens <= 16 else 64
     rotate_kernel[(triton.cdiv(tokens, bt), n // block)](
-        x2, signs, _hadamard(block, x.device, x.dtype), y, tokens, n, BLOCK=block, BLOCK_T=bt,
+        x2, signs, hadamard_cached(block, x.device, x.dtype), y, tokens, n, BLOCK=block, BLOCK_T=bt,
         BLOCK_K=min(block, 64), DOT_FP32=INTERPRETED or x.dtype == torch.float32,
         num_warps=8 if bt == 64 and block >= 128 else 4)
     return y.reshape(x.shape)
