@@ -26,7 +26,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -225,32 +224,11 @@ def quantized_smollm2(preset_name: str, log=print) -> Path:
     return out
 
 
-def _weights_bytes(model) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
-
-
-def _peak_rss_kib() -> int:
-    """This process's peak resident set (VmHWM).  Not ru_maxrss: after fork + exec that starts at
-    the parent's resident size, so every worker would report at least the parent's memory."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
 def _e2e_worker(variant: str, new_tokens: int, threads: int) -> dict:
     """Runs in its own process: load one model, greedy-decode, report speed and peak memory."""
     import fasq
     from fasq.data import smollm2_checkpoint
-    from fasq.kernels.cpu import bench_model
+    from fasq.bench import bench_model, peak_rss_mib, weights_bytes
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(threads)
@@ -269,8 +247,8 @@ def _e2e_worker(variant: str, new_tokens: int, threads: int) -> dict:
     load_s = time.perf_counter() - t0
     res = bench_model(model, AutoTokenizer.from_pretrained(ck), PROMPT, new_tokens=new_tokens)
     res.update(variant=variant, bits_per_weight=bits, load_s=round(load_s, 2), threads=threads,
-               weights_mb=round(_weights_bytes(model) / 2**20, 1),
-               peak_rss_mb=round(_peak_rss_kib() / 1024, 1))
+               weights_mb=round(weights_bytes(model) / 2**20, 1),
+               peak_rss_mb=round(peak_rss_mib(), 1))
     return res
 
 

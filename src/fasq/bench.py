@@ -83,7 +83,9 @@ def bench_model(model, tokenizer, prompt: str = DEFAULT_PROMPT, new_tokens: int 
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident memory (VmHWM where /proc has it)."""
+    """This process's peak resident memory (VmHWM where /proc has it).  Not ru_maxrss first: after
+    fork + exec that starts at the parent's resident size, so every worker would report at least
+    the parent's memory."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -94,7 +96,8 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _weights_bytes(model) -> int:
+def weights_bytes(model) -> int:
+    """Bytes of the model's parameters and buffers, shared storage counted once."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         if t.data_ptr() not in seen:
@@ -131,7 +134,7 @@ def run_one(model_arg: str, new_tokens: int = 64, prompt: str = DEFAULT_PROMPT, 
     res.update(model=model_arg, device=device, threads=torch.get_num_threads(), load_s=round(load_s, 2),
                quantized=quantized, bits_per_weight=(rep["bits_per_weight"] if quantized else
                                                      8.0 * dense.element_size() if dense is not None else None),
-               weights_mib=round(_weights_bytes(model) / 2**20, 1), peak_rss_mib=round(peak_rss_mib(), 1))
+               weights_mib=round(weights_bytes(model) / 2**20, 1), peak_rss_mib=round(peak_rss_mib(), 1))
     if device.startswith("cuda"):
         res["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return res

@@ -380,8 +380,3 @@ def _add_outliers(y: torch.Tensor, x: torch.Tensor, layer) -> torch.Tensor:
 
 
 register_outlier_adder("cpu", _add_outliers)
-
-
-# ----------------------------------------------------------------------------------------------
-# Whole-model decoding speed: in fasq.bench (``fasq bench``); kept here under their old names.
-from ..bench import bench_decode, bench_model  # noqa: E402,F401
