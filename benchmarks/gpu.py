@@ -23,6 +23,7 @@ depend on the transformers version; its linear layers have exactly Llama-3-8B's 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -238,24 +239,16 @@ def cuda_rows(tokens: int, x, xr, copies, base: dict, fmt: str, device, cuda_swe
         variants.append(("cuda decode + outliers in the epilogue", dataclasses.replace(dflt_rot, outliers=True),
                          True, None))
     for name, cfg, fused, fast in variants:
-        old = os.environ.get("FASQ_CUDA_FAST")
-        if fast is not None:
-            os.environ["FASQ_CUDA_FAST"] = fast
         try:
-            y = run(copies[0], cfg, fused)
-            want = ref_o if cfg.outliers else ref
-            err = ((y.float() - want).abs().max() / want.abs().max()).item()
-            us = gpu_time([lambda L=L: run(L, cfg, fused) for L in copies], device)
+            with env_var("FASQ_CUDA_FAST", fast):
+                y = run(copies[0], cfg, fused)
+                want = ref_o if cfg.outliers else ref
+                err = ((y.float() - want).abs().max() / want.abs().max()).item()
+                us = gpu_time([lambda L=L: run(L, cfg, fused) for L in copies], device)
         except Exception as e:  # report, keep measuring the rest
             skipped.append(f"{name} {base['shape']} {fmt} tokens={tokens}: {type(e).__name__}: {e}")
             print(skipped[-1], flush=True)
             continue
-        finally:
-            if fast is not None:
-                if old is None:
-                    os.environ.pop("FASQ_CUDA_FAST", None)
-                else:
-                    os.environ["FASQ_CUDA_FAST"] = old
         rows.append(dict(base, format=fmt, method=name, us=us, bytes=s.weight_storage_bytes(),
                          bits_per_weight=s.bits_per_weight(), copies=len(copies), launch=dataclasses.asdict(cfg),
                          rel_err_vs_dequant=err))
@@ -378,20 +371,51 @@ def kernel_timings(device, dry: bool, deadline: float, sweep: bool, cuda_sweep: 
     return rows, sweeps, skipped, csweeps
 
 
+def by_case(rows: list) -> dict:
+    """Rows grouped by (shape, format), in first-seen order."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["shape"], r["format"]), []).append(r)
+    return groups
+
+
+def sweep_wins(rows: list, is_default) -> list:
+    """(shape, format, default row, fastest row) for each case whose fastest launch beats the
+    default (``is_default(row)``) by >= 3%."""
+    wins = []
+    for (shape, fmt), rs in by_case(rows).items():
+        d = next((r for r in rs if is_default(r)), None)
+        b = min(rs, key=lambda r: r["us"])
+        if d is not None and b["us"] < 0.97 * d["us"]:
+            wins.append((shape, fmt, d, b))
+    return wins
+
+
+@contextlib.contextmanager
+def env_var(name: str, value):
+    """``os.environ[name] = value`` inside the block (nothing when value is None), restored after."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+
 def tune_cuda(csweeps: list) -> dict:
     """For each (shape, format): the CUDA sweep's fastest launch, if >= 3% faster than the planner's
     default; installed in ``cuda_decode.TUNED`` for the end-to-end run."""
     from fasq.kernels import cuda_decode as cd
-    chosen, groups = {}, {}
-    for r in csweeps:
-        groups.setdefault((r["shape"], r["format"]), []).append(r)
-    for (shape, fmt), rs in groups.items():
-        d = next((r for r in rs if r["default"]), None)
-        b = min(rs, key=lambda r: r["us"])
-        if d is not None and b["us"] < 0.97 * d["us"]:
-            sd, k, group = FORMATS[fmt]
-            cd.TUNED[(1, d["in"], d["out"], sd, k, group, torch.float16, d["rot_block"])] = cd.Config(**b["launch"])
-            chosen[f"{shape} {fmt}"] = b["variant"]
+    chosen = {}
+    for shape, fmt, d, b in sweep_wins(csweeps, lambda r: r["default"]):
+        sd, k, group = FORMATS[fmt]
+        cd.TUNED[(1, d["in"], d["out"], sd, k, group, torch.float16, d["rot_block"])] = cd.Config(**b["launch"])
+        chosen[f"{shape} {fmt}"] = b["variant"]
     return chosen
 
 
@@ -400,17 +424,10 @@ def tune_decode(sweeps: list) -> dict:
     heuristics' default; installed in ``triton_kernels.DECODE_TUNED`` for the end-to-end run."""
     from fasq.kernels import triton_kernels as tk
     chosen = {}
-    groups = {}
-    for r in sweeps:
-        groups.setdefault((r["shape"], r["format"]), []).append(r)
-    for (shape, fmt), rs in groups.items():
-        d = next(r for r in rs if r["variant"] == "default")
-        b = min(rs, key=lambda r: r["us"])
-        if b["us"] < 0.97 * d["us"]:
-            sd, k, group = FORMATS[fmt]
-            key = (1, d["in"], d["out"], sd, code_bits(k), group)
-            tk.DECODE_TUNED[key] = tk.Launch(**b["launch"])
-            chosen[f"{shape} {fmt}"] = b["variant"]
+    for shape, fmt, d, b in sweep_wins(sweeps, lambda r: r["variant"] == "default"):
+        sd, k, group = FORMATS[fmt]
+        tk.DECODE_TUNED[(1, d["in"], d["out"], sd, code_bits(k), group)] = tk.Launch(**b["launch"])
+        chosen[f"{shape} {fmt}"] = b["variant"]
     return chosen
 
 
@@ -626,15 +643,9 @@ def _e2e_runs(cfg, prompt, new_tokens, device, dtype, mode) -> list[dict]:
         runs.append(dict(run, model=name, bits_per_weight_linear=bits, weight_bytes=weight_bytes(model)))
         print(f"e2e {name}: {run['tok_s']:.1f} tok/s ({mode})", flush=True)
         if fmt == E2E_FORMATS[0] and device.type == "cuda":   # the same model on the Triton decode kernel
-            old = os.environ.get("FASQ_DISABLE_KERNELS")
-            os.environ["FASQ_DISABLE_KERNELS"] = ",".join(filter(None, [old, "cuda_decode"]))
-            try:
+            off = ",".join(filter(None, [os.environ.get("FASQ_DISABLE_KERNELS"), "cuda_decode"]))
+            with env_var("FASQ_DISABLE_KERNELS", off):
                 run = decode_speed(model, prompt, new_tokens, mode)
-            finally:
-                if old is None:
-                    os.environ.pop("FASQ_DISABLE_KERNELS")
-                else:
-                    os.environ["FASQ_DISABLE_KERNELS"] = old
             runs.append(dict(run, model=f"{name}, Triton decode", bits_per_weight_linear=bits,
                              weight_bytes=weight_bytes(model)))
             print(f"e2e {name}, Triton decode: {run['tok_s']:.1f} tok/s ({mode})", flush=True)
@@ -767,9 +778,7 @@ def markdown(res: dict) -> str:
                   "`cb_smem`):", "",
                   "| shape | format | default µs | best variant | best µs | best % copy BW |",
                   "| --- | --- | ---: | --- | ---: | ---: |"]
-        groups = {}
-        for r in res["decode_sweep"]:
-            groups.setdefault((r["shape"], r["format"]), []).append(r)
+        groups = by_case(res["decode_sweep"])
         for (shape, fmt), rs in groups.items():
             d = next(r for r in rs if r["variant"] == "default")
             b = min(rs, key=lambda r: r["us"])
@@ -789,10 +798,7 @@ def markdown(res: dict) -> str:
                   "`cuda_decode.plan` picks:", "",
                   "| shape | format | default | default µs | best | best µs | best % copy BW | worst µs |",
                   "| --- | --- | --- | ---: | --- | ---: | ---: | ---: |"]
-        groups = {}
-        for r in res["cuda_sweep"]:
-            groups.setdefault((r["shape"], r["format"]), []).append(r)
-        for (shape, fmt), rs in groups.items():
+        for (shape, fmt), rs in by_case(res["cuda_sweep"]).items():
             d = next((r for r in rs if r["default"]), None)
             b = min(rs, key=lambda r: r["us"])
             w = max(rs, key=lambda r: r["us"])
