@@ -89,3 +89,18 @@ def model_dir(tmp_path_factory):
     tiny_model("llama").save_pretrained(d)
     make_tokenizer().save_pretrained(d)
     return d
+
+
+def check_graph_replay_and_compile(layer, x1, ref):
+    """A GPU layer (already run once on x1, giving ref) captured in a CUDA graph replays on new input
+    as an eager call computes it, and torch.compile(fullgraph=False) gives ref again."""
+    static_x = x1.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = layer(static_x)
+    x2 = torch.randn_like(x1)
+    static_x.copy_(x2)
+    graph.replay()
+    torch.testing.assert_close(static_y, layer(x2))
+    compiled = torch.compile(layer, fullgraph=False)
+    torch.testing.assert_close(compiled(x1), ref)

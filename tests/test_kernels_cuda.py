@@ -20,6 +20,8 @@ from fasq.format import LayerSpec, pack_codes
 from fasq.kernels import cuda_decode as cd
 from fasq.nn import PQLinear
 
+from conftest import check_graph_replay_and_compile
+
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 RTOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -234,13 +236,4 @@ def test_gpu_cuda_decode_is_the_registry_choice_and_captures_in_a_graph():
     assert registry.select(layer, torch.randn(9, 4096, device="cuda", dtype=torch.float16)).name != "cuda_decode"
     ref = layer(x1)
     torch.testing.assert_close(ref, reference_out(layer, x1), rtol=0, atol=4e-3 * ref.abs().max().item())
-    static_x = x1.clone()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = layer(static_x)
-    x2 = torch.randn_like(x1)
-    static_x.copy_(x2)
-    graph.replay()
-    torch.testing.assert_close(static_y, layer(x2))
-    compiled = torch.compile(layer, fullgraph=False)
-    torch.testing.assert_close(compiled(x1), ref)
+    check_graph_replay_and_compile(layer, x1, ref)

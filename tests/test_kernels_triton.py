@@ -33,6 +33,8 @@ from fasq import reference
 from fasq.format import LayerSpec, pack_codes
 from fasq.nn import PQLinear
 
+from conftest import check_graph_replay_and_compile
+
 if importlib.util.find_spec("triton") is None:  # found, not imported: other tests may check sys.modules
     pytest.skip("triton is not installed", allow_module_level=True)
 
@@ -431,16 +433,7 @@ def test_gpu_registry_cuda_graph_and_compile():
     assert registry.select(layer, x1).name in ("cuda_decode", "triton_decode")
     assert registry.select(layer, torch.randn(64, 4096, device="cuda", dtype=torch.float16)).name == "triton_dequant"
     ref = layer(x1)                                     # warm-up: compiles kernels, caches Hadamard
-    static_x = x1.clone()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = layer(static_x)
-    x2 = torch.randn_like(x1)
-    static_x.copy_(x2)
-    graph.replay()
-    torch.testing.assert_close(static_y, layer(x2))
-    compiled = torch.compile(layer, fullgraph=False)
-    torch.testing.assert_close(compiled(x1), ref)
+    check_graph_replay_and_compile(layer, x1, ref)
 
 
 @gpu
