@@ -7,7 +7,7 @@ as a second extension (its op registrations dropped and its namespace renamed, s
 Each case times ``Plan.run`` of the same layer with A's and with B's plan, alternating A and B
 within every round, plus dense ``F.linear``; it prints min / median per call and the median over
 rounds of the A/B time ratio, which is far steadier than comparing two runs on a shared host.
-SHAPE names like ``192x576K256`` pick cases (out x in, K; d = 2, group 128, as benchmarks/cpu.py).
+SHAPE names like ``192x576K256`` pick cases, any shape (out x in, K; d = 2, group 128, as benchmarks/cpu.py).
 Both outputs are checked against each other first.  ROUNDS (env) sets the rounds (default 30).
 """
 from __future__ import annotations
@@ -56,7 +56,12 @@ def main(argv: list[str]) -> None:
     if lib_a is None:
         raise SystemExit("the fasq CPU kernel did not build")
     lib_b = build_b(argv[0])
-    cases = [c for c in CASES if not argv[1:] or f"{c[0]}x{c[1]}K{c[2]}" in argv[1:]]
+    cases = CASES
+    if argv[1:]:  # named cases: OUTxINK (any shape, not only CASES)
+        try:
+            cases = [tuple(int(v) for v in a.replace("K", "x").split("x")) for a in argv[1:]]
+        except ValueError:
+            raise SystemExit(f"cases are named like 192x576K256, got {argv[1:]}")
     fns = {}
     for out, inp, k in cases:
         layer = random_layer(out, inp, dict(subvector_dim=2, num_centroids=k))
