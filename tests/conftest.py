@@ -6,6 +6,9 @@ import os
 import pytest
 import torch
 
+from fasq.format import LayerSpec, pack_codes
+from fasq.nn import PQLinear
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma")
@@ -104,3 +107,17 @@ def check_graph_replay_and_compile(layer, x1, ref):
     torch.testing.assert_close(static_y, layer(x2))
     compiled = torch.compile(layer, fullgraph=False)
     torch.testing.assert_close(compiled(x1), ref)
+
+
+def random_pq_layer(in_f, out_f, d, k, m=1, group=0, scales=True, rot=0, bias=False, seed=0, device="cpu"):
+    """A PQLinear with random (never zero) codes, codebooks, scales, signs and bias."""
+    spec = LayerSpec(in_f, out_f, d, k, m, group if scales else 0, scales, rot, bias)
+    g = torch.Generator().manual_seed(seed)
+    codes = pack_codes(torch.randint(0, k, (m, out_f, spec.n_sub), generator=g), spec.bits)
+    codebooks = torch.randn(m, k, d, generator=g).half()
+    sc = ((torch.rand(out_f, spec.n_groups, generator=g) + 0.5) *
+          (torch.randint(0, 2, (out_f, spec.n_groups), generator=g) * 2 - 1)).half()
+    signs = ((torch.randint(0, 2, (in_f,), generator=g) * 2 - 1).to(torch.int8) if rot
+             else torch.zeros(0, dtype=torch.int8))
+    b = torch.randn(out_f, generator=g).half() if bias else None
+    return PQLinear.from_tensors(spec, codes, codebooks, sc, signs, b).to(device)

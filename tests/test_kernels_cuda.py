@@ -16,28 +16,15 @@ import pytest
 import torch
 
 from fasq import reference
-from fasq.format import LayerSpec, pack_codes
+from fasq.format import LayerSpec
 from fasq.kernels import cuda_decode as cd
 from fasq.nn import PQLinear
 
-from conftest import check_graph_replay_and_compile
+from conftest import check_graph_replay_and_compile, random_pq_layer
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 RTOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2}
-
-
-def random_layer(in_f, out_f, d, k, group=0, scales=True, rot=0, bias=False, seed=0, device="cpu"):
-    spec = LayerSpec(in_f, out_f, d, k, 1, group if scales else 0, scales, rot, bias)
-    g = torch.Generator().manual_seed(seed)
-    codes = pack_codes(torch.randint(0, k, (1, out_f, spec.n_sub), generator=g), spec.bits)
-    codebooks = torch.randn(1, k, d, generator=g).half()
-    sc = ((torch.rand(out_f, spec.n_groups, generator=g) + 0.5) *
-          (torch.randint(0, 2, (out_f, spec.n_groups), generator=g) * 2 - 1)).half()
-    signs = ((torch.randint(0, 2, (in_f,), generator=g) * 2 - 1).to(torch.int8) if rot
-             else torch.zeros(0, dtype=torch.int8))
-    b = torch.randn(out_f, generator=g).half() if bias else None
-    return PQLinear.from_tensors(spec, codes, codebooks, sc, signs, b).to(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +135,7 @@ def test_gpu_cuda_decode_matches_reference(dtype, poisoned):
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("needs sm_80+")
     for i, kw in enumerate(CASES):
-        layer = random_layer(**kw, seed=i, device="cuda")
+        layer = random_pq_layer(**kw, seed=i, device="cuda")
         s = layer.spec
         n_groups = layer.scales.shape[1]
         for t in (1, 3, 8):
@@ -179,7 +166,7 @@ def test_gpu_outlier_correction_in_one_launch():
     """A layer with outliers through the registry: the CUDA decode kernel, then the one-launch
     correction (fasq.kernels.triton_kernels.triton_add_outliers), equals the reference."""
     from fasq.kernels import triton_kernels  # noqa: F401  (registers the CUDA outlier adder)
-    base = random_layer(4096, 1024, 2, 256, group=256, rot=256, seed=3)
+    base = random_pq_layer(4096, 1024, 2, 256, group=256, rot=256, seed=3)
     n = 4096
     spec = LayerSpec(4096, 1024, 2, 256, 1, 256, True, 256, False, n)
     g = torch.Generator().manual_seed(4)
@@ -204,7 +191,7 @@ def test_gpu_outliers_in_the_kernel_epilogue(dtype, poisoned):
     """FQ_OUTLIERS (FASQ_CUDA_FUSED_OUTLIERS=1, off by default until this passes on a card): the kernel
     adds the sparse correction itself, with and without a split of the reduction dim."""
     from fasq.kernels import outlier_csr_cached
-    base = random_layer(4096, 1000, 2, 256, group=256, rot=256, seed=6)
+    base = random_pq_layer(4096, 1000, 2, 256, group=256, rot=256, seed=6)
     n = 3000
     spec = LayerSpec(4096, 1000, 2, 256, 1, 256, True, 256, False, n)
     g = torch.Generator().manual_seed(8)
@@ -230,7 +217,7 @@ def test_gpu_outliers_in_the_kernel_epilogue(dtype, poisoned):
 @needs_cuda
 def test_gpu_cuda_decode_is_the_registry_choice_and_captures_in_a_graph():
     import fasq.kernels as registry
-    layer = random_layer(4096, 1024, 2, 256, group=256, rot=256, bias=True, device="cuda")
+    layer = random_pq_layer(4096, 1024, 2, 256, group=256, rot=256, bias=True, device="cuda")
     x1 = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
     assert registry.select(layer, x1).name == "cuda_decode"
     assert registry.select(layer, torch.randn(9, 4096, device="cuda", dtype=torch.float16)).name != "cuda_decode"

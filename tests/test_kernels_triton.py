@@ -30,10 +30,8 @@ import pytest
 import torch
 
 from fasq import reference
-from fasq.format import LayerSpec, pack_codes
-from fasq.nn import PQLinear
 
-from conftest import check_graph_replay_and_compile
+from conftest import check_graph_replay_and_compile, random_pq_layer
 
 if importlib.util.find_spec("triton") is None:  # found, not imported: other tests may check sys.modules
     pytest.skip("triton is not installed", allow_module_level=True)
@@ -45,20 +43,6 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 # Relative tolerance (to the output's largest magnitude) per input dtype: both sides sum the
 # same fp32 products; they differ by the final rounding and summation order.
 RTOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-
-
-def random_layer(in_f, out_f, d, k, m=1, group=0, scales=True, rot=0, bias=False, seed=0, device="cpu"):
-    """A PQLinear with random (never zero) codes, codebooks, scales, signs and bias."""
-    spec = LayerSpec(in_f, out_f, d, k, m, group if scales else 0, scales, rot, bias)
-    g = torch.Generator().manual_seed(seed)
-    codes = pack_codes(torch.randint(0, k, (m, out_f, spec.n_sub), generator=g), spec.bits)
-    codebooks = torch.randn(m, k, d, generator=g).half()
-    sc = ((torch.rand(out_f, spec.n_groups, generator=g) + 0.5) *
-          (torch.randint(0, 2, (out_f, spec.n_groups), generator=g) * 2 - 1)).half()
-    signs = ((torch.randint(0, 2, (in_f,), generator=g) * 2 - 1).to(torch.int8) if rot
-             else torch.zeros(0, dtype=torch.int8))
-    b = torch.randn(out_f, generator=g).half() if bias else None
-    return PQLinear.from_tensors(spec, codes, codebooks, sc, signs, b).to(device)
 
 
 def assert_close(y, ref, dtype, what):
@@ -143,7 +127,7 @@ DK_CASES = [(d, k) for d in DS for k in KS]
 def inner_interp_every_d_and_k(i, poisoned):
     d, k = DK_CASES[i]
     kw, dtype = _dk_case(i, d, k)
-    layer = random_layer(**kw, seed=i)
+    layer = random_pq_layer(**kw, seed=i)
     run_case(poisoned, layer, 1 + i % 3, dtype, "decode", seed=i)
     if i % 5 == 0:      # the other two kernels on a sample of the grid (they share the tile code)
         run_case(poisoned, layer, 20, dtype, "prefill", seed=i)
@@ -153,7 +137,7 @@ def inner_interp_every_d_and_k(i, poisoned):
 @pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 8, 16])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def inner_interp_decode_tokens(tokens, dtype, poisoned):
-    layer = random_layer(72, 40, 2, 256, group=24, rot=8, bias=tokens % 2 == 1, seed=tokens)
+    layer = random_pq_layer(72, 40, 2, 256, group=24, rot=8, bias=tokens % 2 == 1, seed=tokens)
     run_case(poisoned, layer, tokens, dtype, "decode", seed=tokens)
 
 
@@ -163,7 +147,7 @@ def inner_interp_decode_tokens(tokens, dtype, poisoned):
 def inner_interp_split_k(d, k, bits_case, splits, poisoned):
     """Forced launches with small blocks so a 200-column layer spans several blocks and splits."""
     tk = poisoned
-    layer = random_layer(200, 33, d, k, m=2 if d == 3 else 1, group=12 * d, bias=True, seed=splits)
+    layer = random_pq_layer(200, 33, d, k, m=2 if d == 3 else 1, group=12 * d, bias=True, seed=splits)
     spec = layer.spec
     for tokens, use_dot in ((2, False), (7, True)):
         bt = 16 if use_dot else 2
@@ -182,7 +166,7 @@ def inner_interp_split_k(d, k, bits_case, splits, poisoned):
 @pytest.mark.parametrize("tokens", [17, 40, 130])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def inner_interp_prefill(tokens, dtype, poisoned):
-    layer = random_layer(70, 33, 2, 64, m=1 + tokens % 2, group=14, rot=2, bias=tokens == 40, seed=tokens)
+    layer = random_pq_layer(70, 33, 2, 64, m=1 + tokens % 2, group=14, rot=2, bias=tokens == 40, seed=tokens)
     run_case(poisoned, layer, tokens, dtype, "prefill", seed=tokens)
 
 
@@ -190,7 +174,7 @@ def inner_interp_prefill(tokens, dtype, poisoned):
 def inner_interp_dequant(dtype, poisoned):
     tk = poisoned
     for i, (d, k) in enumerate([(2, 256), (3, 1000), (8, 16)]):
-        layer = random_layer(72, 40, d, k, m=1 + i % 2, group=24 if i != 1 else 0, scales=i != 2, seed=i)
+        layer = random_pq_layer(72, 40, d, k, m=1 + i % 2, group=24 if i != 1 else 0, scales=i != 2, seed=i)
         s = layer.spec
         w = tk.dequantize_rotated(layer.codes, layer.codebooks, layer.scales, s.in_features, s.subvector_dim,
                                   s.effective_group, dtype)
@@ -201,7 +185,7 @@ def inner_interp_dequant(dtype, poisoned):
 
 def inner_interp_shapes_and_errors(poisoned):
     tk = poisoned
-    layer = random_layer(72, 40, 2, 256, group=24, rot=8, bias=True)
+    layer = random_pq_layer(72, 40, 2, 256, group=24, rot=8, bias=True)
     run_case(tk, layer, 6, torch.float16, "decode", lead=(2, 3))     # [2, 3, in] input
     run_case(tk, layer, 40, torch.float16, "prefill", lead=(2, 20))
     for method in ("decode", "prefill", "dequant"):
@@ -261,7 +245,7 @@ def inner_interp_outlier_correction(dtype, poisoned):
 def inner_interp_torch_library_op():
     """The custom op's schema and fake implementation hold up under opcheck and torch.compile."""
     from fasq.kernels import triton_kernels as tk
-    layer = random_layer(72, 40, 3, 64, m=2, group=24, rot=8, bias=True)
+    layer = random_pq_layer(72, 40, 3, 64, m=2, group=24, rot=8, bias=True)
     s = layer.spec
     x = torch.randn(3, 72)
     args = (x, layer.codes, layer.codebooks, layer.scales, layer.rot_signs, layer.bias, s.in_features,
@@ -281,7 +265,7 @@ def inner_interp_registry(monkeypatch):
     names = {k.name: k for k in registry.kernels()}
     assert {"triton_decode", "triton_prefill", "triton_dequant"} <= set(names)
     assert all(names[n].devices == ("cuda",) for n in ("triton_decode", "triton_prefill", "triton_dequant"))
-    layer = random_layer(72, 40, 2, 256, group=24)
+    layer = random_pq_layer(72, 40, 2, 256, group=24)
     assert not any(names[n].supports(layer, torch.randn(1, 72)) for n in names if n.startswith("triton"))
 
     monkeypatch.setattr(tk, "_capability", lambda device: (9, 0))
@@ -419,7 +403,7 @@ def test_gpu_kernels_match_reference(method, dtype, poisoned):
              dict(in_f=128, out_f=96, d=8, k=2, m=2, scales=False)]
     tokens = (1, 3, 16) if method == "decode" else (1, 17, 300)
     for i, kw in enumerate(cases):
-        layer = random_layer(**kw, seed=i, device="cuda")
+        layer = random_pq_layer(**kw, seed=i, device="cuda")
         for t in tokens:
             run_case(poisoned, layer, t, dtype, method, seed=t)
 
@@ -428,7 +412,7 @@ def test_gpu_kernels_match_reference(method, dtype, poisoned):
 @needs_cuda
 def test_gpu_registry_cuda_graph_and_compile():
     import fasq.kernels as registry
-    layer = random_layer(4096, 1024, 2, 256, group=128, rot=256, device="cuda")
+    layer = random_pq_layer(4096, 1024, 2, 256, group=128, rot=256, device="cuda")
     x1 = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
     assert registry.select(layer, x1).name in ("cuda_decode", "triton_decode")
     assert registry.select(layer, torch.randn(64, 4096, device="cuda", dtype=torch.float16)).name == "triton_dequant"
@@ -446,7 +430,7 @@ def test_gpu_cb_smem_and_packed_dequant(dtype, poisoned):
     for i, kw in enumerate([dict(in_f=4096, out_f=1024, d=2, k=256, group=256, rot=256),
                             dict(in_f=1000, out_f=300, d=4, k=4096, group=0, rot=8, bias=True),
                             dict(in_f=512, out_f=96, d=2, k=64, group=128)]):
-        layer = random_layer(**kw, seed=i, device="cuda")
+        layer = random_pq_layer(**kw, seed=i, device="cuda")
         s = layer.spec
         w_ref = reference.dequantize_rotated(s, layer.codes, layer.codebooks, layer.scales).to(dtype)
         for packed in (True, False):
