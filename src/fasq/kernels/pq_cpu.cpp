@@ -631,9 +631,13 @@ static inline void lookup64(const uint8_t* L, __m512i idx, __mmask64 upper, __m5
 constexpr float LUT_MAX = 32000.0f;  // < 32767 with room for the fp16 build's rounding
 constexpr int64_t kSumSpan = 256;    // positions summed in 16-bit lanes before widening
 
-// acc[0..3] (rows 0..15, 16..31, 32..47, 48..63) += the entries summed in lo_e/lo_o/hi_e/hi_o
-// over n positions.
-static inline void flush_int_sums(__m512i lo_e, __m512i lo_o, __m512i hi_e, __m512i hi_o, int64_t n, __m512 acc[4]) {
+// acc[0..3] (rows 0..15, 16..31, 32..47, 48..63) += the entries summed over n positions: lo_w /
+// hi_w are a plane's whole 16-bit word sums (even byte + 256 * odd byte, wrapping), lo_o / hi_o its
+// odd bytes' sums.  word sums - 256 * odd sums = even sums (mod 2^16, and they are < 2^16: at
+// most 256 x 255).
+static inline void flush_int_sums(__m512i lo_w, __m512i lo_o, __m512i hi_w, __m512i hi_o, int64_t n, __m512 acc[4]) {
+  const __m512i lo_e = _mm512_sub_epi16(lo_w, _mm512_slli_epi16(lo_o, 8));
+  const __m512i hi_e = _mm512_sub_epi16(hi_w, _mm512_slli_epi16(hi_o, 8));
   const __m512i off = _mm512_set1_epi32(static_cast<int>(-32768 * n));
   auto part = [&](__m512i lo, __m512i hi, int half) {
     const __m256i l = half ? _mm512_extracti64x4_epi64(lo, 1) : _mm512_castsi512_si256(lo);
@@ -646,6 +650,18 @@ static inline void flush_int_sums(__m512i lo_e, __m512i lo_o, __m512i hi_e, __m5
   acc[1] = _mm512_add_ps(acc[1], part(lo_e, hi_e, 1));
   acc[2] = _mm512_add_ps(acc[2], part(lo_o, hi_o, 0));
   acc[3] = _mm512_add_ps(acc[3], part(lo_o, hi_o, 1));
+}
+
+// yp[0..63] (+)= acc * group scale * token scale: sc = the row block's 64 fp16 scales of the group,
+// or nullptr (no scales); first: write instead of add.
+static inline void store_scaled(float* yp, const __m512 acc[4], const c10::Half* sc, float ts, bool first) {
+  const __m512 tv = _mm512_set1_ps(ts);
+  for (int q = 0; q < 4; ++q) {
+    const __m512 s = sc ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + 16 * q)))
+                        : _mm512_set1_ps(1.0f);
+    const __m512 v = _mm512_mul_ps(acc[q], _mm512_mul_ps(s, tv));
+    _mm512_storeu_ps(yp + 16 * q, first ? v : _mm512_add_ps(_mm512_loadu_ps(yp + 16 * q), v));
+  }
 }
 
 #ifndef SCAN_PF
@@ -715,9 +731,9 @@ static void scan_item(const ScanArgs& a, int64_t t0, int64_t rb0, int64_t rb1, i
         for (int t = 0; t < NT; ++t) lp[t] = a.tab + (((t0 + t) * a.M + m) * a.tab_n + js - a.tab_j0) * 2 * KP;
         for (int64_t j0 = js; j0 < je; j0 += kSumSpan) {
           const int64_t j1 = std::min(je, j0 + kSumSpan);
-          __m512i lo_e[NT], lo_o[NT], hi_e[NT], hi_o[NT];
+          __m512i lo_w[NT], lo_o[NT], hi_w[NT], hi_o[NT];
           for (int t = 0; t < NT; ++t)
-            lo_e[t] = lo_o[t] = hi_e[t] = hi_o[t] = _mm512_setzero_si512();
+            lo_w[t] = lo_o[t] = hi_w[t] = hi_o[t] = _mm512_setzero_si512();
           for (int64_t j = j0; j < j1; ++j, cp += RB) {
             _mm_prefetch(reinterpret_cast<const char*>(cp + pf), _MM_HINT_T0);
             const __m512i idx = _mm512_loadu_si512(cp);
@@ -728,33 +744,21 @@ static void scan_item(const ScanArgs& a, int64_t t0, int64_t rb0, int64_t rb1, i
               lp[t] += 2 * KP;
               // Whole 16-bit words (even byte + 256 * odd byte, wrapping) and the odd bytes: the
               // even bytes' sum is recovered at the flush, one and per plane fewer per code.
-              lo_e[t] = _mm512_add_epi16(lo_e[t], lo);
+              lo_w[t] = _mm512_add_epi16(lo_w[t], lo);
               lo_o[t] = _mm512_add_epi16(lo_o[t], odd_bytes(lo));
-              hi_e[t] = _mm512_add_epi16(hi_e[t], hi);
+              hi_w[t] = _mm512_add_epi16(hi_w[t], hi);
               hi_o[t] = _mm512_add_epi16(hi_o[t], odd_bytes(hi));
             }
           }
-          // word sums - 256 * odd sums = even sums (mod 2^16, and they are < 2^16: at most 256 x 255)
-          for (int t = 0; t < NT; ++t)
-            flush_int_sums(_mm512_sub_epi16(lo_e[t], _mm512_slli_epi16(lo_o[t], 8)), lo_o[t],
-                           _mm512_sub_epi16(hi_e[t], _mm512_slli_epi16(hi_o[t], 8)), hi_o[t], j1 - j0, acc[t]);
+          for (int t = 0; t < NT; ++t) flush_int_sums(lo_w[t], lo_o[t], hi_w[t], hi_o[t], j1 - j0, acc[t]);
         }
       }
     }
     // ypart[t][rows] (+)= acc * group scale * token scale; the first group writes.
-    __m512 sc[4];
-    for (int q = 0; q < 4; ++q)
-      sc[q] = a.scales ? _mm512_cvtph_ps(_mm256_loadu_si256(
-                             reinterpret_cast<const __m256i*>(a.scales + (rb * a.ng + g) * RB + 16 * q)))
-                       : _mm512_set1_ps(1.0f);
-    for (int t = 0; t < NT; ++t) {
-      const __m512 ts = _mm512_set1_ps(PERM ? 1.0f : a.tscale[t0 + t]);
-      float* yp = a.ypart + (s * a.T + t0 + t) * a.nrb * RB + rb * RB;
-      for (int q = 0; q < 4; ++q) {
-        const __m512 v = _mm512_mul_ps(acc[t][q], _mm512_mul_ps(sc[q], ts));
-        _mm512_storeu_ps(yp + 16 * q, g == g0 && !a.accumulate ? v : _mm512_add_ps(_mm512_loadu_ps(yp + 16 * q), v));
-      }
-    }
+    const c10::Half* sc = a.scales ? a.scales + (rb * a.ng + g) * RB : nullptr;
+    for (int t = 0; t < NT; ++t)
+      store_scaled(a.ypart + (s * a.T + t0 + t) * a.nrb * RB + rb * RB, acc[t], sc, PERM ? 1.0f : a.tscale[t0 + t],
+                   g == g0 && !a.accumulate);
   }
 }
 
@@ -778,9 +782,9 @@ static void scan_lut1(const ScanArgs& a, int64_t rb0, int64_t s, int64_t ja, int
     const uint8_t* lp = a.tab + (js - a.tab_j0) * 2 * KP;
     for (int64_t j0 = js; j0 < je; j0 += kSumSpan) {
       const int64_t j1 = std::min(je, j0 + kSumSpan);
-      __m512i lo_e[NR], lo_o[NR], hi_e[NR], hi_o[NR];
+      __m512i lo_w[NR], lo_o[NR], hi_w[NR], hi_o[NR];
 #pragma GCC unroll 4
-      for (int q = 0; q < NR; ++q) lo_e[q] = lo_o[q] = hi_e[q] = hi_o[q] = _mm512_setzero_si512();
+      for (int q = 0; q < NR; ++q) lo_w[q] = lo_o[q] = hi_w[q] = hi_o[q] = _mm512_setzero_si512();
       const uint8_t* cp = a.codes + rb0 * cstride + j0 * RB;
       const uint8_t* up = a.codes + rb0 * cstride + a.nsub * RB + j0 * 8;  // KP = 512: ninth bits
       for (int64_t j = j0; j < j1; ++j, cp += RB, up += 8, lp += 2 * KP) {
@@ -796,9 +800,9 @@ static void scan_lut1(const ScanArgs& a, int64_t rb0, int64_t s, int64_t ja, int
           }
           __m512i lo, hi;
           lookup_planes<KP>(lp, idx, hb, lo, hi);
-          lo_e[q] = _mm512_add_epi16(lo_e[q], lo);
+          lo_w[q] = _mm512_add_epi16(lo_w[q], lo);
           lo_o[q] = _mm512_add_epi16(lo_o[q], odd_bytes(lo));
-          hi_e[q] = _mm512_add_epi16(hi_e[q], hi);
+          hi_w[q] = _mm512_add_epi16(hi_w[q], hi);
           hi_o[q] = _mm512_add_epi16(hi_o[q], odd_bytes(hi));
         }
       }
@@ -807,17 +811,9 @@ static void scan_lut1(const ScanArgs& a, int64_t rb0, int64_t s, int64_t ja, int
       for (int q = 0; q < NR; ++q) {
         const int64_t rb = rb0 + q;
         __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        flush_int_sums(_mm512_sub_epi16(lo_e[q], _mm512_slli_epi16(lo_o[q], 8)), lo_o[q],
-                       _mm512_sub_epi16(hi_e[q], _mm512_slli_epi16(hi_o[q], 8)), hi_o[q], j1 - j0, acc);
-        float* yp = a.ypart + s * a.nrb * RB + rb * RB;
-#pragma GCC unroll 4
-        for (int k = 0; k < 4; ++k) {
-          const __m512 sc = a.scales ? _mm512_mul_ps(_mm512_set1_ps(tsc), _mm512_cvtph_ps(_mm256_loadu_si256(
-                                           reinterpret_cast<const __m256i*>(a.scales + (rb * a.ng + g) * RB + 16 * k))))
-                                     : _mm512_set1_ps(tsc);
-          const __m512 v = _mm512_mul_ps(acc[k], sc);
-          _mm512_storeu_ps(yp + 16 * k, first ? v : _mm512_add_ps(_mm512_loadu_ps(yp + 16 * k), v));
-        }
+        flush_int_sums(lo_w[q], lo_o[q], hi_w[q], hi_o[q], j1 - j0, acc);
+        store_scaled(a.ypart + s * a.nrb * RB + rb * RB, acc, a.scales ? a.scales + (rb * a.ng + g) * RB : nullptr,
+                     tsc, first);
       }
     }
   }
