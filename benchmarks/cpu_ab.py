@@ -8,7 +8,10 @@ Each case times ``Plan.run`` of the same layer with A's and with B's plan, alter
 within every round, plus dense ``F.linear``; it prints min / median per call and the median over
 rounds of the A/B time ratio, which is far steadier than comparing two runs on a shared host.
 SHAPE names like ``192x576K256`` pick cases, any shape (out x in, K; d = 2, group 128, as benchmarks/cpu.py).
-Both outputs are checked against each other first.  ROUNDS (env) sets the rounds (default 30).
+Both outputs are checked against each other first.  ROUNDS (env) sets the rounds (default 30);
+TOKENS (default 1) sets the tokens per call;
+STREAM=1 times calls that cycle through copies of each layer (codes and weights from beyond L2, as in
+a decode step and benchmarks/cpu.py's "stream") instead of repeating one layer (hot).
 """
 from __future__ import annotations
 
@@ -62,36 +65,50 @@ def main(argv: list[str]) -> None:
             cases = [tuple(int(v) for v in a.replace("K", "x").split("x")) for a in argv[1:]]
         except ValueError:
             raise SystemExit(f"cases are named like 192x576K256, got {argv[1:]}")
+    stream = os.environ.get("STREAM", "0") not in ("", "0")
+    tokens = int(os.environ.get("TOKENS", 1))
     fns = {}
     for out, inp, k in cases:
-        layer = random_layer(out, inp, dict(subvector_dim=2, num_centroids=k))
-        x, w = torch.randn(1, inp), torch.randn(out, inp)
-        ya = layer(x)
-        layer(x)
-        mode = cpu._MODE[kernels.select(layer, x).name.replace("cpu_", "")]
-        pa = layer.__dict__["_fasq_plan"]
-        cpu._lib = lib_b
-        try:
-            pb = cpu._make_plan(layer, kernels._generation)
-        finally:
-            cpu._lib = lib_a
-        pb.set_method(0, 1, mode)
-        g, b = kernels._generation, layer._buffers
-        yb = pb.run(x, b, g)
-        if yb is None or not torch.allclose(ya, yb, rtol=2e-3, atol=2e-3 * ya.abs().max().item()):
-            raise SystemExit(f"{out}x{inp}K{k}: A and B disagree")
-        fns[f"{out}x{inp}K{k}"] = (out * inp, [lambda p=pa, x=x, b=b, g=g: p.run(x, b, g),
-                                               lambda p=pb, x=x, b=b, g=g: p.run(x, b, g),
-                                               lambda x=x, w=w: F.linear(x, w)])
+        # STREAM=1: each call cycles through copies of the layer (48 MB of fp32 weights, as
+        # benchmarks/cpu.py's "stream"), so that codes and weights come from beyond L2 as in a decode step
+        n = min(32, -(-(48 << 20) // (out * inp * 4))) if stream else 1
+        runs = ([], [], [])
+        for i in range(n):
+            layer = random_layer(out, inp, dict(subvector_dim=2, num_centroids=k), seed=i)
+            x, w = torch.randn(tokens, inp), torch.randn(out, inp)
+            ya = layer(x)
+            layer(x)
+            mode = cpu._MODE[kernels.select(layer, x).name.replace("cpu_", "")]
+            pa = layer.__dict__["_fasq_plan"]
+            cpu._lib = lib_b
+            try:
+                pb = cpu._make_plan(layer, kernels._generation)
+            finally:
+                cpu._lib = lib_a
+            pb.set_method(0, tokens, mode)
+            g, b = kernels._generation, layer._buffers
+            yb = pb.run(x, b, g)
+            if yb is None or not torch.allclose(ya, yb, rtol=2e-3, atol=2e-3 * ya.abs().max().item()):
+                raise SystemExit(f"{out}x{inp}K{k}: A and B disagree")
+            runs[0].append(lambda p=pa, x=x, b=b, g=g: p.run(x, b, g))
+            runs[1].append(lambda p=pb, x=x, b=b, g=g: p.run(x, b, g))
+            runs[2].append(lambda x=x, w=w: F.linear(x, w))
+
+        def cycle(fs):
+            def run():
+                for f in fs:
+                    f()
+            return run
+        fns[f"{out}x{inp}K{k}"] = (out * inp * n, n, [cycle(r) for r in runs])
     res = {n: ([], [], []) for n in fns}
     for r in range(int(os.environ.get("ROUNDS", 30))):
-        for n, (size, fs) in fns.items():
-            reps = max(100, int(1500 * 192 * 576 / size))
+        for n, (size, copies, fs) in fns.items():
+            reps = max(20, int(1500 * 192 * 576 / size))
             for i in ((0, 1, 2) if r % 2 == 0 else (1, 0, 2)):
                 t = time.perf_counter()
                 for _ in range(reps):
                     fs[i]()
-                res[n][i].append((time.perf_counter() - t) / reps * 1e6)
+                res[n][i].append((time.perf_counter() - t) / (reps * copies) * 1e6)
     for n, (a, b, c) in res.items():
         ratio = statistics.median(x / y for x, y in zip(a, b))
         print(f"{n:14s} A min {min(a):7.2f} med {statistics.median(a):7.2f} | B min {min(b):7.2f} "

@@ -868,9 +868,11 @@ static ScanFn pick_scan(bool perm, int64_t kp, int nt, int64_t d) {
 // and / shift / ternary-logic ops instead of two-source byte permutes (~2.75 cycles each on port 5);
 // the repacked codes name entries by that position (cpu.py: _lut_tensors, PLANE_ORDER).
 static inline void store_planes(__m512i wa, __m512i wb, uint8_t* lo_dst, uint8_t* hi_dst) {
+  // The shifted operand comes first: ternary logic overwrites its first operand, and the shift
+  // result is dead afterwards (with the constant first, GCC copied it before each of the two).
   const __m512i m = _mm512_set1_epi16(0x00FF);
-  const __m512i lo = _mm512_ternarylogic_epi32(m, wa, _mm512_slli_epi16(wb, 8), 0xEA);  // (m & wa) | (wb << 8)
-  const __m512i hi = _mm512_ternarylogic_epi32(m, wb, _mm512_srli_epi16(wa, 8), 0xAE);  // (~m & wb) | (wa >> 8)
+  const __m512i lo = _mm512_ternarylogic_epi32(_mm512_slli_epi16(wb, 8), wa, m, 0xF8);  // (wb << 8) | (wa & m)
+  const __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(wa, 8), wb, m, 0xF4);  // (wa >> 8) | (wb & ~m)
   _mm512_store_si512(lo_dst, lo);
   _mm512_store_si512(hi_dst, _mm512_xor_si512(hi, _mm512_set1_epi8(-128)));
 }
@@ -900,15 +902,17 @@ __attribute__((always_inline)) static inline void lut_build_one(const float* cbT
 #ifdef __AVX512FP16__
 // The same table computed in fp16 arithmetic (AVX512-FP16: 32 entries per instruction, then
 // one fp16 -> int16 conversion): cbh = fp16 codebook [d][KP] (exact: codebooks are stored in fp16),
-// xj rounded to fp16.  About 3x fewer instructions than the fp32 build, which matters when a layer
-// has few rows per table (SmolLM2's 192- and 576-row layers); costs at most two more fp16 roundings
-// per entry (x_j, the product): the worst relative error on y in the kernel tests stays below 5e-4
-// (they allow 2e-3).
+// xh = x_j rounded to fp16, each value twice in a 32-bit word, so that a broadcast from memory
+// (vpbroadcastd, a load alone) fills a register instead of a conversion and a word broadcast
+// (port 5, which the scan and the build's conversions keep busy).  About 3x fewer instructions
+// than the fp32 build, which matters when a layer has few rows per table (SmolLM2's 192- and
+// 576-row layers); costs at most two more fp16 roundings per entry (x_j, the product): the worst
+// relative error on y in the kernel tests stays below 5e-4 (they allow 2e-3).
 template <int DD>
-__attribute__((always_inline)) static inline void lut_build_one_fp16(const uint16_t* cbh, const float* xj, int64_t d_rt, int64_t kp, uint8_t* L) {
+__attribute__((always_inline)) static inline void lut_build_one_fp16(const uint16_t* cbh, const uint32_t* xh, int64_t d_rt, int64_t kp, uint8_t* L) {
   const int64_t d = DD ? DD : d_rt;
   __m512h xv[16];
-  for (int64_t c = 0; c < d; ++c) xv[c] = _mm512_set1_ph(static_cast<_Float16>(xj[c]));
+  for (int64_t c = 0; c < d; ++c) xv[c] = _mm512_castsi512_ph(_mm512_set1_epi32(static_cast<int>(xh[c])));
   for (int64_t k0 = 0; k0 < kp; k0 += 64) {
     const uint16_t* cp = cbh + k0;
     __m512h e0 = _mm512_mul_ph(xv[0], _mm512_loadu_ph(cp)), e1 = _mm512_mul_ph(xv[0], _mm512_loadu_ph(cp + 32));
@@ -922,30 +926,53 @@ __attribute__((always_inline)) static inline void lut_build_one_fp16(const uint1
 }
 #endif
 
+// What a chunk's table build reads.  x: the prepared input [T][stride], divided by the token
+// scales; xh: the same as fp16 pairs (lut_build_one_fp16), or nullptr without AVX512-FP16;
+// cbT: fp32 codebooks [M][d + 1][KP]; cbh: fp16 codebooks [M][d][KP] (AVX512-FP16 only).
+// pf_codes / pf_rbs / pf_stride: while it builds the tables of position j, the build requests
+// the code line of position j of the first pf_rbs row blocks (every other position: the L2
+// prefetcher fetches the pair of each line it misses), the lines the scan reads right after the
+// build and does not prefetch itself.  Spread over the build, these prefetches use the load
+// ports the build leaves idle; as one loop before it (as until 2026-11-27) they took ~4% of a
+// SmolLM2 k_proj call whose codes were already in L2.
+struct BuildArgs {
+  const float* cbT;
+  const uint16_t* cbh;
+  const float* x;
+  const uint32_t* xh;
+  int64_t stride, T, Mb, d, kp, nsub;
+  const uint8_t* pf_codes;
+  int64_t pf_rbs, rb_stride, cb_stride;  // row blocks to prefetch; bytes per row block, per codebook
+};
+
 // The tables of positions [c0, c1) of every token and codebook, in the order the scan reads
 // them: [t][m][j - c0][2 * kp].  One call per chunk rather than per table: no indirect call per
 // table, and d is a compile-time constant for the usual d (288 calls cost ~1 us of a SmolLM2
 // k_proj's ~12).
 template <int DD>
-static void lut_build_chunk(const float* cbT, const uint16_t* cbh, const float* xbuf, int64_t stride, int64_t T,
-                            int64_t Mb, int64_t d_rt, int64_t kp, int64_t c0, int64_t c1, uint8_t* tab) {
-  const int64_t d = DD ? DD : d_rt, n = c1 - c0;
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t m = 0; m < Mb; ++m) {
-      uint8_t* L = tab + (t * Mb + m) * n * 2 * kp;
-      const float* xj = xbuf + t * stride + c0 * d;
-      for (int64_t j = c0; j < c1; ++j, xj += d, L += 2 * kp) {
+static void lut_build_chunk(const BuildArgs& b, int64_t c0, int64_t c1, uint8_t* tab) {
+  const int64_t d = DD ? DD : b.d, n = c1 - c0, kp = b.kp;
+  for (int64_t t = 0; t < b.T; ++t)
+    for (int64_t m = 0; m < b.Mb; ++m) {
+      uint8_t* L = tab + (t * b.Mb + m) * n * 2 * kp;
+      const uint8_t* pf = t == 0 ? b.pf_codes + m * b.cb_stride : nullptr;
+      for (int64_t j = c0; j < c1; ++j, L += 2 * kp) {
+        if (pf && (j & 1) == 0)
+          for (int64_t r = 0; r < b.pf_rbs; ++r) {
+            const uint8_t* rp = pf + r * b.rb_stride;
+            _mm_prefetch(reinterpret_cast<const char*>(rp + j * RB), _MM_HINT_T1);
+            if (kp == 512 && (j & 7) == 0)  // the ninth bits: 8 bytes per position
+              _mm_prefetch(reinterpret_cast<const char*>(rp + b.nsub * RB + j * 8), _MM_HINT_T1);
+          }
 #ifdef __AVX512FP16__
-        lut_build_one_fp16<DD>(cbh + m * d * kp, xj, d, kp, L);
+        lut_build_one_fp16<DD>(b.cbh + m * d * kp, b.xh + t * b.stride + j * d, d, kp, L);
 #else
-        lut_build_one<DD>(cbT + m * (d + 1) * kp, xj, d, kp, L);
+        lut_build_one<DD>(b.cbT + m * (d + 1) * kp, b.x + t * b.stride + j * d, d, kp, L);
 #endif
       }
     }
-  (void)cbT, (void)cbh;
 }
-using BuildFn = void (*)(const float*, const uint16_t*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t,
-                         int64_t, int64_t, uint8_t*);
+using BuildFn = void (*)(const BuildArgs&, int64_t, int64_t, uint8_t*);
 
 // LUT (perm = false) or PERM (perm = true).  LUT tables: fp32 cbT [M][d + 1][KP] (row d: max |cb|
 // per coordinate); PERM tables: uint8 codebook planes [M][d][2][KP].
@@ -963,15 +990,10 @@ static void run_scan(bool perm, const at::Tensor& x2, int64_t T, at::Tensor& y, 
               "fasq cpu_pq_linear: bad tables");
   thread_local std::vector<float> xbuf_v, tmp_v, ts_v, yp_v, yfin_v;
   thread_local std::vector<uint8_t> lut_v;
-  // The scans prefetch codes SCAN_PF row blocks ahead; the first row blocks (all of a small layer's
-  // codes) are requested here, into L2, so that when the layer's codes are not in the caches their
-  // fetch overlaps the input rotation and the table build instead of stalling the first scans.
-  {
-    const uint8_t* cb = codes.data_ptr<uint8_t>();
-    const int64_t first = std::min<int64_t>(nrb, SCAN_PF) * Mb * cstride;
-    // every other line: the L2 prefetcher fetches the pair of each line it misses
-    for (int64_t i = 0; i < first; i += 128) _mm_prefetch(reinterpret_cast<const char*>(cb + i), _MM_HINT_T1);
-  }
+  // The scans prefetch codes SCAN_PF row blocks ahead, and the LUT's table build the first row
+  // blocks' codes (BuildArgs).  Until 2026-11-27 the first SCAN_PF row blocks (all of a small
+  // layer's codes) were requested here, in one loop before the rotation; A/B on SmolLM2 shapes,
+  // layers cycled as in a decode step: the LUT 5-12% and PERM (4 tokens) 3-5% faster without it.
   float* xbuf = scratch(xbuf_v, static_cast<size_t>(T * stride));
   prepare_input(x2, T, mt, signs, static_cast<int>(d), xbuf, stride, tmp_v);
   // Per (row block, code): ~8 ns per token's LUT lookup, ~10 ns per coordinate per pass of up to
@@ -994,6 +1016,12 @@ static void run_scan(bool perm, const at::Tensor& x2, int64_t T, at::Tensor& y, 
   const int64_t n_tab = perm ? 0 : T * Mb * chunk;  // tables per thread
   uint8_t* lut = nullptr;
   const float* cbT = perm ? nullptr : tables.data_ptr<float>();
+#ifdef __AVX512FP16__
+  thread_local std::vector<uint32_t> xh_v;
+  uint32_t* xh = perm ? nullptr : scratch(xh_v, static_cast<size_t>(T * stride));
+#else
+  const uint32_t* xh = nullptr;
+#endif
   if (!perm) {
     // Token scale: a bound on |entry| from the per-coordinate maxima of |codebook|, so that the
     // largest possible entry maps to LUT_MAX.
@@ -1029,7 +1057,19 @@ static void run_scan(bool perm, const at::Tensor& x2, int64_t T, at::Tensor& y, 
       }
       const float sc = (bound > 0.f && std::isfinite(bound)) ? bound / LUT_MAX : 1.0f;
       const float inv = 1.0f / sc;
+#ifdef __AVX512FP16__
+      // x / tscale rounded to fp16, each value twice in a 32-bit word (lut_build_one_fp16)
+      uint32_t* xht = xh + t * stride;
+      const __m512 iv = _mm512_set1_ps(inv);
+      for (int64_t i = 0; i < nsub * d; i += 16) {
+        const __mmask16 km = nsub * d - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (nsub * d - i)) - 1);
+        const __m512i h = _mm512_cvtepu16_epi32(
+            _mm512_cvtps_ph(_mm512_mul_ps(_mm512_maskz_loadu_ps(km, xt + i), iv), _MM_FROUND_TO_NEAREST_INT));
+        _mm512_mask_storeu_epi32(xht + i, km, _mm512_or_si512(h, _mm512_slli_epi32(h, 16)));
+      }
+#else
       for (int64_t i = 0; i < nsub * d; ++i) xt[i] *= inv;
+#endif
       ts[t] = sc;
     }
     lut = scratch(lut_v, static_cast<size_t>(S * n_tab * 2 * kp) + 64);
@@ -1052,6 +1092,8 @@ static void run_scan(bool perm, const at::Tensor& x2, int64_t T, at::Tensor& y, 
 #else
   const uint16_t* cbh = nullptr;
 #endif
+  const BuildArgs ba{cbT, cbh, xbuf, xh, stride, T, Mb, d, kp, nsub, codes.data_ptr<uint8_t>(),
+                     std::min<int64_t>(nrb, SCAN_PF), Mb * cstride, cstride};
   const BuildFn build = d == 2 ? &lut_build_chunk<2> : d == 1 ? &lut_build_chunk<1> : d == 4 ? &lut_build_chunk<4>
                       : &lut_build_chunk<0>;
   const ScanFn full = pick_scan(perm, kp, 4, d);
@@ -1074,7 +1116,7 @@ static void run_scan(bool perm, const at::Tensor& x2, int64_t T, at::Tensor& y, 
     for (int64_t c0 = ja, c1; c0 < jb; c0 = c1) {
       c1 = std::min(jb, c0 + chunk);
       as.tab_j0 = c0, as.tab_n = c1 - c0, as.accumulate = c0 != ja;
-      build(cbT, cbh, xbuf, stride, T, Mb, d, kp, c0, c1, tab);
+      build(ba, c0, c1, tab);
       if (lut1) {
         for (int64_t rb0 = 0; rb0 < nrb; rb0 += kLut1Rows)
           (nrb - rb0 >= kLut1Rows ? lut1_full : lut1_tail)(as, rb0, s, c0, c1);
