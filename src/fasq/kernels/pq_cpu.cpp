@@ -774,8 +774,9 @@ template <int KP, int NR>
 static void scan_lut1(const ScanArgs& a, int64_t rb0, int64_t s, int64_t ja, int64_t jb) {
   const int64_t g0 = ja / a.gs, g1 = (jb + a.gs - 1) / a.gs;
   const int64_t cstride = a.cstride;
-  // Prefetch as scan_item does, SCAN_PF row blocks ahead and not past the last one.
-  const int64_t pf = rb0 + NR - 1 + SCAN_PF < a.nrb ? SCAN_PF * cstride : 0;
+  // Prefetch as scan_item does, SCAN_PF row blocks ahead and not past the last one: blocks
+  // q < npf of this pass prefetch theirs.
+  const int64_t pf = SCAN_PF * cstride, npf = std::min<int64_t>(NR, std::max<int64_t>(0, a.nrb - rb0 - SCAN_PF));
   const float tsc = a.tscale[0];
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t js = std::max(g * a.gs, ja), je = std::min({(g + 1) * a.gs, jb, a.nsub});
@@ -790,7 +791,7 @@ static void scan_lut1(const ScanArgs& a, int64_t rb0, int64_t s, int64_t ja, int
       for (int64_t j = j0; j < j1; ++j, cp += RB, up += 8, lp += 2 * KP) {
 #pragma GCC unroll 4
         for (int q = 0; q < NR; ++q) {
-          _mm_prefetch(reinterpret_cast<const char*>(cp + q * cstride + pf), _MM_HINT_T0);
+          if (q < npf) _mm_prefetch(reinterpret_cast<const char*>(cp + q * cstride + pf), _MM_HINT_T0);
           const __m512i idx = _mm512_loadu_si512(cp + q * cstride);
           __mmask64 hb = 0;
           if constexpr (KP == 512) {
