@@ -934,8 +934,9 @@ __attribute__((always_inline)) static inline void lut_build_one_fp16(const uint1
 // the code line of position j of the first pf_rbs row blocks (every other position: the L2
 // prefetcher fetches the pair of each line it misses), the lines the scan reads right after the
 // build and does not prefetch itself.  Spread over the build, these prefetches use the load
-// ports the build leaves idle; as one loop before it (as until 2026-11-27) they took ~4% of a
-// SmolLM2 k_proj call whose codes were already in L2.
+// ports the build leaves idle.  As one loop before the rotation (until 2026-11-27) the same
+// requests made SmolLM2-shape calls 5-12% slower when the codes came from beyond L2, as in a
+// decode step (benchmarks/cpu_ab.py STREAM=1), and up to 4% slower when they were in L2.
 struct BuildArgs {
   const float* cbT;
   const uint16_t* cbh;
