@@ -930,10 +930,10 @@ __attribute__((always_inline)) static inline void lut_build_one_fp16(const uint1
 // What a chunk's table build reads.  x: the prepared input [T][stride], divided by the token
 // scales; xh: the same as fp16 pairs (lut_build_one_fp16), or nullptr without AVX512-FP16;
 // cbT: fp32 codebooks [M][d + 1][KP]; cbh: fp16 codebooks [M][d][KP] (AVX512-FP16 only).
-// pf_codes / pf_rbs / pf_stride: while it builds the tables of position j, the build requests
-// the code line of position j of the first pf_rbs row blocks (every other position: the L2
-// prefetcher fetches the pair of each line it misses), the lines the scan reads right after the
-// build and does not prefetch itself.  Spread over the build, these prefetches use the load
+// pf_codes (the repacked codes), pf_rbs, rb_stride, cb_stride: while it builds the tables of
+// position j, the build requests the code line of position j of the first pf_rbs row blocks of
+// each codebook (every other position: the L2 prefetcher fetches the pair of each line it
+// misses), the lines the scan reads right after the build and does not prefetch itself.  Spread over the build, these prefetches use the load
 // ports the build leaves idle.  As one loop before the rotation (until 2026-11-27) the same
 // requests made SmolLM2-shape calls 5-12% slower when the codes came from beyond L2, as in a
 // decode step (benchmarks/cpu_ab.py STREAM=1), and up to 4% slower when they were in L2.
