@@ -631,26 +631,38 @@ static inline void lookup64(const uint8_t* L, __m512i idx, __mmask64 upper, __m5
 constexpr float LUT_MAX = 32000.0f;  // < 32767 with room for the fp16 build's rounding
 constexpr int64_t kSumSpan = 256;    // positions summed in 16-bit lanes before widening
 
-// acc[0..3] (rows 0..15, 16..31, 32..47, 48..63) += the entries summed over n positions: lo_w /
-// hi_w are a plane's whole 16-bit word sums (even byte + 256 * odd byte, wrapping), lo_o / hi_o its
-// odd bytes' sums.  word sums - 256 * odd sums = even sums (mod 2^16, and they are < 2^16: at
-// most 256 x 255).
-static inline void flush_int_sums(__m512i lo_w, __m512i lo_o, __m512i hi_w, __m512i hi_o, int64_t n, __m512 acc[4]) {
-  const __m512i lo_e = _mm512_sub_epi16(lo_w, _mm512_slli_epi16(lo_o, 8));
-  const __m512i hi_e = _mm512_sub_epi16(hi_w, _mm512_slli_epi16(hi_o, 8));
-  const __m512i off = _mm512_set1_epi32(static_cast<int>(-32768 * n));
-  auto part = [&](__m512i lo, __m512i hi, int half) {
-    const __m256i l = half ? _mm512_extracti64x4_epi64(lo, 1) : _mm512_castsi512_si256(lo);
-    const __m256i h = half ? _mm512_extracti64x4_epi64(hi, 1) : _mm512_castsi512_si256(hi);
-    const __m512i v = _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 8),
-                                                         _mm512_cvtepu16_epi32(l)), off);
-    return _mm512_cvtepi32_ps(v);
-  };
-  acc[0] = _mm512_add_ps(acc[0], part(lo_e, hi_e, 0));
-  acc[1] = _mm512_add_ps(acc[1], part(lo_e, hi_e, 1));
-  acc[2] = _mm512_add_ps(acc[2], part(lo_o, hi_o, 0));
-  acc[3] = _mm512_add_ps(acc[3], part(lo_o, hi_o, 1));
-}
+// One row block's int16 sums over a span of positions: per plane the whole 16-bit words (even
+// byte + 256 * odd byte, wrapping) and the odd bytes, so the even bytes' sum is recovered at the
+// flush (words - 256 * odd, mod 2^16, and it is < 2^16: at most 256 x 255), one and per plane
+// fewer per code.
+struct IntSums {
+  __m512i lo_w, lo_o, hi_w, hi_o;
+  void zero() { lo_w = lo_o = hi_w = hi_o = _mm512_setzero_si512(); }
+  // Add the looked-up planes of one position.
+  void add(__m512i lo, __m512i hi) {
+    lo_w = _mm512_add_epi16(lo_w, lo);
+    lo_o = _mm512_add_epi16(lo_o, odd_bytes(lo));
+    hi_w = _mm512_add_epi16(hi_w, hi);
+    hi_o = _mm512_add_epi16(hi_o, odd_bytes(hi));
+  }
+  // acc[0..3] (rows 0..15, 16..31, 32..47, 48..63) += the entries summed over the n positions.
+  void flush(int64_t n, __m512 acc[4]) const {
+    const __m512i lo_e = _mm512_sub_epi16(lo_w, _mm512_slli_epi16(lo_o, 8));
+    const __m512i hi_e = _mm512_sub_epi16(hi_w, _mm512_slli_epi16(hi_o, 8));
+    const __m512i off = _mm512_set1_epi32(static_cast<int>(-32768 * n));
+    auto part = [&](__m512i lo, __m512i hi, int half) {
+      const __m256i l = half ? _mm512_extracti64x4_epi64(lo, 1) : _mm512_castsi512_si256(lo);
+      const __m256i h = half ? _mm512_extracti64x4_epi64(hi, 1) : _mm512_castsi512_si256(hi);
+      const __m512i v = _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 8),
+                                                           _mm512_cvtepu16_epi32(l)), off);
+      return _mm512_cvtepi32_ps(v);
+    };
+    acc[0] = _mm512_add_ps(acc[0], part(lo_e, hi_e, 0));
+    acc[1] = _mm512_add_ps(acc[1], part(lo_e, hi_e, 1));
+    acc[2] = _mm512_add_ps(acc[2], part(lo_o, hi_o, 0));
+    acc[3] = _mm512_add_ps(acc[3], part(lo_o, hi_o, 1));
+  }
+};
 
 // yp[0..63] (+)= acc * group scale * token scale: sc = the row block's 64 fp16 scales of the group,
 // or nullptr (no scales); first: write instead of add.
@@ -731,9 +743,8 @@ static void scan_item(const ScanArgs& a, int64_t t0, int64_t rb0, int64_t rb1, i
         for (int t = 0; t < NT; ++t) lp[t] = a.tab + (((t0 + t) * a.M + m) * a.tab_n + js - a.tab_j0) * 2 * KP;
         for (int64_t j0 = js; j0 < je; j0 += kSumSpan) {
           const int64_t j1 = std::min(je, j0 + kSumSpan);
-          __m512i lo_w[NT], lo_o[NT], hi_w[NT], hi_o[NT];
-          for (int t = 0; t < NT; ++t)
-            lo_w[t] = lo_o[t] = hi_w[t] = hi_o[t] = _mm512_setzero_si512();
+          IntSums sums[NT];
+          for (int t = 0; t < NT; ++t) sums[t].zero();
           for (int64_t j = j0; j < j1; ++j, cp += RB) {
             _mm_prefetch(reinterpret_cast<const char*>(cp + pf), _MM_HINT_T0);
             const __m512i idx = _mm512_loadu_si512(cp);
@@ -742,15 +753,10 @@ static void scan_item(const ScanArgs& a, int64_t t0, int64_t rb0, int64_t rb1, i
               __m512i lo, hi;
               lookup_planes<KP>(lp[t], idx, hb, lo, hi);
               lp[t] += 2 * KP;
-              // Whole 16-bit words (even byte + 256 * odd byte, wrapping) and the odd bytes: the
-              // even bytes' sum is recovered at the flush, one and per plane fewer per code.
-              lo_w[t] = _mm512_add_epi16(lo_w[t], lo);
-              lo_o[t] = _mm512_add_epi16(lo_o[t], odd_bytes(lo));
-              hi_w[t] = _mm512_add_epi16(hi_w[t], hi);
-              hi_o[t] = _mm512_add_epi16(hi_o[t], odd_bytes(hi));
+              sums[t].add(lo, hi);
             }
           }
-          for (int t = 0; t < NT; ++t) flush_int_sums(lo_w[t], lo_o[t], hi_w[t], hi_o[t], j1 - j0, acc[t]);
+          for (int t = 0; t < NT; ++t) sums[t].flush(j1 - j0, acc[t]);
         }
       }
     }
@@ -783,9 +789,9 @@ static void scan_lut1(const ScanArgs& a, int64_t rb0, int64_t s, int64_t ja, int
     const uint8_t* lp = a.tab + (js - a.tab_j0) * 2 * KP;
     for (int64_t j0 = js; j0 < je; j0 += kSumSpan) {
       const int64_t j1 = std::min(je, j0 + kSumSpan);
-      __m512i lo_w[NR], lo_o[NR], hi_w[NR], hi_o[NR];
+      IntSums sums[NR];
 #pragma GCC unroll 4
-      for (int q = 0; q < NR; ++q) lo_w[q] = lo_o[q] = hi_w[q] = hi_o[q] = _mm512_setzero_si512();
+      for (int q = 0; q < NR; ++q) sums[q].zero();
       const uint8_t* cp = a.codes + rb0 * cstride + j0 * RB;
       const uint8_t* up = a.codes + rb0 * cstride + a.nsub * RB + j0 * 8;  // KP = 512: ninth bits
       for (int64_t j = j0; j < j1; ++j, cp += RB, up += 8, lp += 2 * KP) {
@@ -801,10 +807,7 @@ static void scan_lut1(const ScanArgs& a, int64_t rb0, int64_t s, int64_t ja, int
           }
           __m512i lo, hi;
           lookup_planes<KP>(lp, idx, hb, lo, hi);
-          lo_w[q] = _mm512_add_epi16(lo_w[q], lo);
-          lo_o[q] = _mm512_add_epi16(lo_o[q], odd_bytes(lo));
-          hi_w[q] = _mm512_add_epi16(hi_w[q], hi);
-          hi_o[q] = _mm512_add_epi16(hi_o[q], odd_bytes(hi));
+          sums[q].add(lo, hi);
         }
       }
       const bool first = g == g0 && j0 == js && !a.accumulate;
@@ -812,7 +815,7 @@ static void scan_lut1(const ScanArgs& a, int64_t rb0, int64_t s, int64_t ja, int
       for (int q = 0; q < NR; ++q) {
         const int64_t rb = rb0 + q;
         __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        flush_int_sums(lo_w[q], lo_o[q], hi_w[q], hi_o[q], j1 - j0, acc);
+        sums[q].flush(j1 - j0, acc);
         store_scaled(a.ypart + s * a.nrb * RB + rb * RB, acc, a.scales ? a.scales + (rb * a.ng + g) * RB : nullptr,
                      tsc, first);
       }
