@@ -4,7 +4,8 @@
 
 1. SmolLM2's layer shapes (1536x576, 576x1536, 576x576) at 4 bits (d=2, K=256, as benchmarks/cpu.py):
    the registry's many-token method (``cpu_tiled``: dequantize tiles of W_r, then GEMM) against
-   ``F.linear`` in fp32, timed alternately; the median over rounds of the time ratio.
+   ``F.linear``, in fp32 and in bf16 (input and dense weight), timed alternately; the median over
+   rounds of the time ratio.
 2. A whole prompt of ``--tokens`` random tokens through SmolLM2 (one forward, no cache): the fp32
    model against ``--preset 4bit`` (quantized once into ~/.cache/fasq/bench, as benchmarks/cpu.py
    does), alternating; the median of the time ratios.
@@ -58,9 +59,11 @@ def main(argv=None) -> int:
     print(f"{args.tokens} tokens, {args.threads} thread(s), torch {torch.__version__}")
     for out_f, in_f in ((1536, 576), (576, 1536), (576, 576)):
         layer = random_layer(out_f, in_f, CONFIGS["4bit d2 K256"])
-        x, w = torch.randn(args.tokens, in_f), torch.randn(out_f, in_f)
-        r, ta, tb = ratio(lambda: cpu.cpu_linear(x, layer, "tiled"), lambda: F.linear(x, w), args.rounds)
-        print(f"layer {out_f}x{in_f}: tiled {ta:.2f} ms, dense fp32 {tb:.2f} ms, ratio {r:.2f}")
+        for dt in (torch.float32, torch.bfloat16):
+            x, w = torch.randn(args.tokens, in_f).to(dt), torch.randn(out_f, in_f).to(dt)
+            r, ta, tb = ratio(lambda: cpu.cpu_linear(x, layer, "tiled"), lambda: F.linear(x, w), args.rounds)
+            name = str(dt).replace("torch.", "").replace("float32", "fp32").replace("bfloat16", "bf16")
+            print(f"layer {out_f}x{in_f} {name}: tiled {ta:.2f} ms, dense {name} {tb:.2f} ms, ratio {r:.2f}")
 
     import fasq
     from fasq.cli import load_any

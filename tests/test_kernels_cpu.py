@@ -100,6 +100,30 @@ def test_every_d_and_k(d, k):
     run_all(random_layer(spec, seed=i), seed=i)
 
 
+TILED_SPECS = [  # (in, out, d, K, M, group, scales): no rotation, so that x = I gives y = W_r^T
+    (16, 40, 2, 256, 1, 8, True), (72, 130, 2, 256, 1, 24, True), (70, 130, 3, 64, 2, 0, True),
+    (72, 64, 4, 512, 1, 24, True), (64, 70, 1, 16, 1, 16, True), (48, 65, 8, 200, 2, 16, False),
+    (72, 40, 2, 512, 2, 8, True),
+]
+
+
+@pytest.mark.parametrize("spec_args", TILED_SPECS, ids=[f"{s[0]}x{s[1]}-d{s[2]}-K{s[3]}-M{s[4]}" for s in TILED_SPECS])
+def test_tiled_dequantizes_exactly(spec_args):
+    """TILED on the identity: every output is one weight times 1, so y must equal W_r (rounded to
+    x's dtype, as the reference rounds it) bit for bit, whichever layout (repacked on VBMI CPUs,
+    stored elsewhere) and GEMM dtype (fp32 below 20 tokens) the call takes."""
+    i, o, d, k, m, g, scaled = spec_args
+    spec = LayerSpec(i, o, d, k, num_codebooks=m, group_size=g, has_scales=scaled)
+    layer = random_layer(spec, seed=i * o + d)
+    w = reference.dequantize_rotated(spec, layer.codes, layer.codebooks, layer.scales)   # [out, in] fp32
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        for t in sorted({min(i, 8), i}):                 # rows of I: fewer tokens than in, and all of them
+            x = torch.eye(i, dtype=dt)[:t]
+            for isa in isas_here():
+                y = cpu.cpu_linear(x, layer, "tiled", isa)
+                assert torch.equal(y, w.to(dt).T[:t].contiguous()), f"{spec} {dt} tokens={t} {isa}"
+
+
 SHAPES = [
     # (in, out, d, K, M, group, rotation_block, bias)
     (72, 40, 2, 256, 1, 8, 8, True),
@@ -134,7 +158,8 @@ def test_quantized_weight_and_registry_dispatch():
     layer = PQLinear.from_tensors(spec, **t)
     vbmi = cpu.lut_supported(spec)
     for shape, want in (((1, 1, 256), "cpu_lut" if vbmi else "cpu_direct"),
-                        ((2, 3, 256), "cpu_perm" if vbmi else "cpu_direct"), ((4, 5, 256), "cpu_tiled")):
+                        ((1, 3, 256), "cpu_perm" if vbmi else "cpu_direct"),
+                        ((2, 3, 256), "cpu_tiled" if vbmi else "cpu_direct"), ((4, 5, 256), "cpu_tiled")):
         x = torch.randn(shape)
         k = select(layer, x)
         assert k is not None and k.name == want, (shape, k)

@@ -12,10 +12,12 @@ name            priority  used for
 ==============  ========  ======================================================================
 ``cpu_lut``     30        1 token, >= lut_min_rows() rows, K <= 512, AVX-512 VBMI: int16 tables
                           x.codebook
-``cpu_perm``    25        up to FEW_MAX_TOKENS tokens, K <= 512, AVX-512 VBMI: exact, codebook in
+``cpu_perm``    25        up to PERM_MAX_TOKENS tokens, K <= 512, AVX-512 VBMI: exact, codebook in
                           registers, looked up by byte permutes for 64 rows at a time
-``cpu_direct``  20        up to DIRECT_MAX_TOKENS tokens, any K / CPU: gather centroids, fp32 FMA
-``cpu_tiled``   10        any token count: dequantize row tiles in x's dtype, then ATen GEMM
+``cpu_direct``  20        up to DIRECT_MAX_TOKENS tokens where PERM cannot run (K > 512, no VBMI):
+                          gather centroids, fp32 FMA
+``cpu_tiled``   10        any token count: dequantize row tiles, then ATen GEMM (K <= 512 with
+                          VBMI: PERM's byte-permute lookups, ~0.3 ns per weight; else gathers)
 ==============  ========  ======================================================================
 
 All four are one op, ``torch.ops.fasq.cpu_pq_linear`` (CPU kernel + fake implementation).
@@ -49,12 +51,13 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("pq_cpu.cpp")
 # Method choice, from measurements (docs/kernels_cpu.md): LUT for 1 token on layers of at least
 # LUT_MIN_ROWS rows (its per-call table build needs enough rows to pay off; LUT_MIN_ROWS_FP16 where
-# the tables are built in fp16 arithmetic, about 3x cheaper), PERM up to FEW_MAX_TOKENS tokens (DIRECT
+# the tables are built in fp16 arithmetic, about 3x cheaper), PERM up to PERM_MAX_TOKENS tokens (DIRECT
 # up to DIRECT_MAX_TOKENS where PERM cannot run), TILED above.
 LUT_MAX_TOKENS = 1
 LUT_MIN_ROWS = 256
 LUT_MIN_ROWS_FP16 = 128
-FEW_MAX_TOKENS = 16      # PERM and the per-layer Plan (kPlanTokens in pq_cpu.cpp)
+FEW_MAX_TOKENS = 16      # the per-layer Plan (kPlanTokens in pq_cpu.cpp)
+PERM_MAX_TOKENS = 4      # PERM; from 5 tokens TILED on the repacked layout is faster (docs/kernels_cpu.md)
 DIRECT_MAX_TOKENS = 8    # DIRECT: slower than TILED at 16 tokens on every benchmarked shape
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 METHODS = ("lut", "perm", "direct", "tiled")
@@ -268,7 +271,8 @@ def cpu_linear(x: torch.Tensor, layer, method: str, isa: str | None = None) -> t
         b = layer._buffers
         if method == "lut":
             codes, tables, scales, _ = _lut_tensors(layer, p)
-        elif method == "perm":
+        elif method == "perm" or (method == "tiled" and lut_supported(layer.spec, isa)):
+            # TILED on the repacked layout dequantizes by byte permutes (pq_cpu.cpp: run_tiled_repacked)
             codes, _, scales, tables = _lut_tensors(layer, p)
         else:
             codes, tables, scales = b["codes"], p.tables, b["scales"]
@@ -344,11 +348,12 @@ def _supports_lut(layer, x) -> bool:
 
 
 def _supports_perm(layer, x) -> bool:
-    return _tokens(x) <= FEW_MAX_TOKENS and _caps(layer)[2] and _input_ok(x)
+    return _tokens(x) <= PERM_MAX_TOKENS and _caps(layer)[2] and _input_ok(x)
 
 
-def _supports_direct(layer, x) -> bool:
-    return _tokens(x) <= DIRECT_MAX_TOKENS and _caps(layer)[1] and _input_ok(x)
+def _supports_direct(layer, x) -> bool:  # where PERM can run, TILED is faster above PERM_MAX_TOKENS
+    c = _caps(layer)
+    return _tokens(x) <= DIRECT_MAX_TOKENS and c[1] and not c[2] and _input_ok(x)
 
 
 def _supports_tiled(layer, x) -> bool:

@@ -10,12 +10,13 @@
 //           the table (lo/hi byte planes, 512 bytes for K = 256) is looked up for the 64 rows with
 //           byte permutes (no gathers) and the bytes summed exactly in 16-bit lanes.  Tables are
 //           built and scanned in ~32 KiB chunks (kLutChunkBytes).
-//   PERM    2..16 tokens (and small layers), K <= 512, AVX-512 VBMI.  Same layout, but the table is
-//           the fp16 codebook itself (per coordinate), then fp32 FMAs with x.  Exact.
+//   PERM    2..4 tokens (and 1 token on small layers), K <= 512, AVX-512 VBMI.  Same layout, but
+//           the table is the fp16 codebook itself (per coordinate), then fp32 FMAs with x.  Exact.
 //   DIRECT  few tokens, any K, any CPU: per row, decode the codes, gather fp32 centroids and FMA
 //           them with x; the gathers are shared by all tokens.  AVX-512, AVX2 and scalar paths.
-//   TILED   many tokens: dequantize tiles of rows of W_r into a reused buffer, round them to x's
-//           dtype and multiply with ATen's GEMM.
+//   TILED   many tokens: dequantize tiles of rows of W_r into a reused buffer and multiply with
+//           ATen's GEMM.  With VBMI and K <= 512 it reads PERM's layout and dequantizes by byte
+//           permutes (run_tiled_repacked); elsewhere by gathers from the stored layout.
 //
 // A second op, `fasq::cpu_dense16_linear`, multiplies by an unquantized 16-bit weight (a tied
 // embedding / output head kept in its stored fp16 form) with fp32 sums; see DENSE16 below.
@@ -24,7 +25,7 @@
 // the rotated weight W_r, exactly like fasq.reference.pq_linear.  Sums are fp32 (LUT: exact int32).
 //
 // PLAN (end of file): a per-layer object that PQLinear.forward calls directly (pybind11) for up
-// to 8 tokens: checks, rotation, the method the registry chose, bias and the sparse outlier
+// to 16 tokens: checks, rotation, the method the registry chose, bias and the sparse outlier
 // correction in one C++ call.
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
@@ -42,6 +43,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -111,43 +113,62 @@ static T* scratch(std::vector<T>& v, size_t n) {
 // ---------------------------------------------------------------------------------------------
 // Input: x [T, in] (fp32/bf16/fp16) -> rotated fp32, laid out as [T][stride] with sub-vector j
 // at [j*dp, j*dp + d) and zeros elsewhere (padding columns, padded coordinates, tail).
-// In-place orthonormal Walsh-Hadamard transform of each block of h values; with `signs`, the
-// input is first multiplied by them (the randomized rotation R = H diag(signs)).  The 1/sqrt(h)
-// normalization is folded into that first pass.
-static void fwht(float* v, int64_t n, int64_t h, const int8_t* signs) {
+// In-place orthonormal Walsh-Hadamard transform of each block of h values, after multiplying
+// value i by scale[i] = signs[i] / sqrt(h) (rotation_scale: the randomized rotation R = H diag(signs)
+// with H's normalization folded in).
+static const float* rotation_scale(const at::Tensor& signs, int64_t n, int64_t h, float* sc) {
   const float norm = 1.0f / std::sqrt(static_cast<float>(h));
-  if (signs)
-    for (int64_t i = 0; i < n; ++i) v[i] *= norm * static_cast<float>(signs[i]);
-  else
-    for (int64_t i = 0; i < n; ++i) v[i] *= norm;
+  const int8_t* sg = signs.defined() && signs.numel() ? signs.data_ptr<int8_t>() : nullptr;
+  for (int64_t i = 0; i < n; ++i) sc[i] = sg ? norm * static_cast<float>(sg[i]) : norm;
+  return sc;
+}
+
+static void fwht(float* v, int64_t n, int64_t h, const float* scale) {
 #ifdef FASQ_AVX512
   if (h >= 16) {
-    // Stages of span 1, 2, 4, 8 inside each 16-float register (a permute, then add / subtract by
-    // lane), the wider ones across registers.  A SmolLM2 input (576 values, h = 64) took ~1.5 us
-    // scalar, as much as a small layer's whole table build.
+    // Stages of span 1, 2, 4, 8 inside each 16-float register: with y the register with its
+    // span-s partners swapped, lanes whose bit s is 0 become x + y and the others y - x, i.e.
+    // fma(x, +-1, y) (exact products, so the same single rounding as the add or subtract).  The
+    // wider stages go across registers, two per pass over the row (radix 4).  A SmolLM2 input (576
+    // values, h = 64) took ~1.5 us scalar, as much as a small layer's whole table build.
+    const __m512 s1 = _mm512_setr_ps(1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1);
+    const __m512 s2 = _mm512_setr_ps(1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1);
+    const __m512 s4 = _mm512_setr_ps(1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1);
+    const __m512 s8 = _mm512_setr_ps(1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1, -1);
     for (int64_t i = 0; i < n; i += 16) {
-      __m512 x = _mm512_loadu_ps(v + i), y;
-      y = _mm512_permute_ps(x, 0xB1);
-      x = _mm512_mask_sub_ps(_mm512_add_ps(x, y), 0xAAAA, y, x);
-      y = _mm512_permute_ps(x, 0x4E);
-      x = _mm512_mask_sub_ps(_mm512_add_ps(x, y), 0xCCCC, y, x);
-      y = _mm512_shuffle_f32x4(x, x, 0xB1);
-      x = _mm512_mask_sub_ps(_mm512_add_ps(x, y), 0xF0F0, y, x);
-      y = _mm512_shuffle_f32x4(x, x, 0x4E);
-      x = _mm512_mask_sub_ps(_mm512_add_ps(x, y), 0xFF00, y, x);
+      __m512 x = _mm512_mul_ps(_mm512_loadu_ps(v + i), _mm512_loadu_ps(scale + i));
+      x = _mm512_fmadd_ps(x, s1, _mm512_permute_ps(x, 0xB1));
+      x = _mm512_fmadd_ps(x, s2, _mm512_permute_ps(x, 0x4E));
+      x = _mm512_fmadd_ps(x, s4, _mm512_shuffle_f32x4(x, x, 0xB1));
+      x = _mm512_fmadd_ps(x, s8, _mm512_shuffle_f32x4(x, x, 0x4E));
       _mm512_storeu_ps(v + i, x);
     }
-    for (int64_t b0 = 0; b0 < n; b0 += h)
-      for (int64_t len = 16; len < h; len <<= 1)
+    for (int64_t b0 = 0; b0 < n; b0 += h) {
+      int64_t len = 16;
+      for (; 4 * len <= h; len *= 4)  // stages len and 2 len
+        for (int64_t i = b0; i < b0 + h; i += 4 * len)
+          for (int64_t k = i; k < i + len; k += 16) {
+            const __m512 a = _mm512_loadu_ps(v + k), b = _mm512_loadu_ps(v + k + len);
+            const __m512 c = _mm512_loadu_ps(v + k + 2 * len), d = _mm512_loadu_ps(v + k + 3 * len);
+            const __m512 ab = _mm512_add_ps(a, b), a_b = _mm512_sub_ps(a, b);
+            const __m512 cd = _mm512_add_ps(c, d), c_d = _mm512_sub_ps(c, d);
+            _mm512_storeu_ps(v + k, _mm512_add_ps(ab, cd));
+            _mm512_storeu_ps(v + k + len, _mm512_add_ps(a_b, c_d));
+            _mm512_storeu_ps(v + k + 2 * len, _mm512_sub_ps(ab, cd));
+            _mm512_storeu_ps(v + k + 3 * len, _mm512_sub_ps(a_b, c_d));
+          }
+      if (len < h)  // one stage left
         for (int64_t i = b0; i < b0 + h; i += 2 * len)
           for (int64_t k = i; k < i + len; k += 16) {
             const __m512 a = _mm512_loadu_ps(v + k), b = _mm512_loadu_ps(v + k + len);
             _mm512_storeu_ps(v + k, _mm512_add_ps(a, b));
             _mm512_storeu_ps(v + k + len, _mm512_sub_ps(a, b));
           }
+    }
     return;
   }
 #endif
+  for (int64_t i = 0; i < n; ++i) v[i] *= scale[i];
   for (int64_t b0 = 0; b0 < n; b0 += h) {
     float* p = v + b0;
     for (int64_t len = 1; len < h; len <<= 1)
@@ -162,14 +183,47 @@ static void fwht(float* v, int64_t n, int64_t h, const int8_t* signs) {
 
 template <typename T>
 static void load_row(const T* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  int64_t i = 0;
+#ifdef FASQ_AVX512
+  if constexpr (!std::is_same_v<T, float>)
+    for (; i + 16 <= n; i += 16) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+      _mm512_storeu_ps(dst + i, std::is_same_v<T, c10::Half>
+                                    ? _mm512_cvtph_ps(h)
+                                    : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// fp32 src[n] rounded to nearest even into a 16-bit row (as torch rounds finite values).
+template <typename T>
+static void store_row(const float* src, T* dst, int64_t n) {
+  int64_t i = 0;
+#ifdef FASQ_AVX512
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(src + i);
+    __m256i h;
+    if constexpr (std::is_same_v<T, c10::Half>) {
+      h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    } else {
+#ifdef __AVX512BF16__
+      h = (__m256i)_mm512_cvtneps_pbh(v);
+#else
+      break;  // the scalar loop below (rounds NaN and the like as torch does)
+#endif
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), h);
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
 static void prepare_input(const at::Tensor& x2, int64_t T, const int64_t* mt, const at::Tensor& signs,
                           int dp, float* out, int64_t stride, std::vector<float>& tmp_v) {
   const int64_t in = mt[M_IN], d = mt[M_D], nsub = mt[M_NSUB], rot = mt[M_ROT];
-  float* tmp = scratch(tmp_v, static_cast<size_t>(in));
-  const int8_t* sg = rot ? signs.data_ptr<int8_t>() : nullptr;
+  float* tmp = scratch(tmp_v, static_cast<size_t>(2 * in));  // [row | rotation scale]
+  const float* sc = rot ? rotation_scale(signs, in, rot, tmp + in) : nullptr;
   for (int64_t t = 0; t < T; ++t) {
     switch (x2.scalar_type()) {
       case at::kFloat: load_row(x2.data_ptr<float>() + t * in, tmp, in); break;
@@ -177,7 +231,7 @@ static void prepare_input(const at::Tensor& x2, int64_t T, const int64_t* mt, co
       case at::kHalf: load_row(x2.data_ptr<c10::Half>() + t * in, tmp, in); break;
       default: TORCH_CHECK(false, "fasq cpu_pq_linear: x dtype ", x2.scalar_type(), " not supported");
     }
-    if (rot) fwht(tmp, in, rot, sg);
+    if (rot) fwht(tmp, in, rot, sc);
     float* o = out + t * stride;
     std::fill(o, o + stride, 0.0f);
     if (dp == d) {
@@ -606,15 +660,23 @@ static inline void lookup_planes(const uint8_t* L, __m512i idx, __mmask64 upper,
 // CPU, which already does the lookups).
 static inline __m512i odd_bytes(__m512i v) { return _mm512_srli_epi16(v, 8); }
 
-// PERM: 64 fp16 codebook values (one per row) as fp32, 4 x 16 lanes in row order.
+// 64 fp16 codebook values (one per row) as fp16 words: w0 rows 0..31, w1 rows 32..63; cm: the
+// codes' masks (code_masks), shared by the lookups of every coordinate at one position.
 template <int KP>
-static inline void lookup64(const uint8_t* L, __m512i idx, __mmask64 upper, __m512 w[4]) {
-  __m512i lo, hi;
-  lookup_planes<KP>(L, idx, upper, lo, hi);
+static inline void lookup64_h(const uint8_t* L, __m512i idx, const CodeMasks& cm, __m512i& w0, __m512i& w1) {
+  const __m512i* T = reinterpret_cast<const __m512i*>(L);
+  const __m512i lo = lookup_plane<KP>(T, idx, cm), hi = lookup_plane<KP>(T + KP / 64, idx, cm);
   // w0 = (lo & 0x00FF) | (hi << 8): rows 0..31;  w1 = (lo >> 8) | (hi & 0xFF00): rows 32..63
   const __m512i m = _mm512_set1_epi16(0x00FF);
-  const __m512i w0 = _mm512_ternarylogic_epi32(m, lo, _mm512_slli_epi16(hi, 8), 0xEA);   // (m & lo) | c
-  const __m512i w1 = _mm512_ternarylogic_epi32(m, hi, _mm512_srli_epi16(lo, 8), 0xAE);   // (~m & hi) | c
+  w0 = _mm512_ternarylogic_epi32(m, lo, _mm512_slli_epi16(hi, 8), 0xEA);   // (m & lo) | c
+  w1 = _mm512_ternarylogic_epi32(m, hi, _mm512_srli_epi16(lo, 8), 0xAE);   // (~m & hi) | c
+}
+
+// PERM: the same 64 values as fp32, 4 x 16 lanes in row order.
+template <int KP>
+static inline void lookup64(const uint8_t* L, __m512i idx, const CodeMasks& cm, __m512 w[4]) {
+  __m512i w0, w1;
+  lookup64_h<KP>(L, idx, cm, w0, w1);
   w[0] = _mm512_cvtph_ps(_mm512_castsi512_si256(w0));
   w[1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w0, 1));
   w[2] = _mm512_cvtph_ps(_mm512_castsi512_si256(w1));
@@ -727,10 +789,10 @@ static void scan_item(const ScanArgs& a, int64_t t0, int64_t rb0, int64_t rb1, i
         for (int64_t j = js; j < je; ++j, cp += RB) {
           _mm_prefetch(reinterpret_cast<const char*>(cp + pf), _MM_HINT_T0);
           const __m512i idx = _mm512_loadu_si512(cp);
-          const __mmask64 hb = upper();
+          const CodeMasks cm = code_masks<KP>(idx, upper());
           for (int64_t c = 0; c < d; ++c) {
             __m512 w[4];
-            lookup64<KP>(pl + c * 2 * KP, idx, hb, w);
+            lookup64<KP>(pl + c * 2 * KP, idx, cm, w);
             for (int t = 0; t < NT; ++t) {
               const __m512 xv = _mm512_set1_ps(xp[t][c]);
               for (int q = 0; q < 4; ++q) acc[t][q] = _mm512_fmadd_ps(w[q], xv, acc[t][q]);
@@ -1153,6 +1215,109 @@ static void run_scan(bool perm, const at::Tensor& x2, int64_t T, at::Tensor& y, 
   }
   if (!yf) store_outputs(y, T, out, yfin, at::Tensor());  // bias already added
 }
+
+// TILED on the repacked layout (PERM's operands: uint8 codes, codebook byte planes, scales
+// [n_rb][G][64]): row block rb of W_r, transposed, into dst[i * ld + r] (input column i, row r of
+// the block), rounded to OutT.  The centroids are looked up as PERM does (byte permutes, 64 rows
+// per instruction), then the sum over codebooks times the group scale in fp32: the same values as
+// dequant_row, ~0.5 instructions per weight instead of its gathers (~1 ns per weight here).
+template <typename OutT>
+static inline void store_row64(OutT* p, const __m512 v[4]) {
+  if constexpr (std::is_same_v<OutT, float>) {
+    for (int q = 0; q < 4; ++q) _mm512_storeu_ps(p + 16 * q, v[q]);
+  } else if constexpr (std::is_same_v<OutT, c10::Half>) {
+    for (int q = 0; q < 4; ++q)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 16 * q),
+                          _mm512_cvtps_ph(v[q], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {  // bf16, rounded to nearest even as torch rounds (the values are finite)
+#ifdef __AVX512BF16__
+    _mm512_storeu_si512(p, (__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]));
+    _mm512_storeu_si512(p + 32, (__m512i)_mm512_cvtne2ps_pbh(v[3], v[2]));
+#else
+    for (int q = 0; q < 4; ++q) {
+      const __m512i b = _mm512_castps_si512(v[q]);
+      const __m512i r = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1)),
+                                         _mm512_set1_epi32(0x7FFF));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 16 * q),
+                          _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(b, r), 16)));
+    }
+#endif
+  }
+}
+
+template <int KP, typename OutT>
+static void dequant_block_t(const uint8_t* codes, const uint8_t* planes, const c10::Half* scales, const int64_t* mt,
+                            int64_t rb, int64_t width, OutT* dst, int64_t ld) {
+  // width: the input columns wanted (in_features; n_sub * d can be larger)
+  const int64_t nsub = mt[M_NSUB], Mb = mt[M_M], d = mt[M_D], gs = mt[M_GS], ng = mt[M_NG];
+  const int64_t cstride = nsub * RB + (KP == 512 ? nsub * 8 : 0);
+  auto ninth = [&](const uint8_t* cb, int64_t j) -> __mmask64 {
+    if constexpr (KP == 512) {
+      uint64_t u;
+      std::memcpy(&u, cb + nsub * RB + j * 8, 8);
+      return static_cast<__mmask64>(u);
+    } else {
+      return 0;
+    }
+  };
+#ifdef __AVX512FP16__
+  if constexpr (std::is_same_v<OutT, c10::Half>) {
+    // fp16 out, one codebook: the fp16 product centroid * scale, rounded once, is what fp32
+    // arithmetic rounded to fp16 gives (the exact product of two fp16 values fits in fp32).
+    if (Mb == 1) {
+      const uint8_t* cb = codes + rb * cstride;
+      __m512h s0 = _mm512_set1_ph(1.0f), s1 = s0;
+      for (int64_t j = 0; j < nsub; ++j) {
+        if (scales && j % gs == 0) {
+          s0 = _mm512_loadu_ph(scales + (rb * ng + j / gs) * RB);
+          s1 = _mm512_loadu_ph(scales + (rb * ng + j / gs) * RB + 32);
+        }
+        const __m512i idx = _mm512_loadu_si512(cb + j * RB);
+        const CodeMasks cm = code_masks<KP>(idx, ninth(cb, j));
+        for (int64_t c = 0; c < d && j * d + c < width; ++c) {
+          __m512i w0, w1;
+          lookup64_h<KP>(planes + c * 2 * KP, idx, cm, w0, w1);
+          c10::Half* p = dst + (j * d + c) * ld;
+          _mm512_storeu_ph(p, _mm512_mul_ph(_mm512_castsi512_ph(w0), s0));
+          _mm512_storeu_ph(p + 32, _mm512_mul_ph(_mm512_castsi512_ph(w1), s1));
+        }
+      }
+      return;
+    }
+  }
+#endif
+  __m512 sv[4];
+  for (int q = 0; q < 4; ++q) sv[q] = _mm512_set1_ps(1.0f);
+  for (int64_t j = 0; j < nsub; ++j) {
+    if (scales && j % gs == 0)
+      for (int q = 0; q < 4; ++q)
+        sv[q] = _mm512_cvtph_ps(_mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(scales + (rb * ng + j / gs) * RB + 16 * q)));
+    for (int64_t c = 0; c < d && j * d + c < width; ++c) {
+      __m512 acc[4];
+      for (int64_t m = 0; m < Mb; ++m) {
+        const uint8_t* cb = codes + (rb * Mb + m) * cstride;
+        const __m512i idx = _mm512_loadu_si512(cb + j * RB);
+        __m512 w[4];
+        lookup64<KP>(planes + (m * d + c) * 2 * KP, idx, code_masks<KP>(idx, ninth(cb, j)), w);
+        for (int q = 0; q < 4; ++q) acc[q] = m ? _mm512_add_ps(acc[q], w[q]) : w[q];
+      }
+      for (int q = 0; q < 4; ++q) acc[q] = _mm512_mul_ps(acc[q], sv[q]);
+      store_row64(dst + (j * d + c) * ld, acc);
+    }
+  }
+}
+
+template <typename OutT>
+static void dequant_block_t(int64_t kp, const uint8_t* codes, const uint8_t* planes, const c10::Half* scales,
+                            const int64_t* mt, int64_t rb, int64_t width, OutT* dst, int64_t ld) {
+  switch (kp) {
+    case 64: return dequant_block_t<64, OutT>(codes, planes, scales, mt, rb, width, dst, ld);
+    case 128: return dequant_block_t<128, OutT>(codes, planes, scales, mt, rb, width, dst, ld);
+    case 256: return dequant_block_t<256, OutT>(codes, planes, scales, mt, rb, width, dst, ld);
+    default: return dequant_block_t<512, OutT>(codes, planes, scales, mt, rb, width, dst, ld);
+  }
+}
 #endif
 
 // ---------------------------------------------------------------------------------------------
@@ -1213,19 +1378,122 @@ static void dequant_row(const int32_t* const* idx, const float* const* cb, const
   }
 }
 
+// x [T, in] rotated (sign flip + Walsh-Hadamard in fp32), in dtype dt; without rotation x itself
+// (in dt).  Tokens over ATen's threads: at prefill sizes this is ~0.1 ms per layer call.
+static at::Tensor rotated_input(const at::Tensor& x2, const at::Tensor& signs, const int64_t* mt, at::ScalarType dt) {
+  if (!mt[M_ROT]) return x2.to(dt);
+  const int64_t T = x2.size(0), in = mt[M_IN], rot = mt[M_ROT];
+  const auto xdt = x2.scalar_type();
+  TORCH_CHECK(xdt == at::kFloat || xdt == at::kBFloat16 || xdt == at::kHalf, "fasq cpu_pq_linear: x dtype ", xdt,
+              " not supported");
+  at::Tensor xr = at::empty({T, in}, x2.options().dtype(dt));
+  thread_local std::vector<float> sc_v;
+  const float* sc = rotation_scale(signs, in, rot, scratch(sc_v, static_cast<size_t>(in)));
+  at::parallel_for(0, T, std::max<int64_t>(1, 65536 / std::max<int64_t>(in, 1)), [&](int64_t t0, int64_t t1) {
+    std::vector<float> row(dt == at::kFloat ? 0 : in);
+    for (int64_t t = t0; t < t1; ++t) {
+      float* r = dt == at::kFloat ? xr.data_ptr<float>() + t * in : row.data();
+      switch (xdt) {
+        case at::kFloat: std::memcpy(r, x2.data_ptr<float>() + t * in, sizeof(float) * in); break;
+        case at::kBFloat16: load_row(x2.data_ptr<c10::BFloat16>() + t * in, r, in); break;
+        default: load_row(x2.data_ptr<c10::Half>() + t * in, r, in);
+      }
+      fwht(r, in, rot, sc);
+      if (dt == at::kBFloat16) store_row(r, xr.data_ptr<c10::BFloat16>() + t * in, in);
+      else if (dt == at::kHalf) store_row(r, xr.data_ptr<c10::Half>() + t * in, in);
+    }
+  });
+  return xr;
+}
+
+#ifdef FASQ_VBMI
+// TILED on the repacked layout: row blocks of W_r dequantized by byte permutes (dequant_block_t),
+// transposed, R rows at a time, then y[:, rows] = x_r @ tile (ATen GEMM).  The tile and GEMM are
+// fp32, except for a 16-bit x of at least kTiled16MinTokens tokens on a CPU with AMX for its type
+// (oneDNN's AMX GEMM; built with -march=native, so the build machine's flags): there the GEMM is in
+// x's dtype, as the reference computes.  Measured here (Sapphire Rapids, 1 thread, tiles as below),
+// bf16 / fp32 GEMM time: 1.09-1.17 at 16 tokens, 0.61-0.74 at 24, 0.30-0.48 at 64; fp16 (no
+// AMX-FP16 here) is no faster than fp32 at 512.  fp32 products for a 16-bit x are what PERM
+// computes too: y differs from the reference's by less than its rounding of W_r to x's dtype.
+constexpr int64_t kTiled16MinTokens = 20;
+
+static bool gemm_in_dtype(at::ScalarType dt, int64_t T) {
+  if (T < kTiled16MinTokens) return false;
+#ifdef __AMX_BF16__
+  if (dt == at::kBFloat16) return true;
+#endif
+#ifdef __AMX_FP16__
+  if (dt == at::kHalf) return true;
+#endif
+  return dt == at::kFloat;
+}
+static void run_tiled_repacked(const at::Tensor& x2, at::Tensor& y, const at::Tensor& codes,
+                               const at::Tensor& planes, const at::Tensor& scales, const at::Tensor& signs,
+                               const at::Tensor& bias, const int64_t* mt) {
+  const int64_t T = x2.size(0), in = mt[M_IN], out = mt[M_OUT], nsub = mt[M_NSUB], Mb = mt[M_M], kp = mt[M_KP];
+  const int64_t nrb = (out + RB - 1) / RB, cstride = nsub * RB + (kp == 512 ? nsub * 8 : 0);
+  TORCH_CHECK(kp == 64 || kp == 128 || kp == 256 || kp == 512, "fasq cpu_pq_linear: bad table size");
+  TORCH_CHECK(codes.is_contiguous() && codes.numel() == nrb * Mb * cstride,
+              "fasq cpu_pq_linear: codes are not in the repacked layout");
+  TORCH_CHECK(planes.scalar_type() == at::kByte && planes.is_contiguous() && planes.numel() == Mb * mt[M_D] * 2 * kp,
+              "fasq cpu_pq_linear: bad codebook planes");
+  const auto xdt = x2.scalar_type();
+  const auto dt = gemm_in_dtype(xdt, T) ? xdt : at::kFloat;  // of the tile and the GEMM
+  const at::Tensor xr = rotated_input(x2, signs, mt, dt);
+  const int64_t esize = dt == at::kFloat ? 4 : 2;
+  // Row blocks per tile: ~1 MiB of tile (it stays in L2 while the GEMM reads it for every token).
+  const int64_t rbs = std::min(nrb, std::max<int64_t>(1, (int64_t(1) << 20) / (in * esize * RB)));
+  const int64_t R = rbs * RB;
+  // The tile in grow-only scratch of the calling thread: a fresh 1 MiB tensor per call is a fresh
+  // mapping, whose page faults cost as much as dequantizing a small layer at 16 tokens.
+  thread_local std::vector<float> tile_v;
+  at::Tensor tile = at::from_blob(scratch(tile_v, static_cast<size_t>((in * R * esize + 3) / 4)), {in, R},
+                                  x2.options().dtype(dt));
+  if (mt[M_POISON]) tile.fill_(std::numeric_limits<float>::quiet_NaN());
+  at::Tensor y2 = dt == xdt ? y.view({T, out}) : at::empty({T, out}, x2.options().dtype(dt));
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const uint8_t* pp = planes.data_ptr<uint8_t>();
+  const c10::Half* sp = mt[M_NG] ? scales.data_ptr<c10::Half>() : nullptr;
+  const int nth = n_threads(0.08 * static_cast<double>(R) * in * Mb);  // ~0.08 ns per weight and codebook
+  (void)nth;  // unused when built without OpenMP
+  for (int64_t rb0 = 0; rb0 < nrb; rb0 += rbs) {
+    const int64_t nb = std::min(rbs, nrb - rb0), n = std::min(out, (rb0 + nb) * RB) - rb0 * RB;
+#pragma omp parallel for schedule(static) num_threads(nth) if (nth > 1)
+    for (int64_t q = 0; q < nb; ++q) {
+      switch (dt) {
+        case at::kFloat:
+          dequant_block_t(kp, cp, pp, sp, mt, rb0 + q, in, tile.data_ptr<float>() + q * RB, R);
+          break;
+        case at::kBFloat16:
+          dequant_block_t(kp, cp, pp, sp, mt, rb0 + q, in, tile.data_ptr<c10::BFloat16>() + q * RB, R);
+          break;
+        default:
+          dequant_block_t(kp, cp, pp, sp, mt, rb0 + q, in, tile.data_ptr<c10::Half>() + q * RB, R);
+      }
+    }
+    at::Tensor dst = y2.narrow(1, rb0 * RB, n);
+    at::mm_out(dst, xr, tile.narrow(1, 0, n));
+  }
+  if (bias.defined() && bias.numel()) y2.add_(bias.to(dt));
+  if (dt != xdt) y.view({T, out}).copy_(y2);
+}
+#endif
+
 static void run_tiled(const at::Tensor& x2, at::Tensor& y, const at::Tensor& codes, const at::Tensor& tables,
                       const at::Tensor& scales, const at::Tensor& signs, const at::Tensor& bias, const int64_t* mt) {
+  if (codes.scalar_type() == at::kByte) {  // the repacked layout (cpu.py passes it where VBMI runs)
+#ifdef FASQ_VBMI
+    run_tiled_repacked(x2, y, codes, tables, scales, signs, bias, mt);
+    return;
+#else
+    TORCH_CHECK(false, "fasq cpu_pq_linear: the repacked layout needs AVX-512 VBMI (not compiled in)");
+#endif
+  }
   const int64_t T = x2.size(0), in = mt[M_IN], out = mt[M_OUT], nsub = mt[M_NSUB], Mb = mt[M_M];
   const int64_t dp = mt[M_DP], K_ = mt[M_K], ng = mt[M_NG], nbytes = mt[M_WORDS] * 4, width = nsub * mt[M_D];
   const int isa = static_cast<int>(mt[M_ISA]), b = static_cast<int>(mt[M_BITS]);
   const auto dt = x2.scalar_type();
-  at::Tensor xr = x2;
-  if (mt[M_ROT]) {
-    thread_local std::vector<float> tmp_v;
-    at::Tensor xf = at::empty({T, in}, x2.options().dtype(at::kFloat));
-    prepare_input(x2, T, mt, signs, static_cast<int>(mt[M_D]), xf.data_ptr<float>(), in, tmp_v);
-    xr = dt == at::kFloat ? xf : xf.to(dt);
-  }
+  const at::Tensor xr = rotated_input(x2, signs, mt, dt);
   // ~2 MiB fp32 tiles: large enough for an efficient GEMM, small enough to stay in cache.
   int64_t R = std::max<int64_t>(16, (int64_t(2) << 20) / std::max<int64_t>(1, width * 4));
   R = std::min<int64_t>(out, (R + 15) / 16 * 16);
@@ -1450,7 +1718,13 @@ at::Tensor cpu_dense16_linear(const at::Tensor& x, const at::Tensor& weight, con
 static at::Tensor pq_linear_impl(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& tables,
                                  const at::Tensor& scales, const at::Tensor& rot_signs, const at::Tensor& b,
                                  const int64_t* mt) {
-  const int64_t in = mt[M_IN], out = mt[M_OUT];
+  const int64_t in = mt[M_IN], out = mt[M_OUT], rot = mt[M_ROT];
+  // The rotation runs over blocks of `rot` values in place: a block past the row's end would write
+  // outside it (LayerSpec does not check that the block divides in_features; the registry does).
+  TORCH_CHECK(rot == 0 || (rot > 0 && (rot & (rot - 1)) == 0 && in % rot == 0 && rot_signs.numel() == in &&
+                           rot_signs.scalar_type() == at::kChar),
+              "fasq cpu_pq_linear: rotation block ", rot, " must be a power of two dividing in_features=", in,
+              ", with in_features int8 signs");
   c10::SmallVector<int64_t, 4> osize(x.sizes().begin(), x.sizes().end());
   osize.back() = out;
   // Straight to the CPU allocator, not through the dispatcher (x is a plain CPU tensor here; an
@@ -1609,11 +1883,12 @@ struct Plan {
     int64_t mt[M_COUNT];
     std::copy(meta.begin(), meta.end(), mt);
     mt[M_MODE] = mode;
-    const bool repacked = mode == LUT || mode == PERM;
+    // LUT and PERM need the repacked layout; TILED takes it where it exists (VBMI: byte-permute dequantization)
+    const bool repacked = mode == LUT || mode == PERM || (mode == TILED && rcodes.defined());
     at::Tensor y;
     {
       pybind11::gil_scoped_release no_gil;  // like any ATen op: other Python threads may run meanwhile
-      y = pq_linear_impl(x, repacked ? rcodes : codes, mode == LUT ? cbt : mode == PERM ? planes : tables,
+      y = pq_linear_impl(x, repacked ? rcodes : codes, mode == LUT ? cbt : repacked ? planes : tables,
                          repacked ? rscales : scales, signs, bias, mt);
       if (orow.defined() && orow.numel()) add_outliers(y, x.reshape({T, in}), T);
     }
