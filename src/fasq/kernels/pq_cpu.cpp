@@ -123,7 +123,23 @@ static const float* rotation_scale(const at::Tensor& signs, int64_t n, int64_t h
   return sc;
 }
 
-static void fwht(float* v, int64_t n, int64_t h, const float* scale) {
+// 16 values of a row of x as fp32.
+template <typename T>
+static inline __m512 load16(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_loadu_ps(p);
+  } else {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    if constexpr (std::is_same_v<T, c10::Half>) return _mm512_cvtph_ps(h);
+    else return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+}
+
+// v[0..n) = the transform of src[0..n) (any of x's dtypes; v may be src when T is float).  The first
+// pass reads src, so that a rotated row costs no separate copy or conversion pass (at prefill sizes
+// the rows do not stay in L2 between passes over the whole input).
+template <typename T>
+static void fwht_from(const T* src, float* v, int64_t n, int64_t h, const float* scale) {
 #ifdef FASQ_AVX512
   if (h >= 16) {
     // Stages of span 1, 2, 4, 8 inside each 16-float register: with y the register with its
@@ -136,7 +152,7 @@ static void fwht(float* v, int64_t n, int64_t h, const float* scale) {
     const __m512 s4 = _mm512_setr_ps(1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1);
     const __m512 s8 = _mm512_setr_ps(1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1, -1);
     for (int64_t i = 0; i < n; i += 16) {
-      __m512 x = _mm512_mul_ps(_mm512_loadu_ps(v + i), _mm512_loadu_ps(scale + i));
+      __m512 x = _mm512_mul_ps(load16(src + i), _mm512_loadu_ps(scale + i));
       x = _mm512_fmadd_ps(x, s1, _mm512_permute_ps(x, 0xB1));
       x = _mm512_fmadd_ps(x, s2, _mm512_permute_ps(x, 0x4E));
       x = _mm512_fmadd_ps(x, s4, _mm512_shuffle_f32x4(x, x, 0xB1));
@@ -168,7 +184,7 @@ static void fwht(float* v, int64_t n, int64_t h, const float* scale) {
     return;
   }
 #endif
-  for (int64_t i = 0; i < n; ++i) v[i] *= scale[i];
+  for (int64_t i = 0; i < n; ++i) v[i] = static_cast<float>(src[i]) * scale[i];
   for (int64_t b0 = 0; b0 < n; b0 += h) {
     float* p = v + b0;
     for (int64_t len = 1; len < h; len <<= 1)
@@ -186,12 +202,7 @@ static void load_row(const T* src, float* dst, int64_t n) {
   int64_t i = 0;
 #ifdef FASQ_AVX512
   if constexpr (!std::is_same_v<T, float>)
-    for (; i + 16 <= n; i += 16) {
-      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
-      _mm512_storeu_ps(dst + i, std::is_same_v<T, c10::Half>
-                                    ? _mm512_cvtph_ps(h)
-                                    : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
-    }
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, load16(src + i));
 #endif
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
@@ -225,13 +236,13 @@ static void prepare_input(const at::Tensor& x2, int64_t T, const int64_t* mt, co
   float* tmp = scratch(tmp_v, static_cast<size_t>(2 * in));  // [row | rotation scale]
   const float* sc = rot ? rotation_scale(signs, in, rot, tmp + in) : nullptr;
   for (int64_t t = 0; t < T; ++t) {
+    auto row = [&](const auto* src) { rot ? fwht_from(src + t * in, tmp, in, rot, sc) : load_row(src + t * in, tmp, in); };
     switch (x2.scalar_type()) {
-      case at::kFloat: load_row(x2.data_ptr<float>() + t * in, tmp, in); break;
-      case at::kBFloat16: load_row(x2.data_ptr<c10::BFloat16>() + t * in, tmp, in); break;
-      case at::kHalf: load_row(x2.data_ptr<c10::Half>() + t * in, tmp, in); break;
+      case at::kFloat: row(x2.data_ptr<float>()); break;
+      case at::kBFloat16: row(x2.data_ptr<c10::BFloat16>()); break;
+      case at::kHalf: row(x2.data_ptr<c10::Half>()); break;
       default: TORCH_CHECK(false, "fasq cpu_pq_linear: x dtype ", x2.scalar_type(), " not supported");
     }
-    if (rot) fwht(tmp, in, rot, sc);
     float* o = out + t * stride;
     std::fill(o, o + stride, 0.0f);
     if (dp == d) {
@@ -1386,19 +1397,22 @@ static at::Tensor rotated_input(const at::Tensor& x2, const at::Tensor& signs, c
   const auto xdt = x2.scalar_type();
   TORCH_CHECK(xdt == at::kFloat || xdt == at::kBFloat16 || xdt == at::kHalf, "fasq cpu_pq_linear: x dtype ", xdt,
               " not supported");
-  at::Tensor xr = at::empty({T, in}, x2.options().dtype(dt));
-  thread_local std::vector<float> sc_v;
+  // In the calling thread's grow-only scratch (a fresh tensor per call is fresh pages); the result
+  // lives until this thread's next call, and the TILED paths use it only within theirs.
+  thread_local std::vector<float> xr_v, sc_v;
+  const int64_t esize = dt == at::kFloat ? 4 : 2;
+  at::Tensor xr = at::from_blob(scratch(xr_v, static_cast<size_t>((T * in * esize + 3) / 4)), {T, in},
+                                x2.options().dtype(dt));
   const float* sc = rotation_scale(signs, in, rot, scratch(sc_v, static_cast<size_t>(in)));
   at::parallel_for(0, T, std::max<int64_t>(1, 65536 / std::max<int64_t>(in, 1)), [&](int64_t t0, int64_t t1) {
     std::vector<float> row(dt == at::kFloat ? 0 : in);
     for (int64_t t = t0; t < t1; ++t) {
       float* r = dt == at::kFloat ? xr.data_ptr<float>() + t * in : row.data();
       switch (xdt) {
-        case at::kFloat: std::memcpy(r, x2.data_ptr<float>() + t * in, sizeof(float) * in); break;
-        case at::kBFloat16: load_row(x2.data_ptr<c10::BFloat16>() + t * in, r, in); break;
-        default: load_row(x2.data_ptr<c10::Half>() + t * in, r, in);
+        case at::kFloat: fwht_from(x2.data_ptr<float>() + t * in, r, in, rot, sc); break;
+        case at::kBFloat16: fwht_from(x2.data_ptr<c10::BFloat16>() + t * in, r, in, rot, sc); break;
+        default: fwht_from(x2.data_ptr<c10::Half>() + t * in, r, in, rot, sc);
       }
-      fwht(r, in, rot, sc);
       if (dt == at::kBFloat16) store_row(r, xr.data_ptr<c10::BFloat16>() + t * in, in);
       else if (dt == at::kHalf) store_row(r, xr.data_ptr<c10::Half>() + t * in, in);
     }
