@@ -159,7 +159,7 @@ def test_quantized_weight_and_registry_dispatch():
     vbmi = cpu.lut_supported(spec)
     for shape, want in (((1, 1, 256), "cpu_lut" if vbmi else "cpu_direct"),
                         ((1, 3, 256), "cpu_perm" if vbmi else "cpu_direct"),
-                        ((2, 3, 256), "cpu_tiled" if vbmi else "cpu_direct"), ((4, 5, 256), "cpu_tiled")):
+                        ((2, 6, 256), "cpu_perm" if vbmi else "cpu_tiled"), ((4, 5, 256), "cpu_tiled")):
         x = torch.randn(shape)
         k = select(layer, x)
         assert k is not None and k.name == want, (shape, k)

@@ -13,7 +13,8 @@ name            priority  used for
 ``cpu_lut``     30        1 token, >= lut_min_rows() rows, K <= 512, AVX-512 VBMI: int16 tables
                           x.codebook
 ``cpu_perm``    25        up to PERM_MAX_TOKENS tokens, K <= 512, AVX-512 VBMI: exact, codebook in
-                          registers, looked up by byte permutes for 64 rows at a time
+                          registers, looked up by byte permutes for 64 rows at a time (from 5
+                          tokens once per row block and group into an L1 buffer, then FMAs)
 ``cpu_direct``  20        up to DIRECT_MAX_TOKENS tokens where PERM cannot run (K > 512, no VBMI):
                           gather centroids, fp32 FMA
 ``cpu_tiled``   10        any token count: dequantize row tiles, then ATen GEMM (K <= 512 with
@@ -57,7 +58,7 @@ LUT_MAX_TOKENS = 1
 LUT_MIN_ROWS = 256
 LUT_MIN_ROWS_FP16 = 128
 FEW_MAX_TOKENS = 16      # the per-layer Plan (kPlanTokens in pq_cpu.cpp)
-PERM_MAX_TOKENS = 4      # PERM; from 5 tokens TILED on the repacked layout is faster (docs/kernels_cpu.md)
+PERM_MAX_TOKENS = 16     # PERM (from 5 tokens by blocks: perm_blocks in pq_cpu.cpp); TILED above
 DIRECT_MAX_TOKENS = 8    # DIRECT: slower than TILED at 16 tokens on every benchmarked shape
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 METHODS = ("lut", "perm", "direct", "tiled")
@@ -351,7 +352,7 @@ def _supports_perm(layer, x) -> bool:
     return _tokens(x) <= PERM_MAX_TOKENS and _caps(layer)[2] and _input_ok(x)
 
 
-def _supports_direct(layer, x) -> bool:  # where PERM can run, TILED is faster above PERM_MAX_TOKENS
+def _supports_direct(layer, x) -> bool:  # only where PERM cannot run (PERM is faster wherever it can)
     c = _caps(layer)
     return _tokens(x) <= DIRECT_MAX_TOKENS and c[1] and not c[2] and _input_ok(x)
 

@@ -10,8 +10,10 @@
 //           the table (lo/hi byte planes, 512 bytes for K = 256) is looked up for the 64 rows with
 //           byte permutes (no gathers) and the bytes summed exactly in 16-bit lanes.  Tables are
 //           built and scanned in ~32 KiB chunks (kLutChunkBytes).
-//   PERM    2..4 tokens (and 1 token on small layers), K <= 512, AVX-512 VBMI.  Same layout, but
+//   PERM    2..16 tokens (and 1 token on small layers), K <= 512, AVX-512 VBMI.  Same layout, but
 //           the table is the fp16 codebook itself (per coordinate), then fp32 FMAs with x.  Exact.
+//           From 5 tokens a (row block, group)'s weights are looked up once into an L1 buffer
+//           (perm_blocks), then multiplied with every token.
 //   DIRECT  few tokens, any K, any CPU: per row, decode the codes, gather fp32 centroids and FMA
 //           them with x; the gathers are shared by all tokens.  AVX-512, AVX2 and scalar paths.
 //   TILED   many tokens: dequantize tiles of rows of W_r into a reused buffer and multiply with
@@ -753,6 +755,10 @@ static inline void store_scaled(float* yp, const __m512 acc[4], const c10::Half*
 #define SCAN_PF 4
 #endif
 constexpr int64_t kLutChunkBytes = 32768;  // LUT tables built and scanned at a time per thread
+#ifndef PERM_BLOCK_MIN
+#define PERM_BLOCK_MIN 4
+#endif
+constexpr int64_t kPermBlockMinTokens = PERM_BLOCK_MIN;  // PERM above this many tokens: perm_blocks
 
 // Row blocks [rb0, rb1) over the sub-vector positions [ja, jb) (a thread's slice), tokens
 // [t0, t0 + NT).  Groups are the outer loop so that a group's LUT tables (gs * 2 * KP bytes per
@@ -842,6 +848,79 @@ static void scan_item(const ScanArgs& a, int64_t t0, int64_t rb0, int64_t rb1, i
 }
 
 using ScanFn = void (*)(const ScanArgs&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
+
+// PERM for more than 4 tokens: the weights of one (row block, group) are looked up once, times the
+// group scale, into buf ([positions * d][64] fp32, in L1 for the usual groups), then multiplied with
+// every token, NT = 4 at a time (16 accumulators; a column costs 4 loads, 4 broadcasts and 16 FMAs).
+// scan_item instead redoes the lookups for every 4 tokens: at 16 tokens 4x the permutes.
+template <int NT>
+static inline void perm_fma_block(const float* buf, int64_t ncol, const float* const* xp, __m512 acc[4][4]) {
+  for (int t = 0; t < NT; ++t)
+    for (int q = 0; q < 4; ++q) acc[t][q] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < ncol; ++c, buf += RB) {
+    const __m512 w0 = _mm512_load_ps(buf), w1 = _mm512_load_ps(buf + 16), w2 = _mm512_load_ps(buf + 32),
+                 w3 = _mm512_load_ps(buf + 48);
+    for (int t = 0; t < NT; ++t) {
+      const __m512 xv = _mm512_set1_ps(xp[t][c]);
+      acc[t][0] = _mm512_fmadd_ps(w0, xv, acc[t][0]);
+      acc[t][1] = _mm512_fmadd_ps(w1, xv, acc[t][1]);
+      acc[t][2] = _mm512_fmadd_ps(w2, xv, acc[t][2]);
+      acc[t][3] = _mm512_fmadd_ps(w3, xv, acc[t][3]);
+    }
+  }
+}
+
+template <int KP>
+static void perm_blocks(const ScanArgs& a, int64_t rb0, int64_t rb1, int64_t s, int64_t ja, int64_t jb, float* buf) {
+  const int64_t d = a.d, gs = a.gs;
+  const int64_t g0 = ja / gs, g1 = (jb + gs - 1) / gs;
+  for (int64_t rb = rb0; rb < rb1; ++rb)
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t js = std::max(g * gs, ja), je = std::min({(g + 1) * gs, jb, a.nsub});
+      __m512 sv[4];
+      for (int q = 0; q < 4; ++q)
+        sv[q] = a.scales ? _mm512_cvtph_ps(_mm256_loadu_si256(
+                               reinterpret_cast<const __m256i*>(a.scales + (rb * a.ng + g) * RB + 16 * q)))
+                         : _mm512_set1_ps(1.0f);
+      for (int64_t j = js; j < je; ++j)
+        for (int64_t c = 0; c < d; ++c) {
+          __m512 w[4], sum[4];
+          for (int64_t m = 0; m < a.M; ++m) {
+            const uint8_t* cb = a.codes + (rb * a.M + m) * a.cstride;
+            const __m512i idx = _mm512_loadu_si512(cb + j * RB);
+            __mmask64 hb = 0;
+            if constexpr (KP == 512) {
+              uint64_t u;
+              std::memcpy(&u, cb + a.nsub * RB + j * 8, 8);
+              hb = static_cast<__mmask64>(u);
+            }
+            lookup64<KP>(a.tab + (m * d + c) * 2 * KP, idx, code_masks<KP>(idx, hb), w);
+            for (int q = 0; q < 4; ++q) sum[q] = m ? _mm512_add_ps(sum[q], w[q]) : w[q];
+          }
+          float* bp = buf + ((j - js) * d + c) * RB;
+          for (int q = 0; q < 4; ++q) _mm512_store_ps(bp + 16 * q, _mm512_mul_ps(sum[q], sv[q]));
+        }
+      const int64_t ncol = (je - js) * d;
+      const bool first = g == g0 && !a.accumulate;
+      for (int64_t t0 = 0; t0 < a.T; t0 += 4) {
+        const int nt = static_cast<int>(std::min<int64_t>(4, a.T - t0));
+        const float* xp[4];
+        for (int t = 0; t < nt; ++t) xp[t] = a.x + (t0 + t) * a.stride + js * d;
+        __m512 acc[4][4];
+        switch (nt) {
+          case 1: perm_fma_block<1>(buf, ncol, xp, acc); break;
+          case 2: perm_fma_block<2>(buf, ncol, xp, acc); break;
+          case 3: perm_fma_block<3>(buf, ncol, xp, acc); break;
+          default: perm_fma_block<4>(buf, ncol, xp, acc);
+        }
+        for (int t = 0; t < nt; ++t) {
+          float* yp = a.ypart + (s * a.T + t0 + t) * a.nrb * RB + rb * RB;
+          for (int q = 0; q < 4; ++q)
+            _mm512_storeu_ps(yp + 16 * q, first ? acc[t][q] : _mm512_add_ps(_mm512_loadu_ps(yp + 16 * q), acc[t][q]));
+        }
+      }
+    }
+}
 
 // LUT, one token: the same sums as scan_item<false, KP, 1, .>, but with positions outer and NR
 // row blocks inner, so that each position's table is read once per NR row blocks (instead of once
@@ -1182,6 +1261,18 @@ static void run_scan(bool perm, const at::Tensor& x2, int64_t T, at::Tensor& y, 
   const Lut1Fn lut1_full = pick_lut1(kp, kLut1Rows), lut1_tail = pick_lut1(kp, static_cast<int>(nrb % kLut1Rows));
   auto slice = [&](int64_t s) {
     const int64_t ja = s * nsub / S, jb = (s + 1) * nsub / S;
+    if (perm && T > kPermBlockMinTokens) {
+      thread_local std::vector<float> pb_v;
+      float* buf = scratch(pb_v, static_cast<size_t>(mt[M_GS] * d * RB + 16));
+      buf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf) + 63) & ~uintptr_t(63));
+      switch (kp) {
+        case 64: perm_blocks<64>(a, 0, nrb, s, ja, jb, buf); break;
+        case 128: perm_blocks<128>(a, 0, nrb, s, ja, jb, buf); break;
+        case 256: perm_blocks<256>(a, 0, nrb, s, ja, jb, buf); break;
+        default: perm_blocks<512>(a, 0, nrb, s, ja, jb, buf);
+      }
+      return;
+    }
     if (perm) {
       for (int64_t rb0 = 0; rb0 < nrb; rb0 += RBB)
         for (int64_t t0 = 0; t0 < T; t0 += 4)
