@@ -696,6 +696,35 @@ static inline void lookup64(const uint8_t* L, __m512i idx, const CodeMasks& cm, 
   w[3] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w1, 1));
 }
 
+// The ninth bits of position j's 64 codes (KP = 512; 0 otherwise): cb = one (row block, codebook)'s
+// repacked codes, [n_sub][64] low bytes, then [n_sub] 64-bit masks.
+template <int KP>
+static inline __mmask64 ninth_bits(const uint8_t* cb, int64_t nsub, int64_t j) {
+  if constexpr (KP == 512) {
+    uint64_t u;
+    std::memcpy(&u, cb + nsub * RB + j * 8, 8);
+    return static_cast<__mmask64>(u);
+  } else {
+    return 0;
+  }
+}
+
+// A row block's 64 weights of W_r at input column j * d + c, fp32 in row order: its M codebooks'
+// centroids looked up (lookup64) and summed, times the group scale sv (PERM's blocks and TILED).
+// codes_rb = the row block's repacked codes (M x cstride bytes), planes = codebook planes [M][d][2][KP].
+template <int KP>
+static inline void weights64(const uint8_t* codes_rb, const uint8_t* planes, int64_t M, int64_t cstride, int64_t nsub,
+                             int64_t d, int64_t j, int64_t c, const __m512 sv[4], __m512 out[4]) {
+  for (int64_t m = 0; m < M; ++m) {
+    const uint8_t* cb = codes_rb + m * cstride;
+    const __m512i idx = _mm512_loadu_si512(cb + j * RB);
+    __m512 w[4];
+    lookup64<KP>(planes + (m * d + c) * 2 * KP, idx, code_masks<KP>(idx, ninth_bits<KP>(cb, nsub, j)), w);
+    for (int q = 0; q < 4; ++q) out[q] = m ? _mm512_add_ps(out[q], w[q]) : w[q];
+  }
+  for (int q = 0; q < 4; ++q) out[q] = _mm512_mul_ps(out[q], sv[q]);
+}
+
 // LUT entries are int16 fixed point: entry = round(<codebook[k], x_j> / tscale) with
 // |entry| <= LUT_MAX (the token scale tscale comes from a bound on |entry|), stored as a lo-byte
 // plane and an offset-binary hi-byte plane (hi ^ 0x80, so both planes are unsigned).  A scan adds
@@ -884,21 +913,10 @@ static void perm_blocks(const ScanArgs& a, int64_t rb0, int64_t rb1, int64_t s, 
                          : _mm512_set1_ps(1.0f);
       for (int64_t j = js; j < je; ++j)
         for (int64_t c = 0; c < d; ++c) {
-          __m512 w[4], sum[4];
-          for (int64_t m = 0; m < a.M; ++m) {
-            const uint8_t* cb = a.codes + (rb * a.M + m) * a.cstride;
-            const __m512i idx = _mm512_loadu_si512(cb + j * RB);
-            __mmask64 hb = 0;
-            if constexpr (KP == 512) {
-              uint64_t u;
-              std::memcpy(&u, cb + a.nsub * RB + j * 8, 8);
-              hb = static_cast<__mmask64>(u);
-            }
-            lookup64<KP>(a.tab + (m * d + c) * 2 * KP, idx, code_masks<KP>(idx, hb), w);
-            for (int q = 0; q < 4; ++q) sum[q] = m ? _mm512_add_ps(sum[q], w[q]) : w[q];
-          }
+          __m512 w[4];
+          weights64<KP>(a.codes + rb * a.M * a.cstride, a.tab, a.M, a.cstride, a.nsub, d, j, c, sv, w);
           float* bp = buf + ((j - js) * d + c) * RB;
-          for (int q = 0; q < 4; ++q) _mm512_store_ps(bp + 16 * q, _mm512_mul_ps(sum[q], sv[q]));
+          for (int q = 0; q < 4; ++q) _mm512_store_ps(bp + 16 * q, w[q]);
         }
       const int64_t ncol = (je - js) * d;
       const bool first = g == g0 && !a.accumulate;
@@ -1353,15 +1371,6 @@ static void dequant_block_t(const uint8_t* codes, const uint8_t* planes, const c
   // width: the input columns wanted (in_features; n_sub * d can be larger)
   const int64_t nsub = mt[M_NSUB], Mb = mt[M_M], d = mt[M_D], gs = mt[M_GS], ng = mt[M_NG];
   const int64_t cstride = nsub * RB + (KP == 512 ? nsub * 8 : 0);
-  auto ninth = [&](const uint8_t* cb, int64_t j) -> __mmask64 {
-    if constexpr (KP == 512) {
-      uint64_t u;
-      std::memcpy(&u, cb + nsub * RB + j * 8, 8);
-      return static_cast<__mmask64>(u);
-    } else {
-      return 0;
-    }
-  };
 #ifdef __AVX512FP16__
   if constexpr (std::is_same_v<OutT, c10::Half>) {
     // fp16 out, one codebook: the fp16 product centroid * scale, rounded once, is what fp32
@@ -1375,7 +1384,7 @@ static void dequant_block_t(const uint8_t* codes, const uint8_t* planes, const c
           s1 = _mm512_loadu_ph(scales + (rb * ng + j / gs) * RB + 32);
         }
         const __m512i idx = _mm512_loadu_si512(cb + j * RB);
-        const CodeMasks cm = code_masks<KP>(idx, ninth(cb, j));
+        const CodeMasks cm = code_masks<KP>(idx, ninth_bits<KP>(cb, nsub, j));
         for (int64_t c = 0; c < d && j * d + c < width; ++c) {
           __m512i w0, w1;
           lookup64_h<KP>(planes + c * 2 * KP, idx, cm, w0, w1);
@@ -1396,16 +1405,9 @@ static void dequant_block_t(const uint8_t* codes, const uint8_t* planes, const c
         sv[q] = _mm512_cvtph_ps(_mm256_loadu_si256(
             reinterpret_cast<const __m256i*>(scales + (rb * ng + j / gs) * RB + 16 * q)));
     for (int64_t c = 0; c < d && j * d + c < width; ++c) {
-      __m512 acc[4];
-      for (int64_t m = 0; m < Mb; ++m) {
-        const uint8_t* cb = codes + (rb * Mb + m) * cstride;
-        const __m512i idx = _mm512_loadu_si512(cb + j * RB);
-        __m512 w[4];
-        lookup64<KP>(planes + (m * d + c) * 2 * KP, idx, code_masks<KP>(idx, ninth(cb, j)), w);
-        for (int q = 0; q < 4; ++q) acc[q] = m ? _mm512_add_ps(acc[q], w[q]) : w[q];
-      }
-      for (int q = 0; q < 4; ++q) acc[q] = _mm512_mul_ps(acc[q], sv[q]);
-      store_row64(dst + (j * d + c) * ld, acc);
+      __m512 w[4];
+      weights64<KP>(codes + rb * Mb * cstride, planes, Mb, cstride, nsub, d, j, c, sv, w);
+      store_row64(dst + (j * d + c) * ld, w);
     }
   }
 }
