@@ -187,6 +187,21 @@ def test_small_layers_skip_the_lut():
     assert k is not None and k.name == ("cpu_perm" if cpu.lut_supported(spec) else "cpu_direct")
 
 
+def test_lut_takes_two_or_three_tokens_only_on_tall_layers():
+    """Each token builds its own LUT tables, so 2-3 tokens go to the LUT only with enough rows."""
+    for rows, tokens in ((192, 2), (576, 2), (576, 3), (1536, 3), (1536, 4)):
+        spec = LayerSpec(64, rows, 2, 256, group_size=32)
+        layer = random_layer(spec)
+        x = torch.randn(tokens, 64)
+        k = select(layer, x)
+        lut = 0 < tokens <= cpu.lut_max_tokens(rows) and cpu.lut_supported(spec)
+        assert k is not None and k.name == ("cpu_lut" if lut else "cpu_perm" if cpu.lut_supported(spec) else
+                                            "cpu_direct"), (rows, tokens, k)
+        check(layer(x), ref_out(layer, x), x, "lut" if lut else "exact", f"{rows} rows, {tokens} tokens")
+    if cpu.features() & 16:                                # the fp16 table build: the measured cut-offs
+        assert [cpu.lut_max_tokens(r) for r in (100, 192, 576, 1536)] == [0, 1, 2, 3]
+
+
 def test_cache_follows_buffer_updates():
     spec = LayerSpec(64, 70, 2, 256, group_size=32, rotation_block=16, has_bias=True)
     a, b = random_layer(spec, seed=1), random_layer(spec, seed=2)

@@ -11,7 +11,7 @@ kernel here declines, so the plain-PyTorch reference serves.
 name            priority  used for
 ==============  ========  ======================================================================
 ``cpu_lut``     30        1 token, >= lut_min_rows() rows, K <= 512, AVX-512 VBMI: int16 tables
-                          x.codebook
+                          x.codebook (2 / 3 tokens from 512 / 1536 rows with the fp16 build)
 ``cpu_perm``    25        up to PERM_MAX_TOKENS tokens, K <= 512, AVX-512 VBMI: exact, codebook in
                           registers, looked up by byte permutes for 64 rows at a time (from 5
                           tokens once per row block and group into an L1 buffer, then FMAs)
@@ -54,9 +54,13 @@ SOURCE = Path(__file__).with_name("pq_cpu.cpp")
 # LUT_MIN_ROWS rows (its per-call table build needs enough rows to pay off; LUT_MIN_ROWS_FP16 where
 # the tables are built in fp16 arithmetic, about 3x cheaper), PERM up to PERM_MAX_TOKENS tokens (DIRECT
 # up to DIRECT_MAX_TOKENS where PERM cannot run), TILED above.
-LUT_MAX_TOKENS = 1
+LUT_MAX_TOKENS = 3
 LUT_MIN_ROWS = 256
 LUT_MIN_ROWS_FP16 = 128
+# With the fp16 table build, 2 and 3 tokens go to the LUT too on layers of at least this many rows
+# (each token builds its own tables, so the LUT needs more rows per table than at 1 token; measured
+# against PERM, docs/kernels_cpu.md); without it, 1 token only.
+LUT_MULTI_MIN_ROWS_FP16 = {2: 512, 3: 1536}
 FEW_MAX_TOKENS = 16      # the per-layer Plan (kPlanTokens in pq_cpu.cpp)
 PERM_MAX_TOKENS = 16     # PERM (from 5 tokens by blocks: perm_blocks in pq_cpu.cpp); TILED above
 DIRECT_MAX_TOKENS = 8    # DIRECT: slower than TILED at 16 tokens on every benchmarked shape
@@ -321,19 +325,29 @@ def install_plan(layer, x: torch.Tensor, method: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # Registry entries.  supports() runs on every forward call: the per-layer facts are cached.
 def _caps(layer) -> tuple:
-    """(spec, kernel can run it, LUT/PERM can run it, LUT preferred for 1 token), cached on the layer."""
+    """(spec, kernel can run it, LUT/PERM can run it, most tokens that go to the LUT (0: none)),
+    cached on the layer."""
     c = layer.__dict__.get("_fasq_cpu_caps")
     spec = layer.spec
     if c is None or c[0] is not spec:
         ok = features() >= 0 and spec_supported(spec)
         vbmi = ok and lut_supported(spec)
-        c = layer.__dict__["_fasq_cpu_caps"] = (spec, ok, vbmi, vbmi and spec.out_features >= lut_min_rows())
+        c = layer.__dict__["_fasq_cpu_caps"] = (spec, ok, vbmi, lut_max_tokens(spec.out_features) if vbmi else 0)
     return c
 
 
 def lut_min_rows() -> int:
     """Fewest output rows for which 1 token goes to the LUT method (else PERM)."""
     return LUT_MIN_ROWS_FP16 if max(features(), 0) & _FEAT_FP16_LUT else LUT_MIN_ROWS
+
+
+def lut_max_tokens(rows: int) -> int:
+    """Most tokens for which a layer of ``rows`` output rows goes to the LUT method (0: never)."""
+    if rows < lut_min_rows():
+        return 0
+    if not max(features(), 0) & _FEAT_FP16_LUT:
+        return 1
+    return max([1] + [t for t, r in LUT_MULTI_MIN_ROWS_FP16.items() if t <= LUT_MAX_TOKENS and rows >= r])
 
 
 def _tokens(x) -> int:
@@ -345,7 +359,8 @@ def _input_ok(x) -> bool:
 
 
 def _supports_lut(layer, x) -> bool:
-    return _tokens(x) <= LUT_MAX_TOKENS and _caps(layer)[3] and _input_ok(x)
+    most = _caps(layer)[3]
+    return bool(most) and _tokens(x) <= most and _input_ok(x)
 
 
 def _supports_perm(layer, x) -> bool:
