@@ -1490,12 +1490,17 @@ static at::Tensor rotated_input(const at::Tensor& x2, const at::Tensor& signs, c
   const auto xdt = x2.scalar_type();
   TORCH_CHECK(xdt == at::kFloat || xdt == at::kBFloat16 || xdt == at::kHalf, "fasq cpu_pq_linear: x dtype ", xdt,
               " not supported");
-  // In the calling thread's grow-only scratch (a fresh tensor per call is fresh pages); the result
-  // lives until this thread's next call, and the TILED paths use it only within theirs.
+  // Up to kRotScratchBytes in the calling thread's grow-only scratch (a fresh tensor per call is
+  // fresh pages); the result lives until this thread's next call, and the TILED paths use it only
+  // within theirs.  Larger inputs (long prompts) get a tensor of their own, so that no thread keeps
+  // a prompt-sized buffer after the call.
+  constexpr int64_t kRotScratchBytes = int64_t(8) << 20;
   thread_local std::vector<float> xr_v, sc_v;
   const int64_t esize = dt == at::kFloat ? 4 : 2;
-  at::Tensor xr = at::from_blob(scratch(xr_v, static_cast<size_t>((T * in * esize + 3) / 4)), {T, in},
-                                x2.options().dtype(dt));
+  at::Tensor xr = T * in * esize <= kRotScratchBytes
+                      ? at::from_blob(scratch(xr_v, static_cast<size_t>((T * in * esize + 3) / 4)), {T, in},
+                                      x2.options().dtype(dt))
+                      : at::empty({T, in}, x2.options().dtype(dt));
   const float* sc = rotation_scale(signs, in, rot, scratch(sc_v, static_cast<size_t>(in)));
   at::parallel_for(0, T, std::max<int64_t>(1, 65536 / std::max<int64_t>(in, 1)), [&](int64_t t0, int64_t t1) {
     std::vector<float> row(dt == at::kFloat ? 0 : in);
