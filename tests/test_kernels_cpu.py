@@ -202,6 +202,23 @@ def test_lut_takes_two_or_three_tokens_only_on_tall_layers():
         assert [cpu.lut_max_tokens(r) for r in (100, 192, 576, 1536)] == [0, 1, 2, 3]
 
 
+def test_perm_blocks_split_groups_across_threads():
+    """PERM's block form with 2 threads: each thread takes a slice of positions whose ends cut
+    groups (700 positions, groups of 24), and the partial sums of a cut group are added after."""
+    spec = LayerSpec(1400, 700, 2, 256, group_size=48, rotation_block=8, has_bias=True)
+    layer = random_layer(spec, seed=11)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for t in (5, 13, 16):
+            x = torch.randn(t, 1400)
+            for method in methods_for(spec, cpu.default_isa()):
+                if method != "lut":
+                    check(cpu.cpu_linear(x, layer, method), ref_out(layer, x), x, "exact", f"{t} tokens {method}")
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_cache_follows_buffer_updates():
     spec = LayerSpec(64, 70, 2, 256, group_size=32, rotation_block=16, has_bias=True)
     a, b = random_layer(spec, seed=1), random_layer(spec, seed=2)
