@@ -18,7 +18,7 @@ name            priority  used for
 ``cpu_direct``  20        up to DIRECT_MAX_TOKENS tokens where PERM cannot run (K > 512, no VBMI):
                           gather centroids, fp32 FMA
 ``cpu_tiled``   10        any token count: dequantize row tiles, then ATen GEMM (K <= 512 with
-                          VBMI: PERM's byte-permute lookups, ~0.3 ns per weight; else gathers)
+                          VBMI: PERM's byte-permute lookups, ~0.1-0.2 ns per weight; else gathers)
 ==============  ========  ======================================================================
 
 All four are one op, ``torch.ops.fasq.cpu_pq_linear`` (CPU kernel + fake implementation).
@@ -54,7 +54,6 @@ SOURCE = Path(__file__).with_name("pq_cpu.cpp")
 # LUT_MIN_ROWS rows (its per-call table build needs enough rows to pay off; LUT_MIN_ROWS_FP16 where
 # the tables are built in fp16 arithmetic, about 3x cheaper), PERM up to PERM_MAX_TOKENS tokens (DIRECT
 # up to DIRECT_MAX_TOKENS where PERM cannot run), TILED above.
-LUT_MAX_TOKENS = 3
 LUT_MIN_ROWS = 256
 LUT_MIN_ROWS_FP16 = 128
 # With the fp16 table build, 2 and 3 tokens go to the LUT too on layers of at least this many rows
@@ -347,7 +346,7 @@ def lut_max_tokens(rows: int) -> int:
         return 0
     if not max(features(), 0) & _FEAT_FP16_LUT:
         return 1
-    return max([1] + [t for t, r in LUT_MULTI_MIN_ROWS_FP16.items() if t <= LUT_MAX_TOKENS and rows >= r])
+    return max([1] + [t for t, r in LUT_MULTI_MIN_ROWS_FP16.items() if rows >= r])
 
 
 def _tokens(x) -> int:

@@ -768,6 +768,13 @@ struct IntSums {
   }
 };
 
+// A row block's 64 fp16 group scales as fp32 (rows in order), or ones when sc is nullptr (no scales).
+static inline void scales64(const c10::Half* sc, __m512 sv[4]) {
+  for (int q = 0; q < 4; ++q)
+    sv[q] = sc ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + 16 * q)))
+               : _mm512_set1_ps(1.0f);
+}
+
 // yp[0..63] (+)= acc * group scale * token scale: sc = the row block's 64 fp16 scales of the group,
 // or nullptr (no scales); first: write instead of add.
 static inline void store_scaled(float* yp, const __m512 acc[4], const c10::Half* sc, float ts, bool first) {
@@ -907,10 +914,7 @@ static void perm_blocks(const ScanArgs& a, int64_t rb0, int64_t rb1, int64_t s, 
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t js = std::max(g * gs, ja), je = std::min({(g + 1) * gs, jb, a.nsub});
       __m512 sv[4];
-      for (int q = 0; q < 4; ++q)
-        sv[q] = a.scales ? _mm512_cvtph_ps(_mm256_loadu_si256(
-                               reinterpret_cast<const __m256i*>(a.scales + (rb * a.ng + g) * RB + 16 * q)))
-                         : _mm512_set1_ps(1.0f);
+      scales64(a.scales ? a.scales + (rb * a.ng + g) * RB : nullptr, sv);
       for (int64_t j = js; j < je; ++j)
         for (int64_t c = 0; c < d; ++c) {
           __m512 w[4];
@@ -931,11 +935,8 @@ static void perm_blocks(const ScanArgs& a, int64_t rb0, int64_t rb1, int64_t s, 
           case 3: perm_fma_block<3>(buf, ncol, xp, acc); break;
           default: perm_fma_block<4>(buf, ncol, xp, acc);
         }
-        for (int t = 0; t < nt; ++t) {
-          float* yp = a.ypart + (s * a.T + t0 + t) * a.nrb * RB + rb * RB;
-          for (int q = 0; q < 4; ++q)
-            _mm512_storeu_ps(yp + 16 * q, first ? acc[t][q] : _mm512_add_ps(_mm512_loadu_ps(yp + 16 * q), acc[t][q]));
-        }
+        for (int t = 0; t < nt; ++t)  // the scales are in buf already
+          store_scaled(a.ypart + (s * a.T + t0 + t) * a.nrb * RB + rb * RB, acc[t], nullptr, 1.0f, first);
       }
     }
 }
@@ -1398,12 +1399,8 @@ static void dequant_block_t(const uint8_t* codes, const uint8_t* planes, const c
   }
 #endif
   __m512 sv[4];
-  for (int q = 0; q < 4; ++q) sv[q] = _mm512_set1_ps(1.0f);
   for (int64_t j = 0; j < nsub; ++j) {
-    if (scales && j % gs == 0)
-      for (int q = 0; q < 4; ++q)
-        sv[q] = _mm512_cvtph_ps(_mm256_loadu_si256(
-            reinterpret_cast<const __m256i*>(scales + (rb * ng + j / gs) * RB + 16 * q)));
+    if (j % gs == 0) scales64(scales ? scales + (rb * ng + j / gs) * RB : nullptr, sv);
     for (int64_t c = 0; c < d && j * d + c < width; ++c) {
       __m512 w[4];
       weights64<KP>(codes + rb * Mb * cstride, planes, Mb, cstride, nsub, d, j, c, sv, w);
