@@ -269,6 +269,11 @@ def test_op_has_a_fake_implementation():
     args = (x, layer.codes, cpu._prepare(layer).tables, layer.scales, layer.rot_signs, None, meta)
     torch.library.opcheck(torch.ops.fasq.cpu_pq_linear.default, args,
                           test_utils=("test_schema", "test_faketensor"))
+    spec_o = LayerSpec(64, 48, 2, 256, group_size=32, rotation_block=16)
+    lo = layer_with_outliers(spec_o, 12, seed=4)
+    args_o = (x, lo.codes, cpu._prepare(lo).tables, lo.scales, lo.rot_signs, None,
+              cpu._meta(spec_o, "tiled", cpu.default_isa()), *cpu._cpu_outlier_csr(lo))
+    torch.library.opcheck(torch.ops.fasq.cpu_pq_linear.default, args_o, test_utils=("test_schema", "test_faketensor"))
     compiled = torch.compile(lambda v: layer(v), backend="eager", fullgraph=False)
     kind = "lut" if select(layer, x).name == "cpu_lut" else "exact"
     check(compiled(x), ref_out(layer, x), x, kind, "torch.compile(eager)")
@@ -429,25 +434,54 @@ def test_layer_copies_and_pickles_after_calls():
         assert torch.equal(other(x), y) and torch.equal(other(x), y2)
 
 
-def test_outlier_op_matches_reference_and_checks_its_inputs():
-    """fasq::cpu_add_outliers (the registry's CPU outlier adder for calls the Plan does not serve):
-    y + the sparse correction, 2-D and 3-D, fp32 / bf16, a new tensor; bad indices are an error."""
-    if not cpu.available():
-        pytest.skip("CPU kernel not built")
-    g = torch.Generator().manual_seed(7)
-    in_f, out_f, n = 40, 70, 90
-    idx = torch.randperm(in_f * out_f, generator=g)[:n].int()
-    val = torch.randn(n, generator=g).half()
-    rows, cols = reference.outlier_rows_cols(idx, in_f)
-    ops = (rows.contiguous(), cols.contiguous(), val.float())
-    for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
-        for lead in ((33,), (2, 5)):
-            x = torch.randn(*lead, in_f, generator=g).to(dt)
-            y = torch.randn(*lead, out_f, generator=g).to(dt)
-            y0 = y.clone()
-            out = torch.ops.fasq.cpu_add_outliers(y, x, *ops)
-            ref = reference.add_outliers_to_output(y.float(), x.float(), rows, cols, val)
-            assert out.shape == y.shape and out.dtype == dt and torch.equal(y, y0)
-            assert (out.float() - ref).abs().max().item() <= tol * ref.abs().max().item()
-    with pytest.raises(RuntimeError, match="out of range"):
-        torch.ops.fasq.cpu_add_outliers(y, x, ops[0] + out_f, ops[1], ops[2])
+OUTLIER_SPECS = [
+    # (in, out, d, K, M, group, rotation_block, bias, outliers)
+    (576, 192, 2, 256, 1, 128, 64, False, 110),    # SmolLM2 k/v
+    (100, 33, 3, 64, 1, 0, 4, False, 5),           # in not a multiple of d
+    (96, 70, 2, 64, 1, 0, 0, True, 30),            # no rotation: an entry folds as itself
+    (256, 130, 2, 16, 2, 64, 128, True, 60),       # two codebooks, a last row block of 2 rows
+]
+
+
+@pytest.mark.parametrize("shape", OUTLIER_SPECS, ids=[f"{s[0]}x{s[1]}-rot{s[6]}" for s in OUTLIER_SPECS])
+def test_outliers_in_every_method(shape):
+    """``cpu_linear(..., outliers=True)`` (what the registry's CPU kernels run): y includes the sparse
+    correction for every method and ISA path.  TILED folds it into its tiles of W_r (h rotated values
+    per entry) from h / 2 tokens and adds it to y below; both sides of that cut-off are covered."""
+    i, o, d, k, m, g, rot, bias, n = shape
+    spec = LayerSpec(i, o, d, k, num_codebooks=m, group_size=g, rotation_block=rot, has_bias=bias)
+    layer = layer_with_outliers(spec, n, seed=i + o)
+    gen = torch.Generator().manual_seed(11)
+    for isa in isas_here():
+        for method in methods_for(layer.spec, isa):
+            for t in ((1, 5) if method != "tiled" else (1, 17, 40, 130)):
+                for dt in (torch.float32, torch.bfloat16, torch.float16):
+                    x = torch.randn(t, i, generator=gen).to(dt)
+                    kind = "lut" if method == "lut" else "exact"
+                    what = f"{spec} {isa} {method} {dt} tokens={t}"
+                    y = cpu.cpu_linear(x, layer, method, isa=isa, outliers=True)
+                    check(y, ref_out(layer, x, outliers=True), x, kind, what)
+                    if dt == torch.float32:   # the correction is really there
+                        without = ref_out(layer, x)
+                        err = ((y - without).abs().max() / without.abs().max()).item()
+                        assert err > 10 * TOL[(kind, dt)], what
+
+
+def test_outlier_operands_are_checked():
+    spec = LayerSpec(40, 70, 2, 64, group_size=0, rotation_block=8)
+    layer = layer_with_outliers(spec, 20, seed=3)
+    rowptr, cols, vals = cpu._cpu_outlier_csr(layer)
+    x = torch.randn(3, 40)
+    base = (x, layer.codes, cpu._prepare(layer).tables, layer.scales, layer.rot_signs, None,
+            cpu._meta(layer.spec, "tiled", cpu.default_isa()))
+    bad_cols = cols.clone()
+    bad_cols[0] = 40
+    bad_ptr = rowptr.clone()
+    bad_ptr[5] = int(bad_ptr[6]) + 1                     # row 5 would end after row 6 starts
+    for (rp, c, v), msg in (((rowptr, bad_cols, vals), "out of range"), ((bad_ptr, cols, vals), "decreases|cover"),
+                            ((rowptr[:-1], cols, vals), "rowptr"), ((rowptr, cols, vals.half()), "fp32"),
+                            ((rowptr.long(), cols, vals), "int32")):
+        with pytest.raises(RuntimeError, match=msg):
+            torch.ops.fasq.cpu_pq_linear(*base, rp, c, v)
+    with pytest.raises(RuntimeError, match="all of"):
+        torch.ops.fasq.cpu_pq_linear(*base, rowptr, None, vals)

@@ -45,7 +45,7 @@ import torch
 from .. import reference
 from ..format import LayerSpec, unpack_codes
 from ..native import build_first_that_works
-from . import Kernel, _outlier_operands, outlier_cache, register, register_outlier_adder
+from . import Kernel, _disabled, outlier_cache, outlier_csr, register
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,6 @@ def _build_or_fail() -> int:
     lib.set_module_globals(vars(_module_py))  # where nn.Module keeps the global hooks (Plan.call checks them)
     torch.library.register_fake("fasq::cpu_pq_linear")(_fake_cpu_pq_linear)
     torch.library.register_fake("fasq::cpu_dense16_linear")(_fake_cpu_dense16_linear)
-    torch.library.register_fake("fasq::cpu_add_outliers")(lambda y, x, rows, cols, vals: torch.empty_like(y))
     return int(torch.ops.fasq.cpu_features())
 
 
@@ -113,7 +112,7 @@ def available() -> bool:
     return features() >= 0
 
 
-def _fake_cpu_pq_linear(x, codes, tables, scales, rot_signs, bias, meta):
+def _fake_cpu_pq_linear(x, codes, tables, scales, rot_signs, bias, meta, orowptr=None, ocols=None, ovals=None):
     return x.new_empty((*x.shape[:-1], meta[1]))
 
 
@@ -258,9 +257,11 @@ def _meta(spec: LayerSpec, method: str, isa: str) -> list[int]:
             _padded_dim(d), kp, spec.words_per_row, int(POISON)]
 
 
-def cpu_linear(x: torch.Tensor, layer, method: str, isa: str | None = None) -> torch.Tensor:
+def cpu_linear(x: torch.Tensor, layer, method: str, isa: str | None = None, outliers: bool = False) -> torch.Tensor:
     """y = x W^T + b for a PQLinear ``layer`` by one of :data:`METHODS`; x on CPU.
 
+    ``outliers``: y includes the layer's sparse outlier correction (TILED folds it into its tiles of
+    W_r, the other methods add it to y); without, y is the product-quantized part alone.
     The registry calls this through the kernels below; tests and benchmarks call it directly.
     """
     p = _prepare(layer)
@@ -281,6 +282,8 @@ def cpu_linear(x: torch.Tensor, layer, method: str, isa: str | None = None) -> t
         else:
             codes, tables, scales = b["codes"], p.tables, b["scales"]
         args = p.args[mk] = (codes, tables, scales, b["rot_signs"], b.get("bias"), _meta(layer.spec, method, isa))
+    if outliers and layer.spec.n_outliers:
+        return torch.ops.fasq.cpu_pq_linear(x, *args, *_cpu_outlier_csr(layer))
     return torch.ops.fasq.cpu_pq_linear(x, *args)
 
 
@@ -296,8 +299,8 @@ def _make_plan(layer, generation: int):
     lut = _lut_tensors(layer, p) if lut_supported(spec, isa) else (None,) * 4
     outliers = (None,) * 3
     watched = [t for t in p.bufs if t is not None]
-    if spec.n_outliers:   # the same operands (one copy) as the outlier op's, _cpu_outliers
-        outliers = _cpu_outliers(layer)
+    if spec.n_outliers:   # the same operands (one copy) as cpu_linear's, _cpu_outlier_csr
+        outliers = _cpu_outlier_csr(layer)
         watched += [b["outlier_idx"], b["outlier_val"]]
     watched = [t for t in watched if not t.is_inference()]  # inference tensors have no version counter
     return _lib.Plan(b["codes"], p.tables, b["scales"], b["rot_signs"], b.get("bias"), lut[0], lut[1], lut[2], lut[3],
@@ -375,28 +378,25 @@ def _supports_tiled(layer, x) -> bool:
     return _caps(layer)[1] and _input_ok(x)
 
 
+def _adds_outliers(layer=None, x=None) -> bool:
+    """The CPU kernels take the outlier correction into their own call (TILED folds it into its tiles
+    of W_r where they serve enough tokens, the others add it to y) unless $FASQ_DISABLE_KERNELS has
+    "outliers" (the reference's index_add then adds it, as for every kernel)."""
+    return "outliers" not in _disabled()
+
+
 for _name, _supports, _priority in (("lut", _supports_lut, 30), ("perm", _supports_perm, 25),
                                    ("direct", _supports_direct, 20), ("tiled", _supports_tiled, 10)):
-    register(Kernel(f"cpu_{_name}", ("cpu",), _supports, lambda x, layer, m=_name: cpu_linear(x, layer, m),
-                    priority=_priority, install=lambda layer, x, m=_name: install_plan(layer, x, m)))
+    register(Kernel(f"cpu_{_name}", ("cpu",), _supports,
+                    lambda x, layer, m=_name: cpu_linear(x, layer, m, outliers=_adds_outliers()), priority=_priority,
+                    install=lambda layer, x, m=_name: install_plan(layer, x, m), adds_outliers=_adds_outliers))
 
 
 # ----------------------------------------------------------------------------------------------
-# The sparse outlier correction for the calls the Plan does not serve (the tiled path for many
-# tokens): one C++ op, tokens over threads, instead of the reference's gather + index_add.
-def _cpu_outliers(layer) -> tuple:
-    """The layer's outliers as the C++ code reads them (the Plan and the outlier op): int64 rows and
-    columns, fp32 values, contiguous; cached on the layer."""
+def _cpu_outlier_csr(layer) -> tuple:
+    """The layer's outliers sorted by row as cpu_pq_linear reads them: int32 rowptr [out + 1], int32
+    columns, fp32 values; cached on the layer."""
     def build(idx, val):
-        rows, cols = reference.outlier_rows_cols(idx, layer.in_features)
-        return rows.contiguous(), cols.contiguous(), val.float().contiguous()
-    return outlier_cache(layer, "_fasq_cpu_outliers", build)
-
-
-def _add_outliers(y: torch.Tensor, x: torch.Tensor, layer) -> torch.Tensor:
-    if not available() or y.dtype != x.dtype or y.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return reference.add_outliers_to_output(y, x, *_outlier_operands(layer))
-    return torch.ops.fasq.cpu_add_outliers(y, x, *_cpu_outliers(layer))
-
-
-register_outlier_adder("cpu", _add_outliers)
+        rowptr, cols, vals = outlier_csr(idx, val, layer.in_features, layer.out_features)
+        return rowptr, cols, vals.float().contiguous()
+    return outlier_cache(layer, "_fasq_cpu_outlier_csr", build)

@@ -1515,6 +1515,138 @@ static at::Tensor rotated_input(const at::Tensor& x2, const at::Tensor& signs, c
   return xr;
 }
 
+// A layer's sparse outlier correction S (W = W_r R^T + S) as the TILED paths fold it into their
+// tiles: row r's entries are cols / vals[rowptr[r] : rowptr[r + 1]] (int32 / fp32, sorted by row).
+// In the rotated basis S is S R: an entry (r, c, v) becomes, within the rotation block of c
+// (column c0 = c - a, a = c mod h), v * signs[c] * H[a][j] / sqrt(h) at column c0 + j, with H the
+// Sylvester Hadamard matrix (H[a][j] = (-1)^popcount(a & j)): h values instead of one.  A tile
+// serves every token, so folding costs O(n h) per call where adding S x to y costs O(n T).
+static inline uint32_t f32_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  return u;
+}
+static inline float bits_f32(uint32_t u) {
+  float v;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
+
+struct Sparse {
+  const int32_t* rowptr = nullptr;
+  const int32_t* cols = nullptr;
+  const float* vals = nullptr;
+  const int32_t* nz = nullptr;    // the rows with entries
+  int64_t n_nz = 0;
+  const int32_t* erow = nullptr;  // each entry's row
+};
+
+// The lists behind a Sparse's nz and erow (the Plan keeps them; the op makes them per call).
+struct SparseRows {
+  std::vector<int32_t> nz, erow;
+};
+
+// Checks the outlier operands (kernels.outlier_csr's layout, fp32 values) in full, since the methods
+// index y, x and the tiles with them; the rows with entries go to `nz`.
+static Sparse check_sparse(const at::Tensor& rp, const at::Tensor& oc, const at::Tensor& ov, int64_t in, int64_t out,
+                           SparseRows& rows, const char* who) {
+  TORCH_CHECK(rp.scalar_type() == at::kInt && oc.scalar_type() == at::kInt && ov.scalar_type() == at::kFloat &&
+              rp.is_contiguous() && oc.is_contiguous() && ov.is_contiguous() && rp.numel() == out + 1 &&
+              oc.numel() == ov.numel(),
+              who, ": outliers must be contiguous int32 rowptr [out + 1], int32 cols and fp32 vals");
+  const int32_t* r = rp.data_ptr<int32_t>();
+  const int32_t* c = oc.data_ptr<int32_t>();
+  TORCH_CHECK(r[0] == 0 && r[out] == oc.numel(), who, ": outlier rowptr does not cover cols");
+  rows.nz.clear();
+  rows.erow.resize(static_cast<size_t>(oc.numel()));
+  for (int64_t i = 0; i < out; ++i) {
+    TORCH_CHECK(r[i] <= r[i + 1], who, ": outlier rowptr decreases");
+    if (r[i + 1] > r[i]) rows.nz.push_back(static_cast<int32_t>(i));
+    for (int32_t k = r[i]; k < r[i + 1]; ++k) rows.erow[k] = static_cast<int32_t>(i);
+  }
+  for (int64_t k = 0; k < oc.numel(); ++k)
+    TORCH_CHECK(c[k] >= 0 && c[k] < in, who, ": outlier column ", c[k], " out of range");
+  return Sparse{r, c, ov.data_ptr<float>(), rows.nz.data(), static_cast<int64_t>(rows.nz.size()), rows.erow.data()};
+}
+
+// Adds rows [r0, r1)'s entries into a tile whose element (column c, row r) is at
+// dst[c * cs + (r - r0) * rs]: the repacked TILED tile [in, R] (cs = R, rs = 1), the stored-layout
+// one [R, width] (cs = 1, rs = width).  With a rotation, the entries go by rotation block, and each
+// of the block's h tile columns takes all of them before the next (the repacked tile's rows of
+// R values: one stays in L1 while the entries of up to 64 rows are added to it).  A 16-bit tile
+// gets each sum rounded once more.
+template <typename OutT>
+static void fold_outliers(const Sparse& sp, const int8_t* signs, int64_t h, int64_t r0, int64_t r1, OutT* dst,
+                          int64_t cs, int64_t rs) {
+  auto add = [](OutT& e, float v) { e = static_cast<OutT>(static_cast<float>(e) + v); };
+  const int32_t k0 = sp.rowptr[r0], k1 = sp.rowptr[r1];
+  if (k0 == k1) return;
+  if (!h) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int32_t k = sp.rowptr[r]; k < sp.rowptr[r + 1]; ++k) add(dst[sp.cols[k] * cs + (r - r0) * rs], sp.vals[k]);
+    return;
+  }
+  struct E { int64_t c; int64_t off; uint32_t w; };  // column, the row's offset, signed scaled value (bits)
+  thread_local std::vector<E> es;
+  es.clear();
+  const float inv = 1.0f / std::sqrt(static_cast<float>(h));
+  for (int64_t r = r0; r < r1; ++r)
+    for (int32_t k = sp.rowptr[r]; k < sp.rowptr[r + 1]; ++k)
+      es.push_back({sp.cols[k], (r - r0) * rs, f32_bits(sp.vals[k] * static_cast<float>(signs[sp.cols[k]]) * inv)});
+  std::sort(es.begin(), es.end(), [](const E& a, const E& b) { return a.c < b.c; });
+  for (size_t e0 = 0; e0 < es.size();) {
+    const int64_t c0 = es[e0].c & ~(h - 1);
+    size_t e1 = e0;
+    while (e1 < es.size() && es[e1].c < c0 + h) ++e1;
+    for (int64_t j = 0; j < h; ++j) {
+      OutT* col = dst + (c0 + j) * cs;
+      // H's sign by flipping the sign bit (a branch on it would be mispredicted half the time)
+      for (size_t e = e0; e < e1; ++e)
+        add(col[es[e].off],
+            bits_f32(es[e].w ^ (static_cast<uint32_t>(__builtin_parityll(static_cast<uint64_t>(es[e].c & j))) << 31)));
+    }
+    e0 = e1;
+  }
+}
+
+// Whether TILED folds the outliers into its tiles (n h updates per call) rather than adding S x to
+// y afterwards (n T, at ~3x the cost per entry).  Measured (SmolLM2 shapes, 885 outliers, 1 thread):
+// at h = 64 folding costs ~0.2 ms, adding 0.16 ms at 17 tokens and 0.44 ms at 64; at h = 256
+// folding ~0.3 ms, adding 0.05 ms at 17 tokens and 0.24 ms at 64.
+static bool fold_outliers_for(int64_t T, int64_t h) { return (h ? h : 1) <= 2 * T; }
+
+// y[t, r] += sum_k vals[k] * x[t, cols[k]] over row r's entries, in fp32; x [T, in] and y [T, out]
+// contiguous, one dtype.  An fp32 y takes the entries one by one (no branch but the loop's: rows
+// hold 1-2 entries, and a loop per row mispredicts its exit); a 16-bit y gets each row's sum,
+// rounded once, over the rows with entries.
+static void add_sparse(at::Tensor& y, const at::Tensor& x, const Sparse& sp, int64_t out) {
+  const int64_t T = y.numel() / std::max<int64_t>(out, 1), in = x.size(-1), n = sp.rowptr[out];
+  auto go = [&](auto* yp, const auto* xp) {
+    using Y = std::remove_pointer_t<decltype(yp)>;
+    at::parallel_for(0, T, std::max<int64_t>(1, 65536 / std::max<int64_t>(n, 1)), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        Y* yt = yp + t * out;
+        const auto* xt = xp + t * in;
+        if constexpr (std::is_same_v<Y, float>) {
+          for (int64_t k = 0; k < n; ++k) yt[sp.erow[k]] += sp.vals[k] * xt[sp.cols[k]];
+        } else {
+          for (int64_t i = 0; i < sp.n_nz; ++i) {
+            const int32_t r = sp.nz[i];
+            float acc = 0.0f;
+            for (int32_t k = sp.rowptr[r]; k < sp.rowptr[r + 1]; ++k) acc += sp.vals[k] * static_cast<float>(xt[sp.cols[k]]);
+            yt[r] = static_cast<Y>(static_cast<float>(yt[r]) + acc);
+          }
+        }
+      }
+    });
+  };
+  switch (y.scalar_type()) {
+    case at::kFloat: go(y.data_ptr<float>(), x.data_ptr<float>()); break;
+    case at::kBFloat16: go(y.data_ptr<c10::BFloat16>(), x.data_ptr<c10::BFloat16>()); break;
+    default: go(y.data_ptr<c10::Half>(), x.data_ptr<c10::Half>());
+  }
+}
+
 #ifdef FASQ_VBMI
 // TILED on the repacked layout: row blocks of W_r dequantized by byte permutes (dequant_block_t),
 // transposed, R rows at a time, then y[:, rows] = x_r @ tile (ATen GEMM).  The tile and GEMM are
@@ -1538,7 +1670,7 @@ static bool gemm_in_dtype(at::ScalarType dt, int64_t T) {
 }
 static void run_tiled_repacked(const at::Tensor& x2, at::Tensor& y, const at::Tensor& codes,
                                const at::Tensor& planes, const at::Tensor& scales, const at::Tensor& signs,
-                               const at::Tensor& bias, const int64_t* mt) {
+                               const at::Tensor& bias, const int64_t* mt, const Sparse* sparse) {
   const int64_t T = x2.size(0), in = mt[M_IN], out = mt[M_OUT], nsub = mt[M_NSUB], Mb = mt[M_M], kp = mt[M_KP];
   const int64_t nrb = (out + RB - 1) / RB, cstride = nsub * RB + (kp == 512 ? nsub * 8 : 0);
   TORCH_CHECK(kp == 64 || kp == 128 || kp == 256 || kp == 512, "fasq cpu_pq_linear: bad table size");
@@ -1566,21 +1698,22 @@ static void run_tiled_repacked(const at::Tensor& x2, at::Tensor& y, const at::Te
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const uint8_t* pp = planes.data_ptr<uint8_t>();
   const c10::Half* sp = mt[M_NG] ? scales.data_ptr<c10::Half>() : nullptr;
+  const int8_t* sg = sparse && mt[M_ROT] ? signs.data_ptr<int8_t>() : nullptr;
   const int nth = n_threads(0.08 * static_cast<double>(R) * in * Mb);  // ~0.08 ns per weight and codebook
   (void)nth;  // unused when built without OpenMP
   for (int64_t rb0 = 0; rb0 < nrb; rb0 += rbs) {
     const int64_t nb = std::min(rbs, nrb - rb0), n = std::min(out, (rb0 + nb) * RB) - rb0 * RB;
 #pragma omp parallel for schedule(static) num_threads(nth) if (nth > 1)
     for (int64_t q = 0; q < nb; ++q) {
+      const int64_t r0 = (rb0 + q) * RB, r1 = std::min(out, r0 + RB);
+      auto fill = [&](auto* tp) {
+        dequant_block_t(kp, cp, pp, sp, mt, rb0 + q, in, tp + q * RB, R);
+        if (sparse) fold_outliers(*sparse, sg, mt[M_ROT], r0, r1, tp + q * RB, R, 1);
+      };
       switch (dt) {
-        case at::kFloat:
-          dequant_block_t(kp, cp, pp, sp, mt, rb0 + q, in, tile.data_ptr<float>() + q * RB, R);
-          break;
-        case at::kBFloat16:
-          dequant_block_t(kp, cp, pp, sp, mt, rb0 + q, in, tile.data_ptr<c10::BFloat16>() + q * RB, R);
-          break;
-        default:
-          dequant_block_t(kp, cp, pp, sp, mt, rb0 + q, in, tile.data_ptr<c10::Half>() + q * RB, R);
+        case at::kFloat: fill(tile.data_ptr<float>()); break;
+        case at::kBFloat16: fill(tile.data_ptr<c10::BFloat16>()); break;
+        default: fill(tile.data_ptr<c10::Half>());
       }
     }
     at::Tensor dst = y2.narrow(1, rb0 * RB, n);
@@ -1592,10 +1725,11 @@ static void run_tiled_repacked(const at::Tensor& x2, at::Tensor& y, const at::Te
 #endif
 
 static void run_tiled(const at::Tensor& x2, at::Tensor& y, const at::Tensor& codes, const at::Tensor& tables,
-                      const at::Tensor& scales, const at::Tensor& signs, const at::Tensor& bias, const int64_t* mt) {
+                      const at::Tensor& scales, const at::Tensor& signs, const at::Tensor& bias, const int64_t* mt,
+                      const Sparse* sparse) {
   if (codes.scalar_type() == at::kByte) {  // the repacked layout (cpu.py passes it where VBMI runs)
 #ifdef FASQ_VBMI
-    run_tiled_repacked(x2, y, codes, tables, scales, signs, bias, mt);
+    run_tiled_repacked(x2, y, codes, tables, scales, signs, bias, mt, sparse);
     return;
 #else
     TORCH_CHECK(false, "fasq cpu_pq_linear: the repacked layout needs AVX-512 VBMI (not compiled in)");
@@ -1615,6 +1749,7 @@ static void run_tiled(const at::Tensor& x2, at::Tensor& y, const at::Tensor& cod
   const uint8_t* cbase = reinterpret_cast<const uint8_t*>(codes.data_ptr<int32_t>());
   const float* tb = tables.data_ptr<float>();
   const c10::Half* sp = ng ? scales.data_ptr<c10::Half>() : nullptr;
+  const int8_t* sg = sparse && mt[M_ROT] ? signs.data_ptr<int8_t>() : nullptr;
   float* tp = tile.data_ptr<float>();
   const int nth = n_threads(2.5 * static_cast<double>(R) * nsub * Mb);
   (void)nth;  // unused when built without OpenMP
@@ -1632,6 +1767,7 @@ static void run_tiled(const at::Tensor& x2, at::Tensor& y, const at::Tensor& cod
         for (int64_t m = 0; m < Mb; ++m)
           decode_row(cbase + (m * out + o) * nbytes, nbytes, b, nsub, idx_v.data() + m * (nsub + 16), isa);
         dequant_row(idx_p.data(), cb_p.data(), sp ? sp + o * ng : nullptr, mt, tp + r * width, isa);
+        if (sparse) fold_outliers(*sparse, sg, mt[M_ROT], o, o + 1, tp + r * width, 1, width);
       }
     }
     at::Tensor w = tile.narrow(0, 0, n).narrow(1, 0, in);
@@ -1829,7 +1965,7 @@ at::Tensor cpu_dense16_linear(const at::Tensor& x, const at::Tensor& weight, con
 // y = x W_r^T (+ bias) by the method meta[M_MODE], into a new tensor of x's dtype.
 static at::Tensor pq_linear_impl(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& tables,
                                  const at::Tensor& scales, const at::Tensor& rot_signs, const at::Tensor& b,
-                                 const int64_t* mt) {
+                                 const int64_t* mt, const Sparse* sparse = nullptr) {
   const int64_t in = mt[M_IN], out = mt[M_OUT], rot = mt[M_ROT];
   // The rotation runs over blocks of `rot` values in place: a block past the row's end would write
   // outside it (LayerSpec does not check that the block divides in_features; the registry does).
@@ -1856,15 +1992,23 @@ static at::Tensor pq_linear_impl(const at::Tensor& x, const at::Tensor& codes, c
       TORCH_CHECK(false, "fasq cpu_pq_linear: the LUT and PERM methods need AVX-512 VBMI (not compiled in)");
 #endif
     case DIRECT: run_direct(x2, T, y, codes, tables, scales, rot_signs, b, mt); break;
-    case TILED: run_tiled(x2.reshape({T, in}), y, codes, tables, scales, rot_signs, b, mt); break;
+    case TILED:
+      if (sparse && fold_outliers_for(T, rot)) {
+        run_tiled(x2.reshape({T, in}), y, codes, tables, scales, rot_signs, b, mt, sparse);
+        return y;
+      }
+      run_tiled(x2.reshape({T, in}), y, codes, tables, scales, rot_signs, b, mt, nullptr);
+      break;
     default: TORCH_CHECK(false, "fasq cpu_pq_linear: unknown mode ", mt[M_MODE]);
   }
+  if (sparse) add_sparse(y, x2, *sparse, out);
   return y;
 }
 
 at::Tensor cpu_pq_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& tables,
                          const at::Tensor& scales, const at::Tensor& rot_signs, const c10::optional<at::Tensor>& bias,
-                         at::IntArrayRef meta) {
+                         at::IntArrayRef meta, const c10::optional<at::Tensor>& orowptr,
+                         const c10::optional<at::Tensor>& ocols, const c10::optional<at::Tensor>& ovals) {
   TORCH_CHECK(meta.size() == M_COUNT, "fasq cpu_pq_linear: meta must have ", int(M_COUNT), " entries, got ",
               meta.size());
   const int64_t* mt = meta.data();
@@ -1873,7 +2017,15 @@ at::Tensor cpu_pq_linear(const at::Tensor& x, const at::Tensor& codes, const at:
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
               "fasq cpu_pq_linear: x dtype ", dt, " not supported (float32, bfloat16, float16)");
-  return pq_linear_impl(x, codes, tables, scales, rot_signs, bias.has_value() ? *bias : at::Tensor(), mt);
+  const at::Tensor bt = bias.has_value() ? *bias : at::Tensor();
+  if (!orowptr.has_value() && !ocols.has_value() && !ovals.has_value())
+    return pq_linear_impl(x, codes, tables, scales, rot_signs, bt, mt);
+  // The sparse outlier correction, sorted by row (kernels.outlier_csr)
+  TORCH_CHECK(orowptr.has_value() && ocols.has_value() && ovals.has_value(),
+              "fasq cpu_pq_linear: outliers need all of rowptr, cols and vals");
+  SparseRows rows;
+  const Sparse sp = check_sparse(*orowptr, *ocols, *ovals, mt[M_IN], mt[M_OUT], rows, "fasq cpu_pq_linear");
+  return pq_linear_impl(x, codes, tables, scales, rot_signs, bt, mt, &sp);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1892,62 +2044,12 @@ at::Tensor cpu_pq_linear(const at::Tensor& x, const at::Tensor& codes, const at:
 // The sparse outlier correction y[t, row] += val * x[t, col] is added here too, in fp32.
 constexpr int kPlanTokens = 16;  // = FEW_MAX_TOKENS in cpu.py
 
-// y[t, row[k]] += val[k] * x[t, col[k]] for tokens [t0, t1): a layer's sparse outlier correction,
-// summed in fp32 and rounded once to y's dtype per entry.  y [T, out] and x [T, in] contiguous, one
-// dtype; rows / cols int64 and vals fp32, contiguous, of one length.
-static void add_outliers_rows(at::Tensor& y, const at::Tensor& x, const at::Tensor& rows, const at::Tensor& cols,
-                              const at::Tensor& vals, int64_t t0, int64_t t1) {
-  const int64_t n = rows.numel(), in = x.size(-1), out = y.size(-1);
-  const int64_t* r = rows.data_ptr<int64_t>();
-  const int64_t* c = cols.data_ptr<int64_t>();
-  const float* v = vals.data_ptr<float>();
-  auto go = [&](auto* yp, const auto* xp) {
-    using Y = std::remove_pointer_t<decltype(yp)>;
-    for (int64_t t = t0; t < t1; ++t) {
-      Y* yt = yp + t * out;
-      const auto* xt = xp + t * in;
-      for (int64_t k = 0; k < n; ++k)
-        yt[r[k]] = static_cast<Y>(static_cast<float>(yt[r[k]]) + v[k] * static_cast<float>(xt[c[k]]));
-    }
-  };
-  switch (y.scalar_type()) {
-    case at::kFloat: go(y.data_ptr<float>(), x.data_ptr<float>()); break;
-    case at::kBFloat16: go(y.data_ptr<c10::BFloat16>(), x.data_ptr<c10::BFloat16>()); break;
-    case at::kHalf: go(y.data_ptr<c10::Half>(), x.data_ptr<c10::Half>()); break;
-    default: TORCH_CHECK(false, "fasq: outliers: bad dtype ", y.scalar_type());
-  }
-}
-
-// fasq::cpu_add_outliers: y + the sparse correction, as a new tensor (tokens split over threads).
-// The registry adds it after the kernels that leave it out (the tiled path for many tokens); the
-// reference's gather + index_add cost ~5x more at prefill sizes.
-static at::Tensor cpu_add_outliers(const at::Tensor& y, const at::Tensor& x, const at::Tensor& rows,
-                                   const at::Tensor& cols, const at::Tensor& vals) {
-  TORCH_CHECK(y.scalar_type() == x.scalar_type(), "fasq: outliers: y and x must have one dtype");
-  TORCH_CHECK(rows.scalar_type() == at::kLong && cols.scalar_type() == at::kLong && vals.scalar_type() == at::kFloat &&
-              rows.is_contiguous() && cols.is_contiguous() && vals.is_contiguous() &&
-              rows.numel() == cols.numel() && vals.numel() == rows.numel(),
-              "fasq: outliers must be contiguous int64 rows / cols and fp32 values of one length");
-  const int64_t out = y.size(-1), in = x.size(-1), T = out ? y.numel() / out : 0;
-  TORCH_CHECK(in ? x.numel() / in == T : T == 0, "fasq: outliers: x and y have different token counts");
-  at::Tensor res = y.reshape({T, out}).clone(at::MemoryFormat::Contiguous);
-  const at::Tensor x2 = x.reshape({T, in}).contiguous();
-  if (rows.numel() && T) {
-    const int64_t* r = rows.data_ptr<int64_t>();
-    const int64_t* c = cols.data_ptr<int64_t>();
-    const int64_t n = rows.numel();
-    for (int64_t k = 0; k < n; ++k)
-      TORCH_CHECK(r[k] >= 0 && r[k] < out && c[k] >= 0 && c[k] < in, "fasq: outlier ", k, " out of range");
-    at::parallel_for(0, T, std::max<int64_t>(1, 65536 / std::max<int64_t>(n, 1)),
-                     [&](int64_t t0, int64_t t1) { add_outliers_rows(res, x2, rows, cols, vals, t0, t1); });
-  }
-  return res.reshape(y.sizes());
-}
-
 struct Plan {
   at::Tensor codes, tables, scales, signs, bias;  // stored layout (direct / tiled)
   at::Tensor rcodes, cbt, rscales, planes;        // repacked layout (lut / perm); undefined without VBMI
-  at::Tensor orow, ocol, oval;                    // outliers: int64 rows, int64 cols, fp32 values
+  at::Tensor orowptr, ocol, oval;                 // outliers by row: int32 rowptr, int32 cols, fp32 values
+  SparseRows orows;                               // the rows with outliers, each outlier's row
+  Sparse sparse;
   std::vector<int64_t> meta;
   std::vector<std::pair<py::str, py::object>> bufs;  // (name, the buffer object at build time)
   std::vector<std::pair<at::Tensor, uint32_t>> versions;
@@ -2001,8 +2103,7 @@ struct Plan {
     {
       pybind11::gil_scoped_release no_gil;  // like any ATen op: other Python threads may run meanwhile
       y = pq_linear_impl(x, repacked ? rcodes : codes, mode == LUT ? cbt : repacked ? planes : tables,
-                         repacked ? rscales : scales, signs, bias, mt);
-      if (orow.defined() && orow.numel()) add_outliers(y, x.reshape({T, in}), T);
+                         repacked ? rscales : scales, signs, bias, mt, sparse.n_nz ? &sparse : nullptr);
     }
     return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(y)));
   }
@@ -2057,9 +2158,6 @@ struct Plan {
     return *k;
   }
 
-  void add_outliers(at::Tensor& y, const at::Tensor& x2, int64_t T) const {
-    add_outliers_rows(y, x2.contiguous(), orow, ocol, oval, 0, T);
-  }
 };
 
 static at::Tensor opt(const c10::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
@@ -2068,7 +2166,7 @@ static std::unique_ptr<Plan> make_plan(const at::Tensor& codes, const at::Tensor
                                        const at::Tensor& signs, const c10::optional<at::Tensor>& bias,
                                        const c10::optional<at::Tensor>& rcodes, const c10::optional<at::Tensor>& cbt,
                                        const c10::optional<at::Tensor>& rscales,
-                                       const c10::optional<at::Tensor>& planes, const c10::optional<at::Tensor>& orow,
+                                       const c10::optional<at::Tensor>& planes, const c10::optional<at::Tensor>& orowptr,
                                        const c10::optional<at::Tensor>& ocol, const c10::optional<at::Tensor>& oval,
                                        std::vector<int64_t> meta, py::dict buffers, std::vector<at::Tensor> watched,
                                        int64_t generation) {
@@ -2076,12 +2174,12 @@ static std::unique_ptr<Plan> make_plan(const at::Tensor& codes, const at::Tensor
   auto p = std::make_unique<Plan>();
   p->codes = codes, p->tables = tables, p->scales = scales, p->signs = signs, p->bias = opt(bias);
   p->rcodes = opt(rcodes), p->cbt = opt(cbt), p->rscales = opt(rscales), p->planes = opt(planes);
-  p->orow = opt(orow), p->ocol = opt(ocol), p->oval = opt(oval);
-  if (p->orow.defined())
-    TORCH_CHECK(p->orow.scalar_type() == at::kLong && p->ocol.scalar_type() == at::kLong &&
-                p->oval.scalar_type() == at::kFloat && p->orow.is_contiguous() && p->ocol.is_contiguous() &&
-                p->oval.is_contiguous() && p->orow.numel() == p->ocol.numel() && p->oval.numel() == p->orow.numel(),
-                "fasq Plan: outliers must be contiguous int64 rows / cols and fp32 values of one length");
+  p->orowptr = opt(orowptr), p->ocol = opt(ocol), p->oval = opt(oval);
+  if (p->orowptr.defined() || p->ocol.defined() || p->oval.defined()) {
+    TORCH_CHECK(p->orowptr.defined() && p->ocol.defined() && p->oval.defined(),
+                "fasq Plan: outliers need all of rowptr, cols and vals");
+    p->sparse = check_sparse(p->orowptr, p->ocol, p->oval, meta[M_IN], meta[M_OUT], p->orows, "fasq Plan");
+  }
   p->meta = std::move(meta);
   for (auto item : buffers)
     p->bufs.emplace_back(py::reinterpret_borrow<py::str>(item.first), py::reinterpret_borrow<py::object>(item.second));
@@ -2098,16 +2196,14 @@ static std::unique_ptr<Plan> make_plan(const at::Tensor& codes, const at::Tensor
 
 TORCH_LIBRARY_FRAGMENT(fasq, m) {
   m.def("cpu_pq_linear(Tensor x, Tensor codes, Tensor tables, Tensor scales, Tensor rot_signs, Tensor? bias, "
-        "int[] meta) -> Tensor");
+        "int[] meta, Tensor? orowptr=None, Tensor? ocols=None, Tensor? ovals=None) -> Tensor");
   m.def("cpu_dense16_linear(Tensor x, Tensor weight, Tensor? bias, int isa, bool poison) -> Tensor");
   m.def("cpu_features() -> int", &fasq_cpu::features);
-  m.def("cpu_add_outliers(Tensor y, Tensor x, Tensor rows, Tensor cols, Tensor vals) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fasq, CPU, m) {
   m.impl("cpu_pq_linear", &fasq_cpu::cpu_pq_linear);
   m.impl("cpu_dense16_linear", &fasq_cpu::cpu_dense16_linear);
-  m.impl("cpu_add_outliers", &fasq_cpu::cpu_add_outliers);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
