@@ -485,3 +485,32 @@ def test_outlier_operands_are_checked():
             torch.ops.fasq.cpu_pq_linear(*base, rp, c, v)
     with pytest.raises(RuntimeError, match="all of"):
         torch.ops.fasq.cpu_pq_linear(*base, rowptr, None, vals)
+
+
+ROTATION_SPECS = [
+    # (in, out, d, K, M, group, rotation_block)
+    (576, 192, 2, 256, 1, 128, 64),     # SmolLM2 k/v
+    (128, 70, 3, 64, 1, 0, 4),          # a sub-vector's rows straddle rotation blocks (d = 3, h = 4)
+    (96, 40, 1, 16, 2, 32, 32),         # d = 1, two codebooks
+    (256, 64, 8, 512, 1, 64, 256),      # 9-bit codes, h = 256 (strips of 16 columns)
+    (256, 33, 4, 128, 1, 0, 128),       # odd log2(h): a radix-2 pass; one partial row block
+    (72, 40, 2, 256, 1, 8, 8),
+    (64, 20, 2, 64, 1, 16, 2),          # h = 2
+]
+
+
+@pytest.mark.parametrize("shape", ROTATION_SPECS, ids=[f"{s[0]}x{s[1]}-d{s[2]}-rot{s[6]}" for s in ROTATION_SPECS])
+def test_tiled_rotates_input_or_weights(shape):
+    """TILED on the repacked layout rotates x (few tokens) or, from out <= 3T tokens, its tiles of W_r
+    back to the original basis (an FWHT along each rotation block's rows): both against the reference,
+    with and without outliers (which then fold in as themselves)."""
+    i, o, d, k, m, g, rot = shape
+    spec = LayerSpec(i, o, d, k, num_codebooks=m, group_size=g, rotation_block=rot)
+    for n in (0, 7):
+        layer = layer_with_outliers(spec, n, seed=i + o + n) if n else random_layer(spec, seed=i + o)
+        gen = torch.Generator().manual_seed(3)
+        for t in (max(1, o // 4), -(-o // 3), o):        # rotating x, then the weights (o <= 3t)
+            for dt in (torch.float32, torch.bfloat16, torch.float16):
+                x = torch.randn(t, i, generator=gen).to(dt)
+                y = cpu.cpu_linear(x, layer, "tiled", outliers=True)
+                check(y, ref_out(layer, x, outliers=True), x, "exact", f"{spec} outliers={n} {dt} tokens={t}")

@@ -105,11 +105,16 @@ static inline int n_threads(double work_ns) {
   return static_cast<int>(std::max(1.0, std::min<double>(most, work_ns / kGrainNs)));
 }
 
-// Grow-only scratch owned by the calling thread: no page faults per call after the first.
+// Grow-only scratch owned by the calling thread: no page faults per call after the first.  64-byte
+// aligned (a vector's data is 16-byte aligned): oneDNN's AMX GEMM took 1.5x as long on a bf16 x
+// [512, 576] 16 bytes off a cache line (0.96 against 0.65 ms), and the TILED paths hand it their
+// rotated x and tiles from here.
 template <typename T>
 static T* scratch(std::vector<T>& v, size_t n) {
-  if (v.size() < n) v.resize(n);
-  return v.data();
+  constexpr size_t pad = 64 / sizeof(T);
+  if (v.size() < n + pad) v.resize(n + pad);
+  const auto p = reinterpret_cast<uintptr_t>(v.data());
+  return reinterpret_cast<T*>((p + 63) & ~static_cast<uintptr_t>(63));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1248,8 +1253,7 @@ static void run_scan(bool perm, const at::Tensor& x2, int64_t T, at::Tensor& y, 
 #endif
       ts[t] = sc;
     }
-    lut = scratch(lut_v, static_cast<size_t>(S * n_tab * 2 * kp) + 64);
-    lut = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(lut) + 63) & ~uintptr_t(63));
+    lut = scratch(lut_v, static_cast<size_t>(S * n_tab * 2 * kp));
     if (mt[M_POISON]) std::fill(lut, lut + S * n_tab * 2 * kp, uint8_t(0xFF));
   }
   if (mt[M_POISON]) std::fill(ypart, ypart + S * T * nrb * RB, std::numeric_limits<float>::quiet_NaN());
@@ -1406,6 +1410,80 @@ static void dequant_block_t(const uint8_t* codes, const uint8_t* planes, const c
       weights64<KP>(codes + rb * Mb * cstride, planes, Mb, cstride, nsub, d, j, c, sv, w);
       store_row64(dst + (j * d + c) * ld, w);
     }
+  }
+}
+
+// In-place FWHT along h rows of 16 fp32 values (a strip of 16 columns, one register per row), then
+// row a scaled by f[a]: radix-4 passes (two butterfly stages per load / store of four rows), then a
+// radix-2 one when log2(h) is odd.  A strip is 4 KiB at h = 64, 16 KiB at 256: L1.
+static void fwht_rows16(float* buf, int64_t h, const float* f) {
+  int64_t len = 1;
+  for (; len * 4 <= h; len *= 4)
+    for (int64_t i = 0; i < h; i += 4 * len)
+      for (int64_t a = i; a < i + len; ++a) {
+        float* p0 = buf + a * 16;
+        const __m512 u0 = _mm512_load_ps(p0), u1 = _mm512_load_ps(p0 + len * 16);
+        const __m512 u2 = _mm512_load_ps(p0 + 2 * len * 16), u3 = _mm512_load_ps(p0 + 3 * len * 16);
+        const __m512 s0 = _mm512_add_ps(u0, u1), d0 = _mm512_sub_ps(u0, u1);
+        const __m512 s1 = _mm512_add_ps(u2, u3), d1 = _mm512_sub_ps(u2, u3);
+        _mm512_store_ps(p0, _mm512_add_ps(s0, s1));
+        _mm512_store_ps(p0 + len * 16, _mm512_add_ps(d0, d1));
+        _mm512_store_ps(p0 + 2 * len * 16, _mm512_sub_ps(s0, s1));
+        _mm512_store_ps(p0 + 3 * len * 16, _mm512_sub_ps(d0, d1));
+      }
+  if (len < h)  // one stage left (len = h / 2)
+    for (int64_t a = 0; a < len; ++a) {
+      float* p0 = buf + a * 16;
+      const __m512 u0 = _mm512_load_ps(p0), u1 = _mm512_load_ps(p0 + len * 16);
+      _mm512_store_ps(p0, _mm512_add_ps(u0, u1));
+      _mm512_store_ps(p0 + len * 16, _mm512_sub_ps(u0, u1));
+    }
+  for (int64_t a = 0; a < h; ++a) _mm512_store_ps(buf + a * 16, _mm512_mul_ps(_mm512_load_ps(buf + a * 16), _mm512_set1_ps(f[a])));
+}
+
+// dequant_block_t's tile, but of W = W_r R^T (the original basis) instead of W_r: each rotation
+// block's h rows of the row block's 64 columns are dequantized into an fp32 buffer (strips of 16
+// columns), transformed along the rows (fwht_rows16; rsc = signs / sqrt(h), rotation_scale's), and stored as
+// OutT.  x then needs no rotation: this costs ~out * in FWHT work per call where rotating x costs
+// ~T * in (with permutes: a 16-value register holds 16 columns here, so every stage is a plain
+// add / subtract of rows).
+template <int KP, typename OutT>
+static void dequant_block_rot(const uint8_t* codes, const uint8_t* planes, const c10::Half* scales, const int64_t* mt,
+                              int64_t rb, const float* rsc, OutT* dst, int64_t ld) {
+  const int64_t nsub = mt[M_NSUB], Mb = mt[M_M], d = mt[M_D], gs = mt[M_GS], ng = mt[M_NG], in = mt[M_IN];
+  const int64_t h = mt[M_ROT], cstride = nsub * RB + (KP == 512 ? nsub * 8 : 0);
+  thread_local std::vector<float> buf_v;
+  float* buf = scratch(buf_v, static_cast<size_t>(h * 64));  // [4 strips of 16 columns][h][16]
+  __m512 sv[4];
+  int64_t group = -1;
+  for (int64_t b0 = 0; b0 < in; b0 += h) {
+    for (int64_t row = b0; row < b0 + h; ++row) {
+      const int64_t j = row / d, c = row % d;
+      if (j / gs != group) {
+        group = j / gs;
+        scales64(scales ? scales + (rb * ng + group) * RB : nullptr, sv);
+      }
+      __m512 w[4];
+      weights64<KP>(codes + rb * Mb * cstride, planes, Mb, cstride, nsub, d, j, c, sv, w);
+      for (int q = 0; q < 4; ++q) _mm512_store_ps(buf + (q * h + row - b0) * 16, w[q]);
+    }
+    for (int q = 0; q < 4; ++q) fwht_rows16(buf + q * h * 16, h, rsc + b0);
+    for (int64_t a = 0; a < h; ++a) {
+      __m512 v[4];
+      for (int q = 0; q < 4; ++q) v[q] = _mm512_load_ps(buf + (q * h + a) * 16);
+      store_row64(dst + (b0 + a) * ld, v);
+    }
+  }
+}
+
+template <typename OutT>
+static void dequant_block_rot(int64_t kp, const uint8_t* codes, const uint8_t* planes, const c10::Half* scales,
+                              const int64_t* mt, int64_t rb, const float* rsc, OutT* dst, int64_t ld) {
+  switch (kp) {
+    case 64: return dequant_block_rot<64, OutT>(codes, planes, scales, mt, rb, rsc, dst, ld);
+    case 128: return dequant_block_rot<128, OutT>(codes, planes, scales, mt, rb, rsc, dst, ld);
+    case 256: return dequant_block_rot<256, OutT>(codes, planes, scales, mt, rb, rsc, dst, ld);
+    default: return dequant_block_rot<512, OutT>(codes, planes, scales, mt, rb, rsc, dst, ld);
   }
 }
 
@@ -1647,6 +1725,16 @@ static void add_sparse(at::Tensor& y, const at::Tensor& x, const Sparse& sp, int
   }
 }
 
+// Whether TILED (on the repacked layout) rotates its tiles of W_r back (dequant_block_rot, ~0.16 ns
+// per weight at h = 64, ~0.3 at h = 256) rather than rotating x (~0.35 ns per value).  Measured
+// (1 thread, time with / without, op alone): at 512 tokens 0.70-0.96 on SmolLM2's shapes (out <= 3T),
+// fp32 and bf16; at 128 tokens 0.94-1.03 where out <= 1.5T, 1.09-1.21 at out = 4.5T; at 20 tokens
+// 1.1-1.7 (out >= 10T).
+static bool rotate_weights_for(int64_t T, int64_t out, int64_t h) {
+  (void)h;
+  return out <= 3 * T;
+}
+
 #ifdef FASQ_VBMI
 // TILED on the repacked layout: row blocks of W_r dequantized by byte permutes (dequant_block_t),
 // transposed, R rows at a time, then y[:, rows] = x_r @ tile (ATen GEMM).  The tile and GEMM are
@@ -1680,7 +1768,13 @@ static void run_tiled_repacked(const at::Tensor& x2, at::Tensor& y, const at::Te
               "fasq cpu_pq_linear: bad codebook planes");
   const auto xdt = x2.scalar_type();
   const auto dt = gemm_in_dtype(xdt, T) ? xdt : at::kFloat;  // of the tile and the GEMM
-  const at::Tensor xr = rotated_input(x2, signs, mt, dt);
+  // Rotate W's tiles back to the original basis instead of rotating x, where that is less work.
+  const bool rot_w = mt[M_ROT] && rotate_weights_for(T, out, mt[M_ROT]);
+  thread_local std::vector<float> rsc_v;
+  const float* rsc = rot_w ? rotation_scale(signs, in, mt[M_ROT], scratch(rsc_v, static_cast<size_t>(in))) : nullptr;
+  const at::Tensor xr = rot_w ? x2.to(dt) : rotated_input(x2, signs, mt, dt);
+  // The outliers fold into a tile of W as themselves (h = 0), into one of W_r rotated (see Sparse).
+  const int64_t fold_h = rot_w ? 0 : mt[M_ROT];
   const int64_t esize = dt == at::kFloat ? 4 : 2;
   // Row blocks per tile: ~1 MiB of tile (it stays in L2 while the GEMM reads it for every token);
   // 2 MiB for an fp32 tile with 2+ threads (SmolLM2 layers, 512 tokens, 2 threads: 1.11-1.19x dense
@@ -1707,8 +1801,9 @@ static void run_tiled_repacked(const at::Tensor& x2, at::Tensor& y, const at::Te
     for (int64_t q = 0; q < nb; ++q) {
       const int64_t r0 = (rb0 + q) * RB, r1 = std::min(out, r0 + RB);
       auto fill = [&](auto* tp) {
-        dequant_block_t(kp, cp, pp, sp, mt, rb0 + q, in, tp + q * RB, R);
-        if (sparse) fold_outliers(*sparse, sg, mt[M_ROT], r0, r1, tp + q * RB, R, 1);
+        if (rot_w) dequant_block_rot(kp, cp, pp, sp, mt, rb0 + q, rsc, tp + q * RB, R);
+        else dequant_block_t(kp, cp, pp, sp, mt, rb0 + q, in, tp + q * RB, R);
+        if (sparse) fold_outliers(*sparse, sg, fold_h, r0, r1, tp + q * RB, R, 1);
       };
       switch (dt) {
         case at::kFloat: fill(tile.data_ptr<float>()); break;
@@ -1993,7 +2088,9 @@ static at::Tensor pq_linear_impl(const at::Tensor& x, const at::Tensor& codes, c
 #endif
     case DIRECT: run_direct(x2, T, y, codes, tables, scales, rot_signs, b, mt); break;
     case TILED:
-      if (sparse && fold_outliers_for(T, rot)) {
+      // run_tiled_repacked makes the same choice of rotating W's tiles (where the outliers cost n)
+      if (sparse && (fold_outliers_for(T, rot) || (codes.scalar_type() == at::kByte && rot &&
+                                                   rotate_weights_for(T, out, rot)))) {
         run_tiled(x2.reshape({T, in}), y, codes, tables, scales, rot_signs, b, mt, sparse);
         return y;
       }
