@@ -1403,11 +1403,22 @@ static void dequant_block_t(const uint8_t* codes, const uint8_t* planes, const c
   }
 #endif
   __m512 sv[4];
+  const uint8_t* cb = codes + rb * Mb * cstride;
   for (int64_t j = 0; j < nsub; ++j) {
     if (j % gs == 0) scales64(scales ? scales + (rb * ng + j / gs) * RB : nullptr, sv);
+    __m512 w[4];
+    if (Mb == 1) {  // the codes' masks once per position, not per coordinate
+      const __m512i idx = _mm512_loadu_si512(cb + j * RB);
+      const CodeMasks cm = code_masks<KP>(idx, ninth_bits<KP>(cb, nsub, j));
+      for (int64_t c = 0; c < d && j * d + c < width; ++c) {
+        lookup64<KP>(planes + c * 2 * KP, idx, cm, w);
+        for (int q = 0; q < 4; ++q) w[q] = _mm512_mul_ps(w[q], sv[q]);
+        store_row64(dst + (j * d + c) * ld, w);
+      }
+      continue;
+    }
     for (int64_t c = 0; c < d && j * d + c < width; ++c) {
-      __m512 w[4];
-      weights64<KP>(codes + rb * Mb * cstride, planes, Mb, cstride, nsub, d, j, c, sv, w);
+      weights64<KP>(cb, planes, Mb, cstride, nsub, d, j, c, sv, w);
       store_row64(dst + (j * d + c) * ld, w);
     }
   }
@@ -1456,16 +1467,29 @@ static void dequant_block_rot(const uint8_t* codes, const uint8_t* planes, const
   float* buf = scratch(buf_v, static_cast<size_t>(h * 64));  // [4 strips of 16 columns][h][16]
   __m512 sv[4];
   int64_t group = -1;
+  const uint8_t* cb = codes + rb * Mb * cstride;
   for (int64_t b0 = 0; b0 < in; b0 += h) {
-    for (int64_t row = b0; row < b0 + h; ++row) {
-      const int64_t j = row / d, c = row % d;
+    // the positions whose rows (j * d + c) fall in [b0, b0 + h): a position may straddle two blocks
+    for (int64_t j = b0 / d; j * d < b0 + h; ++j) {
       if (j / gs != group) {
         group = j / gs;
         scales64(scales ? scales + (rb * ng + group) * RB : nullptr, sv);
       }
+      const int64_t c0 = std::max<int64_t>(0, b0 - j * d), c1 = std::min<int64_t>(d, b0 + h - j * d);
       __m512 w[4];
-      weights64<KP>(codes + rb * Mb * cstride, planes, Mb, cstride, nsub, d, j, c, sv, w);
-      for (int q = 0; q < 4; ++q) _mm512_store_ps(buf + (q * h + row - b0) * 16, w[q]);
+      if (Mb == 1) {  // the codes' masks once per position, not per coordinate
+        const __m512i idx = _mm512_loadu_si512(cb + j * RB);
+        const CodeMasks cm = code_masks<KP>(idx, ninth_bits<KP>(cb, nsub, j));
+        for (int64_t c = c0; c < c1; ++c) {
+          lookup64<KP>(planes + c * 2 * KP, idx, cm, w);
+          for (int q = 0; q < 4; ++q) _mm512_store_ps(buf + (q * h + j * d + c - b0) * 16, _mm512_mul_ps(w[q], sv[q]));
+        }
+        continue;
+      }
+      for (int64_t c = c0; c < c1; ++c) {
+        weights64<KP>(cb, planes, Mb, cstride, nsub, d, j, c, sv, w);
+        for (int q = 0; q < 4; ++q) _mm512_store_ps(buf + (q * h + j * d + c - b0) * 16, w[q]);
+      }
     }
     for (int q = 0; q < 4; ++q) fwht_rows16(buf + q * h * 16, h, rsc + b0);
     for (int64_t a = 0; a < h; ++a) {
