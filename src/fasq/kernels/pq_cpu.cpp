@@ -2221,10 +2221,19 @@ struct Plan {
     // LUT and PERM need the repacked layout; TILED takes it where it exists (VBMI: byte-permute dequantization)
     const bool repacked = mode == LUT || mode == PERM || (mode == TILED && rcodes.defined());
     at::Tensor y;
-    {
-      pybind11::gil_scoped_release no_gil;  // like any ATen op: other Python threads may run meanwhile
+    auto compute = [&] {
       y = pq_linear_impl(x, repacked ? rcodes : codes, mode == LUT ? cbt : repacked ? planes : tables,
                          repacked ? rscales : scales, signs, bias, mt, sparse.n_nz ? &sparse : nullptr);
+    };
+    // ATen's Python bindings release the GIL around every op, so that other Python threads run
+    // meanwhile; releasing and taking it back costs ~0.3 us (a mutex and a condition variable), 3%
+    // of a SmolLM2 k/v call.  Calls below ~1M multiply-adds (~10 us or less) keep it: Python's own
+    // switch interval is 5 ms.
+    if (T * in * meta[M_OUT] < (int64_t(1) << 20)) {
+      compute();
+    } else {
+      pybind11::gil_scoped_release no_gil;
+      compute();
     }
     return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(y)));
   }
