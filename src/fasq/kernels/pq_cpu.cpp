@@ -1424,10 +1424,10 @@ static void dequant_block_t(const uint8_t* codes, const uint8_t* planes, const c
   }
 }
 
-// In-place FWHT along h rows of 16 fp32 values (a strip of 16 columns, one register per row), then
-// row a scaled by f[a]: radix-4 passes (two butterfly stages per load / store of four rows), then a
-// radix-2 one when log2(h) is odd.  A strip is 4 KiB at h = 64, 16 KiB at 256: L1.
-static void fwht_rows16(float* buf, int64_t h, const float* f) {
+// In-place FWHT along h rows of 16 fp32 values (a strip of 16 columns, one register per row), not
+// normalized: radix-4 passes (two butterfly stages per load / store of four rows), then a radix-2
+// one when log2(h) is odd.  A strip is 4 KiB at h = 64, 16 KiB at 256: L1.
+static void fwht_rows16(float* buf, int64_t h) {
   int64_t len = 1;
   for (; len * 4 <= h; len *= 4)
     for (int64_t i = 0; i < h; i += 4 * len)
@@ -1449,12 +1449,11 @@ static void fwht_rows16(float* buf, int64_t h, const float* f) {
       _mm512_store_ps(p0, _mm512_add_ps(u0, u1));
       _mm512_store_ps(p0 + len * 16, _mm512_sub_ps(u0, u1));
     }
-  for (int64_t a = 0; a < h; ++a) _mm512_store_ps(buf + a * 16, _mm512_mul_ps(_mm512_load_ps(buf + a * 16), _mm512_set1_ps(f[a])));
 }
 
 // dequant_block_t's tile, but of W = W_r R^T (the original basis) instead of W_r: each rotation
 // block's h rows of the row block's 64 columns are dequantized into an fp32 buffer (strips of 16
-// columns), transformed along the rows (fwht_rows16; rsc = signs / sqrt(h), rotation_scale's), and stored as
+// columns), transformed along the rows (fwht_rows16), scaled by rsc = signs / sqrt(h) (rotation_scale's) and stored as
 // OutT.  x then needs no rotation: this costs ~out * in FWHT work per call where rotating x costs
 // ~T * in (with permutes: a 16-value register holds 16 columns here, so every stage is a plain
 // add / subtract of rows).
@@ -1491,10 +1490,11 @@ static void dequant_block_rot(const uint8_t* codes, const uint8_t* planes, const
         for (int q = 0; q < 4; ++q) _mm512_store_ps(buf + (q * h + j * d + c - b0) * 16, w[q]);
       }
     }
-    for (int q = 0; q < 4; ++q) fwht_rows16(buf + q * h * 16, h, rsc + b0);
-    for (int64_t a = 0; a < h; ++a) {
+    for (int q = 0; q < 4; ++q) fwht_rows16(buf + q * h * 16, h);
+    for (int64_t a = 0; a < h; ++a) {  // row a times signs / sqrt(h), in the tile's dtype
+      const __m512 f = _mm512_set1_ps(rsc[b0 + a]);
       __m512 v[4];
-      for (int q = 0; q < 4; ++q) v[q] = _mm512_load_ps(buf + (q * h + a) * 16);
+      for (int q = 0; q < 4; ++q) v[q] = _mm512_mul_ps(_mm512_load_ps(buf + (q * h + a) * 16), f);
       store_row64(dst + (b0 + a) * ld, v);
     }
   }
@@ -1623,6 +1623,14 @@ static at::Tensor rotated_input(const at::Tensor& x2, const at::Tensor& signs, c
 // (column c0 = c - a, a = c mod h), v * signs[c] * H[a][j] / sqrt(h) at column c0 + j, with H the
 // Sylvester Hadamard matrix (H[a][j] = (-1)^popcount(a & j)): h values instead of one.  A tile
 // serves every token, so folding costs O(n h) per call where adding S x to y costs O(n T).
+static inline uint32_t parity64(uint64_t v) {
+#if defined(__GNUC__) || defined(__clang__)
+  return static_cast<uint32_t>(__builtin_parityll(v));
+#else
+  v ^= v >> 32, v ^= v >> 16, v ^= v >> 8, v ^= v >> 4, v ^= v >> 2, v ^= v >> 1;
+  return static_cast<uint32_t>(v & 1);
+#endif
+}
 static inline uint32_t f32_bits(float v) {
   uint32_t u;
   std::memcpy(&u, &v, 4);
@@ -1705,7 +1713,7 @@ static void fold_outliers(const Sparse& sp, const int8_t* signs, int64_t h, int6
       // H's sign by flipping the sign bit (a branch on it would be mispredicted half the time)
       for (size_t e = e0; e < e1; ++e)
         add(col[es[e].off],
-            bits_f32(es[e].w ^ (static_cast<uint32_t>(__builtin_parityll(static_cast<uint64_t>(es[e].c & j))) << 31)));
+            bits_f32(es[e].w ^ (parity64(static_cast<uint64_t>(es[e].c & j)) << 31)));
     }
     e0 = e1;
   }
