@@ -42,7 +42,6 @@ from pathlib import Path
 
 import torch
 
-from .. import reference
 from ..format import LayerSpec, unpack_codes
 from ..native import build_first_that_works
 from . import Kernel, _disabled, outlier_cache, outlier_csr, register

@@ -1720,9 +1720,10 @@ static void fold_outliers(const Sparse& sp, const int8_t* signs, int64_t h, int6
 }
 
 // Whether TILED folds the outliers into its tiles (n h updates per call) rather than adding S x to
-// y afterwards (n T, at ~3x the cost per entry).  Measured (SmolLM2 shapes, 885 outliers, 1 thread):
-// at h = 64 folding costs ~0.2 ms, adding 0.16 ms at 17 tokens and 0.44 ms at 64; at h = 256
-// folding ~0.3 ms, adding 0.05 ms at 17 tokens and 0.24 ms at 64.
+// y afterwards (n T, at a few times the cost per entry).  Measured (885 outliers, 1 thread, noisy
+// host, time over the op without outliers): 1536x576 at h = 64, folding 0.02-0.12 ms, adding
+// 0.03 / 0.21 / 1.2 ms at 17 / 64 / 512 tokens; 576x1536 at h = 256, folding ~0.25 ms, adding
+// 0.05 / 0.14 / 0.73 ms.
 static bool fold_outliers_for(int64_t T, int64_t h) { return (h ? h : 1) <= 2 * T; }
 
 // y[t, r] += sum_k vals[k] * x[t, cols[k]] over row r's entries, in fp32; x [T, in] and y [T, out]
@@ -1762,10 +1763,7 @@ static void add_sparse(at::Tensor& y, const at::Tensor& x, const Sparse& sp, int
 // (1 thread, time with / without, op alone): at 512 tokens 0.70-0.96 on SmolLM2's shapes (out <= 3T),
 // fp32 and bf16; at 128 tokens 0.94-1.03 where out <= 1.5T, 1.09-1.21 at out = 4.5T; at 20 tokens
 // 1.1-1.7 (out >= 10T).
-static bool rotate_weights_for(int64_t T, int64_t out, int64_t h) {
-  (void)h;
-  return out <= 3 * T;
-}
+static bool rotate_weights_for(int64_t T, int64_t out) { return out <= 3 * T; }
 
 #ifdef FASQ_VBMI
 // TILED on the repacked layout: row blocks of W_r dequantized by byte permutes (dequant_block_t),
@@ -1801,7 +1799,7 @@ static void run_tiled_repacked(const at::Tensor& x2, at::Tensor& y, const at::Te
   const auto xdt = x2.scalar_type();
   const auto dt = gemm_in_dtype(xdt, T) ? xdt : at::kFloat;  // of the tile and the GEMM
   // Rotate W's tiles back to the original basis instead of rotating x, where that is less work.
-  const bool rot_w = mt[M_ROT] && rotate_weights_for(T, out, mt[M_ROT]);
+  const bool rot_w = mt[M_ROT] && rotate_weights_for(T, out);
   thread_local std::vector<float> rsc_v;
   const float* rsc = rot_w ? rotation_scale(signs, in, mt[M_ROT], scratch(rsc_v, static_cast<size_t>(in))) : nullptr;
   const at::Tensor xr = rot_w ? x2.to(dt) : rotated_input(x2, signs, mt, dt);
@@ -2122,7 +2120,7 @@ static at::Tensor pq_linear_impl(const at::Tensor& x, const at::Tensor& codes, c
     case TILED:
       // run_tiled_repacked makes the same choice of rotating W's tiles (where the outliers cost n)
       if (sparse && (fold_outliers_for(T, rot) || (codes.scalar_type() == at::kByte && rot &&
-                                                   rotate_weights_for(T, out, rot)))) {
+                                                   rotate_weights_for(T, out)))) {
         run_tiled(x2.reshape({T, in}), y, codes, tables, scales, rot_signs, b, mt, sparse);
         return y;
       }
