@@ -714,20 +714,29 @@ static inline __mmask64 ninth_bits(const uint8_t* cb, int64_t nsub, int64_t j) {
   }
 }
 
-// A row block's 64 weights of W_r at input column j * d + c, fp32 in row order: its M codebooks'
-// centroids looked up (lookup64) and summed, times the group scale sv (PERM's blocks and TILED).
+// A row block's 64 weights of W_r at position j, fp32 in row order, for each coordinate c in
+// [c0, c1): its M codebooks' centroids looked up (lookup64) and summed, times the group scale sv,
+// handed to emit(c, w) (PERM's blocks and TILED).  The first codebook's codes and their masks are
+// read once for all the coordinates (the common case, M = 1, then does one code_masks per position).
 // codes_rb = the row block's repacked codes (M x cstride bytes), planes = codebook planes [M][d][2][KP].
-template <int KP>
+template <int KP, typename Emit>
 static inline void weights64(const uint8_t* codes_rb, const uint8_t* planes, int64_t M, int64_t cstride, int64_t nsub,
-                             int64_t d, int64_t j, int64_t c, const __m512 sv[4], __m512 out[4]) {
-  for (int64_t m = 0; m < M; ++m) {
-    const uint8_t* cb = codes_rb + m * cstride;
-    const __m512i idx = _mm512_loadu_si512(cb + j * RB);
-    __m512 w[4];
-    lookup64<KP>(planes + (m * d + c) * 2 * KP, idx, code_masks<KP>(idx, ninth_bits<KP>(cb, nsub, j)), w);
-    for (int q = 0; q < 4; ++q) out[q] = m ? _mm512_add_ps(out[q], w[q]) : w[q];
+                             int64_t d, int64_t j, int64_t c0, int64_t c1, const __m512 sv[4], Emit&& emit) {
+  const __m512i idx0 = _mm512_loadu_si512(codes_rb + j * RB);
+  const CodeMasks cm0 = code_masks<KP>(idx0, ninth_bits<KP>(codes_rb, nsub, j));
+  for (int64_t c = c0; c < c1; ++c) {
+    __m512 out[4];
+    lookup64<KP>(planes + c * 2 * KP, idx0, cm0, out);
+    for (int64_t m = 1; m < M; ++m) {
+      const uint8_t* cb = codes_rb + m * cstride;
+      const __m512i idx = _mm512_loadu_si512(cb + j * RB);
+      __m512 w[4];
+      lookup64<KP>(planes + (m * d + c) * 2 * KP, idx, code_masks<KP>(idx, ninth_bits<KP>(cb, nsub, j)), w);
+      for (int q = 0; q < 4; ++q) out[q] = _mm512_add_ps(out[q], w[q]);
+    }
+    for (int q = 0; q < 4; ++q) out[q] = _mm512_mul_ps(out[q], sv[q]);
+    emit(c, out);
   }
-  for (int q = 0; q < 4; ++q) out[q] = _mm512_mul_ps(out[q], sv[q]);
 }
 
 // LUT entries are int16 fixed point: entry = round(<codebook[k], x_j> / tscale) with
@@ -921,12 +930,11 @@ static void perm_blocks(const ScanArgs& a, int64_t rb0, int64_t rb1, int64_t s, 
       __m512 sv[4];
       scales64(a.scales ? a.scales + (rb * a.ng + g) * RB : nullptr, sv);
       for (int64_t j = js; j < je; ++j)
-        for (int64_t c = 0; c < d; ++c) {
-          __m512 w[4];
-          weights64<KP>(a.codes + rb * a.M * a.cstride, a.tab, a.M, a.cstride, a.nsub, d, j, c, sv, w);
-          float* bp = buf + ((j - js) * d + c) * RB;
-          for (int q = 0; q < 4; ++q) _mm512_store_ps(bp + 16 * q, w[q]);
-        }
+        weights64<KP>(a.codes + rb * a.M * a.cstride, a.tab, a.M, a.cstride, a.nsub, d, j, 0, d, sv,
+                      [&](int64_t c, const __m512* w) {
+                        float* bp = buf + ((j - js) * d + c) * RB;
+                        for (int q = 0; q < 4; ++q) _mm512_store_ps(bp + 16 * q, w[q]);
+                      });
       const int64_t ncol = (je - js) * d;
       const bool first = g == g0 && !a.accumulate;
       for (int64_t t0 = 0; t0 < a.T; t0 += 4) {
@@ -1406,21 +1414,8 @@ static void dequant_block_t(const uint8_t* codes, const uint8_t* planes, const c
   const uint8_t* cb = codes + rb * Mb * cstride;
   for (int64_t j = 0; j < nsub; ++j) {
     if (j % gs == 0) scales64(scales ? scales + (rb * ng + j / gs) * RB : nullptr, sv);
-    __m512 w[4];
-    if (Mb == 1) {  // the codes' masks once per position, not per coordinate
-      const __m512i idx = _mm512_loadu_si512(cb + j * RB);
-      const CodeMasks cm = code_masks<KP>(idx, ninth_bits<KP>(cb, nsub, j));
-      for (int64_t c = 0; c < d && j * d + c < width; ++c) {
-        lookup64<KP>(planes + c * 2 * KP, idx, cm, w);
-        for (int q = 0; q < 4; ++q) w[q] = _mm512_mul_ps(w[q], sv[q]);
-        store_row64(dst + (j * d + c) * ld, w);
-      }
-      continue;
-    }
-    for (int64_t c = 0; c < d && j * d + c < width; ++c) {
-      weights64<KP>(cb, planes, Mb, cstride, nsub, d, j, c, sv, w);
-      store_row64(dst + (j * d + c) * ld, w);
-    }
+    weights64<KP>(cb, planes, Mb, cstride, nsub, d, j, 0, std::min<int64_t>(d, width - j * d), sv,
+                  [&](int64_t c, const __m512* w) { store_row64(dst + (j * d + c) * ld, w); });
   }
 }
 
@@ -1475,20 +1470,9 @@ static void dequant_block_rot(const uint8_t* codes, const uint8_t* planes, const
         scales64(scales ? scales + (rb * ng + group) * RB : nullptr, sv);
       }
       const int64_t c0 = std::max<int64_t>(0, b0 - j * d), c1 = std::min<int64_t>(d, b0 + h - j * d);
-      __m512 w[4];
-      if (Mb == 1) {  // the codes' masks once per position, not per coordinate
-        const __m512i idx = _mm512_loadu_si512(cb + j * RB);
-        const CodeMasks cm = code_masks<KP>(idx, ninth_bits<KP>(cb, nsub, j));
-        for (int64_t c = c0; c < c1; ++c) {
-          lookup64<KP>(planes + c * 2 * KP, idx, cm, w);
-          for (int q = 0; q < 4; ++q) _mm512_store_ps(buf + (q * h + j * d + c - b0) * 16, _mm512_mul_ps(w[q], sv[q]));
-        }
-        continue;
-      }
-      for (int64_t c = c0; c < c1; ++c) {
-        weights64<KP>(cb, planes, Mb, cstride, nsub, d, j, c, sv, w);
+      weights64<KP>(cb, planes, Mb, cstride, nsub, d, j, c0, c1, sv, [&](int64_t c, const __m512* w) {
         for (int q = 0; q < 4; ++q) _mm512_store_ps(buf + (q * h + j * d + c - b0) * 16, w[q]);
-      }
+      });
     }
     for (int q = 0; q < 4; ++q) fwht_rows16(buf + q * h * 16, h);
     for (int64_t a = 0; a < h; ++a) {  // row a times signs / sqrt(h), in the tile's dtype
