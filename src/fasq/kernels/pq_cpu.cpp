@@ -1787,8 +1787,10 @@ static void run_tiled_repacked(const at::Tensor& x2, at::Tensor& y, const at::Te
   thread_local std::vector<float> rsc_v;
   const float* rsc = rot_w ? rotation_scale(signs, in, mt[M_ROT], scratch(rsc_v, static_cast<size_t>(in))) : nullptr;
   const at::Tensor xr = rot_w ? x2.to(dt) : rotated_input(x2, signs, mt, dt);
-  // The outliers fold into a tile of W as themselves (h = 0), into one of W_r rotated (see Sparse).
+  // The outliers fold into a tile of W as themselves (h = 0), into one of W_r rotated (see Sparse),
+  // or are added to y at the end where the tiles serve too few tokens for that to pay.
   const int64_t fold_h = rot_w ? 0 : mt[M_ROT];
+  const Sparse* fold = sparse && fold_outliers_for(T, fold_h) ? sparse : nullptr;
   const int64_t esize = dt == at::kFloat ? 4 : 2;
   // Row blocks per tile: ~1 MiB of tile (it stays in L2 while the GEMM reads it for every token);
   // 2 MiB for an fp32 tile with 2+ threads (SmolLM2 layers, 512 tokens, 2 threads: 1.11-1.19x dense
@@ -1806,7 +1808,7 @@ static void run_tiled_repacked(const at::Tensor& x2, at::Tensor& y, const at::Te
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const uint8_t* pp = planes.data_ptr<uint8_t>();
   const c10::Half* sp = mt[M_NG] ? scales.data_ptr<c10::Half>() : nullptr;
-  const int8_t* sg = sparse && mt[M_ROT] ? signs.data_ptr<int8_t>() : nullptr;
+  const int8_t* sg = fold && fold_h ? signs.data_ptr<int8_t>() : nullptr;
   const int nth = n_threads(0.08 * static_cast<double>(R) * in * Mb);  // ~0.08 ns per weight and codebook
   (void)nth;  // unused when built without OpenMP
   for (int64_t rb0 = 0; rb0 < nrb; rb0 += rbs) {
@@ -1817,7 +1819,7 @@ static void run_tiled_repacked(const at::Tensor& x2, at::Tensor& y, const at::Te
       auto fill = [&](auto* tp) {
         if (rot_w) dequant_block_rot(kp, cp, pp, sp, mt, rb0 + q, rsc, tp + q * RB, R);
         else dequant_block_t(kp, cp, pp, sp, mt, rb0 + q, in, tp + q * RB, R);
-        if (sparse) fold_outliers(*sparse, sg, fold_h, r0, r1, tp + q * RB, R, 1);
+        if (fold) fold_outliers(*fold, sg, fold_h, r0, r1, tp + q * RB, R, 1);
       };
       switch (dt) {
         case at::kFloat: fill(tile.data_ptr<float>()); break;
@@ -1830,6 +1832,7 @@ static void run_tiled_repacked(const at::Tensor& x2, at::Tensor& y, const at::Te
   }
   if (bias.defined() && bias.numel()) y2.add_(bias.to(dt));
   if (dt != xdt) y.view({T, out}).copy_(y2);
+  if (sparse && !fold) add_sparse(y, x2, *sparse, out);
 }
 #endif
 
@@ -1858,7 +1861,8 @@ static void run_tiled(const at::Tensor& x2, at::Tensor& y, const at::Tensor& cod
   const uint8_t* cbase = reinterpret_cast<const uint8_t*>(codes.data_ptr<int32_t>());
   const float* tb = tables.data_ptr<float>();
   const c10::Half* sp = ng ? scales.data_ptr<c10::Half>() : nullptr;
-  const int8_t* sg = sparse && mt[M_ROT] ? signs.data_ptr<int8_t>() : nullptr;
+  const Sparse* fold = sparse && fold_outliers_for(T, mt[M_ROT]) ? sparse : nullptr;  // else added to y at the end
+  const int8_t* sg = fold && mt[M_ROT] ? signs.data_ptr<int8_t>() : nullptr;
   float* tp = tile.data_ptr<float>();
   const int nth = n_threads(2.5 * static_cast<double>(R) * nsub * Mb);
   (void)nth;  // unused when built without OpenMP
@@ -1876,7 +1880,7 @@ static void run_tiled(const at::Tensor& x2, at::Tensor& y, const at::Tensor& cod
         for (int64_t m = 0; m < Mb; ++m)
           decode_row(cbase + (m * out + o) * nbytes, nbytes, b, nsub, idx_v.data() + m * (nsub + 16), isa);
         dequant_row(idx_p.data(), cb_p.data(), sp ? sp + o * ng : nullptr, mt, tp + r * width, isa);
-        if (sparse) fold_outliers(*sparse, sg, mt[M_ROT], o, o + 1, tp + r * width, 1, width);
+        if (fold) fold_outliers(*fold, sg, mt[M_ROT], o, o + 1, tp + r * width, 1, width);
       }
     }
     at::Tensor w = tile.narrow(0, 0, n).narrow(1, 0, in);
@@ -1886,6 +1890,7 @@ static void run_tiled(const at::Tensor& x2, at::Tensor& y, const at::Tensor& cod
     at::mm_out(dst, xr, w.t());
   }
   if (bias.defined() && bias.numel()) y2.add_(bias.to(dt));
+  if (sparse && !fold) add_sparse(y, x2, *sparse, out);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2101,15 +2106,9 @@ static at::Tensor pq_linear_impl(const at::Tensor& x, const at::Tensor& codes, c
       TORCH_CHECK(false, "fasq cpu_pq_linear: the LUT and PERM methods need AVX-512 VBMI (not compiled in)");
 #endif
     case DIRECT: run_direct(x2, T, y, codes, tables, scales, rot_signs, b, mt); break;
-    case TILED:
-      // run_tiled_repacked makes the same choice of rotating W's tiles (where the outliers cost n)
-      if (sparse && (fold_outliers_for(T, rot) || (codes.scalar_type() == at::kByte && rot &&
-                                                   rotate_weights_for(T, out)))) {
-        run_tiled(x2.reshape({T, in}), y, codes, tables, scales, rot_signs, b, mt, sparse);
-        return y;
-      }
-      run_tiled(x2.reshape({T, in}), y, codes, tables, scales, rot_signs, b, mt, nullptr);
-      break;
+    case TILED:  // folds the outliers into its tiles or adds them itself
+      run_tiled(x2.reshape({T, in}), y, codes, tables, scales, rot_signs, b, mt, sparse);
+      return y;
     default: TORCH_CHECK(false, "fasq cpu_pq_linear: unknown mode ", mt[M_MODE]);
   }
   if (sparse) add_sparse(y, x2, *sparse, out);
