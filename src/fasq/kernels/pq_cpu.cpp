@@ -1294,8 +1294,7 @@ static void run_scan(bool perm, const at::Tensor& x2, int64_t T, at::Tensor& y, 
     const int64_t ja = s * nsub / S, jb = (s + 1) * nsub / S;
     if (perm && T > kPermBlockMinTokens) {
       thread_local std::vector<float> pb_v;
-      float* buf = scratch(pb_v, static_cast<size_t>(mt[M_GS] * d * RB + 16));
-      buf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf) + 63) & ~uintptr_t(63));
+      float* buf = scratch(pb_v, static_cast<size_t>(mt[M_GS] * d * RB));  // 64-byte aligned (aligned loads)
       switch (kp) {
         case 64: perm_blocks<64>(a, 0, nrb, s, ja, jb, buf); break;
         case 128: perm_blocks<128>(a, 0, nrb, s, ja, jb, buf); break;
