@@ -96,8 +96,10 @@ def test_shapes_disagree_with_config(saved, tmp_path):
     d = copy_dir(saved[1], tmp_path / "s")
     name = "model.layers.0.self_attn.q_proj"
     edit_config(d, lambda c: c["quantization_config"]["modules"][name].__setitem__("num_centroids", 256))
-    with pytest.raises(FormatError, match=name):
+    with pytest.raises(FormatError, match="config.json"):  # config.json is covered by the manifest
         fasq.load(d)
+    with pytest.raises(FormatError, match=name):           # and without the checksums, by the shape check
+        fasq.load(d, verify=False)
 
 
 def test_missing_manifest_and_not_fasq(saved, tmp_path):
@@ -114,11 +116,11 @@ def test_missing_manifest_and_not_fasq(saved, tmp_path):
 
 def test_no_partial_output_on_failure(tmp_path, monkeypatch):
     model = fasq.quantize(tiny_model("llama"), FASQConfig(codebook_size=16), progress=False)
-    import fasq.io as io
+    import fasq.manifest as manifest
 
     def boom(*a, **k):
         raise OSError("disk full")
-    monkeypatch.setattr(io, "sha256_file", boom)
+    monkeypatch.setattr(manifest, "sha256_file", boom)
     with pytest.raises(OSError):
         fasq.save(model, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

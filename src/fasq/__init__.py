@@ -2,11 +2,10 @@
 from .config import FASQConfig, PRESETS, preset
 from .format import FORMAT_VERSION, LayerSpec
 from .nn import PQLinear
+from .version import __version__
 from .integrations import install_transformers_hook as _install_transformers_hook
 
 _install_transformers_hook()  # quant_method "fasq" for transformers' from_pretrained, registered lazily (docs/transformers.md)
-
-__version__ = "0.1.0"
 
 
 def __getattr__(name):  # heavy parts (transformers) load on first use, not at `import fasq`

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from .config import PRESETS, FASQConfig, preset
+from .data import smollm2_checkpoint as smollm2_source
 
 log = logging.getLogger("fasq")
 
@@ -29,13 +30,16 @@ def is_fasq_dir(path: str) -> bool:
 
 def load_any(model_arg: str, dtype=None):
     """(model, tokenizer) for a fasq directory, the embedded default ``smollm2``, a .gguf file, an HF
-    directory, or a hub id."""
+    directory, or a hub id.  ``dtype="stored"``: a local checkpoint in the dtype its config.json records
+    (what streaming quantizes from), else fp32."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import io
     from .data import resolve_model
 
+    if dtype == "stored":
+        dtype = stored_dtype(model_arg)
     dtype = dtype or torch.float32
     if is_fasq_dir(model_arg):
         return io.load(model_arg, dtype=dtype, with_tokenizer=True)
@@ -48,6 +52,24 @@ def load_any(model_arg: str, dtype=None):
     tok = AutoTokenizer.from_pretrained(path, **kw)
     model.eval()
     return model, tok
+
+
+def stored_dtype(model_arg: str):
+    """The 16-bit dtype a local safetensors checkpoint declares in its config.json, else None (fp32)."""
+    import torch
+
+    cfg = Path(model_arg) / "config.json"
+    try:
+        raw = json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return None
+    name = raw.get("dtype") or raw.get("torch_dtype") if isinstance(raw, dict) else None
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name)
+
+
+def model_max_positions(model) -> int | None:
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
 
 
 def config_from_args(args) -> FASQConfig:
@@ -72,22 +94,23 @@ def peak_rss_mb() -> float:
 def cmd_quantize(args) -> int:
     from . import io
     from .model import model_size_report, quantize
+    from .outputs import check_output
     from .stream import cmd_quantize_stream, should_stream
 
     out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"output {out} already exists; pass --overwrite to replace it")
+    source = str(smollm2_source()) if args.model in ("smollm2", "default") else args.model
+    check_output(out, sources=(source,), overwrite=args.overwrite, force=args.force)
+    config = config_from_args(args)   # a bad setting is refused before any loading
     if should_stream(args):  # a local safetensors checkpoint: tensor by tensor, bounded memory, resumable
         return cmd_quantize_stream(args)
-    config = config_from_args(args)
     t0 = time.perf_counter()
-    model, tok = load_any(args.model)
+    model, tok = load_any(args.model, dtype="stored")  # a local checkpoint as streaming reads it: same output
     t_load = time.perf_counter() - t0
     t1 = time.perf_counter()
     quantize(model, config, progress=not args.quiet, device=args.device, target_bits=args.bits,
              target_fraction=args.target_size)
     t_q = time.perf_counter() - t1
-    io.save(model, out, tokenizer=tok, overwrite=args.overwrite)
+    io.save(model, out, tokenizer=tok, overwrite=args.overwrite, force=args.force)
     rep = model_size_report(model)
     result = {"output": str(out), "config": config.to_dict(), "load_seconds": t_load, "quantize_seconds": t_q,
               "peak_rss_mb": peak_rss_mb(), **{k: v for k, v in rep.items() if k != "layers"}}
@@ -137,6 +160,10 @@ def cmd_eval(args) -> int:
 
     text = load_text(args.text or args.corpus)
     model, tok = load_any(args.model)
+    max_pos = model_max_positions(model)
+    if max_pos is not None and args.context_length > max_pos:
+        raise ValueError(f"--context-length {args.context_length} is longer than the model's maximum of {max_pos} "
+                         "positions")
     r = perplexity(model, tok, text, context_length=args.context_length, max_tokens=args.max_tokens,
                    batch_size=args.batch_size, progress=not args.quiet)
     rep = model_size_report(model)
@@ -156,8 +183,16 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
+    if not args.prompt.strip():
+        raise ValueError("the prompt is empty: give the text to continue")
     model, tok = load_any(args.model)
     ids = tok(args.prompt, return_tensors="pt", add_special_tokens=False)
+    if ids["input_ids"].shape[1] == 0:
+        raise ValueError("the prompt gives no tokens: give the text to continue")
+    max_pos = model_max_positions(model)
+    if max_pos is not None and ids["input_ids"].shape[1] + args.max_new_tokens > max_pos:
+        raise ValueError(f"{ids['input_ids'].shape[1]} prompt tokens + --max-new-tokens {args.max_new_tokens} exceed "
+                         f"the model's maximum of {max_pos} positions")
     t0 = time.perf_counter()
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False,
@@ -237,6 +272,22 @@ def cmd_bench(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{v} is out of range: allowed is an integer >= {lo}")
+        return v
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+positive_int, nonnegative_int = _int_at_least(1), _int_at_least(0)
+
+
 def add_quant_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantization settings (defaults: FASQConfig)")
     g.add_argument("--preset", choices=sorted(PRESETS), help="named operating point")
@@ -267,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="quantize a model and save it")
     p.add_argument("model", help="HF model dir or id, a .gguf file, or 'smollm2' (the embedded default)")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing fasq output (or empty directory) at -o")
+    p.add_argument("--force", action="store_true",
+                   help="with --overwrite: replace -o even when it is not a fasq output (it is deleted)")
     p.add_argument("--device", default=None, help="where k-means runs (default: the weights' device)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--bits", type=float, help="target bits/weight of the quantized layers (per-layer d, K chosen)")
@@ -289,9 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--text", help="a UTF-8 text file")
     src.add_argument("--corpus", default="lee", choices=["lee", "austen", "wikitext2"])
-    p.add_argument("--context-length", type=int, default=512)
-    p.add_argument("--max-tokens", type=int, default=16384, help="tokens scored (whole windows); 0 = all")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--context-length", type=_int_at_least(2), default=512)
+    p.add_argument("--max-tokens", type=nonnegative_int, default=16384, help="tokens scored (whole windows); 0 = all")
+    p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--json", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(fn=cmd_eval)
@@ -299,26 +352,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="greedy generation from a prompt")
     p.add_argument("model")
     p.add_argument("prompt")
-    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--max-new-tokens", type=positive_int, default=40)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("demo", help="main job: quantize the embedded SmolLM2 and compare perplexity")
     p.add_argument("-o", "--output", default="out/smollm2-fasq")
     p.add_argument("--corpus", default="lee", choices=["lee", "austen"])
-    p.add_argument("--context-length", type=int, default=512)
-    p.add_argument("--max-tokens", type=int, default=16384)
+    p.add_argument("--context-length", type=_int_at_least(2), default=512)
+    p.add_argument("--max-tokens", type=nonnegative_int, default=16384)
     p.add_argument("-q", "--quiet", action="store_true")
     add_quant_args(p)
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("bench", help="end-to-end decoding speed and peak memory of models, side by side")
     p.add_argument("models", nargs="+", help="fasq directories, 'smollm2', HF directories or ids, .gguf files")
-    p.add_argument("--new-tokens", dest="new_tokens", type=int, default=64)
+    p.add_argument("--new-tokens", dest="new_tokens", type=_int_at_least(2), default=64)
     p.add_argument("--prompt", default=None, help="prompt text (default: a short question, in the chat template)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (cuda: 16-bit activations)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    p.add_argument("--repeats", type=int, default=3, help="alternating runs per model")
+    p.add_argument("--threads", type=nonnegative_int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="alternating runs per model")
     p.add_argument("--json", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -337,6 +390,23 @@ def main(argv: list[str] | None = None) -> int:
         args.max_tokens = None
     try:
         return args.fn(args)
+    except KeyboardInterrupt:
+        print("fasq: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"fasq: error: {e}", file=sys.stderr)
+        if args.verbose:
+            log.exception("fasq %s failed", args.command)
+        print(f"fasq: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:  # from a library below us: one line, the traceback with -v
+        if args.verbose:
+            log.exception("fasq %s failed", args.command)
+        print(f"fasq: error: {type(e).__name__}: {_one_line(e)}" + ("" if args.verbose else " (-v shows the traceback)"),
+              file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    """The exception's message as one line (libraries such as torch's unpickler write paragraphs)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 400 else text[:397] + "..."

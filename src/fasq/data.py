@@ -104,4 +104,22 @@ def resolve_model(name_or_path: str) -> tuple[str, dict]:
         if not p.is_file():
             raise FileNotFoundError(f"GGUF file {p} does not exist")
         return str(p.parent), {"gguf_file": p.name}
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"model {name_or_path}: the directory has no config.json, so it is not a model "
+                                    "directory (a Hugging Face checkpoint or a fasq output)")
+        return name_or_path, {}
+    if p.exists():
+        raise FileNotFoundError(f"model {name_or_path}: a file, not a model directory (give a directory with "
+                                "config.json, a .gguf file, 'smollm2', or a hub id such as org/name)")
+    if not _looks_like_hub_id(name_or_path):
+        raise FileNotFoundError(f"model {name_or_path}: no such directory (give a directory with config.json, a "
+                                ".gguf file, 'smollm2', or a hub id such as org/name)")
     return name_or_path, {}
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """``name`` or ``org/name`` of letters, digits, '-', '_', '.' (what the hub accepts), not a path."""
+    parts = name.split("/")
+    return (len(parts) <= 2 and all(parts) and not name.startswith((".", "~"))
+            and all(c.isalnum() or c in "-_." for part in parts for c in part))

@@ -76,6 +76,14 @@ def unpack_codes(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
     return codes.reshape(*lead, n_codes)
 
 
+MAX_FEATURES = 1 << 24   # a layer width beyond any model's (and a bound that keeps buffer sizes sane)
+
+
+def _range(name: str, v: int, lo: int, hi: int) -> None:
+    if not lo <= v <= hi:
+        raise ValueError(f"LayerSpec.{name}={v}: allowed is an integer from {lo} to {hi}")
+
+
 # Every buffer a PQLinear may hold and its stored dtype (which ones a layer has: LayerSpec.buffer_shapes).
 BUFFER_DTYPES: dict[str, torch.dtype] = {
     "codes": torch.int32, "codebooks": torch.float16, "scales": torch.float16, "rot_signs": torch.int8,
@@ -98,6 +106,30 @@ class LayerSpec:
     n_outliers: int = 0          # weights corrected exactly by the sparse side table
 
     def __post_init__(self) -> None:
+        # A spec comes from a file as often as from code: check every field's type and range so a bad
+        # config.json is a clear ValueError (FormatError at load), never a crash deep in a kernel.
+        for name in ("in_features", "out_features", "subvector_dim", "num_centroids", "num_codebooks",
+                     "group_size", "rotation_block", "n_outliers"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"LayerSpec.{name}={v!r}: must be an integer")
+        for name in ("has_scales", "has_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LayerSpec.{name}={getattr(self, name)!r}: must be true or false")
+        _range("in_features", self.in_features, 1, MAX_FEATURES)
+        _range("out_features", self.out_features, 1, MAX_FEATURES)
+        _range("subvector_dim", self.subvector_dim, 1, 16)
+        _range("num_centroids", self.num_centroids, 2, 65536)
+        _range("num_codebooks", self.num_codebooks, 1, 8)
+        if self.group_size < 0 or self.group_size % self.subvector_dim:
+            raise ValueError(f"LayerSpec.group_size={self.group_size}: allowed is 0 (one scale per row) or a "
+                             f"positive multiple of subvector_dim={self.subvector_dim}")
+        if not self.has_scales and self.group_size:
+            raise ValueError(f"LayerSpec.group_size={self.group_size}: must be 0 when has_scales is false")
+        rb = self.rotation_block
+        if rb and (rb < 2 or rb & (rb - 1) or self.in_features % rb):
+            raise ValueError(f"LayerSpec.rotation_block={rb}: allowed is 0 (no rotation) or a power of two >= 2 "
+                             f"dividing in_features={self.in_features}")
         if not 0 <= self.n_outliers <= self.in_features * self.out_features:
             raise ValueError(f"n_outliers={self.n_outliers}: allowed is 0..{self.in_features * self.out_features}")
         if self.in_features * self.out_features >= 2**31 and self.n_outliers:
@@ -164,6 +196,8 @@ class LayerSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LayerSpec":
+        if not isinstance(d, dict):
+            raise ValueError(f"bad layer spec {d!r}: expected an object of LayerSpec fields")
         try:
             return cls(**d)
         except TypeError as e:

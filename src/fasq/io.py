@@ -14,50 +14,39 @@ place only when complete.  Loading checks versions, checksums, shapes and dtypes
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from . import manifest as _manifest
 from .config import QUANT_METHOD, FASQConfig
+from .errors import FormatError, StorageRangeError, check_fp16_range
 from .format import BUFFER_DTYPES, FORMAT_VERSION, LayerSpec
+from .manifest import INDEX_NAME, WEIGHTS_NAME, sha256_file
+from .outputs import MANIFEST_NAME, check_output, move_into_place, temporary_dir
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "model.safetensors"
-MANIFEST_NAME = "fasq.json"
-
-
-class FormatError(ValueError):
-    """A saved fasq directory is incomplete, corrupted, or of an unsupported version."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
+__all__ = ["FormatError", "INDEX_NAME", "MANIFEST_NAME", "WEIGHTS_NAME", "load", "read_quantization_config",
+           "save", "sha256_file", "verify_files"]
 
 
 def round_unquantized_to_16bit(model: torch.nn.Module) -> None:
     """fp32 tensors outside quantized layers are stored as fp16; round them in memory so the in-memory
-    model computes exactly what a save/load round trip gives."""
+    model computes exactly what a save/load round trip gives.  A value beyond fp16's range raises
+    :class:`fasq.errors.StorageRangeError` naming the tensor (it would be stored as inf)."""
     from .nn import PQLinear
 
     pq_ptrs = {b.data_ptr() for m in model.modules() if isinstance(m, PQLinear) for b in m.buffers()}
     with torch.no_grad():
         # state_dict: only what is stored (non-persistent buffers such as rotary tables are rebuilt at load)
-        for t in model.state_dict(keep_vars=True).values():
+        for name, t in model.state_dict(keep_vars=True).items():
             if t.dtype == torch.float32 and t.data_ptr() not in pq_ptrs:
+                check_fp16_range(t, f"tensor {name}")
                 t.data.copy_(t.data.half().float())
 
 
@@ -72,27 +61,36 @@ def _state_to_store(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         if key is not None:
             seen[key] = name
         if t.dtype == torch.float32:
+            check_fp16_range(t, f"tensor {name}")
             t = t.half()
+        elif t.dtype == torch.float16 and not bool(t.isfinite().all()) and name.rpartition(".")[2] in BUFFER_DTYPES:
+            raise StorageRangeError(f"tensor {name}: non-finite values in a quantized layer's buffer; nothing was "
+                                    "written")
         out[name] = t.detach().cpu().contiguous()
     return out
 
 
-def save(model: torch.nn.Module, out_dir: str | os.PathLike, tokenizer=None, *, overwrite: bool = False) -> Path:
-    """Write a quantized model to ``out_dir`` atomically."""
+def save(model: torch.nn.Module, out_dir: str | os.PathLike, tokenizer=None, *, overwrite: bool = False,
+         force: bool = False) -> Path:
+    """Write a quantized model to ``out_dir`` atomically.
+
+    ``overwrite`` replaces an existing fasq output (or an empty directory); anything else there needs
+    ``force`` too.  ``out_dir`` may not be, contain or lie inside the directory the model was loaded from
+    (:mod:`fasq.outputs`).  Of two saves racing for one new directory, one fails with FileExistsError.
+    """
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
     qc = getattr(getattr(model, "config", None), "quantization_config", None)
     if hasattr(qc, "to_dict"):  # a model loaded through transformers' from_pretrained holds a config object
         qc = qc.to_dict()
     if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
         raise ValueError("save: the model is not fasq-quantized (run fasq.quantize(model, config) first)")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output {out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    source = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    out = check_output(out_dir, sources=(source,), overwrite=overwrite, force=force)
+    state = _state_to_store(model)  # checked before anything is written
+    tmp = temporary_dir(out)
     try:
-        save_file(_state_to_store(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "fasq": str(FORMAT_VERSION)})
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "fasq": str(FORMAT_VERSION)})
         model.config.to_json_file(str(tmp / "config.json"))
         gen = getattr(model, "generation_config", None)
         if gen is not None:
@@ -102,46 +100,31 @@ def save(model: torch.nn.Module, out_dir: str | os.PathLike, tokenizer=None, *, 
                 log.warning("generation_config not saved: %s", e)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        manifest = {"fasq_version": _fasq_version(), "format_version": FORMAT_VERSION,
-                    "files": {WEIGHTS_NAME: {"sha256": sha256_file(tmp / WEIGHTS_NAME),
-                                             "bytes": (tmp / WEIGHTS_NAME).stat().st_size}}}
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
-        _replace_dir(tmp, out)
+        _manifest.write(tmp, _manifest.build(tmp))
+        move_into_place(tmp, out, overwrite=overwrite, force=force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
-def _fasq_version() -> str:
-    from . import __version__
-    return __version__
-
-
 def read_quantization_config(path: str | os.PathLike) -> tuple[FASQConfig, dict[str, LayerSpec], dict]:
-    """(config, per-module specs, raw config.json) of a saved directory, with version checks."""
+    """(config, per-module specs, raw config.json) of a saved directory, with version checks.  Anything
+    malformed (a wrong type, a value out of range, a missing table) raises :class:`FormatError`."""
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise FormatError(f"{path}: no config.json; not a saved fasq model directory")
     try:
         raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FormatError(f"{cfg_file}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise FormatError(f"{cfg_file}: must be a JSON object")
     qc = raw.get("quantization_config")
     if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
         raise FormatError(f"{cfg_file}: no fasq quantization_config (this is not a fasq-quantized model)")
     fv = qc.get("format_version")
-    if fv != FORMAT_VERSION:
+    if fv != FORMAT_VERSION or isinstance(fv, bool):
         raise FormatError(f"{cfg_file}: format_version={fv!r}, but this fasq reads format version "
                           f"{FORMAT_VERSION}; upgrade fasq or re-quantize")
     qc = dict(qc)
@@ -153,40 +136,58 @@ def read_quantization_config(path: str | os.PathLike) -> tuple[FASQConfig, dict[
     try:
         config = FASQConfig.from_dict(qc)
         specs = {name: LayerSpec.from_dict(d) for name, d in modules.items()}
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise FormatError(f"{cfg_file}: {e}") from None
     return config, specs, raw
 
 
 def verify_files(path: str | os.PathLike) -> None:
-    """Check each data file against the manifest's size and sha256."""
-    path = Path(path)
-    mf = path / MANIFEST_NAME
-    if not mf.is_file():
-        raise FormatError(f"{path}: manifest {MANIFEST_NAME} missing (incomplete or not written by fasq)")
-    try:
-        manifest = json.loads(mf.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise FormatError(f"{mf}: unreadable manifest ({e})") from None
-    for name, info in files.items():
-        f = path / name
-        if not f.is_file():
-            raise FormatError(f"{path}: data file {name} is missing")
-        size = f.stat().st_size
-        if size != info.get("bytes"):
-            raise FormatError(f"{f}: {size} bytes, manifest says {info.get('bytes')} (truncated or replaced)")
-        if sha256_file(f) != info.get("sha256"):
-            raise FormatError(f"{f}: checksum mismatch (the file is corrupted)")
+    """Check every file that defines the model against the manifest's size and sha256."""
+    _manifest.verify(Path(path))
+
+
+class _Weights:
+    """The stored tensors of a directory, one file or the shards its index names, by tensor name."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        wmap = _manifest.read_index(path)
+        self.where = {}
+        for fname in _manifest.weight_files(path):
+            try:
+                f = safe_open(str(path / fname), framework="pt", device="cpu")
+            except Exception as e:  # the library's own error types vary by version
+                raise FormatError(f"{path / fname}: cannot be read as safetensors ({e})") from None
+            for key in f.keys():
+                if key in self.where:
+                    raise FormatError(f"{path}: tensor {key} is stored in two files")
+                if wmap is not None and wmap.get(key) != fname:
+                    raise FormatError(f"{path}: tensor {key} is in {fname}, but {INDEX_NAME} says "
+                                      f"{wmap.get(key)}")
+                self.where[key] = f
+        if wmap is not None and set(wmap) != set(self.where):
+            absent = sorted(set(wmap) - set(self.where))
+            raise FormatError(f"{path}: {INDEX_NAME} names tensors no shard holds: {absent[:5]}")
+
+    def keys(self):
+        return self.where.keys()
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self.where[name].get_tensor(name)
+
+    def get_slice(self, name: str):
+        return self.where[name].get_slice(name)
 
 
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
          verify: bool = True, with_tokenizer: bool = False, dense_16bit: bool = False):
     """Load a saved fasq model (and, with ``with_tokenizer``, its tokenizer).
 
-    Unquantized tensors are cast to ``dtype``; PQ buffers keep their stored dtypes.  No full-precision
-    model is built first: the skeleton is made on the meta device and every tensor is assigned
-    straight from the file (cast where ``dtype`` asks), so peak memory is about the loaded model.
+    Reads one ``model.safetensors`` or the shards its index names.  Unquantized tensors are cast to
+    ``dtype``; PQ buffers keep their stored dtypes.  No full-precision model is built first: the
+    skeleton is made on the meta device and every tensor is assigned straight from the files (cast where
+    ``dtype`` asks), so peak memory is about the loaded model.
 
     ``dense_16bit`` (for an fp32 ``dtype``): the token embedding and the output head (tied or not)
     keep their stored 16-bit values instead of an fp32 copy of twice the size
@@ -195,26 +196,27 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
     the bytes per decoded token.
     """
     from accelerate import init_empty_weights
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .model import attach_config, replace_with_pq
 
     path = Path(path)
+    if not path.is_dir():
+        raise FormatError(f"{path}: no such directory")
     config, specs, raw = read_quantization_config(path)
     if verify:
         verify_files(path)
-    hf_config = AutoConfig.from_pretrained(str(path))
-    qc = hf_config.quantization_config
-    if hasattr(hf_config, "quantization_config"):
+    try:  # config.json is to blame for anything that fails while the skeleton is built
+        hf_config = AutoConfig.from_pretrained(str(path))
+        qc = hf_config.quantization_config
         del hf_config.quantization_config  # build a plain model; we swap the layers ourselves
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    replace_with_pq(model, specs, device="meta")
-    try:
-        f = safe_open(str(path / WEIGHTS_NAME), framework="pt", device="cpu")
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        replace_with_pq(model, specs, device="meta")
     except Exception as e:
-        raise FormatError(f"{path / WEIGHTS_NAME}: cannot be read as safetensors ({e})") from None
+        raise FormatError(f"{path / 'config.json'}: cannot build the model it describes "
+                          f"({type(e).__name__}: {e})") from None
+    f = _Weights(path)
     if dense_16bit and dtype == torch.float32:
         _use_16bit_embeddings(model, f, dtype)
     expected = model.state_dict()
@@ -240,7 +242,7 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
     model.tie_weights()
     missing = [n for n, t in model.state_dict().items() if t.is_meta]
     if missing:
-        raise FormatError(f"{path}: tensors missing from {WEIGHTS_NAME}: {missing[:5]}")
+        raise FormatError(f"{path}: tensors missing from the weights: {missing[:5]}")
     _materialize_nonpersistent(model, hf_config)
     model.to(device)
     model.eval()

@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import FASQConfig
-from .fit.pq import quantize_weight
+from .fit.pq import NonFiniteWeightError, quantize_weight
 from .format import LayerSpec
 from .nn import PQLinear
 
@@ -91,6 +91,7 @@ def quantize(model: nn.Module, config: FASQConfig | None = None, *, progress: bo
     """
     config = config or FASQConfig()
     layer_configs = layer_configs or {}
+    check_finite(model)  # before equalize, which would spread one NaN over whole rows and columns
     if config.equalize != "none":
         from .fit.equalize import equalize
         equalize(model, config.equalize)
@@ -131,7 +132,27 @@ def quantize(model: nn.Module, config: FASQConfig | None = None, *, progress: bo
     from .io import round_unquantized_to_16bit
     round_unquantized_to_16bit(model)  # the in-memory model is exactly what fasq.save stores
     attach_config(model, config, modules, allocation)
+    warn_if_larger(model_size_report(model))
     return model
+
+
+def check_finite(model: nn.Module) -> None:
+    """Raise :class:`NonFiniteWeightError` naming the first floating tensor with NaN/Inf values and their
+    count as the model holds them."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not t.is_meta and not bool(t.isfinite().all()):
+            raise NonFiniteWeightError(f"tensor {name!r}: {int((~t.isfinite()).sum())} NaN/Inf values in the input "
+                                       "model; fasq cannot quantize it")
+
+
+def warn_if_larger(report: dict) -> None:
+    """Log a warning when the quantized layers take more than 16 bits per weight (a larger model than the
+    original at 16 bits: e.g. a codebook as large as the layer)."""
+    bpw = report.get("bits_per_weight")
+    if bpw is not None and bpw > 16.0:
+        log.warning("the quantized layers take %.1f bits/weight, more than the 16 of FP16: this model is %.0f%% of "
+                    "the original's FP16 size. Use a smaller codebook_size or a larger subvector_dim", bpw,
+                    100 * report.get("fraction_of_fp16", float("nan")))
 
 
 def attach_config(model: nn.Module, config: FASQConfig, modules: dict[str, dict],

@@ -97,7 +97,17 @@ def load_text(source: str) -> str:
         return wikitext2()
     p = Path(source)
     if p.is_file():
-        return p.read_text(encoding="utf-8", errors="replace")
+        data = p.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"text file {source}: not UTF-8 text (byte {e.start}: {e.reason}); give a UTF-8 "
+                             "text file") from None
+        if "\x00" in text:
+            raise ValueError(f"text file {source}: holds NUL bytes, so it is binary, not text")
+        if not text.strip():
+            raise ValueError(f"text file {source}: empty")
+        return text
     raise ValueError(f"text source {source!r}: not a file, and not one of {SOURCES}")
 
 

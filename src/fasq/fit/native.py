@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -20,23 +21,36 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("nearest.cpp")
 MAX_DIM = 8
 _state: dict = {}
+_lock = threading.Lock()
 
 
 def module():
-    """The loaded extension, or None (disabled, or the build failed: warned once)."""
-    if "mod" not in _state:
-        _state["mod"] = None
-        if os.environ.get("FASQ_NATIVE_FIT", "1") != "0":
-            try:
-                label, mod, failed = build_first_that_works(SOURCE, "fasq_nearest", "fit_kernels")
-                _state["mod"] = mod
-                if label != "native":
-                    log.warning("fasq: k-means kernel built without -march=native/OpenMP (%s); fitting will be "
-                                "slower", failed)
-            except RuntimeError as e:
-                log.warning("fasq: could not build the k-means kernel (%s); fitting uses faiss or torch "
-                            "instead. Compiler output is logged at DEBUG level by fasq.native.", e)
+    """The loaded extension, or None (disabled, or the build failed: warned once).
+
+    Thread-safe: the first callers wait for the one build.  (The result is published only once it is
+    final: a worker thread that saw "no kernel" while another was still building fell back to faiss,
+    and the output depended on thread timing.)"""
+    if "mod" in _state:
+        return _state["mod"]
+    with _lock:
+        if "mod" not in _state:
+            _state["mod"] = _build()
     return _state["mod"]
+
+
+def _build():
+    if os.environ.get("FASQ_NATIVE_FIT", "1") == "0":
+        return None
+    try:
+        label, mod, failed = build_first_that_works(SOURCE, "fasq_nearest", "fit_kernels")
+    except RuntimeError as e:
+        log.warning("fasq: could not build the k-means kernel (%s); fitting uses faiss or torch "
+                    "instead. Compiler output is logged at DEBUG level by fasq.native.", e)
+        return None
+    if label != "native":
+        log.warning("fasq: k-means kernel built without -march=native/OpenMP (%s); fitting will be "
+                    "slower", failed)
+    return mod
 
 
 def _module_for(x: torch.Tensor, centroids: torch.Tensor):

@@ -173,25 +173,24 @@ torch::Tensor nearest(torch::Tensor x, torch::Tensor centroids) {
   return out;
 }
 
-// One Lloyd iteration's statistics: the codes, and per centroid the sum of its points and their count,
-// accumulated in double per thread and reduced in thread order (deterministic for a thread count).
+// One Lloyd iteration's statistics: the codes, and per centroid the sum of its points and their count.
+// The points are cut into kLloydChunks fixed ranges, each summed in double in point order, and the
+// ranges are added in order: the result does not depend on the thread count (a run with 2 workers,
+// each single-threaded, gives what 1 worker on 2 threads gives).
+constexpr int kLloydChunks = 8;
+
 std::vector<torch::Tensor> lloyd_stats(torch::Tensor x, torch::Tensor centroids) {
   auto codes = nearest(x, centroids);
   x = x.contiguous();
   const int64_t n = x.size(0), k = centroids.size(0), d = x.size(1);
-  const int nt = std::max(1, at::get_num_threads());
-  std::vector<double> part((size_t)nt * k * (d + 1), 0.0);
+  std::vector<double> part((size_t)kLloydChunks * k * (d + 1), 0.0);
   const float* xp = x.data_ptr<float>();
   const int64_t* cp = codes.data_ptr<int64_t>();
-#pragma omp parallel num_threads(nt)
-  {
-#ifdef _OPENMP
-    const int t = omp_get_thread_num(), tn = omp_get_num_threads();
-#else
-    const int t = 0, tn = 1;
-#endif
-    double* acc = part.data() + (size_t)t * k * (d + 1);
-    const int64_t lo = n * t / tn, hi = n * (t + 1) / tn;
+  const int nt = std::max(1, std::min(kLloydChunks, at::get_num_threads()));
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int c = 0; c < kLloydChunks; ++c) {
+    double* acc = part.data() + (size_t)c * k * (d + 1);
+    const int64_t lo = n * c / kLloydChunks, hi = n * (c + 1) / kLloydChunks;
     for (int64_t i = lo; i < hi; ++i) {
       double* a = acc + cp[i] * (d + 1);
       for (int64_t j = 0; j < d; ++j) a[j] += xp[i * d + j];
@@ -202,8 +201,8 @@ std::vector<torch::Tensor> lloyd_stats(torch::Tensor x, torch::Tensor centroids)
   auto counts = torch::zeros({k}, torch::kDouble);
   double* sp = sums.data_ptr<double>();
   double* np_ = counts.data_ptr<double>();
-  for (int t = 0; t < nt; ++t) {
-    const double* acc = part.data() + (size_t)t * k * (d + 1);
+  for (int c = 0; c < kLloydChunks; ++c) {
+    const double* acc = part.data() + (size_t)c * k * (d + 1);
     for (int64_t q = 0; q < k; ++q) {
       for (int64_t j = 0; j < d; ++j) sp[q * d + j] += acc[q * (d + 1) + j];
       np_[q] += acc[q * (d + 1) + d];

@@ -7,6 +7,7 @@ import zlib
 import torch
 
 from ..config import FASQConfig
+from ..errors import check_fp16_range
 from ..format import LayerSpec, outlier_count, pack_codes
 from ..reference import dequantize, rotate, rotation_block_for
 from .kmeans import assign, kmeans
@@ -109,6 +110,7 @@ def quantize_weight(weight: torch.Tensor, config: FASQConfig, name: str = "weigh
         else:
             s = wg.abs().amax(-1)
         s = torch.where(s > 0, s, torch.ones_like(s))                   # [out, G]
+        check_fp16_range(s, f"layer {name!r}: scales")
     else:
         s = torch.ones(out_f, 1, device=dev)
         g = cols
@@ -142,16 +144,22 @@ def quantize_weight(weight: torch.Tensor, config: FASQConfig, name: str = "weigh
             resid = resid - books[m][codes[m]]
 
     codes_t = torch.stack([c.reshape(out_f, spec.n_sub) for c in codes])       # [M, out, n_sub]
+    books_t = torch.stack(books)
+    check_fp16_range(books_t, f"layer {name!r}: codebooks")
+    check_fp16_range(s, f"layer {name!r}: scales")
     tensors = {
         "codes": pack_codes(codes_t, spec.bits).cpu(),
-        "codebooks": torch.stack(books).half().cpu(),
+        "codebooks": books_t.half().cpu(),
         "scales": (s.half().cpu() if has_scales else torch.zeros(out_f, 0, dtype=torch.float16)),
         "rot_signs": signs.cpu(),
     }
     if bias is not None:
+        check_fp16_range(bias.detach().float(), f"layer {name!r}: bias")
         tensors["bias"] = bias.detach().half().cpu()
     if spec.n_outliers:
         out_idx = out_idx.cpu()
         tensors["outlier_idx"] = out_idx.to(torch.int32)
-        tensors["outlier_val"] = (out_orig.cpu() - _dequantized_at(out_idx, spec, tensors)).half()
+        val = out_orig.cpu() - _dequantized_at(out_idx, spec, tensors)
+        check_fp16_range(val, f"layer {name!r}: outlier table (the largest weights, kept exactly)")
+        tensors["outlier_val"] = val.half()
     return spec, tensors

@@ -16,9 +16,7 @@ runs :func:`register` once transformers has loaded its quantizer tables.
 from __future__ import annotations
 
 import importlib
-import json
 import logging
-import os
 import types
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..config import QUANT_METHOD, FASQConfig
 from ..format import FORMAT_VERSION, LayerSpec
-from ..io import MANIFEST_NAME, WEIGHTS_NAME, FormatError, _fasq_version, sha256_file
+from .. import manifest as fasq_manifest
+from ..io import MANIFEST_NAME, FormatError
 from ..nn import PQLinear
 
 log = logging.getLogger(__name__)
@@ -164,21 +163,17 @@ def _save_pretrained_with_manifest(self, save_directory, *args, **kwargs):
 
 
 def _write_manifest(path: Path, pushed: bool) -> None:
-    """The manifest fasq.save writes: versions, size and sha256 of model.safetensors (atomically)."""
-    weights, manifest = path / WEIGHTS_NAME, path / MANIFEST_NAME
-    if not weights.is_file():
-        manifest.unlink(missing_ok=True)  # a stale manifest would describe files that are gone
-        log.warning("%s: save_pretrained wrote no single %s (sharded, or a variant); from_pretrained loads "
-                    "it, fasq.load does not (pass a larger max_shard_size, or use fasq.save)", path, WEIGHTS_NAME)
-        return
+    """The manifest fasq.save writes (:mod:`fasq.manifest`): every file that defines the model, one
+    safetensors file or the shards the index names (atomically)."""
     if pushed:
         log.warning("%s: pushed before fasq.json was written; the pushed copy loads with from_pretrained, "
                     "and with fasq.load(..., verify=False)", path)
-    info = {"fasq_version": _fasq_version(), "format_version": FORMAT_VERSION,
-            "files": {WEIGHTS_NAME: {"sha256": sha256_file(weights), "bytes": weights.stat().st_size}}}
-    tmp = manifest.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, manifest)
+    try:
+        fasq_manifest.write(path, fasq_manifest.build(path))
+    except (FileNotFoundError, FormatError) as e:
+        (path / MANIFEST_NAME).unlink(missing_ok=True)  # a stale manifest would describe files that are gone
+        log.warning("%s: save_pretrained wrote weights fasq.load cannot find (%s); from_pretrained loads it, "
+                    "fasq.load does not (use fasq.save)", path, e)
 
 
 def register() -> None:

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from .. import io
+from .. import manifest as fasq_manifest
 from ..io import FormatError
 from .plan import INDEX_NAME
 from .run import DATA_DIR, JOURNAL_NAME, PARTIAL_SUFFIX, PLAN_NAME, read_journal
@@ -30,17 +31,11 @@ def verify(path) -> dict:
         if Path(str(path) + PARTIAL_SUFFIX).is_dir():
             hint = f" ({path}{PARTIAL_SUFFIX} holds an unfinished run: rerun the quantize command to finish it)"
         raise FormatError(f"{path}: no such directory{hint}")
-    mf = path / io.MANIFEST_NAME
-    if not mf.is_file():
-        raise FormatError(f"{path}: manifest {io.MANIFEST_NAME} missing (incomplete or not written by fasq)")
-    try:
-        manifest = json.loads(mf.read_text())
-        files = manifest["files"]
-        tensors = manifest.get("tensors", {})
-        if not isinstance(files, dict) or not isinstance(tensors, dict):
-            raise TypeError("'files' and 'tensors' must be objects")
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise FormatError(f"{mf}: unreadable manifest ({e})") from None
+    manifest = fasq_manifest.read(path)  # shape, versions, and that every defining file is covered
+    files = manifest["files"]
+    tensors = manifest.get("tensors", {})
+    if not isinstance(tensors, dict) or not all(isinstance(t, dict) for t in tensors.values()):
+        raise FormatError(f"{path / io.MANIFEST_NAME}: 'tensors' must map tensor names to objects")
     _, specs, _ = io.read_quantization_config(path)
     problems: list[str] = []
     stored: dict[str, tuple[str, str, tuple]] = {}  # tensor -> (file, dtype, shape)

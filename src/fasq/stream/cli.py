@@ -50,7 +50,8 @@ def cmd_quantize_stream(args) -> int:
                                 max_memory=args.max_memory, max_shard_size=args.max_shard_size,
                                 target_bits=getattr(args, "bits", None),
                                 target_fraction=getattr(args, "target_size", None),
-                                overwrite=args.overwrite, restart=args.restart, progress=not args.quiet)
+                                overwrite=args.overwrite, restart=args.restart,
+                                force=getattr(args, "force", False), progress=not args.quiet)
     except DiskFullError as e:
         print(f"fasq: error: {e.strerror}", file=sys.stderr)
         return 2

@@ -32,10 +32,12 @@ from pathlib import Path
 
 import torch
 
-from .. import io
+from .. import manifest as fasq_manifest
 from ..config import FASQConfig
-from ..format import FORMAT_VERSION
+from ..errors import StorageRangeError, check_fp16_range
 from ..fit.pq import NonFiniteWeightError, quantize_weight
+from ..model import warn_if_larger
+from ..outputs import check_output, move_into_place, remove_stale_temporaries
 from .plan import COMPANION_PATTERNS, INDEX_NAME, Plan, Unit, build_plan, open_source
 from .schedule import default_memory_budget, human_bytes, parse_size, run_units
 from .safetensors_io import (DTYPES, CheckpointError, FileWriter, TensorEntry, hash_file_and_ranges, hash_ranges,
@@ -49,7 +51,6 @@ JOURNAL_NAME = "journal.jsonl"
 LOCK_NAME = ".lock"
 DATA_DIR = "output"
 SCRATCH_DIR = "scratch"
-MANIFEST_SCHEMA = 2  # 1: io.save's {"files"}; 2 adds "tensors", "units", "stream" (readers ignore extras)
 
 
 class DiskFullError(OSError):
@@ -209,7 +210,7 @@ class Workspace:
         """The tensors of an equalize unit's scratch file (file names made absolute), or None if unreadable."""
         if rec.get("file") is None:
             return {}
-        path = self.root / rec["file"]
+        path = (self.root / rec["file"]).absolute()  # read from the source root: must not be relative
         try:
             entries = read_header(path)[0]
         except CheckpointError:
@@ -248,8 +249,12 @@ class Workspace:
             ent = w.layout.entries[out.name]
             h = hashlib.sha256()
             pos = ent.begin
-            for chunk in iter_chunks(src, self.overrides.get(u.sources[0].name, u.sources[0])):
-                if out.dtype != u.sources[0].dtype:
+            entry = self.overrides.get(u.sources[0].name, u.sources[0])
+            chunk_dtype = entry.dtype
+            for chunk in iter_chunks(src, entry):
+                if out.dtype != chunk_dtype:
+                    if out.dtype == "F16":
+                        check_fp16_range(chunk, f"tensor {out.name}")
                     chunk = chunk.to(DTYPES[out.dtype])
                 data = tensor_bytes(chunk)
                 w.write_at(data, pos)
@@ -274,6 +279,9 @@ class Workspace:
         before = {}
         for local, e in zip(list(blk.state_dict()), u.sources):
             t = read_tensor(self.plan.source.path, e)
+            if t.is_floating_point() and not bool(t.isfinite().all()):  # counted before equalize spreads it
+                raise NonFiniteWeightError(f"tensor {e.name!r}: {int((~t.isfinite()).sum())} NaN/Inf values in the "
+                                           "input; fasq cannot quantize it")
             before[local] = hashlib.sha256(tensor_bytes(t)).hexdigest()
             mod_name, _, leaf = local.rpartition(".")
             mod = blk.get_submodule(mod_name) if mod_name else blk
@@ -309,7 +317,7 @@ class Workspace:
         self.done[rec["unit"]] = rec
 
     # ------------------------------------------------------------------------------------------
-    def finish(self, out: Path, *, overwrite: bool) -> dict:
+    def finish(self, out: Path, *, overwrite: bool, force: bool = False) -> dict:
         """Write config, index, companions and manifest into ``output/``, then move it to ``out``."""
         plan = self.plan
         for w in self.writers.values():
@@ -333,14 +341,9 @@ class Workspace:
                 if p.is_file():
                     shutil.copyfile(p, self.data / p.name)
         manifest = self._manifest()
-        _write_atomic(self.data / io.MANIFEST_NAME, json.dumps(manifest, indent=1))
+        fasq_manifest.write(self.data, manifest)
         _fsync_dir(self.data)
-        if out.exists():
-            if not overwrite:
-                raise FileExistsError(f"output {out} appeared while quantizing; pass --overwrite to replace it")
-            io._replace_dir(self.data, out)
-        else:
-            os.replace(self.data, out)
+        move_into_place(self.data, out, overwrite=overwrite, force=force)
         _fsync_dir(out.parent)
         return manifest
 
@@ -363,17 +366,12 @@ class Workspace:
         if bad:
             raise RuntimeError(f"{self.data}: {len(bad)} tensor(s) changed on disk after they were written, e.g. "
                                f"{bad[0]}; rerun to redo them")
-        if (self.data / INDEX_NAME).is_file():
-            files[INDEX_NAME] = {"sha256": io.sha256_file(self.data / INDEX_NAME),
-                                 "bytes": (self.data / INDEX_NAME).stat().st_size}
         units = {u.name: {**u.describe(plan.config), "outputs": [o.name for o in u.outputs],
                           "seconds": self.done[u.name].get("seconds")} for u in plan.units}
         for u in plan.prep_units:  # what equalize changed (then read from scratch/ instead of the checkpoint)
             units[u.name] = {**u.describe(plan.config), "changed": sorted(self.done[u.name]["outputs"]),
                              "seconds": self.done[u.name].get("seconds")}
-        return {"fasq_version": io._fasq_version(), "format_version": FORMAT_VERSION,
-                "schema": MANIFEST_SCHEMA, "files": files, "tensors": tensors, "units": units,
-                "stream": plan.identity()}
+        return fasq_manifest.build(self.data, files, tensors=tensors, units=units, stream=plan.identity())
 
     def close(self) -> None:
         for w in self.writers.values():
@@ -394,7 +392,7 @@ def quantize_checkpoint(source, output, config: FASQConfig | None = None, *,
                         layer_configs: dict[str, FASQConfig] | None = None, device=None, workers: int | None = None,
                         max_memory=None, max_shard_size="5GB", target_bits: float | None = None,
                         target_fraction: float | None = None, overwrite: bool = False, restart: bool = False,
-                        progress: bool = True) -> dict:
+                        force: bool = False, progress: bool = True) -> dict:
     """Quantize the Hugging Face checkpoint directory ``source`` into the fasq directory ``output``, tensor by
     tensor, never holding the model in memory.  Resumes an interrupted run of the same command.
 
@@ -406,12 +404,12 @@ def quantize_checkpoint(source, output, config: FASQConfig | None = None, *,
     """
     t0 = time.perf_counter()
     config = config or FASQConfig()
-    out = Path(output)
+    out = Path(output).absolute()  # every path of the run is absolute: a relative -o must not meet the source root
     work_root = partial_dir(out)
+    check_output(out, sources=(source,), overwrite=overwrite, force=force)
     if out.exists() and work_root.is_dir() and not (work_root / DATA_DIR).exists():
         shutil.rmtree(work_root, ignore_errors=True)  # left by a run that ended between its rename and cleanup
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output {out} already exists; pass --overwrite (overwrite=True) to replace it")
+    remove_stale_temporaries(out)  # a replaced output's .old-<pid> left by a killed finish
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r}: no CUDA GPU is available here")
@@ -428,8 +426,8 @@ def quantize_checkpoint(source, output, config: FASQConfig | None = None, *,
             run_units(work, prep, dev, workers, budget, progress, desc="equalize")
         work.load_overrides()
         run_units(work, todo, dev, workers, budget, progress)
-        manifest = work.finish(out, overwrite=overwrite)
-    except (CheckpointError, NonFiniteWeightError, DiskFullError):
+        manifest = work.finish(out, overwrite=overwrite, force=force)
+    except (CheckpointError, NonFiniteWeightError, StorageRangeError, DiskFullError):
         work.discard()
         raise
     except OSError as e:
@@ -446,8 +444,9 @@ def quantize_checkpoint(source, output, config: FASQConfig | None = None, *,
         raise
     work.close()
     shutil.rmtree(work_root, ignore_errors=True)
+    warn_if_larger(plan.size_report())
     secs = {u: m["seconds"] for u, m in manifest["units"].items()}
-    return {"output": str(out), "units": len(plan.prep_units) + len(plan.units), "units_resumed": work.resumed,
+    return {"output": str(output), "units": len(plan.prep_units) + len(plan.units), "units_resumed": work.resumed,
             "units_run": len(prep) + len(todo), "blocks_equalized": len(plan.prep_units),
-            "files": list(manifest["files"]), "seconds": time.perf_counter() - t0, "unit_seconds": secs,
+            "files": [f for f in manifest["files"] if f not in (fasq_manifest.CONFIG_NAME, fasq_manifest.GENERATION_NAME)], "seconds": time.perf_counter() - t0, "unit_seconds": secs,
             "workers": workers, "max_memory": budget, **plan.size_report()}

@@ -204,7 +204,7 @@ class FileWriter:
     def __init__(self, path: Path, layout: FileLayout, *, fresh: bool):
         self.path = Path(path)
         self.layout = layout
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | (os.O_TRUNC if fresh else 0), 0o644)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | (os.O_TRUNC if fresh else 0), 0o666)
         try:
             if os.fstat(self.fd).st_size != layout.size:
                 os.ftruncate(self.fd, 0)
