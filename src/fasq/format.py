@@ -121,11 +121,7 @@ class LayerSpec:
         _range("subvector_dim", self.subvector_dim, 1, 16)
         _range("num_centroids", self.num_centroids, 2, 65536)
         _range("num_codebooks", self.num_codebooks, 1, 8)
-        if self.group_size < 0 or self.group_size % self.subvector_dim:
-            raise ValueError(f"LayerSpec.group_size={self.group_size}: allowed is 0 (one scale per row) or a "
-                             f"positive multiple of subvector_dim={self.subvector_dim}")
-        if not self.has_scales and self.group_size:
-            raise ValueError(f"LayerSpec.group_size={self.group_size}: must be 0 when has_scales is false")
+        _range("group_size", self.group_size, 0, MAX_FEATURES)   # 0: one scale per row
         rb = self.rotation_block
         if rb and (rb < 2 or rb & (rb - 1) or self.in_features % rb):
             raise ValueError(f"LayerSpec.rotation_block={rb}: allowed is 0 (no rotation) or a power of two >= 2 "
