@@ -250,7 +250,7 @@ def test_output_may_not_be_or_hold_the_input(tmp_path, bf16_ckpt):
         with pytest.raises(UnsafeOutputError):
             quantize_checkpoint(src, out, CFG, overwrite=True, force=True, progress=False)
     assert_same_tensors(before, stored_tensors(src))
-    model, tok = fasq.cli.load_any(str(src))
+    model, tok = fasq.io.load_any(str(src))
     fasq.quantize(model, CFG, progress=False)
     with pytest.raises(UnsafeOutputError):
         fasq.save(model, src, overwrite=True, force=True)

@@ -110,7 +110,7 @@ def run_one(model_arg: str, new_tokens: int = 64, prompt: str = DEFAULT_PROMPT, 
             threads: int = 0, dense_16bit: bool = True) -> dict:
     """Load one model (a fasq directory, ``smollm2``, an HF directory or id, a .gguf) and decode."""
     from . import io
-    from .cli import is_fasq_dir, load_any
+    from .io import is_fasq_dir, load_any
     from .model import model_size_report
 
     if threads:

@@ -4,90 +4,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
 import sys
 import time
 from pathlib import Path
 
-from .config import PRESETS, FASQConfig, preset
+from .cli_args import (_int_at_least, add_quant_args, config_from_args, nonnegative_int,  # noqa: F401
+                       peak_rss_mb, positive_int)
 from .data import smollm2_checkpoint as smollm2_source
+from .io import load_any
 
 log = logging.getLogger("fasq")
-
-
-# ----------------------------------------------------------------------------------------------
-# model loading shared by the commands
-def is_fasq_dir(path: str) -> bool:
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        qc = json.loads(cfg.read_text()).get("quantization_config") or {}
-    except json.JSONDecodeError:
-        return False
-    return isinstance(qc, dict) and qc.get("quant_method") == "fasq"
-
-
-def load_any(model_arg: str, dtype=None):
-    """(model, tokenizer) for a fasq directory, the embedded default ``smollm2``, a .gguf file, an HF
-    directory, or a hub id.  ``dtype="stored"``: a local checkpoint in the dtype its config.json records
-    (what streaming quantizes from), else fp32."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from . import io
-    from .data import resolve_model
-
-    if dtype == "stored":
-        dtype = stored_dtype(model_arg)
-    dtype = dtype or torch.float32
-    if is_fasq_dir(model_arg):
-        return io.load(model_arg, dtype=dtype, with_tokenizer=True)
-    path, kw = resolve_model(model_arg)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
-    if getattr(model.config, "quantization_config", None) is not None:   # GGUF: dequantized on load
-        del model.config.quantization_config
-        model.hf_quantizer = None
-        model.is_quantized = False
-    tok = AutoTokenizer.from_pretrained(path, **kw)
-    model.eval()
-    return model, tok
-
-
-def stored_dtype(model_arg: str):
-    """The 16-bit dtype a local safetensors checkpoint declares in its config.json, else None (fp32)."""
-    import torch
-
-    cfg = Path(model_arg) / "config.json"
-    try:
-        raw = json.loads(cfg.read_text())
-    except (OSError, ValueError):
-        return None
-    name = raw.get("dtype") or raw.get("torch_dtype") if isinstance(raw, dict) else None
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name)
 
 
 def model_max_positions(model) -> int | None:
     n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     return n if isinstance(n, int) and n > 0 else None
-
-
-def config_from_args(args) -> FASQConfig:
-    fields = {}
-    for name in ("subvector_dim", "codebook_size", "num_codebooks", "group_size", "rotation", "scale_mode",
-                 "kmeans_iters", "refine_iters", "seed", "equalize", "rotation_block", "outlier_fraction"):
-        v = getattr(args, name, None)
-        if v is not None:
-            fields[name] = v
-    if getattr(args, "skip", None):
-        fields["skip_modules"] = tuple(args.skip)
-    if getattr(args, "preset", None):
-        return preset(args.preset, **fields)
-    return FASQConfig(**fields)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,41 +203,6 @@ def cmd_bench(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-def _int_at_least(lo: int):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"{v} is out of range: allowed is an integer >= {lo}")
-        return v
-    parse.__name__ = f"integer >= {lo}"
-    return parse
-
-
-positive_int, nonnegative_int = _int_at_least(1), _int_at_least(0)
-
-
-def add_quant_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("quantization settings (defaults: FASQConfig)")
-    g.add_argument("--preset", choices=sorted(PRESETS), help="named operating point")
-    g.add_argument("-d", "--subvector-dim", dest="subvector_dim", type=int, help="sub-vector size d")
-    g.add_argument("-k", "--codebook-size", dest="codebook_size", type=int, help="codebook size K (2..65536)")
-    g.add_argument("--num-codebooks", dest="num_codebooks", type=int, help="residual codebooks M")
-    g.add_argument("--group-size", dest="group_size", type=int, help="input columns per scale (0: per row)")
-    g.add_argument("--rotation", choices=["none", "hadamard"])
-    g.add_argument("--scale-mode", dest="scale_mode", choices=["rms", "absmax", "none"])
-    g.add_argument("--kmeans-iters", dest="kmeans_iters", type=int)
-    g.add_argument("--refine-iters", dest="refine_iters", type=int)
-    g.add_argument("--outlier-fraction", dest="outlier_fraction", type=float,
-                   help="fraction of each layer's largest weights kept exactly in a sparse fp16 table (6 bytes each)")
-    g.add_argument("--equalize", choices=["none", "norms", "balance", "full"], help="data-free exact rescalings")
-    g.add_argument("--rotation-block", dest="rotation_block", type=int, help="largest Hadamard block")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--skip", nargs="*", help="module-name patterns kept unquantized")
-
-
 def build_parser() -> argparse.ArgumentParser:
     from .stream import add_cli as add_stream_cli, add_stream_args
     from .sweep import add_cli as add_sweep_cli

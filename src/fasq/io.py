@@ -24,30 +24,16 @@ import torch
 
 from . import manifest as _manifest
 from .config import QUANT_METHOD, FASQConfig
-from .errors import FormatError, StorageRangeError, check_fp16_range
+from .errors import FormatError, StorageRangeError
 from .format import BUFFER_DTYPES, FORMAT_VERSION, LayerSpec
 from .manifest import INDEX_NAME, WEIGHTS_NAME, sha256_file
 from .outputs import MANIFEST_NAME, check_output, move_into_place, temporary_dir
+from .storage import to_stored
 
 log = logging.getLogger(__name__)
 
 __all__ = ["FormatError", "INDEX_NAME", "MANIFEST_NAME", "WEIGHTS_NAME", "load", "read_quantization_config",
            "save", "sha256_file", "verify_files"]
-
-
-def round_unquantized_to_16bit(model: torch.nn.Module) -> None:
-    """fp32 tensors outside quantized layers are stored as fp16; round them in memory so the in-memory
-    model computes exactly what a save/load round trip gives.  A value beyond fp16's range raises
-    :class:`fasq.errors.StorageRangeError` naming the tensor (it would be stored as inf)."""
-    from .nn import PQLinear
-
-    pq_ptrs = {b.data_ptr() for m in model.modules() if isinstance(m, PQLinear) for b in m.buffers()}
-    with torch.no_grad():
-        # state_dict: only what is stored (non-persistent buffers such as rotary tables are rebuilt at load)
-        for name, t in model.state_dict(keep_vars=True).items():
-            if t.dtype == torch.float32 and t.data_ptr() not in pq_ptrs:
-                check_fp16_range(t, f"tensor {name}")
-                t.data.copy_(t.data.half().float())
 
 
 def _state_to_store(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -61,8 +47,7 @@ def _state_to_store(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         if key is not None:
             seen[key] = name
         if t.dtype == torch.float32:
-            check_fp16_range(t, f"tensor {name}")
-            t = t.half()
+            t = to_stored(name, t)
         elif t.dtype == torch.float16 and not bool(t.isfinite().all()) and name.rpartition(".")[2] in BUFFER_DTYPES:
             raise StorageRangeError(f"tensor {name}: non-finite values in a quantized layer's buffer; nothing was "
                                     "written")
@@ -107,6 +92,29 @@ def save(model: torch.nn.Module, out_dir: str | os.PathLike, tokenizer=None, *, 
     return out
 
 
+def parse_quantization_config(qc, where: str = "quantization_config") -> tuple[FASQConfig, dict[str, LayerSpec]]:
+    """(config, per-module specs) of a stored fasq ``quantization_config`` dict (from config.json, or as
+    transformers holds it); anything malformed (a wrong type, a value out of range, a missing table)
+    raises :class:`FormatError` naming ``where``."""
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+        raise FormatError(f"{where}: no fasq quantization_config (this is not a fasq-quantized model)")
+    fv = qc.get("format_version")
+    if fv != FORMAT_VERSION or isinstance(fv, bool):
+        raise FormatError(f"{where}: format_version={fv!r}, but this fasq reads format version "
+                          f"{FORMAT_VERSION}; upgrade fasq or re-quantize")
+    qc = dict(qc)
+    qc.pop("format_version")
+    modules = qc.pop("modules", None)
+    qc.pop("allocation", None)
+    if not isinstance(modules, dict) or not modules:
+        raise FormatError(f"{where}: quantization_config has no 'modules' table (fasq models are made by "
+                          "fasq.quantize + fasq.save; from_pretrained cannot quantize on the fly)")
+    try:
+        return FASQConfig.from_dict(qc), {name: LayerSpec.from_dict(d) for name, d in modules.items()}
+    except (ValueError, TypeError) as e:
+        raise FormatError(f"{where}: {e}") from None
+
+
 def read_quantization_config(path: str | os.PathLike) -> tuple[FASQConfig, dict[str, LayerSpec], dict]:
     """(config, per-module specs, raw config.json) of a saved directory, with version checks.  Anything
     malformed (a wrong type, a value out of range, a missing table) raises :class:`FormatError`."""
@@ -120,24 +128,7 @@ def read_quantization_config(path: str | os.PathLike) -> tuple[FASQConfig, dict[
         raise FormatError(f"{cfg_file}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise FormatError(f"{cfg_file}: must be a JSON object")
-    qc = raw.get("quantization_config")
-    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
-        raise FormatError(f"{cfg_file}: no fasq quantization_config (this is not a fasq-quantized model)")
-    fv = qc.get("format_version")
-    if fv != FORMAT_VERSION or isinstance(fv, bool):
-        raise FormatError(f"{cfg_file}: format_version={fv!r}, but this fasq reads format version "
-                          f"{FORMAT_VERSION}; upgrade fasq or re-quantize")
-    qc = dict(qc)
-    qc.pop("format_version")
-    modules = qc.pop("modules", None)
-    qc.pop("allocation", None)
-    if not isinstance(modules, dict) or not modules:
-        raise FormatError(f"{cfg_file}: quantization_config has no 'modules' table")
-    try:
-        config = FASQConfig.from_dict(qc)
-        specs = {name: LayerSpec.from_dict(d) for name, d in modules.items()}
-    except (ValueError, TypeError) as e:
-        raise FormatError(f"{cfg_file}: {e}") from None
+    config, specs = parse_quantization_config(raw.get("quantization_config"), str(cfg_file))
     return config, specs, raw
 
 
@@ -253,6 +244,57 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
         from transformers import AutoTokenizer
         return model, AutoTokenizer.from_pretrained(str(path))
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# any model argument the CLI and benchmarks take
+def is_fasq_dir(path: str) -> bool:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        qc = json.loads(cfg.read_text()).get("quantization_config") or {}
+    except json.JSONDecodeError:
+        return False
+    return isinstance(qc, dict) and qc.get("quant_method") == "fasq"
+
+
+def load_any(model_arg: str, dtype=None):
+    """(model, tokenizer) for a fasq directory, the embedded default ``smollm2``, a .gguf file, an HF
+    directory, or a hub id.  ``dtype="stored"``: a local checkpoint in the dtype its config.json records
+    (what streaming quantizes from), else fp32."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data import resolve_model
+
+    if dtype == "stored":
+        dtype = stored_dtype(model_arg)
+    dtype = dtype or torch.float32
+    if is_fasq_dir(model_arg):
+        return load(model_arg, dtype=dtype, with_tokenizer=True)
+    path, kw = resolve_model(model_arg)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+    if getattr(model.config, "quantization_config", None) is not None:   # GGUF: dequantized on load
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+    tok = AutoTokenizer.from_pretrained(path, **kw)
+    model.eval()
+    return model, tok
+
+
+def stored_dtype(model_arg: str):
+    """The 16-bit dtype a local safetensors checkpoint declares in its config.json, else None (fp32)."""
+    import torch
+
+    cfg = Path(model_arg) / "config.json"
+    try:
+        raw = json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return None
+    name = raw.get("dtype") or raw.get("torch_dtype") if isinstance(raw, dict) else None
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name)
 
 
 def _use_16bit_embeddings(model: torch.nn.Module, f, out_dtype: torch.dtype) -> None:

@@ -17,6 +17,7 @@ from .config import FASQConfig
 from .fit.pq import NonFiniteWeightError, quantize_weight
 from .format import LayerSpec
 from .nn import PQLinear
+from .storage import round_unquantized_to_16bit
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,6 @@ def quantize(model: nn.Module, config: FASQConfig | None = None, *, progress: bo
                 callback(name, spec, dt)
     bar.close()
     log.info("quantized %d layers in %.1fs", len(targets), time.perf_counter() - t_all)
-    from .io import round_unquantized_to_16bit
     round_unquantized_to_16bit(model)  # the in-memory model is exactly what fasq.save stores
     attach_config(model, config, modules, allocation)
     warn_if_larger(model_size_report(model))

@@ -4,7 +4,7 @@ transformers reads ``quantization_config`` from config.json and looks its ``quan
 tables that libraries may extend (``register_quantization_config`` / ``register_quantizer``):
 
 * :class:`FasqHfConfig` parses and checks the stored config (FASQConfig fields, ``format_version``,
-  per-module LayerSpecs) with the same rules as :func:`fasq.io.read_quantization_config`;
+  per-module LayerSpecs) with the one reader :func:`fasq.io.parse_quantization_config`;
 * :class:`FasqHfQuantizer` swaps the listed ``nn.Linear`` modules of the empty (meta) model for empty
   :class:`~fasq.nn.PQLinear` modules before transformers loads the checkpoint, so the PQ buffers
   (``codes``, ``codebooks``, ``scales``, ``rot_signs``, ``bias``) load like any other tensor.
@@ -28,33 +28,13 @@ from torch import nn
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..config import QUANT_METHOD, FASQConfig
+from ..config import QUANT_METHOD
 from ..format import FORMAT_VERSION, LayerSpec
 from .. import manifest as fasq_manifest
-from ..io import MANIFEST_NAME, FormatError
+from ..io import MANIFEST_NAME, FormatError, parse_quantization_config
 from ..nn import PQLinear
 
 log = logging.getLogger(__name__)
-
-
-def parse_quantization_config(qc: Any, where: str = "quantization_config") -> tuple[FASQConfig, dict[str, LayerSpec]]:
-    """(config, per-module specs) of a stored fasq ``quantization_config`` dict; raises FormatError."""
-    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
-        raise FormatError(f"{where}: not a fasq quantization_config (quant_method must be {QUANT_METHOD!r})")
-    fv = qc.get("format_version")
-    if fv != FORMAT_VERSION:
-        raise FormatError(f"{where}: format_version={fv!r}, but this fasq reads format version "
-                          f"{FORMAT_VERSION}; upgrade fasq or re-quantize")
-    qc = dict(qc)
-    qc.pop("format_version")
-    modules = qc.pop("modules", None)
-    if not isinstance(modules, dict) or not modules:
-        raise FormatError(f"{where}: quantization_config has no 'modules' table (fasq models are made by "
-                          "fasq.quantize + fasq.save; from_pretrained cannot quantize on the fly)")
-    try:
-        return FASQConfig.from_dict(qc), {name: LayerSpec.from_dict(d) for name, d in modules.items()}
-    except ValueError as e:
-        raise FormatError(f"{where}: {e}") from None
 
 
 class FasqHfConfig(QuantizationConfigMixin):

@@ -41,7 +41,7 @@ def should_stream(args) -> bool:
 
 
 def cmd_quantize_stream(args) -> int:
-    from ..cli import config_from_args, peak_rss_mb
+    from ..cli_args import config_from_args, peak_rss_mb
     from .run import DiskFullError, partial_dir, quantize_checkpoint
 
     config = config_from_args(args)

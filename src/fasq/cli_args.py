@@ -1,0 +1,61 @@
+"""Command-line argument plumbing shared by ``fasq``'s commands and their sub-packages (``stream``,
+``sweep``): the quantization options, their config, checked integer types, peak memory."""
+from __future__ import annotations
+
+import argparse
+import resource
+
+from .config import PRESETS, FASQConfig, preset
+
+
+def config_from_args(args) -> FASQConfig:
+    fields = {}
+    for name in ("subvector_dim", "codebook_size", "num_codebooks", "group_size", "rotation", "scale_mode",
+                 "kmeans_iters", "refine_iters", "seed", "equalize", "rotation_block", "outlier_fraction"):
+        v = getattr(args, name, None)
+        if v is not None:
+            fields[name] = v
+    if getattr(args, "skip", None):
+        fields["skip_modules"] = tuple(args.skip)
+    if getattr(args, "preset", None):
+        return preset(args.preset, **fields)
+    return FASQConfig(**fields)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{v} is out of range: allowed is an integer >= {lo}")
+        return v
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+positive_int, nonnegative_int = _int_at_least(1), _int_at_least(0)
+
+
+def add_quant_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("quantization settings (defaults: FASQConfig)")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="named operating point")
+    g.add_argument("-d", "--subvector-dim", dest="subvector_dim", type=int, help="sub-vector size d")
+    g.add_argument("-k", "--codebook-size", dest="codebook_size", type=int, help="codebook size K (2..65536)")
+    g.add_argument("--num-codebooks", dest="num_codebooks", type=int, help="residual codebooks M")
+    g.add_argument("--group-size", dest="group_size", type=int, help="input columns per scale (0: per row)")
+    g.add_argument("--rotation", choices=["none", "hadamard"])
+    g.add_argument("--scale-mode", dest="scale_mode", choices=["rms", "absmax", "none"])
+    g.add_argument("--kmeans-iters", dest="kmeans_iters", type=int)
+    g.add_argument("--refine-iters", dest="refine_iters", type=int)
+    g.add_argument("--outlier-fraction", dest="outlier_fraction", type=float,
+                   help="fraction of each layer's largest weights kept exactly in a sparse fp16 table (6 bytes each)")
+    g.add_argument("--equalize", choices=["none", "norms", "balance", "full"], help="data-free exact rescalings")
+    g.add_argument("--rotation-block", dest="rotation_block", type=int, help="largest Hadamard block")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--skip", nargs="*", help="module-name patterns kept unquantized")
