@@ -64,3 +64,41 @@ def test_bench_compares_models_side_by_side(model_dir, tmp_path, capsys):
     assert q["weights_mib"] < base["weights_mib"] and q["peak_rss_mib"] > 0
     assert main(["bench", str(tmp_path / "missing"), "--new-tokens", "2", "--repeats", "1"]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_natural_layer_order():
+    from fasq.cli import natural_key
+
+    names = ["model.layers.10.mlp", "model.layers.2.mlp", "model.layers.1.self_attn", "model.layers.1.mlp", "lm_head"]
+    assert sorted(names, key=natural_key) == ["lm_head", "model.layers.1.mlp", "model.layers.1.self_attn",
+                                              "model.layers.2.mlp", "model.layers.10.mlp"]
+
+
+def test_eval_reference_scores_the_source_on_the_same_windows(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", str(model_dir), "-o", str(out), "-k", "16", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--text", str(text_file), "--context-length", "32"]) == 0
+    assert "--reference scores it" in capsys.readouterr().err
+    assert main(["eval", str(out), "--text", str(text_file), "--context-length", "32", "--reference", "--json",
+                 "-q"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["quantized"] and not r["reference"]["quantized"]
+    assert r["reference"]["tokens_scored"] == r["tokens_scored"]
+    assert r["reference"]["model"] == str(model_dir.resolve())
+
+
+def test_bench_summary_agrees_with_its_own_steps():
+    """A run stalled by other jobs: its total time says 0.9x, its median step 1.8x; the summary says 1.8x."""
+    from fasq.bench import summarize
+
+    def run(model, tps, step):
+        return {"model": model, "decode_tokens_per_s": tps, "decode_step_ms_median": step, "peak_rss_mib": 1.0,
+                "generated": [1, 2, 3]}
+
+    rows = summarize({"fp32": [run("fp32", 2.0, 492.0), run("fp32", 2.1, 480.0)],
+                      "q4": [run("q4", 1.8, 278.0), run("q4", 1.9, 270.0)]})
+    q4 = rows[1]
+    assert q4["speedup_vs_first_run_median"] == pytest.approx((492 / 278 + 480 / 270) / 2, rel=1e-3)
+    assert q4["tokens_per_s_median_step"] == pytest.approx(1000 / 270)
+    assert rows[0]["speedup_vs_first_run_median"] == 1.0

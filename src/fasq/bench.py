@@ -4,9 +4,10 @@
     fasq bench out/model-fasq --device cuda --new-tokens 128
 
 Each model is loaded and decoded in its own subprocess (so that each peak memory is its own), the
-models alternate for ``--repeats`` rounds, and the table reports each model's best decode speed,
-its speed relative to the first model (the median of round-by-round ratios: robust to a shared
-machine's slow and fast phases), its peak memory and its size.  The same prompt (in the chat
+models alternate for ``--repeats`` rounds, and the table reports each model's decode speed and its
+speed relative to the first model, both from the median decode step of each run (robust to other jobs
+on a shared machine: a stall of a few steps moves a run's total time, not its median step; the relative
+speed is the median of round-by-round ratios), its peak memory and its size.  The same prompt (in the chat
 template where the tokenizer has one) and the same number of new tokens for every model.
 """
 from __future__ import annotations
@@ -159,6 +160,12 @@ def bench(models: list[str], new_tokens: int = 64, prompt: str = DEFAULT_PROMPT,
             runs[m].append(res)
             log(f"round {r + 1}/{repeats} {m}: {res['decode_tokens_per_s']:.1f} tok/s, "
                 f"peak RSS {res['peak_rss_mib']:.0f} MiB")
+    return summarize(runs)
+
+
+def summarize(runs: dict[str, list[dict]]) -> list[dict]:
+    """One row per model (in order; the first is the baseline) from its runs, round by round."""
+    models = list(runs)
     rows = []
     for m in models:
         best = dict(max(runs[m], key=lambda d: d["decode_tokens_per_s"]))
@@ -168,11 +175,29 @@ def bench(models: list[str], new_tokens: int = 64, prompt: str = DEFAULT_PROMPT,
         rows.append(best)
     base = rows[0]
     for row in rows:
-        ratios = [a / b for a, b in zip(row["all_tokens_per_s"], base["all_tokens_per_s"])]
+        row["all_step_ms_median"] = [round(d["decode_step_ms_median"], 3) for d in runs[row["model"]]]
+        row["tokens_per_s_median_step"] = 1e3 / row["decode_step_ms_median"]
+    for row in rows:
+        ratios = [b / a for a, b in zip(row["all_step_ms_median"], base["all_step_ms_median"])]
         row["speedup_vs_first_run_median"] = round(statistics.median(ratios), 3)
         row["speedup_vs_first_runs"] = [round(v, 3) for v in ratios]
         row["same_tokens_as_first"] = sum(a == b for a, b in zip(row["generated"], base["generated"]))
     return rows
+
+
+def load_note(threads: int) -> str | None:
+    """A warning when other work loads this machine and torch would use every core (measured on a loaded
+    2-core machine: torch's default of 2 threads decoded 7-15x slower than 1 thread, fp32 too)."""
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None
+    if threads == 0 and cores > 1 and load > 0.5 * cores:
+        return (f"note: load average {load:.1f} on {cores} cores: other jobs share this machine, and torch's "
+                f"default of {torch.get_num_threads()} threads per run can be many times slower than "
+                "--threads 1 here; the ratios compare runs under the same load")
+    return None
 
 
 def table(rows: list[dict]) -> str:
@@ -183,7 +208,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         bpw = f"{r['bits_per_weight']:.3f}" if r["bits_per_weight"] else "-"
         peak = r.get("peak_gpu_mib", r["peak_rss_mib"])
-        lines.append(f"{r['model']:<{name_w}} {bpw:>7} {r['weights_mib']:>11.1f} {r['decode_tokens_per_s']:>8.1f} "
+        lines.append(f"{r['model']:<{name_w}} {bpw:>7} {r['weights_mib']:>11.1f} {r['tokens_per_s_median_step']:>8.1f} "
                      f"{r['speedup_vs_first_run_median']:>7.2f}x {r['decode_step_ms_median']:>8.2f} {peak:>12.0f} "
                      f"{r['same_tokens_as_first']:>5}/{len(r['generated'])}")
     return "\n".join(lines)

@@ -16,6 +16,11 @@ from .io import load_any
 log = logging.getLogger("fasq")
 
 
+def natural_key(name: str) -> tuple:
+    """Sort key that orders ``layers.2`` before ``layers.10``."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
+
+
 def model_max_positions(model) -> int | None:
     n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     return n if isinstance(n, int) and n > 0 else None
@@ -73,7 +78,7 @@ def cmd_info(args) -> int:
         print(f"size target: {what}; per-layer settings chosen by fasq.fit.allocate")
     print(f"{'layer':<48} {'out x in':>13} {'d':>2} {'K':>6} {'M':>2} {'group':>5} {'rot':>4} {'outl.':>5} "
           f"{'bits/w':>7}")
-    for name, s in specs.items():
+    for name, s in sorted(specs.items(), key=lambda kv: natural_key(kv[0])):
         assert isinstance(s, LayerSpec)
         print(f"{name:<48} {s.out_features:>6}x{s.in_features:<6} {s.subvector_dim:>2} {s.num_centroids:>6} "
               f"{s.num_codebooks:>2} {s.group_size:>5} {s.rotation_block:>4} {s.n_outliers:>5} "
@@ -86,11 +91,38 @@ def cmd_info(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .eval import load_text, perplexity
-    from .model import model_size_report
+    from .eval import load_text
+    from .io import is_fasq_dir, source_of
 
     text = load_text(args.text or args.corpus)
-    model, tok = load_any(args.model)
+    source = source_of(args.model) if is_fasq_dir(args.model) else None
+    r = _eval_one(args, args.model, text)
+    if args.reference and source is None:
+        raise ValueError(f"--reference: {args.model} does not record the model it was quantized from (not a fasq "
+                         "directory, or written before fasq recorded it); run `fasq eval SOURCE` with the same options")
+    if args.reference:
+        r["reference"] = _eval_one(args, source, text)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    rows = [r] + ([r["reference"]] if args.reference else [])
+    for row in rows:
+        size = (f"{row['bits_per_weight']:.3f} bits/weight, {100 * row['fraction_of_fp16']:.1f}% of FP16"
+                if row["quantized"] else "unquantized")
+        print(f"{row['model']} on {row['text']}: perplexity {row['perplexity']:.3f}, {row['bits_per_byte']:.4f} "
+              f"bits/byte ({row['tokens_scored']} tokens, {row['windows']} windows of {row['context_length']}); {size}")
+    if args.reference:
+        print(f"perplexity {r['perplexity'] / r['reference']['perplexity']:.3f}x the original's on the same windows")
+    elif source is not None and not args.quiet:
+        print(f"(quantized from {source}: --reference scores it on the same windows)", file=sys.stderr)
+    return 0
+
+
+def _eval_one(args, model_arg: str, text: str) -> dict:
+    from .eval import perplexity
+    from .model import model_size_report
+
+    model, tok = load_any(model_arg)
     max_pos = model_max_positions(model)
     if max_pos is not None and args.context_length > max_pos:
         raise ValueError(f"--context-length {args.context_length} is longer than the model's maximum of {max_pos} "
@@ -98,17 +130,10 @@ def cmd_eval(args) -> int:
     r = perplexity(model, tok, text, context_length=args.context_length, max_tokens=args.max_tokens,
                    batch_size=args.batch_size, progress=not args.quiet)
     rep = model_size_report(model)
-    r.update({"model": args.model, "text": args.text or args.corpus,
+    r.update({"model": model_arg, "text": args.text or args.corpus, "quantized": bool(rep["quantized_layers"]),
               "bits_per_weight": rep["bits_per_weight"], "fraction_of_fp16": rep["fraction_of_fp16"],
               "total_bytes": rep["total_bytes"]})
-    if args.json:
-        print(json.dumps(r, indent=2))
-    else:
-        size = (f"{rep['bits_per_weight']:.3f} bits/weight, {100 * rep['fraction_of_fp16']:.1f}% of FP16"
-                if rep["quantized_layers"] else "unquantized")
-        print(f"{args.model} on {r['text']}: perplexity {r['perplexity']:.3f}, {r['bits_per_byte']:.4f} bits/byte "
-              f"({r['tokens_scored']} tokens, {r['windows']} windows of {r['context_length']}); {size}")
-    return 0
+    return r
 
 
 def cmd_generate(args) -> int:
@@ -197,8 +222,12 @@ def cmd_bench(args) -> int:
     else:
         print(bench.table(rows))
         print(f"\n{args.new_tokens} greedy tokens after the same prompt, {args.repeats} alternating runs per model "
-              f"({args.device}, {rows[0]['threads']} thread(s)); tok/s: best run; vs first: median of run-by-run "
-              f"ratios; same tokens: greedy tokens equal to the first model's")
+              f"({args.device}, {rows[0]['threads']} thread(s)); tok/s and ms/step: the fastest run's median decode "
+              f"step; vs first: median of run-by-run ratios of median steps; same tokens: greedy tokens equal to "
+              f"the first model's")
+        note = bench.load_note(args.threads) if args.device == "cpu" else None
+        if note:
+            print(note, file=sys.stderr)
     return 0
 
 
@@ -241,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-length", type=_int_at_least(2), default=512)
     p.add_argument("--max-tokens", type=nonnegative_int, default=16384, help="tokens scored (whole windows); 0 = all")
     p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--reference", action="store_true",
+                   help="also score the model a fasq directory was quantized from, on the same windows")
     p.add_argument("--json", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(fn=cmd_eval)

@@ -85,11 +85,29 @@ def save(model: torch.nn.Module, out_dir: str | os.PathLike, tokenizer=None, *, 
                 log.warning("generation_config not saved: %s", e)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        _manifest.write(tmp, _manifest.build(tmp))
+        _manifest.write(tmp, _manifest.build(tmp, source=_source_name(source)))
         move_into_place(tmp, out, overwrite=overwrite, force=force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _source_name(source) -> str | None:
+    """How the manifest records the model a directory was quantized from: an absolute path when it is a
+    local directory or file, else the name it was loaded by (a hub id)."""
+    if not source:
+        return None
+    p = Path(source)
+    return str(p.resolve()) if p.exists() else str(source)
+
+
+def source_of(path: str | os.PathLike) -> str | None:
+    """The model a saved directory was quantized from, as its manifest records it (None if unknown)."""
+    try:
+        src = json.loads((Path(path) / MANIFEST_NAME).read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return src if isinstance(src, str) and src else None
 
 
 def parse_quantization_config(qc, where: str = "quantization_config") -> tuple[FASQConfig, dict[str, LayerSpec]]:

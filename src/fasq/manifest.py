@@ -8,7 +8,8 @@ that leaves one of them out is refused, so an empty ``"files": {}`` checks nothi
 it fails.  Tokenizer files are copied beside the model but are not part of it.
 
 Schemas: 1 (``fasq.save`` before 2026-12): ``files`` = the weights only; 2 (streaming) adds ``tensors``,
-``units``, ``stream``; 3 adds config.json and generation_config.json to ``files``.  A manifest of schema
+``units``, ``stream``; 3 adds config.json and generation_config.json to ``files``, and ``source`` (the
+model it was quantized from: an absolute path, or a hub id; ``fasq eval --reference`` scores it).  A manifest of schema
 1 or 2 is still read (with a warning that config.json is not covered); its weights must be listed.
 """
 from __future__ import annotations

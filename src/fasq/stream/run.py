@@ -371,7 +371,8 @@ class Workspace:
         for u in plan.prep_units:  # what equalize changed (then read from scratch/ instead of the checkpoint)
             units[u.name] = {**u.describe(plan.config), "changed": sorted(self.done[u.name]["outputs"]),
                              "seconds": self.done[u.name].get("seconds")}
-        return fasq_manifest.build(self.data, files, tensors=tensors, units=units, stream=plan.identity())
+        return fasq_manifest.build(self.data, files, source=str(plan.source.path.resolve()), tensors=tensors,
+                                   units=units, stream=plan.identity())
 
     def close(self) -> None:
         for w in self.writers.values():
