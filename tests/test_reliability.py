@@ -458,6 +458,18 @@ def test_nan_is_counted_in_the_input(tmp_path, bf16_ckpt):
     save_file(tensors, str(f), metadata={"format": "pt"})
     with pytest.raises(NonFiniteWeightError, match=r"v_proj.weight'?: 1 NaN"):
         quantize_checkpoint(src, tmp_path / "out", CFG.replace(equalize="balance"), progress=False)
+    norm = tiny_model("llama")                      # an unquantized tensor too, in memory and streaming
+    norm.model.norm.weight.data[1] = float("inf")
+    with pytest.raises(NonFiniteWeightError, match="model.norm.weight"):
+        fasq.quantize(norm, CFG.replace(equalize="none"), progress=False)
+    src = make_checkpoint(tmp_path / "src2", dtype=torch.float32)
+    f = next(p for p in src.glob("*.safetensors") if "model.norm.weight" in load_file(p))
+    tensors = load_file(f)
+    tensors["model.norm.weight"][1] = float("inf")
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    with pytest.raises(NonFiniteWeightError, match="model.norm.weight"):
+        quantize_checkpoint(src, tmp_path / "out2", CFG.replace(equalize="none"), progress=False)
+    assert not partial_dir(tmp_path / "out2").exists()
 
 
 def test_a_model_larger_than_fp16_is_warned_about(caplog):

@@ -252,6 +252,9 @@ class Workspace:
             entry = self.overrides.get(u.sources[0].name, u.sources[0])
             chunk_dtype = entry.dtype
             for chunk in iter_chunks(src, entry):
+                if chunk.is_floating_point() and not bool(chunk.isfinite().all()):  # as fasq.quantize refuses it
+                    raise NonFiniteWeightError(f"tensor {out.name!r}: NaN/Inf values in the input; fasq cannot "
+                                               "quantize this model")
                 if out.dtype != chunk_dtype:
                     if out.dtype == "F16":
                         check_fp16_range(chunk, f"tensor {out.name}")
