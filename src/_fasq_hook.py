@@ -17,6 +17,8 @@ import sys
 
 # The module that holds transformers' quant_method -> config / quantizer tables.
 HF_QUANTIZER_TABLES = "transformers.quantizers.auto"
+# fasq's adapter (imports transformers; registers fasq's config and quantizer in those tables).
+ADAPTER = "fasq.integrations.transformers"
 
 
 def install() -> None:
@@ -33,6 +35,10 @@ def install() -> None:
 
 def register_or_warn() -> None:
     # Runs inside transformers' own import: an error here must not break `import transformers`.
+    adapter = sys.modules.get(ADAPTER)
+    if adapter is not None and not hasattr(adapter, "register"):
+        return  # the adapter's own import loaded the tables (some versions import them from quantizers.base):
+        #         it registers when it has finished (the end of fasq/integrations/transformers.py)
     try:
         from fasq.integrations.transformers import register
         register()

@@ -19,6 +19,7 @@ import importlib
 import json
 import logging
 import os
+import sys
 import types
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ from ..io import MANIFEST_NAME, WEIGHTS_NAME, FormatError, _fasq_version, sha256
 from ..nn import PQLinear
 
 log = logging.getLogger(__name__)
+
+_HF_TABLES = "transformers.quantizers.auto"
 
 
 def parse_quantization_config(qc: Any, where: str = "quantization_config") -> tuple[FASQConfig, dict[str, LayerSpec]]:
@@ -184,7 +187,7 @@ def _write_manifest(path: Path, pushed: bool) -> None:
 def register() -> None:
     """Add fasq to transformers' quant_method tables (idempotent)."""
     # Looked up afresh: the hook also fires when the tables module is imported a second time.
-    hf_auto = importlib.import_module("transformers.quantizers.auto")
+    hf_auto = importlib.import_module(_HF_TABLES)
     entries = ((hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING, FasqHfConfig, hf_auto.register_quantization_config),
                (hf_auto.AUTO_QUANTIZER_MAPPING, FasqHfQuantizer, hf_auto.register_quantizer))
     for table, cls, add in entries:
@@ -195,3 +198,7 @@ def register() -> None:
             table[QUANT_METHOD] = cls   # this module was reloaded: replace our older class
             continue
         add(QUANT_METHOD)(cls)          # raises if another library already took the name "fasq"
+
+
+if _HF_TABLES in sys.modules:   # the tables loaded while this module was importing (see _fasq_hook.register_or_warn)
+    register()
