@@ -179,3 +179,23 @@ def test_hook_does_not_import_transformers():
             "assert sum(type(f).__name__ == 'RegisterOnImport' for f in sys.meta_path) == 1")
     env = {**os.environ, "PYTHONPATH": str(SRC)}   # this checkout's fasq, not whichever is installed
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env=env)
+
+
+@pytest.mark.parametrize("how", ["pickle", "torch.save"])
+def test_whole_model_pickles(saved, ids, tmp_path, how):
+    """pickle / torch.save of the whole model (issue 23.5), and the copy still saves fasq's manifest."""
+    import io
+    import pickle
+
+    hf = from_pretrained(saved)
+    ref = logits(hf, ids)
+    if how == "pickle":
+        copy = pickle.loads(pickle.dumps(hf))
+    else:
+        buf = io.BytesIO()
+        torch.save(hf, buf)
+        buf.seek(0)
+        copy = torch.load(buf, weights_only=False)
+    assert torch.equal(logits(copy, ids), ref)
+    copy.save_pretrained(tmp_path / "c")
+    assert torch.equal(logits(fasq.load(tmp_path / "c"), ids), ref)   # fasq.load checks fasq.json

@@ -15,12 +15,12 @@ runs :func:`register` once transformers has loaded its quantizer tables.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import logging
 import os
 import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +104,10 @@ class FasqHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         model.fasq_config = self.quantization_config.fasq_config   # as fasq.quantize / fasq.load set it
-        # save_pretrained then also writes fasq's manifest, so fasq.load reads the directory.
-        model.save_pretrained = types.MethodType(_save_pretrained_with_manifest, model)
+        # save_pretrained then also writes fasq's manifest, so fasq.load reads the directory.  A partial of
+        # a module-level function, not a bound method: pickle stores a bound method as getattr(model, its
+        # __name__), which the unpickled model lacks; a partial pickles as the function and the model.
+        model.save_pretrained = functools.partial(_save_pretrained_with_manifest, model)
         return model
 
     def get_state_dict_and_metadata(self, model):
