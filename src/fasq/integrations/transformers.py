@@ -126,7 +126,9 @@ class FasqHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        # Adapters (PEFT LoRA, fasq.integrations.peft) train on top of the frozen PQ weights; the HF
+        # Trainer asks this before training a quantized model (and still refuses one without adapters).
+        return True
 
     def is_serializable(self, safe_serialization=None) -> bool:
         return True
