@@ -199,3 +199,20 @@ def test_whole_model_pickles(saved, ids, tmp_path, how):
     assert torch.equal(logits(copy, ids), ref)
     copy.save_pretrained(tmp_path / "c")
     assert torch.equal(logits(fasq.load(tmp_path / "c"), ids), ref)   # fasq.load checks fasq.json
+
+
+@pytest.mark.parametrize("offload_buffers", [True, False])
+def test_disk_offload(saved, ids, tmp_path, caplog, offload_buffers):
+    """device_map with a disk-offloaded layer (issue 23.6): offload_buffers=True keeps its PQ buffers off
+    the model (meta until a forward loads them); without it they stay in memory, and fasq says so."""
+    layers = {f"model.layers.{i}": "disk" if i == 1 else "cpu" for i in range(2)}
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
+                  **layers}
+    with caplog.at_level("WARNING", logger="fasq.integrations.transformers"):
+        hf = from_pretrained(saved, dtype=torch.float32, device_map=device_map, offload_folder=str(tmp_path),
+                             offload_buffers=offload_buffers)
+    offloaded = hf.model.layers[1].mlp.up_proj
+    assert isinstance(offloaded, PQLinear) and hf.model.layers[0].mlp.up_proj.codes.device.type == "cpu"
+    assert (offloaded.codes.device.type == "meta") == offload_buffers
+    assert ("offload_buffers=True" in caplog.text) != offload_buffers
+    assert torch.equal(logits(hf, ids), logits(fasq.load(saved), ids))

@@ -108,6 +108,7 @@ class FasqHfQuantizer(HfQuantizer):
         # a module-level function, not a bound method: pickle stores a bound method as getattr(model, its
         # __name__), which the unpickled model lacks; a partial pickles as the function and the model.
         model.save_pretrained = functools.partial(_save_pretrained_with_manifest, model)
+        _warn_if_buffers_not_offloaded(model)
         return model
 
     def get_state_dict_and_metadata(self, model):
@@ -150,6 +151,19 @@ class FasqHfQuantizer(HfQuantizer):
             del model.fasq_config
         model.__dict__.pop("save_pretrained", None)   # back to the class's plain save_pretrained
         return model
+
+
+def _warn_if_buffers_not_offloaded(model) -> None:
+    """A PQLinear's weight is buffers, and accelerate offloads a module's buffers only with
+    ``offload_buffers=True``: without it a layer mapped to "cpu" or "disk" keeps its whole quantized
+    weight on the execution device (runs after accelerate's dispatch, which leaves its hooks)."""
+    kept = [name for name, m in model.named_modules() if isinstance(m, PQLinear)
+            and getattr(getattr(m, "_hf_hook", None), "offload", False)
+            and not getattr(m._hf_hook, "offload_buffers", False)]
+    if kept:
+        log.warning("fasq: %d quantized layers are mapped to cpu/disk offload (%s, ...), but their weights are "
+                    "buffers, which transformers offloads only with from_pretrained(..., offload_buffers=True): "
+                    "they stay in memory on the execution device", len(kept), kept[0])
 
 
 def _specs_for(model, specs: dict[str, LayerSpec]) -> dict[str, LayerSpec]:
