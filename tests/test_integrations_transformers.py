@@ -216,3 +216,15 @@ def test_disk_offload(saved, ids, tmp_path, caplog, offload_buffers):
     assert (offloaded.codes.device.type == "meta") == offload_buffers
     assert ("offload_buffers=True" in caplog.text) != offload_buffers
     assert torch.equal(logits(hf, ids), logits(fasq.load(saved), ids))
+
+
+def test_generate_and_pipeline(saved, ids):
+    from transformers import AutoTokenizer, pipeline
+
+    hf = from_pretrained(saved, dtype=torch.float32)
+    ref = fasq.load(saved)
+    out = hf.generate(ids, max_new_tokens=6, do_sample=False)
+    assert out.shape == (2, 18) and torch.equal(out, ref.generate(ids, max_new_tokens=6, do_sample=False))
+    pipe = pipeline("text-generation", model=hf, tokenizer=AutoTokenizer.from_pretrained(str(saved)))
+    text = pipe("It is a truth", max_new_tokens=4, do_sample=False)[0]["generated_text"]
+    assert text.startswith("It is a truth") and len(text) > len("It is a truth")
