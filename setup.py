@@ -35,7 +35,6 @@ class build_fasq_pth(Command):
         path = Path(self._target_dir(), PTH_NAME)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(PTH_LINE)
-        self._outputs = [str(path)]
 
     def get_outputs(self):
         return [] if self.editable_mode else [str(Path(self.build_lib, PTH_NAME))]

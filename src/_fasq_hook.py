@@ -52,8 +52,8 @@ def register_or_warn(adapter: str) -> None:
 
 
 class RegisterOnImport:
-    """``sys.meta_path`` finder: finds ``transformers.quantizers.auto`` with the other finders and wraps
-    its loader so that fasq registers right after the module has run."""
+    """``sys.meta_path`` finder: finds a module of :data:`HOOKS` with the other finders and wraps its
+    loader so that fasq registers right after the module has run."""
 
     def find_spec(self, fullname, path=None, target=None):
         adapter = HOOKS.get(fullname)

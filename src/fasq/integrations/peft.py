@@ -18,7 +18,6 @@ so do LoRA variants that read the base weight (DoRA and the others).
 from __future__ import annotations
 
 import importlib
-import logging
 import sys
 import warnings
 from typing import Optional
@@ -27,8 +26,6 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ..nn import PQLinear
-
-log = logging.getLogger(__name__)
 
 _LORA_MODEL = "peft.tuners.lora.model"
 
@@ -61,9 +58,6 @@ class PQLoraLinear(LoraLinear):
     def unmerge(self) -> None:
         raise NotImplementedError(f"{type(self).__name__} never merges")
 
-    def __repr__(self) -> str:
-        return "lora." + super().__repr__()
-
 
 def dispatch_fasq(target, adapter_name: str, config, **kwargs):
     """PEFT dispatcher: a :class:`PQLoraLinear` for a ``PQLinear`` target, None for anything else."""
@@ -77,7 +71,7 @@ def register() -> None:
     """Put :func:`dispatch_fasq` before PEFT's LoRA dispatchers (idempotent)."""
     # Looked up in sys.modules first: inside the hook, the peft.tuners.lora package is still importing.
     cls = (sys.modules.get(_LORA_MODEL) or importlib.import_module(_LORA_MODEL)).LoraModel
-    create, replace = cls.__dict__["_create_new_module"].__func__, cls.__dict__["_replace_module"]  # static, plain
+    create, replace = cls._create_new_module, cls._replace_module      # a staticmethod, a method
     if getattr(create, "_fasq_wrapped", None) is not None:
         return
 
