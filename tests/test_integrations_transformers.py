@@ -187,7 +187,7 @@ def test_whole_model_pickles(saved, ids, tmp_path, how):
     import io
     import pickle
 
-    hf = from_pretrained(saved)
+    hf = from_pretrained(saved, dtype=torch.float32)
     ref = logits(hf, ids)
     if how == "pickle":
         copy = pickle.loads(pickle.dumps(hf))
@@ -205,12 +205,18 @@ def test_whole_model_pickles(saved, ids, tmp_path, how):
 def test_disk_offload(saved, ids, tmp_path, caplog, offload_buffers):
     """device_map with a disk-offloaded layer (issue 23.6): offload_buffers=True keeps its PQ buffers off
     the model (meta until a forward loads them); without it they stay in memory, and fasq says so."""
+    from fasq.integrations.transformers import _FIRST_GOOD_BUFFER_OFFLOAD, _transformers_version
+
     layers = {f"model.layers.{i}": "disk" if i == 1 else "cpu" for i in range(2)}
     device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
                   **layers}
+    kw = dict(dtype=torch.float32, device_map=device_map, offload_folder=str(tmp_path), offload_buffers=offload_buffers)
+    if offload_buffers and _transformers_version() < _FIRST_GOOD_BUFFER_OFFLOAD:
+        with pytest.raises(RuntimeError, match="upgrade to transformers >= 5.13"):   # it computed garbage there
+            from_pretrained(saved, **kw)
+        return
     with caplog.at_level("WARNING", logger="fasq.integrations.transformers"):
-        hf = from_pretrained(saved, dtype=torch.float32, device_map=device_map, offload_folder=str(tmp_path),
-                             offload_buffers=offload_buffers)
+        hf = from_pretrained(saved, **kw)
     offloaded = hf.model.layers[1].mlp.up_proj
     assert isinstance(offloaded, PQLinear) and hf.model.layers[0].mlp.up_proj.codes.device.type == "cpu"
     assert (offloaded.codes.device.type == "meta") == offload_buffers

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 # Only modules that transformers.quantizers.auto has finished importing when the hook runs inside
 # it: importing transformers.modeling_utils here would be circular (it is what imports the tables).
@@ -108,7 +109,7 @@ class FasqHfQuantizer(HfQuantizer):
         # a module-level function, not a bound method: pickle stores a bound method as getattr(model, its
         # __name__), which the unpickled model lacks; a partial pickles as the function and the model.
         model.save_pretrained = functools.partial(_save_pretrained_with_manifest, model)
-        _warn_if_buffers_not_offloaded(model)
+        _check_offloaded_buffers(model)
         return model
 
     def get_state_dict_and_metadata(self, model):
@@ -153,17 +154,32 @@ class FasqHfQuantizer(HfQuantizer):
         return model
 
 
-def _warn_if_buffers_not_offloaded(model) -> None:
+# transformers before 5.13 offloads buffers to disk wrongly: a disk-offloaded PQLinear computed garbage
+# (logits off by 3.8 on the tiny test llama with 5.0.0-5.12.1; identical to fasq.load from 5.13.0).
+_FIRST_GOOD_BUFFER_OFFLOAD = (5, 13)
+
+
+def _check_offloaded_buffers(model) -> None:
     """A PQLinear's weight is buffers, and accelerate offloads a module's buffers only with
     ``offload_buffers=True``: without it a layer mapped to "cpu" or "disk" keeps its whole quantized
-    weight on the execution device (runs after accelerate's dispatch, which leaves its hooks)."""
-    kept = [name for name, m in model.named_modules() if isinstance(m, PQLinear)
-            and getattr(getattr(m, "_hf_hook", None), "offload", False)
-            and not getattr(m._hf_hook, "offload_buffers", False)]
+    weight on the execution device (warned); with it, transformers < 5.13 loads them wrongly (raises).
+    Runs after accelerate's dispatch, which leaves its hooks on the offloaded modules."""
+    hooks = {name: m._hf_hook for name, m in model.named_modules()
+             if isinstance(m, PQLinear) and getattr(getattr(m, "_hf_hook", None), "offload", False)}
+    kept = [name for name, hook in hooks.items() if not getattr(hook, "offload_buffers", False)]
     if kept:
         log.warning("fasq: %d quantized layers are mapped to cpu/disk offload (%s, ...), but their weights are "
                     "buffers, which transformers offloads only with from_pretrained(..., offload_buffers=True): "
                     "they stay in memory on the execution device", len(kept), kept[0])
+    if len(kept) < len(hooks) and _transformers_version() < _FIRST_GOOD_BUFFER_OFFLOAD:
+        raise RuntimeError(f"fasq: transformers {transformers.__version__} loads offloaded buffers wrongly, "
+                           "and fasq's quantized weights are buffers: upgrade to transformers >= 5.13, or load "
+                           "without offload_buffers=True")
+
+
+def _transformers_version() -> tuple[int, int]:
+    major, minor = transformers.__version__.split(".")[:2]
+    return int(major), int(minor)
 
 
 def _specs_for(model, specs: dict[str, LayerSpec]) -> dict[str, LayerSpec]:
