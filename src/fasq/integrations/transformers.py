@@ -109,7 +109,7 @@ class FasqHfQuantizer(HfQuantizer):
         # a module-level function, not a bound method: pickle stores a bound method as getattr(model, its
         # __name__), which the unpickled model lacks; a partial pickles as the function and the model.
         model.save_pretrained = functools.partial(_save_pretrained_with_manifest, model)
-        _check_offloaded_buffers(model)
+        _offload_pq_buffers(model)
         return model
 
     def get_state_dict_and_metadata(self, model):
@@ -159,22 +159,58 @@ class FasqHfQuantizer(HfQuantizer):
 _FIRST_GOOD_BUFFER_OFFLOAD = (5, 13)
 
 
-def _check_offloaded_buffers(model) -> None:
-    """A PQLinear's weight is buffers, and accelerate offloads a module's buffers only with
-    ``offload_buffers=True``: without it a layer mapped to "cpu" or "disk" keeps its whole quantized
-    weight on the execution device (warned); with it, transformers < 5.13 loads them wrongly (raises).
-    Runs after accelerate's dispatch, which leaves its hooks on the offloaded modules."""
+def _offload_pq_buffers(model) -> None:
+    """Offload the PQ buffers of the PQLinear layers that the device map sends to "cpu" or "disk".
+
+    accelerate offloads a module's buffers only with ``from_pretrained(..., offload_buffers=True)``, and
+    a PQLinear's weight is all buffers: without this, a layer mapped to "cpu" / "disk" would keep its whole
+    quantized weight in memory on the execution device.  Runs after accelerate's dispatch, whose hooks
+    (``_hf_hook``) load an offloaded module's tensors before its forward and drop them after.
+    """
     hooks = {name: m._hf_hook for name, m in model.named_modules()
              if isinstance(m, PQLinear) and getattr(getattr(m, "_hf_hook", None), "offload", False)}
-    kept = [name for name, hook in hooks.items() if not getattr(hook, "offload_buffers", False)]
-    if kept:
-        log.warning("fasq: %d quantized layers are mapped to cpu/disk offload (%s, ...), but their weights are "
-                    "buffers, which transformers offloads only with from_pretrained(..., offload_buffers=True): "
-                    "they stay in memory on the execution device", len(kept), kept[0])
-    if len(kept) < len(hooks) and _transformers_version() < _FIRST_GOOD_BUFFER_OFFLOAD:
-        raise RuntimeError(f"fasq: transformers {transformers.__version__} loads offloaded buffers wrongly, "
-                           "and fasq's quantized weights are buffers: upgrade to transformers >= 5.13, or load "
-                           "without offload_buffers=True")
+    if hooks and _transformers_version() < _FIRST_GOOD_BUFFER_OFFLOAD:
+        if any(h.offload_buffers for h in hooks.values()):
+            raise RuntimeError(f"fasq: transformers {transformers.__version__} loads offloaded buffers wrongly, "
+                               "and fasq's quantized weights are buffers: upgrade to transformers >= 5.13, or "
+                               "load without offload_buffers=True")
+        log.warning("fasq: %d quantized layers are mapped to cpu/disk offload (%s, ...), but transformers %s "
+                    "offloads buffers wrongly, and their weights are buffers: they stay in memory on the "
+                    "execution device (transformers >= 5.13 offloads them)", len(hooks), next(iter(hooks)),
+                    transformers.__version__)
+        return
+    for name, hook in hooks.items():
+        layer = model.get_submodule(name)
+        if not hook.offload_buffers:
+            _move_buffers_to_offload(layer, hook)
+        # The kernels' per-layer caches (prepared tables, the C++ plan) hold the loaded buffers: dropped
+        # after each forward, or the offloaded weight would stay in memory through them.
+        layer.register_forward_hook(_drop_kernel_caches)
+
+
+def _move_buffers_to_offload(layer: PQLinear, hook) -> None:
+    """Put the layer's buffers where its hook keeps offloaded tensors (``weights_map``: accelerate's
+    loader, in memory for "cpu", files in the offload folder for "disk"), then leave meta tensors."""
+    from accelerate.utils import offload_weight, set_module_tensor_to_device
+
+    loader, prefix = hook.weights_map.dataset, hook.weights_map.prefix
+    for name, buf in list(layer.named_buffers(recurse=False)):
+        key = prefix + name
+        # transformers >= 5.13 lists every tensor of a "disk" module in the offload index (read from the
+        # checkpoint) and accelerate keeps a "cpu" module's state dict, buffers included: usually there.
+        if key not in loader.all_keys:
+            if loader.save_folder is not None:      # a .dat file in the offload folder, like accelerate's own
+                offload_weight(buf, key, loader.save_folder, index=loader.index)
+            else:
+                loader.state_dict[key] = buf.to("cpu")
+            loader.all_keys.append(key)
+        set_module_tensor_to_device(layer, name, "meta")
+    hook.offload_buffers = True
+
+
+def _drop_kernel_caches(layer, args, output):
+    for cache in [k for k in layer.__dict__ if k.startswith("_fasq_")]:
+        del layer.__dict__[cache]
 
 
 def _transformers_version() -> tuple[int, int]:
