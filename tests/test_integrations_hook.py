@@ -2,6 +2,8 @@
 
 Each check runs a fresh interpreter: the point is what happens when nothing imported fasq first.
 """
+import importlib.metadata
+import importlib.util
 import os
 import subprocess
 import sys
@@ -70,17 +72,20 @@ def test_hook_costs_no_heavy_imports():
     run(sys.executable, code, env=env_without_pythonpath(PYTHONPATH=str(SRC)))
 
 
-def _setuptools_builds_editables() -> bool:
+def _can_build_without_isolation() -> bool:
+    """pip, setuptools >= 64 (editable wheels) and bdist_wheel (setuptools >= 70, or the wheel package).
+    Read from the installed metadata: importing setuptools here would replace an imported distutils."""
     try:
-        import setuptools
-        from setuptools.command import editable_wheel  # noqa: F401  (setuptools >= 64)
-    except ImportError:
+        major = int(importlib.metadata.version("setuptools").split(".")[0])
+    except importlib.metadata.PackageNotFoundError:
         return False
-    return int(setuptools.__version__.split(".")[0]) >= 64
+    return importlib.util.find_spec("pip") is not None and (
+        major >= 70 or (major >= 64 and importlib.util.find_spec("wheel") is not None))
 
 
-needs_setuptools = pytest.mark.skipif(not _setuptools_builds_editables(),
-                                      reason="installing without build isolation needs setuptools >= 64")
+needs_setuptools = pytest.mark.skipif(not _can_build_without_isolation(),
+                                      reason="installing without build isolation needs pip, setuptools >= 64 "
+                                             "and bdist_wheel")
 
 
 @pytest.fixture(scope="module")
