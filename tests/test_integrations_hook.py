@@ -3,7 +3,6 @@
 Each check runs a fresh interpreter: the point is what happens when nothing imported fasq first.
 """
 import importlib.metadata
-import importlib.util
 import os
 import subprocess
 import sys
@@ -72,15 +71,22 @@ def test_hook_costs_no_heavy_imports():
     run(sys.executable, code, env=env_without_pythonpath(PYTHONPATH=str(SRC)))
 
 
+def _installed(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def _can_build_without_isolation() -> bool:
     """pip, setuptools >= 64 (editable wheels) and bdist_wheel (setuptools >= 70, or the wheel package).
-    Read from the installed metadata: importing setuptools here would replace an imported distutils."""
-    try:
-        major = int(importlib.metadata.version("setuptools").split(".")[0])
-    except importlib.metadata.PackageNotFoundError:
+    Read from the installed metadata: importing setuptools here would replace an imported distutils, and
+    even find_spec("pip") makes setuptools' distutils shim step aside (then torch's C++ builds fail)."""
+    setuptools = _installed("setuptools")
+    if setuptools is None or _installed("pip") is None:
         return False
-    return importlib.util.find_spec("pip") is not None and (
-        major >= 70 or (major >= 64 and importlib.util.find_spec("wheel") is not None))
+    major = int(setuptools.split(".")[0])
+    return major >= 70 or (major >= 64 and _installed("wheel") is not None)
 
 
 needs_setuptools = pytest.mark.skipif(not _can_build_without_isolation(),
