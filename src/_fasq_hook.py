@@ -9,9 +9,9 @@ interpreters that skip .pth files (``python -S``, a source tree on ``PYTHONPATH`
 
 This is a top-level module, not part of the ``fasq`` package, because importing ``fasq`` imports torch
 (seconds): every Python process of the environment runs the .pth line, and :func:`install` must cost
-well under a millisecond.  Registering imports ``transformers.quantizers.auto``, which imports every quantizer
-transformers ships (many seconds), so it waits until transformers imports that module itself (which
-``transformers.modeling_utils`` does before any ``from_pretrained`` can run).  PEFT's LoRA dispatch
+well under a millisecond.  Registering imports ``transformers.quantizers.auto``, which imports every
+quantizer transformers ships (many seconds), so it waits until transformers imports that module itself
+(which ``transformers.modeling_utils`` does before any ``from_pretrained`` can run).  PEFT's LoRA dispatch
 (``fasq.integrations.peft``) is hooked the same way, when PEFT imports ``peft.tuners.lora.model``.
 """
 import sys
