@@ -22,7 +22,8 @@ from conftest import make_tokenizer, tiny_model  # noqa: E402
 SRC = Path(__file__).resolve().parents[1] / "src"
 DOCS = [{"question": "It is a truth universally", "choices": [" acknowledged", " fortune", " wife"], "label": 0},
         {"question": "a single man in possession of a good", "choices": [" fortune", " man", " town"], "label": 0},
-        {"question": "strong winds today pushed a huge", "choices": [" bushfire", " truth", " daughters"], "label": 0}]
+        {"question": "strong winds today pushed a huge", "choices": [" bushfire", " truth", " daughters"],
+         "label": 0}]
 TASK = """task: fasq_local
 dataset_path: json
 dataset_kwargs:

@@ -211,7 +211,8 @@ def test_disk_offload(saved, ids, tmp_path, caplog, offload_buffers):
     layers = {f"model.layers.{i}": "disk" if i == 1 else "cpu" for i in range(2)}
     device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
                   **layers}
-    kw = dict(dtype=torch.float32, device_map=device_map, offload_folder=str(tmp_path), offload_buffers=offload_buffers)
+    kw = dict(dtype=torch.float32, device_map=device_map, offload_folder=str(tmp_path),
+              offload_buffers=offload_buffers)
     old = _transformers_version() < _FIRST_GOOD_BUFFER_OFFLOAD   # it loads offloaded buffers wrongly
     if old and offload_buffers:
         with pytest.raises(RuntimeError, match="upgrade to transformers >= 5.13"):

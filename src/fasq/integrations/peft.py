@@ -96,5 +96,6 @@ def register() -> None:
     cls._replace_module = _replace_module
 
 
-if _LORA_MODEL in sys.modules:   # PEFT loaded while this module was importing (see _fasq_hook.register_or_warn)
+# PEFT loaded while this module was importing (see _fasq_hook.register_or_warn): register now.
+if _LORA_MODEL in sys.modules:
     register()

@@ -270,5 +270,6 @@ def register() -> None:
         add(QUANT_METHOD)(cls)          # raises if another library already took the name "fasq"
 
 
-if _HF_TABLES in sys.modules:   # the tables loaded while this module was importing (see _fasq_hook.register_or_warn)
+# The tables loaded while this module was importing (see _fasq_hook.register_or_warn): register now.
+if _HF_TABLES in sys.modules:
     register()
