@@ -105,6 +105,12 @@ def test_merge_says_why_it_cannot(saved):
         model.merge_and_unload()
 
 
+@pytest.mark.parametrize("kw, match", [(dict(use_dora=True), "variants"), (dict(lora_bias=True), "lora_bias")])
+def test_what_needs_the_base_weight_is_refused(saved, kw, match):
+    with pytest.raises(ValueError, match=match):
+        peft.get_peft_model(from_pretrained(saved), peft.LoraConfig(r=2, target_modules=["q_proj"], **kw))
+
+
 def test_peft_dispatch_registers_without_import_fasq(saved):
     """A fresh interpreter with the installed hook (what fasq-hook.pth runs): import peft, load, attach LoRA."""
     code = ("import _fasq_hook; _fasq_hook.install()\n"
