@@ -98,6 +98,8 @@ class PQLinear(nn.Module):
         return super().__call__(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():   # training adapters upstream (LoRA): see _GradToInput
+            return _GradToInput.apply(x, self)
         # A kernel may leave a per-layer plan that serves calls like the last ones in one C++ call
         # (fasq.kernels.cpu.install_plan); it returns None for anything it cannot serve, and
         # torch.compile traces the registry path (custom ops with fake implementations) instead.
@@ -116,3 +118,27 @@ class PQLinear(nn.Module):
         return (f"in_features={s.in_features}, out_features={s.out_features}, d={s.subvector_dim}, "
                 f"K={s.num_centroids}, M={s.num_codebooks}, group={s.group_size}, "
                 f"rotation_block={s.rotation_block}, bits/weight={s.bits_per_weight():.3f}")
+
+
+class _GradToInput(torch.autograd.Function):
+    """y = PQLinear(x) with a gradient for x (the weight is frozen: buffers, never trained).
+
+    The forward runs the layer as at inference (the registry's kernel: the CPU and GPU kernels have no
+    backward of their own); the backward dequantizes the weight with the reference, per call and per
+    layer (W [out, in], outliers included; freed after the call), and returns dy @ W.
+    """
+
+    @staticmethod
+    def forward(x: torch.Tensor, layer: "PQLinear") -> torch.Tensor:
+        return kernels.pq_linear(x, layer)       # grad mode is off in here: the kernels take it
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.layer = inputs[1]
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        # dy: [..., out] -> dx: [..., in]
+        w = ctx.layer.dequantize(torch.float32 if dy.dtype == torch.float16 and dy.device.type == "cpu"
+                                 else dy.dtype)
+        return (dy.to(w.dtype) @ w).to(dy.dtype), None

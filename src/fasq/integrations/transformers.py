@@ -15,13 +15,15 @@ runs :func:`register` once transformers has loaded its quantizer tables.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
-import types
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 # Only modules that transformers.quantizers.auto has finished importing when the hook runs inside
 # it: importing transformers.modeling_utils here would be circular (it is what imports the tables).
@@ -35,6 +37,8 @@ from ..io import MANIFEST_NAME, FormatError, parse_quantization_config
 from ..nn import PQLinear
 
 log = logging.getLogger(__name__)
+
+_HF_TABLES = "transformers.quantizers.auto"
 
 
 class FasqHfConfig(QuantizationConfigMixin):
@@ -80,8 +84,11 @@ class FasqHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         model.fasq_config = self.quantization_config.fasq_config   # as fasq.quantize / fasq.load set it
-        # save_pretrained then also writes fasq's manifest, so fasq.load reads the directory.
-        model.save_pretrained = types.MethodType(_save_pretrained_with_manifest, model)
+        # save_pretrained then also writes fasq's manifest, so fasq.load reads the directory.  A partial of
+        # a module-level function, not a bound method: pickle stores a bound method as getattr(model, its
+        # __name__), which the unpickled model lacks; a partial pickles as the function and the model.
+        model.save_pretrained = functools.partial(_save_pretrained_with_manifest, model)
+        _offload_pq_buffers(model)
         return model
 
     def get_state_dict_and_metadata(self, model):
@@ -100,7 +107,9 @@ class FasqHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        # Adapters (PEFT LoRA, fasq.integrations.peft) train on top of the frozen PQ weights; the HF
+        # Trainer asks this before training a quantized model (and still refuses one without adapters).
+        return True
 
     def is_serializable(self, safe_serialization=None) -> bool:
         return True
@@ -122,6 +131,70 @@ class FasqHfQuantizer(HfQuantizer):
             del model.fasq_config
         model.__dict__.pop("save_pretrained", None)   # back to the class's plain save_pretrained
         return model
+
+
+# transformers before 5.13 offloads buffers to disk wrongly: a disk-offloaded PQLinear computed garbage
+# (logits off by 3.8 on the tiny test llama with 5.0.0-5.12.1; identical to fasq.load from 5.13.0).
+_FIRST_GOOD_BUFFER_OFFLOAD = (5, 13)
+
+
+def _offload_pq_buffers(model) -> None:
+    """Offload the PQ buffers of the PQLinear layers that the device map sends to "cpu" or "disk".
+
+    accelerate offloads a module's buffers only with ``from_pretrained(..., offload_buffers=True)``, and
+    a PQLinear's weight is all buffers: without this, a layer mapped to "cpu" / "disk" would keep its whole
+    quantized weight in memory on the execution device.  Runs after accelerate's dispatch, whose hooks
+    (``_hf_hook``) load an offloaded module's tensors before its forward and drop them after.
+    """
+    hooks = {name: m._hf_hook for name, m in model.named_modules()
+             if isinstance(m, PQLinear) and getattr(getattr(m, "_hf_hook", None), "offload", False)}
+    if hooks and _transformers_version() < _FIRST_GOOD_BUFFER_OFFLOAD:
+        if any(h.offload_buffers for h in hooks.values()):
+            raise RuntimeError(f"fasq: transformers {transformers.__version__} loads offloaded buffers wrongly, "
+                               "and fasq's quantized weights are buffers: upgrade to transformers >= 5.13, or "
+                               "load without offload_buffers=True")
+        log.warning("fasq: %d quantized layers are mapped to cpu/disk offload (%s, ...), but transformers %s "
+                    "offloads buffers wrongly, and their weights are buffers: they stay in memory on the "
+                    "execution device (transformers >= 5.13 offloads them)", len(hooks), next(iter(hooks)),
+                    transformers.__version__)
+        return
+    for name, hook in hooks.items():
+        layer = model.get_submodule(name)
+        if not hook.offload_buffers:
+            _move_buffers_to_offload(layer, hook)
+        # The kernels' per-layer caches (prepared tables, the C++ plan) hold the loaded buffers: dropped
+        # after each forward, or the offloaded weight would stay in memory through them.
+        layer.register_forward_hook(_drop_kernel_caches)
+
+
+def _move_buffers_to_offload(layer: PQLinear, hook) -> None:
+    """Put the layer's buffers where its hook keeps offloaded tensors (``weights_map``: accelerate's
+    loader, in memory for "cpu", files in the offload folder for "disk"), then leave meta tensors."""
+    from accelerate.utils import offload_weight, set_module_tensor_to_device
+
+    loader, prefix = hook.weights_map.dataset, hook.weights_map.prefix
+    for name, buf in list(layer.named_buffers(recurse=False)):
+        key = prefix + name
+        # transformers >= 5.13 lists every tensor of a "disk" module in the offload index (read from the
+        # checkpoint) and accelerate keeps a "cpu" module's state dict, buffers included: usually there.
+        if key not in loader.all_keys:
+            if loader.save_folder is not None:      # a .dat file in the offload folder, like accelerate's own
+                offload_weight(buf, key, loader.save_folder, index=loader.index)
+            else:
+                loader.state_dict[key] = buf.to("cpu")
+            loader.all_keys.append(key)
+        set_module_tensor_to_device(layer, name, "meta")
+    hook.offload_buffers = True
+
+
+def _drop_kernel_caches(layer, args, output):
+    for cache in [k for k in layer.__dict__ if k.startswith("_fasq_")]:
+        del layer.__dict__[cache]
+
+
+def _transformers_version() -> tuple[int, int]:
+    major, minor = transformers.__version__.split(".")[:2]
+    return int(major), int(minor)
 
 
 def _specs_for(model, specs: dict[str, LayerSpec]) -> dict[str, LayerSpec]:
@@ -159,7 +232,7 @@ def _write_manifest(path: Path, pushed: bool) -> None:
 def register() -> None:
     """Add fasq to transformers' quant_method tables (idempotent)."""
     # Looked up afresh: the hook also fires when the tables module is imported a second time.
-    hf_auto = importlib.import_module("transformers.quantizers.auto")
+    hf_auto = importlib.import_module(_HF_TABLES)
     entries = ((hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING, FasqHfConfig, hf_auto.register_quantization_config),
                (hf_auto.AUTO_QUANTIZER_MAPPING, FasqHfQuantizer, hf_auto.register_quantizer))
     for table, cls, add in entries:
@@ -170,3 +243,8 @@ def register() -> None:
             table[QUANT_METHOD] = cls   # this module was reloaded: replace our older class
             continue
         add(QUANT_METHOD)(cls)          # raises if another library already took the name "fasq"
+
+
+# The tables loaded while this module was importing (see _fasq_hook.register_or_warn): register now.
+if _HF_TABLES in sys.modules:
+    register()

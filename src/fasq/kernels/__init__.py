@@ -183,9 +183,11 @@ def outlier_cache(layer, name: str, build: Callable[..., tuple]) -> tuple:
     rebuilt when a buffer is replaced or changed in place (identity, device and version counters;
     inference tensors have no version counter, and cannot change in place outside inference mode)."""
     idx, val = layer.outlier_idx, layer.outlier_val
+    cached = layer.__dict__.get(name)
+    if cached is not None and torch.compiler.is_compiling():
+        return cached[1:]   # torch.compile cannot read version counters: it takes the eager call's tables
     key = (idx.data_ptr(), val.data_ptr(), idx.device, None if idx.is_inference() else idx._version,
            None if val.is_inference() else val._version)
-    cached = layer.__dict__.get(name)
     if cached is None or cached[0] != key:
         cached = layer.__dict__[name] = (key, *build(idx, val))
     return cached[1:]

@@ -175,8 +175,9 @@ def _prepare(layer) -> _Prepared:
     bufs = (b["codes"], b["codebooks"], b["scales"], b["rot_signs"], b.get("bias"))
     p = layer.__dict__.get("_fasq_cpu")
     # Runs on every call, so only cheap checks: the same buffer objects, none changed in place.
-    if p is not None and all(t is r for t, r in zip(bufs, p.bufs)) and all(t._version == v for t, v in p.versions):
-        return p
+    if p is not None and all(t is r for t, r in zip(bufs, p.bufs)) and (
+            torch.compiler.is_compiling() or all(t._version == v for t, v in p.versions)):
+        return p   # (torch.compile cannot read version counters: a compiled call takes the eager call's tables)
     spec = layer.spec
     d, dp = spec.subvector_dim, _padded_dim(spec.subvector_dim)
     cb = layer.codebooks.detach().float()                                      # [M, K, d]

@@ -1,0 +1,27 @@
+"""torch.compile(model, fullgraph=True) of a fasq model on the CPU (issue 23.4)."""
+import pytest
+import torch
+
+import fasq
+from fasq import FASQConfig
+
+from conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = FASQConfig(codebook_size=16, outlier_fraction=0.002)   # outliers: the registry's cached side tables
+    return fasq.quantize(tiny_model("qwen3"), cfg, progress=False)
+
+
+def test_fullgraph_compile_matches_eager(model):
+    """One eager call first: the CPU kernels build and prepare their per-layer tables there (a compiled
+    graph cannot run that preparation; docs/transformers.md)."""
+    ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = {n: model(ids[:, :n]).logits for n in (12, 1, 3)}
+        compiled = torch.compile(model, fullgraph=True)
+        for n, ref in want.items():
+            torch.testing.assert_close(compiled(ids[:, :n]).logits, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(ids[:, :1]).logits, want[1], rtol=0, atol=0)  # eager caches intact
