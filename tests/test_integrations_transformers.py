@@ -112,6 +112,14 @@ def test_save_pretrained_writes_what_fasq_load_reads(saved, ids, tmp_path):
     assert torch.equal(logits(from_pretrained(tmp_path / "hf"), ids), ref)
 
 
+def test_fasq_save_of_a_from_pretrained_model(saved, ids, tmp_path):
+    hf = from_pretrained(saved, dtype=torch.float32)
+    fasq.save(hf, tmp_path / "again")
+    assert torch.equal(logits(fasq.load(tmp_path / "again"), ids), logits(hf, ids))
+    with pytest.raises(ValueError, match="is the input model"):   # never over the directory it came from
+        fasq.save(hf, saved, overwrite=True)
+
+
 def test_dequantize_gives_plain_linears(saved, ids):
     hf = from_pretrained(saved)
     ref = logits(hf, ids)
