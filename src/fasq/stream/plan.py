@@ -290,9 +290,7 @@ def build_plan(source: Source, config: FASQConfig, layer_configs: dict[str, FASQ
         outs = tuple(Output(f"{name}.{b}", DTYPE_NAMES[dts[b]], shape) for b, shape in spec.buffer_shapes().items())
         units.append(Unit(name, "quantize", tuple(srcs), outs, spec, layer.config))
     by_module = {u.name: u for u in units}
-    prep = [Unit(f"equalize:{prefix}", "equalize",  # copies taken before the swap: equalize works on nn.Linear
-                 tuple(entry_for(f"{prefix}.{k}", "a tensor of a decoder block") for k in blk.state_dict()),
-                 (), module=copy.deepcopy(blk)) for prefix, blk in qplan.blocks]
+    prep = _equalize_units(qplan, entry_for)  # before the swap: equalize works on nn.Linear
     replace_with_pq(model, {lp.name: lp.spec for lp in qplan.layers}, device="meta")
     ordered: list[Unit] = []
     stored_groups: set[tuple] = set()
@@ -316,6 +314,14 @@ def build_plan(source: Source, config: FASQConfig, layer_configs: dict[str, FASQ
                     source.path, len(unused), arch, unused[:3])
     return Plan(source, config, qplan.layer_configs, ordered, _layout(ordered, max_shard_bytes),
                 source.fingerprint(), qplan.allocation, prep)
+
+
+def _equalize_units(qplan, entry_for) -> list[Unit]:
+    """One unit per decoder block the plan equalizes, holding a copy of the block (on the meta device)."""
+    return [Unit(f"equalize:{prefix}", "equalize",
+                 tuple(entry_for(f"{prefix}.{k}", "a tensor of a decoder block") for k in blk.state_dict()),
+                 (), module=copy.deepcopy(blk))
+            for prefix, blk in qplan.blocks]
 
 
 def _check_source(source: Source, ent: TensorEntry, shape: tuple, dtypes: tuple[str, ...]) -> None:
