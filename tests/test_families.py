@@ -47,6 +47,7 @@ def test_entry_places_every_block_projection_and_norm(arch):
             assert isinstance(getattr(attn, name), nn.Linear), name
         for name in (*fam.mlp_inputs, fam.down):
             assert isinstance(getattr(mlp, name), nn.Linear), name
+        assert isinstance(getattr(mlp, fam.activation), nn.Module)
         norms = {n for n, c in blk.named_children() if "norm" in type(c).__name__.lower()}
         assert norms == set(fam.block_norms)
     # every quantized linear has a type the size planner ranks

@@ -55,9 +55,10 @@ class Family:
     attention_inputs: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")  # children of `attention`
     value: str = "v_proj"                         # value rows and the output columns that read them
     output: str = "o_proj"
-    gate: str = "gate_proj"                       # children of `mlp`: act(gate x) * (up x) -> down
+    gate: str = "gate_proj"                       # children of `mlp`: down(act(gate x) * up x)
     up: str = "up_proj"
     down: str = "down_proj"
+    activation: str = "act_fn"                    # the MLP's activation module (its RMS weighs down's columns)
     norm_kind: str = "rms"                        # "rms": x / rms(x) * w; "rms_plus_one": x / rms(x) * (1 + w)
     # Embeddings: the input table and the output head (tied when config.tie_word_embeddings).
     embedding: str = "embed_tokens"

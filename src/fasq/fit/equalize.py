@@ -84,7 +84,7 @@ def _geo_normalize(a: torch.Tensor) -> torch.Tensor:
 def balance_mlp(mlp: nn.Module, gain: torch.Tensor | None = None, family: Family = GENERIC) -> bool:
     """``gain``: the (unfolded) RMSNorm gain in front of gate/up, if it was not folded."""
     gate, up, down = (getattr(mlp, n, None) for n in (family.gate, family.up, family.down))
-    act = getattr(mlp, "act_fn", None)
+    act = getattr(mlp, family.activation, None)
     if not all(isinstance(m, nn.Linear) for m in (gate, up, down)) or act is None:
         return False
     gw, uw = gate.weight.float(), up.weight.float()
