@@ -59,7 +59,8 @@ class Family:
     up: str = "up_proj"
     down: str = "down_proj"
     activation: str = "act_fn"                    # the MLP's activation module (its RMS weighs down's columns)
-    norm_kind: str = "rms"                        # "rms": x / rms(x) * w; "rms_plus_one": x / rms(x) * (1 + w)
+    norm_kind: str = "rms"                        # "rms": x / rms(x) * w; "rms_plus_one": x / rms(x) * (1 + w);
+                                                  # "by_class_name": the generic entry's (Gemma's norms name themselves)
     # Embeddings: the input table and the output head (tied when config.tie_word_embeddings).
     embedding: str = "embed_tokens"
     head: str = "lm_head"
