@@ -4,7 +4,7 @@
 
 ORDER: ``early`` (the library's: earlier decoder layers first), ``late`` (later layers first) or
 ``ends`` (by distance from the nearer end of the stack: 0, 29, 1, 28, ...).  The type order
-(fasq.fit.allocate.TYPE_PRIORITY) is unchanged.  Wraps benchmarks/experiments.py (same arguments,
+(the model family's ``priority``, fasq.families) is unchanged.  Wraps benchmarks/experiments.py (same arguments,
 same JSONL record) and changes no library code: ``fasq.fit.allocate._priority`` is replaced for this
 process only.
 """
@@ -21,8 +21,8 @@ _original = allocate._priority
 
 
 def _ordered(order: str):
-    def priority(name: str) -> tuple:
-        t, i, n = _original(name)
+    def priority(name: str, *family) -> tuple:
+        t, i, n = _original(name, *family)
         if order == "late":
             i = -i
         elif order == "ends":

@@ -11,7 +11,9 @@ from fasq.nn import PQLinear
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma")
+# One per family of fasq.families (gemma3: Gemma3ForCausalLM, text only, with pre/post-feedforward norms).
+ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma3")
+MODEL_TYPES = {"gemma3": "gemma3_text"}   # arch name here -> transformers model_type, where they differ
 
 
 def tiny_config(arch: str, vocab: int = 320):
@@ -19,10 +21,10 @@ def tiny_config(arch: str, vocab: int = 320):
 
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=136, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  tie_word_embeddings=arch in ("gemma", "qwen3"))
-    if arch in ("qwen3", "gemma"):
+                  tie_word_embeddings=arch in ("gemma", "qwen3", "gemma3"))
+    if arch in ("qwen3", "gemma", "gemma3"):
         common["head_dim"] = 16
-    return AutoConfig.for_model(arch, **common)
+    return AutoConfig.for_model(MODEL_TYPES.get(arch, arch), **common)
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, vocab: int = 320):

@@ -73,7 +73,7 @@ def test_target_bits_lands_within_one_percent(bits):
 
 
 def test_planner_steps_v_proj_two_menu_points_up():
-    """The size planner moves layers one menu step above the base, v_proj layers (TYPE_EXTRA_STEPS) up to
+    """The size planner moves layers one menu step above the base, v_proj layers (the family's extra_steps) up to
     three but not past EXTRA_STEP_MAX_K, most sensitive types first, and never exceeds the budget."""
     from fasq.fit import allocate
 

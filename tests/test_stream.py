@@ -110,7 +110,7 @@ def test_size_target_equals_in_memory(tmp_path, llama_ckpt):
     assert_same_tensors(stored_tensors(ref), stored_tensors(tmp_path / "out"))
     qc = lambda p: json.loads((p / "config.json").read_text())["quantization_config"]  # noqa: E731
     assert qc(tmp_path / "out") == qc(ref) and qc(ref)["allocation"]["target_fraction"] == 0.5
-    # per-layer K: the planner's two menu points, and v_proj up to two steps further (TYPE_EXTRA_STEPS)
+    # per-layer K: the planner's two menu points, and v_proj up to two steps further (the family's extra_steps)
     ks = {name: m["num_centroids"] for name, m in qc(ref)["modules"].items()}
     others = {k for name, k in ks.items() if not name.endswith("v_proj")}
     assert len(others) == 2 and all(k > min(others) for name, k in ks.items() if name.endswith("v_proj"))

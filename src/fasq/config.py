@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from .families import DEFAULT_SKIP_MODULES
+
 CONFIG_VERSION = 1
 QUANT_METHOD = "fasq"
 
@@ -52,7 +54,7 @@ class FASQConfig:
     equalize: str = "balance"      # data-free exact rescalings before fitting: none | norms | balance | full
     outlier_fraction: float = 1e-3  # largest-|w| weights kept exactly in a sparse fp16 side table (0: none)
     target_bits: float | None = None  # size target (bits/weight) for per-layer allocation when none is given
-    skip_modules: tuple[str, ...] = ("lm_head", "embed_tokens")
+    skip_modules: tuple[str, ...] = DEFAULT_SKIP_MODULES  # every family's head and embeddings (fasq.families)
     seed: int = 0
     version: int = CONFIG_VERSION
 
@@ -152,7 +154,7 @@ def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
 # 256 columns beat scales per 128 at both sizes (docs/experiments.md rows 25 and 29): the bits they free
 # buy richer-K layers.  At 3 bits, Hadamard blocks of 64 columns (down_proj's 1536 columns otherwise get
 # blocks of 256) gave lower perplexity over 8 seeds (docs/experiments.md row 37); the planner's extra
-# steps for v_proj (fasq.fit.allocate.TYPE_EXTRA_STEPS, rows 46-47) give it K=512 there.
+# steps for v_proj (the Llama family's extra_steps in fasq.families, rows 46-47) give it K=512 there.
 PRESETS: dict[str, dict[str, Any]] = {
     "4bit": dict(subvector_dim=2, codebook_size=256, group_size=256, target_bits=4.25),
     "3bit": dict(subvector_dim=2, codebook_size=64, group_size=256, target_bits=3.25, rotation_block=64),

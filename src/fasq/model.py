@@ -2,35 +2,26 @@
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .config import FASQConfig
+from .fit.equalize import equalize
 from .fit.pq import NonFiniteWeightError, quantize_weight
 from .format import LayerSpec
 from .nn import PQLinear
+from .planning import is_skipped, quantizable_linears  # noqa: F401  (their home is fasq.planning)
+from .planning import LayerPlan, plan_quantization, quantization_record
 from .storage import round_unquantized_to_16bit
 
 log = logging.getLogger(__name__)
-
-
-def is_skipped(name: str, patterns: Iterable[str]) -> bool:
-    """A module is kept unquantized when a pattern matches its full name or its last component."""
-    last = name.rsplit(".", 1)[-1]
-    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(last, p) or name == p for p in patterns)
-
-
-def quantizable_linears(model: nn.Module, config: FASQConfig) -> list[tuple[str, nn.Linear]]:
-    return [(n, m) for n, m in model.named_modules()
-            if type(m) is nn.Linear and not is_skipped(n, config.skip_modules)]
 
 
 @contextlib.contextmanager
@@ -89,30 +80,24 @@ def quantize(model: nn.Module, config: FASQConfig | None = None, *, progress: bo
     choose per-layer settings that land on that size (see :mod:`fasq.fit.allocate`).
     k-means runs on ``device`` (default: each weight's own device; faiss on CPU, torch on CUDA).
     Records ``model.config.quantization_config`` so the model can be saved with :func:`fasq.save`.
+    What is quantized, and how, is :func:`fasq.planning.plan_quantization`'s plan (as in streaming).
     """
     config = config or FASQConfig()
-    layer_configs = layer_configs or {}
     check_finite(model)  # before equalize, which would spread one NaN over whole rows and columns
+    plan = plan_quantization(model, config, layer_configs, target_bits, target_fraction)
     if config.equalize != "none":
-        from .fit.equalize import equalize
         equalize(model, config.equalize)
-    targets = quantizable_linears(model, config)
-    if not targets:
-        raise ValueError("no nn.Linear layers to quantize (all skipped by skip_modules="
-                         f"{config.skip_modules}?)")
-    from .fit.allocate import allocate
-    layer_configs, allocation = allocate(model, targets, config, target_bits, target_fraction, layer_configs)
+    targets = plan.layers
     modules: dict[str, dict] = {}
     workers = num_workers or (os.cpu_count() or 1)
     bar = tqdm(total=len(targets), desc="quantize", unit="layer", disable=not progress)
     t_all = time.perf_counter()
 
-    def fit(item):
-        name, lin = item
+    def fit(layer: LayerPlan):
         t0 = time.perf_counter()
-        spec, tensors = quantize_weight(lin.weight, layer_configs.get(name, config), name, bias=lin.bias,
-                                        device=device)
-        return name, lin, spec, tensors, time.perf_counter() - t0
+        lin = layer.linear
+        spec, tensors = quantize_weight(lin.weight, layer.config, layer.name, bias=lin.bias, device=device)
+        return layer.name, lin, spec, tensors, time.perf_counter() - t0
 
     # Layers are independent: fit them on a thread pool (faiss and torch release the GIL), each
     # single-threaded, which beats one layer on all cores (k-means on one layer scales poorly and
@@ -131,7 +116,7 @@ def quantize(model: nn.Module, config: FASQConfig | None = None, *, progress: bo
     bar.close()
     log.info("quantized %d layers in %.1fs", len(targets), time.perf_counter() - t_all)
     round_unquantized_to_16bit(model)  # the in-memory model is exactly what fasq.save stores
-    attach_config(model, config, modules, allocation)
+    attach_config(model, config, modules, plan.allocation)
     warn_if_larger(model_size_report(model))
     return model
 
@@ -157,13 +142,7 @@ def warn_if_larger(report: dict) -> None:
 
 def attach_config(model: nn.Module, config: FASQConfig, modules: dict[str, dict],
                   allocation: dict | None = None) -> None:
-    from .format import FORMAT_VERSION
-
-    qc = config.to_dict()
-    qc["format_version"] = FORMAT_VERSION
-    qc["modules"] = modules
-    if allocation:
-        qc["allocation"] = allocation
+    qc = quantization_record(config, modules, allocation)
     model.fasq_config = config
     if hasattr(model, "config"):
         model.config.quantization_config = qc

@@ -7,7 +7,8 @@ richest menu point every layer can afford and then, in a fixed, data-free priori
 that the literature finds most sensitive first: v_proj, down_proj, o_proj, then the rest; within a
 type, earlier decoder layers first), moves layers one menu step up while the budget allows; v_proj
 layers, the most sensitive and among the smallest, may move up to three steps, but not past
-K = EXTRA_STEP_MAX_K (TYPE_EXTRA_STEPS).  Sizes are computed
+K = EXTRA_STEP_MAX_K.  The type order and the extra steps are the model family's ``priority`` and
+``extra_steps`` (:mod:`fasq.families`).  Sizes are computed
 exactly with :class:`fasq.format.LayerSpec`, so the result lands within a fraction of a percent.
 """
 from __future__ import annotations
@@ -18,18 +19,13 @@ import re
 from torch import nn
 
 from ..config import FASQConfig
+from ..families import GENERIC, Family, family_of
 from .pq import planned_spec
 
 log = logging.getLogger(__name__)
 
-TYPE_PRIORITY = ("v_proj", "down_proj", "o_proj", "k_proj", "q_proj", "up_proj", "gate_proj")
-# Menu steps above the base that a type may take beyond the usual one, and the largest K such an
-# extra step may reach.  v_proj: on SmolLM2 at 3.25 bits, K=256 and then K=512 instead of 128 for every
-# v_proj (3% of the weights; the rest of the budget to down_proj) lowered perplexity for each seed
-# measured (docs/experiments.md rows 46-47); a seed-swap test found v_proj the type whose quantization
-# noise costs the most.  The cap keeps 9-bit codes at most, which the fast CPU kernels take (at
-# 4.25 bits the usual step already gives v_proj K=512; row 48 measured K=1024 there).
-TYPE_EXTRA_STEPS = {"v_proj": 2}
+# The largest K an extra menu step (a family's extra_steps, fasq.families) may reach: 9-bit codes at most,
+# which the fast CPU kernels take.
 EXTRA_STEP_MAX_K = 512
 
 
@@ -48,16 +44,18 @@ def _type(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-def _priority(name: str) -> tuple:
+def _priority(name: str, family: Family = GENERIC) -> tuple:
     last = _type(name)
-    t = TYPE_PRIORITY.index(last) if last in TYPE_PRIORITY else len(TYPE_PRIORITY)
+    order = family.priority
+    t = order.index(last) if last in order else len(order)
     m = re.search(r"\.(\d+)\.", name)
     return (t, int(m.group(1)) if m else 0, name)
 
 
-def plan(layers: list[tuple[str, nn.Linear]], config: FASQConfig, target_bits: float) -> dict[str, FASQConfig]:
+def plan(layers: list[tuple[str, nn.Linear]], config: FASQConfig, target_bits: float,
+         family: Family = GENERIC) -> dict[str, FASQConfig]:
     """Per-layer configs whose exact bits/weight over ``layers`` is as close to ``target_bits`` as the
-    menu allows without exceeding it (when the target is reachable)."""
+    menu allows without exceeding it (when the target is reachable); ``family`` ranks the layer types."""
     if not layers:
         raise ValueError("plan: no layers to allocate")
     n_weights = sum(lin.in_features * lin.out_features for _, lin in layers)
@@ -72,8 +70,8 @@ def plan(layers: list[tuple[str, nn.Linear]], config: FASQConfig, target_bits: f
     lo = options[i]
     result = {name: lo for name, _ in layers}
     spent = cost[i]
-    for name, lin in sorted(layers, key=lambda x: _priority(x[0])):
-        top = min(len(options) - 1, i + 1 + TYPE_EXTRA_STEPS.get(_type(name), 0))
+    for name, lin in sorted(layers, key=lambda x: _priority(x[0], family)):
+        top = min(len(options) - 1, i + 1 + family.extra_steps_of(_type(name)))
         while top > i + 1 and options[top].codebook_size > EXTRA_STEP_MAX_K:
             top -= 1
         for j in range(top, i, -1):  # the richest step that fits
@@ -105,7 +103,7 @@ def allocate(model: nn.Module, layers: list[tuple[str, nn.Linear]], config: FASQ
             return layer_configs, None
     bits = target_bits if target_bits is not None else target_bits_for_fraction(model, layers, target_fraction)
     try:
-        planned = plan(layers, config, bits)
+        planned = plan(layers, config, bits, family_of(model))
     except TargetOutOfRange as e:
         if not from_config:
             raise

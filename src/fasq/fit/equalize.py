@@ -15,7 +15,9 @@ channel.  Without calibration data we can still know part of that power from the
   - attention: o_proj's input channels are attention-weighted values, of power ~ ``|v_j|^2``; v_proj
     rows and the o_proj columns that read them are rescaled the same way.
 
-Everything here is exact in real arithmetic; logits change only by float rounding.
+Everything here is exact in real arithmetic; logits change only by float rounding.  Which modules are a
+model's blocks, norms and projections (and whether a norm scales by ``w`` or ``1 + w``) comes from its entry
+in :mod:`fasq.families`; the names above are the Llama ones.
 """
 from __future__ import annotations
 
@@ -24,25 +26,19 @@ import logging
 import torch
 from torch import nn
 
+from ..families import GENERIC, Family, family_of
+
 log = logging.getLogger(__name__)
 
 MODES = ("none", "norms", "balance", "full")
 
 
-def _blocks(model: nn.Module):
-    """Decoder blocks of a Llama-like model (llama, mistral, qwen2/3, gemma, ...)."""
-    for m in model.modules():
-        if hasattr(m, "self_attn") and hasattr(m, "mlp") and hasattr(m, "input_layernorm") \
-                and hasattr(m, "post_attention_layernorm"):
-            yield m
-
-
-def _gain(norm: nn.Module) -> tuple[torch.Tensor, float] | None:
+def _gain(norm: nn.Module, family: Family = GENERIC) -> tuple[torch.Tensor, float] | None:
     """(effective gain, identity value of the weight) for an RMSNorm, or None if unsupported."""
     w = getattr(norm, "weight", None)
     if w is None or w.dim() != 1:
         return None
-    if "gemma" in type(norm).__name__.lower():      # Gemma's RMSNorm multiplies by (1 + weight)
+    if family.norm_plus_one(norm):      # Gemma's RMSNorm multiplies by (1 + weight)
         return 1.0 + w.detach().float(), 0.0
     return w.detach().float(), 1.0
 
@@ -57,8 +53,8 @@ def _linears(parent: nn.Module, names) -> list[nn.Linear]:
 
 
 @torch.no_grad()
-def fold_norm(norm: nn.Module, linears: list[nn.Linear]) -> bool:
-    g = _gain(norm)
+def fold_norm(norm: nn.Module, linears: list[nn.Linear], family: Family = GENERIC) -> bool:
+    g = _gain(norm, family)
     if g is None or not linears:
         return False
     gain, ident = g
@@ -85,10 +81,10 @@ def _geo_normalize(a: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def balance_mlp(mlp: nn.Module, gain: torch.Tensor | None = None) -> bool:
+def balance_mlp(mlp: nn.Module, gain: torch.Tensor | None = None, family: Family = GENERIC) -> bool:
     """``gain``: the (unfolded) RMSNorm gain in front of gate/up, if it was not folded."""
-    gate, up, down = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
-    act = getattr(mlp, "act_fn", None)
+    gate, up, down = (getattr(mlp, n, None) for n in (family.gate, family.up, family.down))
+    act = getattr(mlp, family.activation, None)
     if not all(isinstance(m, nn.Linear) for m in (gate, up, down)) or act is None:
         return False
     gw, uw = gate.weight.float(), up.weight.float()
@@ -104,8 +100,9 @@ def balance_mlp(mlp: nn.Module, gain: torch.Tensor | None = None) -> bool:
 
 
 @torch.no_grad()
-def balance_attention(attn: nn.Module, config, gain: torch.Tensor | None = None) -> bool:
-    v, o = getattr(attn, "v_proj", None), getattr(attn, "o_proj", None)
+def balance_attention(attn: nn.Module, config, gain: torch.Tensor | None = None,
+                      family: Family = GENERIC) -> bool:
+    v, o = getattr(attn, family.value, None), getattr(attn, family.output, None)
     if not (isinstance(v, nn.Linear) and isinstance(o, nn.Linear)):
         return False
     n_heads = getattr(config, "num_attention_heads", None)
@@ -130,25 +127,31 @@ def balance_attention(attn: nn.Module, config, gain: torch.Tensor | None = None)
 
 @torch.no_grad()
 def equalize(model: nn.Module, mode: str) -> dict:
-    """Apply the data-free transforms of ``mode`` in place; returns counts of what was done."""
+    """Apply the data-free transforms of ``mode`` in place; returns counts of what was done.
+
+    The decoder blocks, their norms and projections are those of ``model``'s entry in
+    :mod:`fasq.families`; a block with a norm the entry does not place raises
+    :class:`fasq.families.UnknownLayoutError` before anything is changed."""
     if mode not in MODES:
         raise ValueError(f"equalize={mode!r}: allowed are {MODES}")
     done = {"norms_folded": 0, "mlp_balanced": 0, "attention_balanced": 0}
     if mode == "none":
         return done
     cfg = getattr(model, "config", None)
-    for blk in _blocks(model):
-        attn, mlp = blk.self_attn, blk.mlp
+    fam = family_of(model)
+    for _, blk in list(fam.blocks(model)):   # list: every block is checked before any is changed
+        attn, mlp = getattr(blk, fam.attention), getattr(blk, fam.mlp)
+        attn_norm, mlp_norm = getattr(blk, fam.attention_norm), getattr(blk, fam.mlp_norm)
         g_attn = g_mlp = None
         if mode in ("norms", "full"):
-            done["norms_folded"] += fold_norm(blk.input_layernorm, _linears(attn, ("q_proj", "k_proj", "v_proj")))
-            done["norms_folded"] += fold_norm(blk.post_attention_layernorm, _linears(mlp, ("gate_proj", "up_proj")))
+            done["norms_folded"] += fold_norm(attn_norm, _linears(attn, fam.attention_inputs), fam)
+            done["norms_folded"] += fold_norm(mlp_norm, _linears(mlp, fam.mlp_inputs), fam)
         else:  # balance without folding: the gains still shape the channel power estimates
-            g_attn = (_gain(blk.input_layernorm) or (None,))[0]
-            g_mlp = (_gain(blk.post_attention_layernorm) or (None,))[0]
+            g_attn = (_gain(attn_norm, fam) or (None,))[0]
+            g_mlp = (_gain(mlp_norm, fam) or (None,))[0]
         if mode in ("balance", "full"):
-            done["mlp_balanced"] += balance_mlp(mlp, g_mlp)
+            done["mlp_balanced"] += balance_mlp(mlp, g_mlp, fam)
             if cfg is not None:
-                done["attention_balanced"] += balance_attention(attn, cfg, g_attn)
-    log.info("equalize(%s): %s", mode, done)
+                done["attention_balanced"] += balance_attention(attn, cfg, g_attn, fam)
+    log.info("equalize(%s, %s): %s", mode, fam.name, done)
     return done

@@ -1,8 +1,9 @@
 """What a streaming run will do, decided before any tensor is read: the source checkpoint (checked whole),
 the work units (one per quantized linear, one per other tensor), and where every output tensor goes.
 
-The architecture comes from a skeleton model built on the meta device (no weights are allocated), so the
-choice of quantized layers is exactly :func:`fasq.model.quantizable_linears` -- the same as in memory.
+The architecture comes from a skeleton model built on the meta device (no weights are allocated), planned by
+:func:`fasq.planning.plan_quantization` -- the plan :func:`fasq.quantize` carries out in memory: the same
+quantized layers, per-layer configs and specs, and decoder blocks to equalize.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from pathlib import Path
 from .. import __version__
 from ..config import FASQConfig
 from ..format import FORMAT_VERSION, LayerSpec
-from ..fit.pq import planned_spec
+from ..model import replace_with_pq
+from ..planning import NoLayersError, plan_quantization, quantization_record
 from .safetensors_io import (COPY_CHUNK_BYTES, DTYPE_NAMES, ITEMSIZE, CheckpointError, FileLayout, TensorEntry,
                              plan_file, read_header)
 
@@ -223,12 +225,8 @@ class Plan:
         return next(f for f in self.files if name in f.entries)
 
     def quantization_config(self) -> dict:
-        qc = self.config.to_dict()
-        qc["format_version"] = FORMAT_VERSION
-        qc["modules"] = {u.name: u.spec.to_dict() for u in self.units if u.kind == "quantize"}
-        if self.allocation:
-            qc["allocation"] = self.allocation
-        return qc
+        modules = {u.name: u.spec.to_dict() for u in self.units if u.kind == "quantize"}
+        return quantization_record(self.config, modules, self.allocation)
 
     def identity(self) -> dict:
         """What a resumed run must share with the run that started the partial output."""
@@ -262,9 +260,6 @@ def build_plan(source: Source, config: FASQConfig, layer_configs: dict[str, FASQ
                target_fraction: float | None = None) -> Plan:
     """Units in the model's state_dict order, and output files of at most ``max_shard_bytes`` each.
     ``target_bits`` / ``target_fraction`` choose per-layer settings as :func:`fasq.quantize` does."""
-    from ..model import quantizable_linears, replace_with_pq
-
-    layer_configs = dict(layer_configs or {})
     model = build_skeleton(source)
     arch = type(model).__name__
     groups: dict[int, list[str]] = {}
@@ -279,20 +274,13 @@ def build_plan(source: Source, config: FASQConfig, layer_configs: dict[str, FASQ
                 return entries[k]
         raise CheckpointError(f"{source.path}: the checkpoint has no tensor {key!r}, which {arch} needs ({role})")
 
-    targets = quantizable_linears(model, config)
-    if not targets:
-        raise CheckpointError(f"{source.path}: {arch} has no nn.Linear layers to quantize "
-                              f"(all skipped by skip_modules={config.skip_modules}?)")
-    from ..fit.allocate import allocate  # as in fasq.model.quantize
-    layer_configs, allocation = allocate(model, targets, config, target_bits, target_fraction, layer_configs)
-    unknown = sorted(set(layer_configs) - {n for n, _ in targets})
-    if unknown:
-        raise ValueError(f"layer_configs names modules that are not quantized linears of {arch}: {unknown[:5]}")
+    try:
+        qplan = plan_quantization(model, config, layer_configs, target_bits, target_fraction)
+    except NoLayersError as e:
+        raise CheckpointError(f"{source.path}: {arch} has {e}") from None
     units: list[Unit] = []
-    specs: dict[str, LayerSpec] = {}
-    for name, lin in targets:
-        cfg = layer_configs.get(name, config)
-        spec = planned_spec(lin.out_features, lin.in_features, cfg, lin.bias is not None)
+    for layer in qplan.layers:
+        name, lin, spec = layer.name, layer.linear, layer.spec
         srcs = [entry_for(f"{name}.weight", "a quantized linear's weight")]
         if lin.bias is not None:
             srcs.append(entry_for(f"{name}.bias", "a quantized linear's bias"))
@@ -300,11 +288,10 @@ def build_plan(source: Source, config: FASQConfig, layer_configs: dict[str, FASQ
             _check_source(source, s, shape, FLOAT_DTYPES)
         dts = spec.buffer_dtypes()
         outs = tuple(Output(f"{name}.{b}", DTYPE_NAMES[dts[b]], shape) for b, shape in spec.buffer_shapes().items())
-        specs[name] = spec
-        units.append(Unit(name, "quantize", tuple(srcs), outs, spec, cfg))
+        units.append(Unit(name, "quantize", tuple(srcs), outs, spec, layer.config))
     by_module = {u.name: u for u in units}
-    prep = _equalize_units(model, config, entry_for)  # before the swap: equalize works on nn.Linear
-    replace_with_pq(model, specs, device="meta")
+    prep = _equalize_units(qplan, entry_for)  # before the swap: equalize works on nn.Linear
+    replace_with_pq(model, {lp.name: lp.spec for lp in qplan.layers}, device="meta")
     ordered: list[Unit] = []
     stored_groups: set[tuple] = set()
     for key, t in model.state_dict().items():
@@ -325,27 +312,16 @@ def build_plan(source: Source, config: FASQConfig, layer_configs: dict[str, FASQ
     if unused:
         log.warning("%s: ignoring %d checkpoint tensor(s) that %s does not use, e.g. %s",
                     source.path, len(unused), arch, unused[:3])
-    return Plan(source, config, layer_configs, ordered, _layout(ordered, max_shard_bytes), source.fingerprint(),
-                allocation, prep)
+    return Plan(source, config, qplan.layer_configs, ordered, _layout(ordered, max_shard_bytes),
+                source.fingerprint(), qplan.allocation, prep)
 
 
-def _equalize_units(model, config: FASQConfig, entry_for) -> list[Unit]:
-    """One unit per decoder block that :func:`fasq.fit.equalize.equalize` transforms (as fasq.quantize
-    does, the global config's ``equalize`` applies); none when it is "none"."""
-    mode = getattr(config, "equalize", "none")
-    if mode == "none":
-        return []
-    from ..fit.equalize import MODES, _blocks
-
-    if mode not in MODES:
-        raise ValueError(f"equalize={mode!r}: allowed are {MODES}")
-    names = {id(m): n for n, m in model.named_modules()}
-    out = []
-    for blk in _blocks(model):
-        prefix = names[id(blk)]
-        srcs = tuple(entry_for(f"{prefix}.{k}", "a tensor of a decoder block") for k in blk.state_dict())
-        out.append(Unit(f"equalize:{prefix}", "equalize", srcs, (), module=copy.deepcopy(blk)))
-    return out
+def _equalize_units(qplan, entry_for) -> list[Unit]:
+    """One unit per decoder block the plan equalizes, holding a copy of the block (on the meta device)."""
+    return [Unit(f"equalize:{prefix}", "equalize",
+                 tuple(entry_for(f"{prefix}.{k}", "a tensor of a decoder block") for k in blk.state_dict()),
+                 (), module=copy.deepcopy(blk))
+            for prefix, blk in qplan.blocks]
 
 
 def _check_source(source: Source, ent: TensorEntry, shape: tuple, dtypes: tuple[str, ...]) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
@@ -33,22 +32,6 @@ from .util import environment, write_json_atomic
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 8192   # per model and text: 16 windows of 512 (docs/accuracy.md, "Evaluation")
-# The fasq sources whose changes change a fasq row (a cached row made by other code is re-run).
-FASQ_CODE = ("config.py", "format.py", "model.py", "reference.py", "nn.py", "io.py", "fit")
-
-
-def fasq_code_hash() -> str:
-    root = Path(__file__).resolve().parent.parent
-    h = hashlib.sha256()
-    for name in FASQ_CODE:
-        p = root / name
-        for f in sorted(p.rglob("*.py")) if p.is_dir() else [p]:
-            if f.is_file():
-                h.update(str(f.relative_to(root)).encode())
-                h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
 @dataclasses.dataclass
 class SweepSettings:
     model: str = "smollm2"
@@ -201,6 +184,7 @@ def run_sweep(settings: SweepSettings, out: str | os.PathLike, *, texts: Sequenc
     fasq code included, with a note), leaving out points never run.
     """
     from ..data import cache_dir
+    from .worker import fasq_code_hash   # worker.py stamps each fasq row with it; here cached rows are checked
 
     texts = list(texts or [settings.text])
     dirs = text_dirs(out, texts)

@@ -8,6 +8,7 @@ arithmetic and the same speed; tensors a method does not quantize are rounded to
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sys
@@ -24,6 +25,24 @@ from .texts import Calibration, eval_prefix, token_digest
 from .util import environment, write_json_atomic
 
 log = logging.getLogger(__name__)
+
+
+# The fasq sources whose changes change a fasq row (the runner re-runs a cached row made by other code).
+FASQ_CODE = ("config.py", "families.py", "planning.py", "format.py", "model.py", "reference.py", "nn.py", "io.py",
+             "fit")
+
+
+def fasq_code_hash() -> str:
+    """A hash of :data:`FASQ_CODE`, the fasq sources this process imports to make a fasq row."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for name in FASQ_CODE:
+        p = root / name
+        for f in sorted(p.rglob("*.py")) if p.is_dir() else [p]:
+            if f.is_file():
+                h.update(str(f.relative_to(root)).encode())
+                h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -85,8 +104,6 @@ def run(req: dict) -> list[dict]:
     from ..eval import perplexity
     from ..eval.perplexity import tokenize
     from .methods import ADAPTERS, Context, load_original, peak_rss_mb
-
-    from .runner import fasq_code_hash
 
     t_start = time.perf_counter()
     code_hash = fasq_code_hash()   # the fasq sources this process imports (a cached fasq row is checked against it)
