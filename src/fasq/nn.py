@@ -6,6 +6,7 @@ from torch import nn
 
 from .format import LayerSpec
 from . import kernels, reference
+from .kernels import layer_op
 
 
 # Attributes under this prefix are per-layer kernel caches (registry choices, prepared tensors, the
@@ -35,6 +36,7 @@ class PQLinear(nn.Module):
             self.register_buffer(name, torch.zeros(shape, dtype=spec.buffer_dtypes()[name], device=device))
         if not spec.has_bias:
             self.bias = None
+        layer_op.register(self)   # the handle torch.compile's graphs call the layer by (kernels/layer_op.py)
 
     @classmethod
     def from_tensors(cls, spec: LayerSpec, codes, codebooks, scales, rot_signs, bias=None,
@@ -71,7 +73,12 @@ class PQLinear(nn.Module):
         # Per-layer kernel caches (``_fasq_*``: the registry's choices, prepared tensors, the C++ plan)
         # are rebuilt on the next call; they hold functions and C++ objects that neither pickle
         # nor deepcopy, so copies and pickles leave them out.
-        return {k: v for k, v in super().__getstate__().items() if not k.startswith(_CACHE_PREFIX)}
+        return {k: v for k, v in super().__getstate__().items()
+                if not k.startswith(_CACHE_PREFIX) and k != "fasq_handle"}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        layer_op.register(self)   # a copy or an unpickled layer is a layer of its own
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -103,8 +110,10 @@ class PQLinear(nn.Module):
         # A kernel may leave a per-layer plan that serves calls like the last ones in one C++ call
         # (fasq.kernels.cpu.install_plan); it returns None for anything it cannot serve, and
         # torch.compile traces the registry path (custom ops with fake implementations) instead.
+        if torch.compiler.is_compiling():   # one opaque op per layer: the registry runs inside it, eagerly
+            return torch.ops.fasq.pq_layer(x, self.fasq_handle)
         plan = self.__dict__.get("_fasq_plan")
-        if plan is not None and not torch.compiler.is_compiling():
+        if plan is not None:
             y = plan.run(x, self._buffers, kernels._generation)
             if y is not None:
                 return y
