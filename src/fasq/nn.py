@@ -110,8 +110,12 @@ class PQLinear(nn.Module):
         # A kernel may leave a per-layer plan that serves calls like the last ones in one C++ call
         # (fasq.kernels.cpu.install_plan); it returns None for anything it cannot serve, and
         # torch.compile traces the registry path (custom ops with fake implementations) instead.
-        if torch.compiler.is_compiling():   # one opaque op per layer: the registry runs inside it, eagerly
+        if torch.compiler.is_compiling():   # one opaque op per layer, which runs eager_forward inside
             return torch.ops.fasq.pq_layer(x, self.fasq_handle)
+        return self.eager_forward(x)
+
+    def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The inference call outside graph tracing: the per-layer plan when it serves x, else the registry."""
         plan = self.__dict__.get("_fasq_plan")
         if plan is not None:
             y = plan.run(x, self._buffers, kernels._generation)

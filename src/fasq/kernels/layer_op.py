@@ -3,8 +3,8 @@
 The registry path (:func:`fasq.kernels.pq_linear`) prepares per-layer tables on first use and checks
 buffer version counters: data-dependent Python that dynamo cannot trace (a cold
 ``torch.compile(model, fullgraph=True)`` failed on ``tensor.is_inference()`` and on ``Eq(u0, 0)``).
-While compiling, ``PQLinear.forward`` calls this op instead.  Its implementation is the eager registry
-call on the layer, found by a handle every PQLinear gets at construction (and on unpickling or
+While compiling, ``PQLinear.forward`` calls this op instead.  Its implementation is the eager call on the
+layer (``PQLinear.eager_forward``: the per-layer C++ plan, else the registry), found by a handle every PQLinear gets at construction (and on unpickling or
 copying); its fake implementation gives the output's shape.  So the compiled graph holds one call per
 layer, runs exactly the kernels and caches eager runs, and needs no eager call first.  CUDA graphs
 capture it as they capture the kernels' own ops.
@@ -31,13 +31,11 @@ def register(layer: torch.nn.Module) -> int:
 @torch.library.custom_op("fasq::pq_layer", mutates_args=())
 def pq_layer(x: torch.Tensor, handle: int) -> torch.Tensor:
     """y = layer(x) through the kernel registry, for the PQLinear registered under ``handle``."""
-    from . import pq_linear
-
     layer = _LAYERS.get(handle)
     if layer is None:
         raise RuntimeError(f"fasq::pq_layer: no live PQLinear has handle {handle} (the compiled graph outlived "
                            "its model?)")
-    y = pq_linear(x, layer)
+    y = layer.eager_forward(x)      # the per-layer C++ plan when it serves x, as an eager call
     return y.clone() if y.data_ptr() == x.data_ptr() else y   # a custom op's output may not alias its input
 
 
