@@ -287,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="out/smollm2-fasq")
     p.add_argument("--corpus", default="lee", choices=["lee", "austen"])
     p.add_argument("--context-length", type=_int_at_least(2), default=512)
-    p.add_argument("--max-tokens", type=nonnegative_int, default=16384)
+    p.add_argument("--max-tokens", type=nonnegative_int, default=8192,
+                   help="tokens scored (default 8192: the windows of the README's results table and fasq sweep)")
     p.add_argument("-q", "--quiet", action="store_true")
     add_quant_args(p)
     p.set_defaults(fn=cmd_demo)
