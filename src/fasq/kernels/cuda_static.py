@@ -110,7 +110,8 @@ def representative_cases() -> list[Case]:
     """A set that covers every compile-time branch of the kernel: d = 2 and 4; 4-, 6-, 8-, 9-, 10- and
     12-bit codes (straddling or not, 1-, 2- and 4-word loads); the table per lane and one copy; 8 and
     16 warps; 1 and 4 row tiles; fp16 and bf16; scales or none; the rotation fused (one and several
-    values per lane) or not; split-K; every bias dtype; fused outliers; the plain lookups."""
+    values per lane) or not; split-K; every bias dtype; fused outliers; the plain lookups.  All are the
+    planner's own choices except ``-rowt4-16warps`` (a launch only a forced or TUNED sweep result makes)."""
     bf = torch.bfloat16
     cases = [_plan("d2k256", 1, 4096, 4096, 2, 256, 256),
              _plan("d2k256-tall", 1, 14336, 4096, 2, 256, 256),
@@ -119,7 +120,7 @@ def representative_cases() -> list[Case]:
              _plan("d2k64-split", 8, 1024, 4096, 2, 64, 256, bf, splits=4),
              _plan("d4k4096", 1, 4096, 4096, 4, 4096, 128),
              _plan("d4k256", 1, 4096, 4096, 4, 256, 256),
-             _plan("d2k16-noscales", 1, 1024, 4096, 2, 16, 0, rowt=4),
+             _plan("d2k16-noscales-rowt4-16warps", 1, 1024, 4096, 2, 16, 0, rowt=4),
              _plan("d2k512-rot256", 1, 14336, 4096, 2, 512, 256, rot=256),
              _plan("d2k1024-rot1024", 1, 4096, 4096, 2, 1024, 512, rot=1024),
              _plan("d2k64-rot16", 2, 4096, 4096, 2, 64, 256, rot=16)]
