@@ -164,3 +164,20 @@ def test_budget_arithmetic():
     assert b["bytes_in_flight_per_sm"] == pytest.approx(per_cycle * 1386)  # 700 ns x 1.98 GHz cycles
     b6 = cs.budget(h200, bits_per_code=6, fraction=0.75)
     assert b6["codes_per_sm_cycle"] == pytest.approx(0.75 * per_cycle * 8 / 6)
+
+
+def test_representative_set_covers_every_compile_time_branch():
+    cases = cs.representative_cases()
+    cfgs = [c.cfg for c in cases]
+    assert {c.d for c in cfgs} == {2, 4}
+    assert {cs.cd._vec_words(c.run * c.bits // 32) for c in cfgs} == {1, 2, 4}       # 4-, 2- and 1-word code loads
+    assert 8 in {c.bits for c in cfgs} and any(32 % c.bits for c in cfgs)            # PRMT path, straddling codes
+    assert any(c.run * c.bits // 32 > 8 for c in cfgs)                               # 9- to 12-word runs
+    for field in ("repl", "scales", "bf16", "outliers"):
+        assert {getattr(c, field) for c in cfgs} == {True, False}, field
+    assert {1, 4} <= {c.rowt for c in cfgs} and {8, 16} <= {c.nwarps for c in cfgs}
+    rots = {c.rotb for c in cfgs}
+    assert 0 in rots and any(0 < r <= 32 for r in rots) and any(r > 32 for r in rots)   # ROT_E = 1 and > 1
+    assert {c.split for c in cases} == {True, False} and {c.fast for c in cases} == {True, False}
+    assert {0 if c.split else c.bias_kind for c in cases} == {0, 1, 2, 3}
+    assert len({c.key for c in cases}) == len(cases) and len({c.name for c in cases}) == len(cases)
