@@ -53,6 +53,19 @@ TODAY_INSTR_PER_CODE = {
     "d2k256-bf16-rot256-outliers": (4.84, 5.09),
     "d2k256-plain": (8.44, 9.52),
 }
+# The full set's worst build per (d, K, FQ_FAST), same nvcc and date: the guard for builds without a
+# figure of their own (FASQ_STATIC_FULL=1).
+FULL_SET_MAX_INSTR_PER_CODE = {
+    (2, 16, False): (7.4, 8.43), (2, 16, True): (5.04, 5.05),
+    (2, 64, False): (8.82, 9.94), (2, 64, True): (6.0, 6.11),
+    (2, 256, False): (8.9, 9.99), (2, 256, True): (4.84, 5.22),
+    (2, 512, False): (8.93, 10.1), (2, 512, True): (6.29, 6.37),
+    (2, 1024, False): (9.69, 11.0), (2, 1024, True): (7.57, 6.71),
+    (2, 4096, False): (9.85, 11.16), (2, 4096, True): (7.55, 8.0),
+    (4, 16, False): (12.29, 13.32), (4, 16, True): (7.83, 7.79),
+    (4, 256, False): (14.47, 15.69), (4, 256, True): (8.41, 8.5),
+    (4, 4096, False): (17.19, 18.63), (4, 4096, True): (12.19, 11.44),
+}
 INSTR_PER_CODE_TARGET = 2.0
 OTHER_NVCC_SLACK = 1.15   # another nvcc schedules differently: 15% leeway until its figures are recorded
 
@@ -123,9 +136,9 @@ def test_main_loop_instructions_per_code_not_above_today(case, arch):
     # The loop found is the one that decodes: it holds the lookups, the code loads and whole spans of mma.
     assert r.lds_per_code >= 1.0 and r.ldg_per_code > 0
     assert r.codes_per_iteration % (2 * case.cfg.run * case.cfg.rowt) == 0
-    today = TODAY_INSTR_PER_CODE.get(case.name)
+    today = TODAY_INSTR_PER_CODE.get(case.name) or FULL_SET_MAX_INSTR_PER_CODE.get((case.cfg.d, case.k, case.fast))
     if today is None:
-        pytest.skip("no recorded figure for this build (full set): see the table in docs/kernels_gpu.md")
+        pytest.skip(f"no recorded figure for d = {case.cfg.d}, K = {case.k}")
     limit = today[ARCHS.index(arch)] * (1.0 if cs.nvcc_version() == RECORDED_NVCC else OTHER_NVCC_SLACK)
     assert r.instr_per_code <= limit + 1e-9, f"{case.name} {arch}: {r.instr_per_code:.3f} > {limit:.3f} per code"
     assert r.instr_per_code > INSTR_PER_CODE_TARGET   # when this fails, the target is met: update the docs
