@@ -4,7 +4,7 @@ Each configuration of ``pq_cuda.cu`` is compiled with nvcc for sm_80 and sm_90 a
 cubin: no spills, registers within budget, shared memory within the card's limit, and the main
 loop's SASS instructions per code no higher than today's (a regression guard).  The default run
 compiles the representative set (every compile-time branch, about 30 s on two cores);
-FASQ_STATIC_FULL=1 compiles every distinct build the planner makes (264 builds x 2 archs: about
+FASQ_STATIC_FULL=1 compiles every distinct build the planner makes (264 builds x 2 archs: 6-12
 12 minutes on two shared cores).  Skipped
 where nvcc or cuobjdump is missing (pip install nvidia-cuda-cuobjdump provides cuobjdump).
 """
