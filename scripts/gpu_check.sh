@@ -2,7 +2,7 @@
 # One prepared run on a lent GPU machine (one H100/H200), at most TOTAL_S seconds (default 480: 8 min),
 # each step under its own `timeout`, the later steps cut to what is left of the total:
 #
-#   install  pip install -e . (no deps: the machine's torch/triton)                          30 s
+#   install  pip install -e . (no deps: the machine's torch/triton)                          60 s
 #   env      nvidia-smi, torch / triton versions                                             15 s
 #   static   python -m fasq.kernels.cuda_static: registers, spills, shared memory and main-loop
 #            instructions per code of every representative build, sm_80 + sm_90 (static.json)  60 s
@@ -11,7 +11,7 @@
 #   tests_plain   only if `tests` failed: again with FASQ_CUDA_FAST=0 (the plain lookups), which the
 #            timing steps then use (the log says so)                                           90 s
 #   read     benchmarks/gpu_read.py: the CUDA kernel vs FP16 F.linear vs a plain read of the same
-#            bytes, cold in L2 by graph replay, 4 shapes x 3 formats x 1-8 tokens (read.json)  150 s
+#            bytes, cold in L2 by graph replay, 4 shapes x 3 formats x 1-8 tokens (read.json)  140 s
 #   bench    benchmarks/gpu.py, kernels only at 1 token, no sweeps, no end to end (gpu.json)   what is left
 #
 # Writes to $OUT (default ./gpu_out): steps.json (each step's rc, seconds, budget, timed_out; rewritten
@@ -68,7 +68,7 @@ python3 -c "import triton; print(\"triton\", triton.__version__)" 2>&1
 command -v nvcc cuobjdump; true'
 
 if [ "$DRY" != 1 ]; then
-  step install 30 python3 -m pip install -q --no-deps --no-build-isolation -e . || { tail -20 "$LOG"; exit 1; }
+  step install 60 python3 -m pip install -q --no-deps --no-build-isolation -e . || { tail -20 "$LOG"; exit 1; }
 fi
 step env 15 bash -c "$ENV_INFO"
 step static 60 python3 -m fasq.kernels.cuda_static --json "$OUT/static.json"
@@ -81,7 +81,7 @@ else
     export FASQ_CUDA_FAST=0
     step tests_plain 90 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_cuda.py -k gpu
   fi
-  step read 150 python3 benchmarks/gpu_read.py --budget-s 120 --out "$OUT/read.json"
+  step read 140 python3 benchmarks/gpu_read.py --budget-s 110 --out "$OUT/read.json"
   step bench 120 python3 benchmarks/gpu.py --no-sweep --no-cuda-sweep --no-e2e --tokens 1 --kernel-budget-s 45 \
     --out "$OUT/gpu.json"
 fi
