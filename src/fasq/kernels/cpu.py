@@ -48,7 +48,8 @@ from . import Kernel, _disabled, outlier_cache, outlier_csr, register
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("pq_cpu.cpp")
+SOURCE = Path(__file__).with_name("pq_cpu.cpp")             # the op registration; it includes ...
+HEADERS = tuple(sorted(Path(__file__).with_name("pq_cpu").glob("*.h")))  # ... these (part of the build key)
 # Method choice, from measurements (docs/kernels_cpu.md): LUT for 1 token on layers of at least
 # LUT_MIN_ROWS rows (its per-call table build needs enough rows to pay off; LUT_MIN_ROWS_FP16 where
 # the tables are built in fp16 arithmetic, about 3x cheaper), PERM up to PERM_MAX_TOKENS tokens (DIRECT
@@ -91,7 +92,7 @@ def features() -> int:
 def _build_or_fail() -> int:
     global _lib
     try:
-        label, lib, failed = build_first_that_works(SOURCE, "fasq_pq_cpu", "cpu_kernels")
+        label, lib, failed = build_first_that_works(SOURCE, "fasq_pq_cpu", "cpu_kernels", HEADERS)
     except RuntimeError as e:
         log.warning("fasq: could not build the CPU kernel (%s); PQLinear on CPU falls back to the slow "
                     "plain-PyTorch reference. Compiler output is logged at DEBUG level by fasq.native.", e)
