@@ -60,17 +60,42 @@ LUT_MIN_ROWS_FP16 = 128
 # (each token builds its own tables, so the LUT needs more rows per table than at 1 token; measured
 # against PERM, docs/kernels_cpu.md); without it, 1 token only.
 LUT_MULTI_MIN_ROWS_FP16 = {2: 512, 3: 1536}
-FEW_MAX_TOKENS = 16      # the per-layer Plan (kPlanTokens in pq_cpu.cpp)
-PERM_MAX_TOKENS = 16     # PERM (from 5 tokens by blocks: perm_blocks in pq_cpu.cpp); TILED above
+PERM_MAX_TOKENS = 16     # PERM (from 5 tokens by blocks: perm_blocks in pq_cpu/scan_kernels.h); TILED above
 DIRECT_MAX_TOKENS = 8    # DIRECT: slower than TILED at 16 tokens on every benchmarked shape
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 METHODS = ("lut", "perm", "direct", "tiled")
-ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
-ROWS_PER_BLOCK = 64      # must match RB in pq_cpu.cpp
 POISON = False           # tests: the op NaN-fills its output and scratch before computing
 
-_MODE = {"direct": 0, "lut": 1, "tiled": 2, "perm": 3}
-_FEAT_AVX2, _FEAT_AVX512, _FEAT_VBMI, _FEAT_FP16_LUT = 1, 2, 4, 16
+# Shared with the C++ library, which exports its own values (``constants()`` in pq_cpu.cpp): they
+# are checked against these when it loads (_check_constants) and by tests/test_kernels_cpu_constants.py.
+# Python keeps them as plain constants because the registry and the tests read them before any build.
+FEW_MAX_TOKENS = 16      # the per-layer Plan's most tokens ("plan_tokens": kPlanTokens in pq_cpu/plan.h)
+ROWS_PER_BLOCK = 64      # rows per block of the repacked (LUT / PERM) layout ("rows_per_block": RB)
+# The op's int[] meta, field by field in order ("meta_fields": FASQ_META_FIELDS in pq_cpu/common.h)
+META_FIELDS = ("in_features", "out_features", "subvector_dim", "num_centroids", "num_codebooks", "bits", "n_sub",
+               "group_subvectors", "n_groups", "rotation_block", "mode", "isa", "padded_dim", "table_size",
+               "words_per_row", "poison")
+_MODE = {"direct": 0, "lut": 1, "tiled": 2, "perm": 3}                 # "modes": enum Mode
+ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}                           # "isas": enum Isa
+_FEATURE = {"avx2": 1, "avx512": 2, "vbmi": 4, "openmp": 8, "fp16_lut": 16}  # "features": enum Feature
+_DTYPE_INDEX = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # "plan_dtypes": Plan::set_method
+_FEAT_AVX2, _FEAT_AVX512, _FEAT_VBMI, _FEAT_FP16_LUT = (_FEATURE[f] for f in ("avx2", "avx512", "vbmi", "fp16_lut"))
+_META_OUT = META_FIELDS.index("out_features")
+
+
+def python_constants() -> dict:
+    """This module's side of what the C++ library's ``constants()`` exports (same keys)."""
+    return {"rows_per_block": ROWS_PER_BLOCK, "plan_tokens": FEW_MAX_TOKENS, "meta_fields": list(META_FIELDS),
+            "modes": dict(_MODE), "isas": dict(ISAS), "features": dict(_FEATURE),
+            "plan_dtypes": tuple(str(dt).removeprefix("torch.") for dt in _DTYPE_INDEX)}
+
+
+def _check_constants(lib) -> None:
+    ours, theirs = python_constants(), dict(lib.constants())
+    bad = [f"{k}: cpu.py {ours.get(k)!r}, pq_cpu {theirs.get(k)!r}" for k in sorted(set(ours) | set(theirs))
+           if ours.get(k) != theirs.get(k)]
+    if bad:
+        raise RuntimeError("fasq: cpu.py and the C++ CPU kernel disagree: " + "; ".join(bad))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,9 +124,9 @@ def _build_or_fail() -> int:
         return -1
     if label != "native":
         log.warning("fasq: CPU kernel built without -march=native/OpenMP (%s); it will be slower", failed)
+    _check_constants(lib)
     _lib = lib
-    import torch.nn.modules.module as _module_py
-    lib.set_module_globals(vars(_module_py))  # where nn.Module keeps the global hooks (Plan.call checks them)
+    lib.set_module_call_fields(module_call_fields())
     torch.library.register_fake("fasq::cpu_pq_linear")(_fake_cpu_pq_linear)
     torch.library.register_fake("fasq::cpu_dense16_linear")(_fake_cpu_dense16_linear)
     return int(torch.ops.fasq.cpu_features())
@@ -113,7 +138,7 @@ def available() -> bool:
 
 
 def _fake_cpu_pq_linear(x, codes, tables, scales, rot_signs, bias, meta, orowptr=None, ocols=None, ovals=None):
-    return x.new_empty((*x.shape[:-1], meta[1]))
+    return x.new_empty((*x.shape[:-1], meta[_META_OUT]))
 
 
 def _fake_cpu_dense16_linear(x, weight, bias, isa, poison):
@@ -249,12 +274,15 @@ def _lut_tensors(layer, p: _Prepared) -> tuple:
 
 
 def _meta(spec: LayerSpec, method: str, isa: str) -> list[int]:
+    """The op's int[] meta for a layer: :data:`META_FIELDS` in order."""
     d = spec.subvector_dim
-    gs = spec.effective_group // d if spec.has_scales else spec.n_sub
-    kp = table_size(spec)
-    return [spec.in_features, spec.out_features, d, spec.num_centroids, spec.num_codebooks, spec.bits,
-            spec.n_sub, gs, spec.n_groups, spec.rotation_block, _MODE[method], ISAS[isa],
-            _padded_dim(d), kp, spec.words_per_row, int(POISON)]
+    fields = dict(in_features=spec.in_features, out_features=spec.out_features, subvector_dim=d,
+                  num_centroids=spec.num_centroids, num_codebooks=spec.num_codebooks, bits=spec.bits,
+                  n_sub=spec.n_sub, group_subvectors=spec.effective_group // d if spec.has_scales else spec.n_sub,
+                  n_groups=spec.n_groups, rotation_block=spec.rotation_block, mode=_MODE[method], isa=ISAS[isa],
+                  padded_dim=_padded_dim(d), table_size=table_size(spec), words_per_row=spec.words_per_row,
+                  poison=int(POISON))
+    return [fields[name] for name in META_FIELDS]
 
 
 def cpu_linear(x: torch.Tensor, layer, method: str, isa: str | None = None, outliers: bool = False) -> torch.Tensor:
@@ -288,8 +316,28 @@ def cpu_linear(x: torch.Tensor, layer, method: str, isa: str | None = None, outl
 
 
 # ----------------------------------------------------------------------------------------------
-# PQLinear.forward's fast path: a per-layer Plan (C++, pq_cpu.cpp) that runs the whole call.
-_DTYPE_INDEX = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# PQLinear.forward's fast path: a per-layer Plan (C++, pq_cpu/plan.h) that runs the whole call.
+def module_call_fields() -> dict:
+    """The private parts of ``torch.nn.Module`` that the Plan reads, named here and nowhere else.
+
+    ``PQLinear.__call__`` lets ``Plan.call`` stand in for ``nn.Module.__call__`` only when that would
+    call ``forward`` straight away: ``nn.Module._call_impl`` does so when the module has no hooks
+    (``instance_hooks``: dicts in the module's ``__dict__``) and none are registered globally
+    (``global_hooks``: dicts in ``torch.nn.modules.module``'s namespace, ``globals``), and
+    ``_wrapped_call_impl`` when ``module.compile()`` has not set ``compiled``; ``forward`` in the
+    instance ``__dict__`` means forward was replaced on the instance (accelerate's hooks).  Any of them
+    non-empty (or missing: a torch that renamed it) makes the Plan step aside.  ``buffers``: where the
+    Plan finds the layer's buffers.  The library gets these once, when it loads.
+    """
+    import torch.nn.modules.module as module_py
+
+    return {"globals": vars(module_py), "compiled": "_compiled_call_impl", "forward": "forward",
+            "buffers": "_buffers",
+            "instance_hooks": ["_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"],
+            "global_hooks": ["_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                             "_global_backward_pre_hooks"]}
+
+
 
 
 def _make_plan(layer, generation: int):

@@ -64,16 +64,37 @@ TORCH_LIBRARY_IMPL(fasq, CPU, m) {
   m.impl("cpu_dense16_linear", &fasq_cpu::cpu_dense16_linear);
 }
 
+namespace fasq_cpu {
+// The layout constants and enum values cpu.py must agree with (it checks them when the library
+// loads; tests/test_kernels_cpu_constants.py too).
+static py::dict constants() {
+  py::dict c;
+  c["rows_per_block"] = RB;
+  c["plan_tokens"] = kPlanTokens;
+  py::list fields;
+#define FASQ_META_NAME(name, text) fields.append(text);
+  FASQ_META_FIELDS(FASQ_META_NAME)
+#undef FASQ_META_NAME
+  c["meta_fields"] = fields;
+  c["modes"] = py::dict(py::arg("direct") = int(DIRECT), py::arg("lut") = int(LUT), py::arg("tiled") = int(TILED),
+                        py::arg("perm") = int(PERM));
+  c["isas"] = py::dict(py::arg("scalar") = int(SCALAR), py::arg("avx2") = int(AVX2), py::arg("avx512") = int(AVX512));
+  c["features"] = py::dict(py::arg("avx2") = int(F_AVX2), py::arg("avx512") = int(F_AVX512),
+                           py::arg("vbmi") = int(F_VBMI), py::arg("openmp") = int(F_OPENMP),
+                           py::arg("fp16_lut") = int(F_FP16_LUT));
+  c["plan_dtypes"] = py::make_tuple("float32", "bfloat16", "float16");  // Plan::set_method's dtype index
+  return c;
+}
+}  // namespace fasq_cpu
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("constants", &fasq_cpu::constants, "layout constants and enum values shared with cpu.py");
   py::class_<fasq_cpu::Plan>(m, "Plan")
       .def(py::init(&fasq_cpu::make_plan))
       .def("run", &fasq_cpu::Plan::run, "y, or None when the plan cannot serve this call")
       .def("valid", &fasq_cpu::Plan::valid)
       .def("set_method", &fasq_cpu::Plan::set_method)
       .def("call", &fasq_cpu::Plan::call, "PQLinear.__call__: y, or None when nn.Module.__call__ must run");
-  m.def("set_module_globals", [](py::dict g) {
-    auto& k = fasq_cpu::Plan::call_keys();
-    Py_XDECREF(k.globals);
-    k.globals = g.inc_ref().ptr();
-  }, "torch.nn.modules.module.__dict__, where the global module hooks live (Plan.call checks them)");
+  m.def("set_module_call_fields", &fasq_cpu::ModuleCallFields::set,
+        "the private nn.Module fields Plan.call checks (cpu.py: module_call_fields())");
 }

@@ -40,30 +40,53 @@
 
 namespace fasq_cpu {
 
-// Layout of the int[] `meta` argument (cpu.py builds it once per layer).
+// The int[] `meta` argument of cpu_pq_linear and the Plan: one int per field, in this order
+// (M_IN = 0, M_OUT = 1, ...).  cpu.py builds it by name (META_FIELDS, checked against the names
+// exported here by constants() in pq_cpu.cpp when the library loads).
+#define FASQ_META_FIELDS(X)                                                                       \
+  X(M_IN, "in_features") X(M_OUT, "out_features") X(M_D, "subvector_dim") X(M_K, "num_centroids") \
+  X(M_M, "num_codebooks") X(M_BITS, "bits") X(M_NSUB, "n_sub")                                    \
+  X(M_GS, "group_subvectors") /* sub-vector positions per scale group */                           \
+  X(M_NG, "n_groups") X(M_ROT, "rotation_block") X(M_MODE, "mode") X(M_ISA, "isa")                 \
+  X(M_DP, "padded_dim") /* d rounded up to a power of two (DIRECT, stored-layout TILED) */         \
+  X(M_KP, "table_size") /* entries of a LUT / PERM table plane: 64, 128, 256 or 512 >= K */        \
+  X(M_WORDS, "words_per_row") X(M_POISON, "poison")
 enum Meta {
-  M_IN, M_OUT, M_D, M_K, M_M, M_BITS, M_NSUB, M_GS, M_NG, M_ROT, M_MODE, M_ISA, M_DP, M_KP, M_WORDS, M_POISON, M_COUNT
+#define FASQ_META_ENUM(name, text) name,
+  FASQ_META_FIELDS(FASQ_META_ENUM)
+#undef FASQ_META_ENUM
+  M_COUNT
 };
-enum Mode { DIRECT = 0, LUT = 1, TILED = 2, PERM = 3 };
-enum Isa { SCALAR = 0, AVX2 = 1, AVX512 = 2 };
-constexpr int RB = 64;  // rows per block in the LUT / PERM layout: one byte lane per row (see lookup64_fp16)
+enum Mode { DIRECT = 0, LUT = 1, TILED = 2, PERM = 3 };  // meta[M_MODE]: cpu.py's METHODS
+enum Isa { SCALAR = 0, AVX2 = 1, AVX512 = 2 };           // meta[M_ISA]: cpu.py's ISAS
+// Rows per block in the repacked (LUT / PERM) layout: one byte lane of a 64-byte register per row.
+constexpr int RB = 64;
+
+// What the library was compiled with: the bits of features().
+enum Feature {
+  F_AVX2 = 1,
+  F_AVX512 = 2,
+  F_VBMI = 4,
+  F_OPENMP = 8,
+  F_FP16_LUT = 16,  // the LUT tables are built in fp16 arithmetic (lut_build_one_fp16)
+};
 
 int64_t features() {
   int64_t f = 0;
 #ifdef FASQ_AVX2
-  f |= 1;
+  f |= F_AVX2;
 #endif
 #ifdef FASQ_AVX512
-  f |= 2;
+  f |= F_AVX512;
 #endif
 #ifdef FASQ_VBMI
-  f |= 4;
+  f |= F_VBMI;
 #endif
 #ifdef _OPENMP
-  f |= 8;
+  f |= F_OPENMP;
 #endif
 #if defined(FASQ_VBMI) && defined(__AVX512FP16__)
-  f |= 16;  // the LUT tables are built in fp16 arithmetic (lut_build_one_fp16)
+  f |= F_FP16_LUT;
 #endif
   return f;
 }

@@ -19,7 +19,39 @@ namespace fasq_cpu {
 //     same version counters (in-place updates);
 //   * the registry's generation and $FASQ_DISABLE_KERNELS.
 // The sparse outlier correction y[t, row] += val * x[t, col] is added here too, in fp32.
-constexpr int kPlanTokens = 16;  // = FEW_MAX_TOKENS in cpu.py
+constexpr int kPlanTokens = 16;  // cpu.py's FEW_MAX_TOKENS (checked against constants() at load)
+
+// The private nn.Module fields Plan.call reads, as cpu.py's module_call_fields() names them (the
+// one place that knows them; set once when the library loads): the module __dict__ keys of its
+// hook dicts, of module.compile()'s compiled call and of a forward assigned on the instance; the
+// global hook dicts' names in torch.nn.modules.module's namespace (`globals`).  Keys are interned,
+// so that the dict look-ups compare pointers.
+struct __attribute__((visibility("hidden"))) ModuleCallFields {
+  py::str compiled, forward, buffers;
+  std::vector<py::str> hooks, global_hooks;
+  PyObject* globals = nullptr;  // a strong reference, never released (module globals live as long)
+
+  static const ModuleCallFields* get() { return current(); }
+  static void set(const py::dict& f) {
+    auto* k = new ModuleCallFields();  // leaked on purpose: no Python calls at interpreter exit
+    k->compiled = interned(f["compiled"]), k->forward = interned(f["forward"]), k->buffers = interned(f["buffers"]);
+    for (auto name : py::list(f["instance_hooks"])) k->hooks.push_back(interned(name));
+    for (auto name : py::list(f["global_hooks"])) k->global_hooks.push_back(interned(name));
+    k->globals = py::dict(f["globals"]).inc_ref().ptr();
+    current() = k;  // a previous one stays allocated: a Plan.call may be reading it
+  }
+
+ private:
+  static const ModuleCallFields*& current() {
+    static const ModuleCallFields* k = nullptr;
+    return k;
+  }
+  static py::str interned(py::handle name) {
+    PyObject* o = py::str(name).release().ptr();
+    PyUnicode_InternInPlace(&o);
+    return py::reinterpret_steal<py::str>(o);
+  }
+};
 
 // Hidden like pybind11's own types (its py::object fields), as it was when defined in the .cpp.
 struct __attribute__((visibility("hidden"))) Plan {
@@ -95,56 +127,30 @@ struct __attribute__((visibility("hidden"))) Plan {
     return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(y)));
   }
 
-  // PQLinear.__call__'s fast path: the checks of nn.Module._call_impl (no hooks of the module or
-  // global ones, no module.compile(), forward not replaced on the instance, e.g. by accelerate's
-  // hooks), then run().  `d` is the module's __dict__.  None: call nn.Module.__call__ instead.  Cold
+  // PQLinear.__call__'s fast path: the checks nn.Module._call_impl makes before it calls forward
+  // straight away (the module fields ModuleCallFields names), then run().  `d` is the module's
+  // __dict__.  None: call nn.Module.__call__ instead (also before cpu.py has set the fields).  Cold
   // (a decode step whose model does not fit the caches) nn.Module.__call__ + forward cost ~60 us of
   // interpreter cache misses on a SmolLM2-size layer, as much as the kernel.
   py::object call(py::handle d, py::handle xh, int64_t gen) const {
     PyObject* dict = d.ptr();
-    if (!PyDict_Check(dict)) return py::none();
-    const CallKeys& k = call_keys();
-    PyObject* v = PyDict_GetItem(dict, k.compiled.ptr());  // borrowed references throughout
+    const ModuleCallFields* k = ModuleCallFields::get();
+    if (k == nullptr || !PyDict_Check(dict)) return py::none();
+    PyObject* v = PyDict_GetItem(dict, k->compiled.ptr());  // borrowed references throughout
     if (v != nullptr && v != Py_None) return py::none();
-    if (PyDict_GetItem(dict, k.forward.ptr()) != nullptr) return py::none();
-    for (const py::str& name : k.hooks) {
+    if (PyDict_GetItem(dict, k->forward.ptr()) != nullptr) return py::none();
+    for (const py::str& name : k->hooks) {
       v = PyDict_GetItem(dict, name.ptr());
       if (v == nullptr || !PyDict_Check(v) || PyDict_GET_SIZE(v) != 0) return py::none();
     }
-    if (!k.globals) return py::none();
-    for (const py::str& name : k.global_hooks) {
-      v = PyDict_GetItem(k.globals, name.ptr());
+    for (const py::str& name : k->global_hooks) {
+      v = PyDict_GetItem(k->globals, name.ptr());
       if (v == nullptr || !PyDict_Check(v) || PyDict_GET_SIZE(v) != 0) return py::none();
     }
-    PyObject* buffers = PyDict_GetItem(dict, k.buffers.ptr());
+    PyObject* buffers = PyDict_GetItem(dict, k->buffers.ptr());
     if (buffers == nullptr) return py::none();
     return run(xh, buffers, gen);
   }
-
-  // Interned key strings, and torch.nn.modules.module's globals (set_module_globals).
-  struct CallKeys {
-    py::str compiled{"_compiled_call_impl"}, forward{"forward"}, buffers{"_buffers"};
-    std::vector<py::str> hooks{py::str("_forward_hooks"), py::str("_forward_pre_hooks"), py::str("_backward_hooks"),
-                               py::str("_backward_pre_hooks")};
-    std::vector<py::str> global_hooks{py::str("_global_forward_hooks"), py::str("_global_forward_pre_hooks"),
-                                      py::str("_global_backward_hooks"), py::str("_global_backward_pre_hooks")};
-    PyObject* globals = nullptr;  // a strong reference, never released (module globals live as long)
-    CallKeys() {
-      for (py::str* s : {&compiled, &forward, &buffers}) intern(*s);
-      for (auto& s : hooks) intern(s);
-      for (auto& s : global_hooks) intern(s);
-    }
-    static void intern(py::str& s) {
-      PyObject* o = s.release().ptr();
-      PyUnicode_InternInPlace(&o);
-      s = py::reinterpret_steal<py::str>(o);
-    }
-  };
-  static CallKeys& call_keys() {
-    static CallKeys* k = new CallKeys();  // leaked on purpose: no Python calls at interpreter exit
-    return *k;
-  }
-
 };
 
 static at::Tensor opt(const c10::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
