@@ -2,10 +2,11 @@
 
 Importing this module compiles nothing; it registers four kernels with :mod:`fasq.kernels`
 (the registry imports it the first time a layer runs on the CPU).  The first ``supports()`` call
-builds ``pq_cpu.cpp`` with ``torch.utils.cpp_extension`` (``-O3 -march=native -fopenmp``) into
-``~/.cache/fasq/cpu_kernels/<hash>/`` (``$FASQ_CACHE`` or, for builds alone, ``$FASQ_CACHE_DIR`` overrides ``~/.cache/fasq``; :mod:`fasq.native`), once
-per machine, source and torch version.  When no compiler works, one warning is logged and every
-kernel here declines, so the plain-PyTorch reference serves.
+builds ``pq_cpu.cpp`` (and the ``pq_cpu/*.h`` it includes) with ``torch.utils.cpp_extension``
+(``-O3 -march=native -fopenmp``) into ``~/.cache/fasq/cpu_kernels/<hash>/`` (``$FASQ_CACHE`` or, for
+builds alone, ``$FASQ_CACHE_DIR`` overrides ``~/.cache/fasq``; :mod:`fasq.native`), once per machine,
+source and torch version.  When no compiler works, one warning is logged and every kernel here
+declines, so the plain-PyTorch reference serves.
 
 ==============  ========  ======================================================================
 name            priority  used for
@@ -191,8 +192,8 @@ class _Prepared:
     bufs: tuple                                   # the buffers it was made from (by identity) ...
     versions: list                                # ... and [(buffer, version)] of those that have one
     tables: torch.Tensor                          # fp32 [M, K, dp] codebooks for direct / tiled
-    lut: tuple | None = None                      # (codes [n_rb, M, cstride] u8, cbT [M, d+1, KP],
-                                                  #  scales [n_rb, G, 64], planes [M, d, 2, KP] u8)
+    lut: tuple | None = None                      # (codes [n_rb, M, cstride] u8, cb_transposed [M, d+1, entries],
+                                                  #  scales [n_rb, G, 64], planes [M, d, 2, entries] u8)
     args: dict = field(default_factory=dict)      # (method, isa, poison) -> the op's arguments after x
 
 
@@ -215,8 +216,8 @@ def _prepare(layer) -> _Prepared:
 
 
 # Table planes (LUT and PERM) hold, in each block of 64 bytes, entry 64b + i at byte 2i and entry
-# 64b + 32 + i at byte 2i + 1 (the order pq_cpu.cpp's store_planes writes without byte permutes);
-# the repacked codes hold each code's byte position.
+# 64b + 32 + i at byte 2i + 1 (the order store_planes in pq_cpu/scan_tables.h writes without byte
+# permutes); the repacked codes hold each code's byte position.
 _P = torch.arange(512)
 PLANE_ORDER = (_P & ~63) | ((_P & 63) // 2 + 32 * (_P & 1))                   # byte position -> entry
 _PLANE_POSITION = torch.empty(512, dtype=torch.int16)
@@ -225,7 +226,7 @@ del _P
 
 
 def table_size(spec: LayerSpec) -> int:
-    """KP, the entries of a LUT / PERM table plane: the least of 64, 128, 256 and 512 that holds K."""
+    """The entries of a LUT / PERM table plane: the least of 64, 128, 256 and 512 that holds K."""
     return 64 if spec.bits <= 6 else 128 if spec.bits == 7 else 256 if spec.bits == 8 else 512
 
 
@@ -237,7 +238,7 @@ def _lut_tensors(layer, p: _Prepared) -> tuple:
         m_books, out, n_sub = spec.num_codebooks, spec.out_features, spec.n_sub
         rb = ROWS_PER_BLOCK
         n_rb = -(-out // rb)
-        kp = table_size(spec)
+        table_entries = table_size(spec)
         codes = torch.zeros(n_rb * rb, m_books, n_sub, dtype=torch.int16)
         step = max(rb, (1 << 22) // max(1, m_books * n_sub) // rb * rb)         # bound the int64 temp
         for r0 in range(0, out, step):
@@ -245,31 +246,33 @@ def _lut_tensors(layer, p: _Prepared) -> tuple:
             idx = unpack_codes(layer.codes[:, r0:r1], spec.bits, n_sub)          # [M, rows, n_sub]
             codes[r0:r1] = _PLANE_POSITION[idx].permute(1, 0, 2)                # code -> its table byte position
         # Byte lane 2i of a row block holds row i and lane 2i + 1 row 32 + i: the kernel takes the even
-        # and odd bytes of a looked-up table plane as 16-bit words (see even_bytes in pq_cpu.cpp).
+        # and odd bytes of a looked-up table plane as 16-bit words (see odd_bytes in pq_cpu/scan_lookup.h).
         lanes = torch.arange(rb)
         order = lanes // 2 + (rb // 2) * (lanes % 2)
         codes = codes.view(n_rb, rb, m_books, n_sub).permute(0, 2, 3, 1)[..., order]  # [n_rb, M, n_sub, 64]
         low = (codes & 0xFF).to(torch.uint8).reshape(n_rb, m_books, n_sub * rb)
-        if kp == 512:  # bit i of a position's 64-bit mask (little-endian) = the ninth bit of byte lane i
+        if table_entries == 512:  # bit i of a position's 64-bit mask (little-endian): byte lane i's ninth bit
             ninth = (codes >> 8).to(torch.uint8).reshape(n_rb, m_books, n_sub, 8, 8)
             bits = (ninth << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)  # [n_rb, M, n_sub, 8]
             codes = torch.cat([low, bits.reshape(n_rb, m_books, n_sub * 8)], -1).contiguous()
         else:
             codes = low.contiguous()
-        cbt = layer.codebooks.detach().float().permute(0, 2, 1)                  # [M, d, K]
-        cmax = torch.nn.functional.pad(cbt.abs().amax(-1), (0, kp - spec.subvector_dim))  # [M, KP]
-        cbt = torch.nn.functional.pad(cbt, (0, kp - spec.num_centroids))
-        cbt = torch.cat([cbt, cmax[:, None]], 1).contiguous()   # [M, d + 1, KP]; row d: max |cb| per coord
+        pad = torch.nn.functional.pad
+        cb_transposed = layer.codebooks.detach().float().permute(0, 2, 1)                  # [M, d, K]
+        cmax = pad(cb_transposed.abs().amax(-1), (0, table_entries - spec.subvector_dim))  # [M, table_entries]
+        cb_transposed = pad(cb_transposed, (0, table_entries - spec.num_centroids))
+        # [M, d + 1, table_entries]; row d: max |cb| per coordinate
+        cb_transposed = torch.cat([cb_transposed, cmax[:, None]], 1).contiguous()
         books = layer.codebooks.detach().half().contiguous().view(torch.int16).int()  # [M, K, d] fp16 bits
         planes = torch.stack([books & 0xFF, (books >> 8) & 0xFF], -1).permute(0, 2, 3, 1)  # [M, d, 2, K]
-        planes = torch.nn.functional.pad(planes, (0, kp - spec.num_centroids))[..., PLANE_ORDER[:kp]]
+        planes = pad(planes, (0, table_entries - spec.num_centroids))[..., PLANE_ORDER[:table_entries]]
         planes = planes.to(torch.uint8).contiguous()
         if spec.has_scales:
             s = torch.nn.functional.pad(layer.scales.detach().half(), (0, 0, 0, n_rb * rb - out))
             scales = s.view(n_rb, rb, spec.n_groups).permute(0, 2, 1).contiguous()  # [n_rb, G, 64]
         else:
             scales = torch.zeros(0, dtype=torch.float16)
-        p.lut = (codes, cbt, scales, planes)
+        p.lut = (codes, cb_transposed, scales, planes)
     return p.lut
 
 
@@ -305,7 +308,7 @@ def cpu_linear(x: torch.Tensor, layer, method: str, isa: str | None = None, outl
         if method == "lut":
             codes, tables, scales, _ = _lut_tensors(layer, p)
         elif method == "perm" or (method == "tiled" and lut_supported(layer.spec, isa)):
-            # TILED on the repacked layout dequantizes by byte permutes (pq_cpu.cpp: run_tiled_repacked)
+            # TILED on the repacked layout dequantizes by byte permutes (pq_cpu/tiled.h: run_tiled_repacked)
             codes, _, scales, tables = _lut_tensors(layer, p)
         else:
             codes, tables, scales = b["codes"], p.tables, b["scales"]

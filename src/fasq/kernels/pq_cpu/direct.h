@@ -14,7 +14,7 @@ struct RowArgs {
   const float* const* cb;     // [M] -> [K][DP]
   const float* const* xs;     // [NT] -> prepared input
   const c10::Half* scales;    // row's scales [G] or nullptr
-  int64_t M, nsub, gs, ng;
+  int64_t n_books, nsub, gs, ng;
 };
 
 template <int DP, int NT>
@@ -26,7 +26,7 @@ static void row_scalar(const RowArgs& a, float* out) {
     float acc[NT] = {};
     for (int64_t j = js; j < je; ++j) {
       float w[DP] = {};
-      for (int64_t m = 0; m < a.M; ++m) {
+      for (int64_t m = 0; m < a.n_books; ++m) {
         const float* c = a.cb[m] + static_cast<int64_t>(a.idx[m][j]) * DP;
         for (int q = 0; q < DP; ++q) w[q] += c[q];
       }
@@ -60,14 +60,14 @@ static void row_avx512(const RowArgs& a, float* out) {
         const __mmask16 km = static_cast<__mmask16>((1u << n) - 1u);
         if constexpr (DP == 1) {
           __m512 w = zero;
-          for (int64_t m = 0; m < a.M; ++m) {
+          for (int64_t m = 0; m < a.n_books; ++m) {
             const __m512i iv = _mm512_loadu_si512(a.idx[m] + j0);
             w = _mm512_add_ps(w, _mm512_mask_i32gather_ps(zero, km, iv, a.cb[m], 4));
           }
           for (int t = 0; t < NT; ++t) acc[t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(a.xs[t] + j0), acc[t]);
         } else {
           __m512d w0 = _mm512_setzero_pd(), w1 = _mm512_setzero_pd();
-          for (int64_t m = 0; m < a.M; ++m) {
+          for (int64_t m = 0; m < a.n_books; ++m) {
             const __m512i iv = _mm512_loadu_si512(a.idx[m] + j0);
             const double* cbd = reinterpret_cast<const double*>(a.cb[m]);
             w0 = _mm512_castps_pd(_mm512_add_ps(_mm512_castpd_ps(w0), _mm512_castpd_ps(_mm512_mask_i32gather_pd(
@@ -89,7 +89,7 @@ static void row_avx512(const RowArgs& a, float* out) {
         const int n = static_cast<int>(std::min<int64_t>(PER, je - j0));
         const __mmask16 km = static_cast<__mmask16>(n == PER ? 0xFFFF : (1u << (n * DP)) - 1u);
         __m512 w = _mm512_setzero_ps();
-        for (int64_t m = 0; m < a.M; ++m) {
+        for (int64_t m = 0; m < a.n_books; ++m) {
           const int32_t* ip = a.idx[m] + j0;
           const float* cb = a.cb[m];
           __m512 v;
@@ -133,7 +133,7 @@ static void row_avx2(const RowArgs& a, float* out) {
       for (int64_t j0 = js; j0 < je; j0 += 8) {
         const __m256i km = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(je - j0)), lanes);
         __m256 w = _mm256_setzero_ps();
-        for (int64_t m = 0; m < a.M; ++m) {
+        for (int64_t m = 0; m < a.n_books; ++m) {
           const __m256i iv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.idx[m] + j0));
           w = _mm256_add_ps(w, _mm256_mask_i32gather_ps(_mm256_setzero_ps(), a.cb[m], iv, _mm256_castsi256_ps(km), 4));
         }
@@ -144,7 +144,7 @@ static void row_avx2(const RowArgs& a, float* out) {
         const __m256i n4 = _mm256_set1_epi64x(je - j0);
         const __m256i km = _mm256_cmpgt_epi64(n4, _mm256_set_epi64x(3, 2, 1, 0));
         __m256d w = _mm256_setzero_pd();
-        for (int64_t m = 0; m < a.M; ++m) {
+        for (int64_t m = 0; m < a.n_books; ++m) {
           const __m128i iv = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.idx[m] + j0));
           const __m256d gv = _mm256_mask_i32gather_pd(_mm256_setzero_pd(), reinterpret_cast<const double*>(a.cb[m]), iv,
                                                       _mm256_castsi256_pd(km), 8);
@@ -162,7 +162,7 @@ static void row_avx2(const RowArgs& a, float* out) {
           for (int q = 0; q < PER; ++q) {
             const int64_t j = j0 + q;
             if (j >= je) break;
-            for (int64_t m = 0; m < a.M; ++m) {
+            for (int64_t m = 0; m < a.n_books; ++m) {
               const float* cp = a.cb[m] + static_cast<int64_t>(a.idx[m][j]) * DP + h * 8;
               for (int c = 0; c < std::min(DP, 8); ++c) wbuf[q * std::min(DP, 8) + c] += cp[c];
             }
@@ -216,7 +216,7 @@ static RowFn pick_row_fn(int isa, int dp, int nt) {
 
 static void run_direct(const at::Tensor& x2, int64_t T, at::Tensor& y, const at::Tensor& codes, const at::Tensor& tables,
                        const at::Tensor& scales, const at::Tensor& signs, const at::Tensor& bias, const int64_t* mt) {
-  const int64_t out = mt[M_OUT], nsub = mt[M_NSUB], Mb = mt[M_M], dp = mt[M_DP], K_ = mt[M_K];
+  const int64_t out = mt[M_OUT], nsub = mt[M_NSUB], n_books = mt[M_M], dp = mt[M_DP], n_centroids = mt[M_K];
   const int isa = static_cast<int>(mt[M_ISA]), b = static_cast<int>(mt[M_BITS]);
   const int64_t words = mt[M_WORDS], nbytes = words * 4;
   // Token blocks of 1, 2, 4 or 8 (zero-padded): the gathers of a row are shared by a block's tokens.
@@ -234,24 +234,24 @@ static void run_direct(const at::Tensor& x2, int64_t T, at::Tensor& y, const at:
   const c10::Half* sp = mt[M_NG] ? scales.data_ptr<c10::Half>() : nullptr;
   const int64_t ng = mt[M_NG];
   // ~2.5 ns per (row, code) for decode + gather, plus the FMAs of each token.
-  const int nth = n_threads(static_cast<double>(out) * nsub * Mb * (2.5 + 0.1 * T_pad * dp));
+  const int nth = n_threads(static_cast<double>(out) * nsub * n_books * (2.5 + 0.1 * T_pad * dp));
   (void)nth;  // unused when built without OpenMP
 #pragma omp parallel num_threads(nth) if (nth > 1)
   {
-    std::vector<int32_t> idx_v(static_cast<size_t>(Mb * (nsub + 16)));
-    std::vector<const int32_t*> idx_p(Mb);
-    std::vector<const float*> cb_p(Mb);
-    for (int64_t m = 0; m < Mb; ++m) {
+    std::vector<int32_t> idx_v(static_cast<size_t>(n_books * (nsub + 16)));
+    std::vector<const int32_t*> idx_p(n_books);
+    std::vector<const float*> cb_p(n_books);
+    for (int64_t m = 0; m < n_books; ++m) {
       idx_p[m] = idx_v.data() + m * (nsub + 16);
-      cb_p[m] = tb + m * K_ * dp;
+      cb_p[m] = tb + m * n_centroids * dp;
     }
     const float* xs[8];
     float res[8];
 #pragma omp for schedule(static)
     for (int64_t o = 0; o < out; ++o) {
-      for (int64_t m = 0; m < Mb; ++m)
+      for (int64_t m = 0; m < n_books; ++m)
         decode_row(cbase + (m * out + o) * nbytes, nbytes, b, nsub, idx_v.data() + m * (nsub + 16), isa);
-      RowArgs ra{idx_p.data(), cb_p.data(), xs, sp ? sp + o * ng : nullptr, Mb, nsub, mt[M_GS], ng};
+      RowArgs ra{idx_p.data(), cb_p.data(), xs, sp ? sp + o * ng : nullptr, n_books, nsub, mt[M_GS], ng};
       for (int64_t t0 = 0; t0 < T_pad; t0 += nt) {
         for (int t = 0; t < nt; ++t) xs[t] = xbuf + (t0 + t) * stride;
         fn(ra, res);

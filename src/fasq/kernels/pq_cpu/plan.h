@@ -53,10 +53,11 @@ struct __attribute__((visibility("hidden"))) ModuleCallFields {
   }
 };
 
-// Hidden like pybind11's own types (its py::object fields), as it was when defined in the .cpp.
+// Hidden like pybind11's own types (its py::object fields): GCC warns about a type defined outside
+// the main file that is more visible than its fields.
 struct __attribute__((visibility("hidden"))) Plan {
   at::Tensor codes, tables, scales, signs, bias;  // stored layout (direct / tiled)
-  at::Tensor rcodes, cbt, rscales, planes;        // repacked layout (lut / perm); undefined without VBMI
+  at::Tensor rcodes, cb_transposed, rscales, planes;        // repacked layout (lut / perm); undefined without VBMI
   at::Tensor orowptr, ocol, oval;                 // outliers by row: int32 rowptr, int32 cols, fp32 values
   SparseRows orows;                               // the rows with outliers, each outlier's row
   Sparse sparse;
@@ -111,7 +112,7 @@ struct __attribute__((visibility("hidden"))) Plan {
     const bool repacked = mode == LUT || mode == PERM || (mode == TILED && rcodes.defined());
     at::Tensor y;
     auto compute = [&] {
-      y = pq_linear_impl(x, repacked ? rcodes : codes, mode == LUT ? cbt : repacked ? planes : tables,
+      y = pq_linear_impl(x, repacked ? rcodes : codes, mode == LUT ? cb_transposed : repacked ? planes : tables,
                          repacked ? rscales : scales, signs, bias, mt, sparse.n_nz ? &sparse : nullptr);
     };
     // ATen's Python bindings release the GIL around every op, so that other Python threads run
@@ -157,7 +158,7 @@ static at::Tensor opt(const c10::optional<at::Tensor>& t) { return t.has_value()
 
 static std::unique_ptr<Plan> make_plan(const at::Tensor& codes, const at::Tensor& tables, const at::Tensor& scales,
                                        const at::Tensor& signs, const c10::optional<at::Tensor>& bias,
-                                       const c10::optional<at::Tensor>& rcodes, const c10::optional<at::Tensor>& cbt,
+                                       const c10::optional<at::Tensor>& rcodes, const c10::optional<at::Tensor>& cb_transposed,
                                        const c10::optional<at::Tensor>& rscales,
                                        const c10::optional<at::Tensor>& planes, const c10::optional<at::Tensor>& orowptr,
                                        const c10::optional<at::Tensor>& ocol, const c10::optional<at::Tensor>& oval,
@@ -166,7 +167,7 @@ static std::unique_ptr<Plan> make_plan(const at::Tensor& codes, const at::Tensor
   TORCH_CHECK(meta.size() == M_COUNT, "fasq Plan: meta must have ", int(M_COUNT), " entries");
   auto p = std::make_unique<Plan>();
   p->codes = codes, p->tables = tables, p->scales = scales, p->signs = signs, p->bias = opt(bias);
-  p->rcodes = opt(rcodes), p->cbt = opt(cbt), p->rscales = opt(rscales), p->planes = opt(planes);
+  p->rcodes = opt(rcodes), p->cb_transposed = opt(cb_transposed), p->rscales = opt(rscales), p->planes = opt(planes);
   p->orowptr = opt(orowptr), p->ocol = opt(ocol), p->oval = opt(oval);
   if (p->orowptr.defined() || p->ocol.defined() || p->oval.defined()) {
     TORCH_CHECK(p->orowptr.defined() && p->ocol.defined() && p->oval.defined(),

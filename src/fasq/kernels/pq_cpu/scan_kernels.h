@@ -31,7 +31,7 @@ static void scan_item(const ScanArgs& a, int64_t t0, int64_t rb0, int64_t rb1, i
   // is prefetched SCAN_PF row blocks ahead.  Not past the last row block: a prefetch never faults,
   // but one to an address the TLB does not hold walks the page tables for nothing (a small layer's
   // every prefetch would).
-  const int64_t pf_ahead = SCAN_PF * a.M * a.cstride;
+  const int64_t pf_ahead = SCAN_PF * a.n_books * a.cstride;
   for (int64_t g = g0; g < g1; ++g)
   for (int64_t rb = rb0; rb < rb1; ++rb) {
     const int64_t pf = rb + SCAN_PF < a.nrb ? pf_ahead : 0;
@@ -39,8 +39,8 @@ static void scan_item(const ScanArgs& a, int64_t t0, int64_t rb0, int64_t rb1, i
     __m512 acc[NT][4];
     for (int t = 0; t < NT; ++t)
       for (int q = 0; q < 4; ++q) acc[t][q] = _mm512_setzero_ps();
-    for (int64_t m = 0; m < a.M; ++m) {
-      const uint8_t* cbase = a.codes + (rb * a.M + m) * a.cstride;
+    for (int64_t m = 0; m < a.n_books; ++m) {
+      const uint8_t* cbase = a.codes + (rb * a.n_books + m) * a.cstride;
       const uint8_t* cp = cbase + js * RB;
       // KP = 512: the ninth bits of position j (read unaligned: 8 bytes, inside the block)
       const uint8_t* up = cbase + a.nsub * RB + js * 8;
@@ -74,7 +74,7 @@ static void scan_item(const ScanArgs& a, int64_t t0, int64_t rb0, int64_t rb1, i
         }
       } else {
         const uint8_t* lp[NT];
-        for (int t = 0; t < NT; ++t) lp[t] = a.tab + (((t0 + t) * a.M + m) * a.tab_n + js - a.tab_j0) * 2 * KP;
+        for (int t = 0; t < NT; ++t) lp[t] = a.tab + (((t0 + t) * a.n_books + m) * a.tab_n + js - a.tab_j0) * 2 * KP;
         for (int64_t j0 = js; j0 < je; j0 += kSumSpan) {
           const int64_t j1 = std::min(je, j0 + kSumSpan);
           IntSums sums[NT];
@@ -135,7 +135,7 @@ static void perm_blocks(const ScanArgs& a, int64_t rb0, int64_t rb1, int64_t s, 
       __m512 sv[4];
       scales64(a.scales ? a.scales + (rb * a.ng + g) * RB : nullptr, sv);
       for (int64_t j = js; j < je; ++j)
-        weights64<KP>(a.codes + rb * a.M * a.cstride, a.tab, a.M, a.cstride, a.nsub, d, j, 0, d, sv,
+        weights64<KP>(a.codes + rb * a.n_books * a.cstride, a.tab, a.n_books, a.cstride, a.nsub, d, j, 0, d, sv,
                       [&](int64_t c, const __m512* w) {
                         float* bp = buf + ((j - js) * d + c) * RB;
                         for (int q = 0; q < 4; ++q) _mm512_store_ps(bp + 16 * q, w[q]);
@@ -224,8 +224,9 @@ static Lut1Fn pick_lut1_nr(int nr) {
   }
 }
 
-static Lut1Fn pick_lut1(int64_t kp, int nr) {
-  return kp == 64 ? pick_lut1_nr<64>(nr) : kp == 128 ? pick_lut1_nr<128>(nr) : kp == 256 ? pick_lut1_nr<256>(nr)
+static Lut1Fn pick_lut1(int64_t table_size, int nr) {
+  return table_size == 64 ? pick_lut1_nr<64>(nr) : table_size == 128 ? pick_lut1_nr<128>(nr)
+       : table_size == 256 ? pick_lut1_nr<256>(nr)
                   : pick_lut1_nr<512>(nr);
 }
 
@@ -249,11 +250,11 @@ static ScanFn pick_scan_d(int nt, int64_t d) {
   return pick_scan_nt<PERM, KP, 0>(nt);
 }
 
-static ScanFn pick_scan(bool perm, int64_t kp, int nt, int64_t d) {
-  if (perm) return kp == 64 ? pick_scan_d<true, 64>(nt, d) : kp == 128 ? pick_scan_d<true, 128>(nt, d)
-                : kp == 256 ? pick_scan_d<true, 256>(nt, d) : pick_scan_d<true, 512>(nt, d);
-  return kp == 64 ? pick_scan_d<false, 64>(nt, d) : kp == 128 ? pick_scan_d<false, 128>(nt, d)
-                : kp == 256 ? pick_scan_d<false, 256>(nt, d) : pick_scan_d<false, 512>(nt, d);
+static ScanFn pick_scan(bool perm, int64_t table_size, int nt, int64_t d) {
+  if (perm) return table_size == 64 ? pick_scan_d<true, 64>(nt, d) : table_size == 128 ? pick_scan_d<true, 128>(nt, d)
+                : table_size == 256 ? pick_scan_d<true, 256>(nt, d) : pick_scan_d<true, 512>(nt, d);
+  return table_size == 64 ? pick_scan_d<false, 64>(nt, d) : table_size == 128 ? pick_scan_d<false, 128>(nt, d)
+                : table_size == 256 ? pick_scan_d<false, 256>(nt, d) : pick_scan_d<false, 512>(nt, d);
 }
 #endif  // FASQ_VBMI
 

@@ -22,8 +22,8 @@ struct ScanArgs {
   const float* x;           // PERM: prepared input [T][stride]
   const float* tscale;      // LUT: [T]
   const c10::Half* scales;  // repacked [n_rb][G][64], or nullptr
-  float* ypart;             // [S][T][n_rb*64]
-  int64_t T, M, d, nsub, gs, ng, nrb, S, stride;
+  float* ypart;             // [n_slices][T][n_rb*64]
+  int64_t T, n_books, d, nsub, gs, ng, nrb, n_slices, stride;
   int64_t cstride;                // bytes of codes per (row block, codebook): n_sub * 64 (* 9 / 8 for KP = 512)
   int64_t tab_j0 = 0, tab_n = 0;  // LUT: the tables held are those of positions [tab_j0, tab_j0 + tab_n)
   bool accumulate = false;        // add to ypart from the first group on (a later chunk of a slice)
@@ -129,14 +129,14 @@ static inline __mmask64 ninth_bits(const uint8_t* cb, int64_t nsub, int64_t j) {
 // read once for all the coordinates (the common case, M = 1, then does one code_masks per position).
 // codes_rb = the row block's repacked codes (M x cstride bytes), planes = codebook planes [M][d][2][KP].
 template <int KP, typename Emit>
-static inline void weights64(const uint8_t* codes_rb, const uint8_t* planes, int64_t M, int64_t cstride, int64_t nsub,
-                             int64_t d, int64_t j, int64_t c0, int64_t c1, const __m512 sv[4], Emit&& emit) {
+static inline void weights64(const uint8_t* codes_rb, const uint8_t* planes, int64_t n_books, int64_t cstride,
+                             int64_t nsub, int64_t d, int64_t j, int64_t c0, int64_t c1, const __m512 sv[4], Emit&& emit) {
   const __m512i idx0 = _mm512_loadu_si512(codes_rb + j * RB);
   const CodeMasks cm0 = code_masks<KP>(idx0, ninth_bits<KP>(codes_rb, nsub, j));
   for (int64_t c = c0; c < c1; ++c) {
     __m512 out[4];
     lookup64<KP>(planes + c * 2 * KP, idx0, cm0, out);
-    for (int64_t m = 1; m < M; ++m) {
+    for (int64_t m = 1; m < n_books; ++m) {
       const uint8_t* cb = codes_rb + m * cstride;
       const __m512i idx = _mm512_loadu_si512(cb + j * RB);
       __m512 w[4];

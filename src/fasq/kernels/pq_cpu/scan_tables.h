@@ -21,25 +21,26 @@ static inline void store_planes(__m512i wa, __m512i wb, uint8_t* lo_dst, uint8_t
   _mm512_store_si512(hi_dst, _mm512_xor_si512(hi, _mm512_set1_epi8(-128)));
 }
 
-// Table of one (token, codebook, j): entry k = <cbT[:, k], xj> (xj already divided by the token
-// scale, so |entry| <= LUT_MAX) rounded to int16, stored as a lo-byte plane [kp] then an
-// offset-binary hi-byte plane [kp] (see LUT_MAX).
+// Table of one (token, codebook, j): entry k = <cb_transposed[:, k], xj> (xj already divided by the token
+// scale, so |entry| <= LUT_MAX) rounded to int16, stored as a lo-byte plane [table_size] then an
+// offset-binary hi-byte plane [table_size] (see LUT_MAX).
 template <int DD>
-__attribute__((always_inline)) static inline void lut_build_one(const float* cbT, const float* xj, int64_t d_rt, int64_t kp, uint8_t* L) {
+__attribute__((always_inline)) static inline void lut_build_one(const float* cb_transposed, const float* xj, int64_t d_rt,
+                                                                int64_t table_size, uint8_t* L) {
   const int64_t d = DD ? DD : d_rt;
   __m512 xv[16];
   for (int64_t c = 0; c < d; ++c) xv[c] = _mm512_set1_ps(xj[c]);
-  for (int64_t k0 = 0; k0 < kp; k0 += 64) {
+  for (int64_t k0 = 0; k0 < table_size; k0 += 64) {
     __m256i h[4];
     for (int q = 0; q < 4; ++q) {
-      const float* cp = cbT + k0 + 16 * q;
+      const float* cp = cb_transposed + k0 + 16 * q;
       __m512 e = _mm512_mul_ps(xv[0], _mm512_loadu_ps(cp));
-      for (int64_t c = 1; c < d; ++c) e = _mm512_fmadd_ps(xv[c], _mm512_loadu_ps(cp + c * kp), e);
+      for (int64_t c = 1; c < d; ++c) e = _mm512_fmadd_ps(xv[c], _mm512_loadu_ps(cp + c * table_size), e);
       h[q] = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(e));  // int16, rounded to nearest
     }
     const __m512i wa = _mm512_inserti64x4(_mm512_castsi256_si512(h[0]), h[1], 1);  // entries k0..k0+31
     const __m512i wb = _mm512_inserti64x4(_mm512_castsi256_si512(h[2]), h[3], 1);  // k0+32..k0+63
-    store_planes(wa, wb, L + k0, L + kp + k0);
+    store_planes(wa, wb, L + k0, L + table_size + k0);
   }
 }
 
@@ -53,66 +54,67 @@ __attribute__((always_inline)) static inline void lut_build_one(const float* cbT
 // 576-row layers); costs at most two more fp16 roundings per entry (x_j, the product): the worst
 // relative error on y in the kernel tests stays below 5e-4 (they allow 2e-3).
 template <int DD>
-__attribute__((always_inline)) static inline void lut_build_one_fp16(const uint16_t* cbh, const uint32_t* xh, int64_t d_rt, int64_t kp, uint8_t* L) {
+__attribute__((always_inline)) static inline void lut_build_one_fp16(const uint16_t* cbh, const uint32_t* xh, int64_t d_rt,
+                                                                     int64_t table_size, uint8_t* L) {
   const int64_t d = DD ? DD : d_rt;
   __m512h xv[16];
   for (int64_t c = 0; c < d; ++c) xv[c] = _mm512_castsi512_ph(_mm512_set1_epi32(static_cast<int>(xh[c])));
-  for (int64_t k0 = 0; k0 < kp; k0 += 64) {
+  for (int64_t k0 = 0; k0 < table_size; k0 += 64) {
     const uint16_t* cp = cbh + k0;
     __m512h e0 = _mm512_mul_ph(xv[0], _mm512_loadu_ph(cp)), e1 = _mm512_mul_ph(xv[0], _mm512_loadu_ph(cp + 32));
     for (int64_t c = 1; c < d; ++c) {
-      e0 = _mm512_fmadd_ph(xv[c], _mm512_loadu_ph(cp + c * kp), e0);
-      e1 = _mm512_fmadd_ph(xv[c], _mm512_loadu_ph(cp + c * kp + 32), e1);
+      e0 = _mm512_fmadd_ph(xv[c], _mm512_loadu_ph(cp + c * table_size), e0);
+      e1 = _mm512_fmadd_ph(xv[c], _mm512_loadu_ph(cp + c * table_size + 32), e1);
     }
     const __m512i wa = _mm512_cvtph_epi16(e0), wb = _mm512_cvtph_epi16(e1);  // int16, rounded to nearest
-    store_planes(wa, wb, L + k0, L + kp + k0);
+    store_planes(wa, wb, L + k0, L + table_size + k0);
   }
 }
 #endif
 
 // What a chunk's table build reads.  x: the prepared input [T][stride], divided by the token
 // scales; xh: the same as fp16 pairs (lut_build_one_fp16), or nullptr without AVX512-FP16;
-// cbT: fp32 codebooks [M][d + 1][KP]; cbh: fp16 codebooks [M][d][KP] (AVX512-FP16 only).
+// cb_transposed: fp32 codebooks [M][d + 1][KP]; cbh: fp16 codebooks [M][d][KP] (AVX512-FP16 only).
 // pf_codes (the repacked codes), pf_rbs, rb_stride, cb_stride: while it builds the tables of
 // position j, the build requests the code line of position j of the first pf_rbs row blocks of
 // each codebook (every other position: the L2 prefetcher fetches the pair of each line it
-// misses), the lines the scan reads right after the build and does not prefetch itself.  Spread over the build, these prefetches use the load
-// ports the build leaves idle.  As one loop before the rotation (until 2026-11-27) the same
-// requests made SmolLM2-shape calls 5-12% slower when the codes came from beyond L2, as in a
-// decode step (benchmarks/cpu_ab.py STREAM=1), and up to 4% slower when they were in L2.
+// misses), the lines the scan reads right after the build and does not prefetch itself.  Spread
+// over the build, these prefetches use the load ports the build leaves idle; as one loop before the
+// rotation the same requests made SmolLM2-shape calls 5-12% slower when the codes came from beyond
+// L2, as in a decode step (benchmarks/cpu_ab.py STREAM=1), and up to 4% slower when they were in L2.
 struct BuildArgs {
-  const float* cbT;
+  const float* cb_transposed;
   const uint16_t* cbh;
   const float* x;
   const uint32_t* xh;
-  int64_t stride, T, Mb, d, kp, nsub;
+  int64_t stride, T, n_books, d, table_size, nsub;
   const uint8_t* pf_codes;
   int64_t pf_rbs, rb_stride, cb_stride;  // row blocks to prefetch; bytes per row block, per codebook
 };
 
 // The tables of positions [c0, c1) of every token and codebook, in the order the scan reads
-// them: [t][m][j - c0][2 * kp].  One call per chunk rather than per table: no indirect call per
+// them: [t][m][j - c0][2 * table_size].  One call per chunk rather than per table: no indirect call per
 // table, and d is a compile-time constant for the usual d (288 calls cost ~1 us of a SmolLM2
 // k_proj's ~12).
 template <int DD>
 static void lut_build_chunk(const BuildArgs& b, int64_t c0, int64_t c1, uint8_t* tab) {
-  const int64_t d = DD ? DD : b.d, n = c1 - c0, kp = b.kp;
+  const int64_t d = DD ? DD : b.d, n = c1 - c0, table_size = b.table_size;
   for (int64_t t = 0; t < b.T; ++t)
-    for (int64_t m = 0; m < b.Mb; ++m) {
-      uint8_t* L = tab + (t * b.Mb + m) * n * 2 * kp;
+    for (int64_t m = 0; m < b.n_books; ++m) {
+      uint8_t* L = tab + (t * b.n_books + m) * n * 2 * table_size;
       const uint8_t* pf = t == 0 ? b.pf_codes + m * b.cb_stride : nullptr;
-      for (int64_t j = c0; j < c1; ++j, L += 2 * kp) {
+      for (int64_t j = c0; j < c1; ++j, L += 2 * table_size) {
         if (pf && (j & 1) == 0)
           for (int64_t r = 0; r < b.pf_rbs; ++r) {
             const uint8_t* rp = pf + r * b.rb_stride;
             _mm_prefetch(reinterpret_cast<const char*>(rp + j * RB), _MM_HINT_T1);
-            if (kp == 512 && (j & 7) == 0)  // the ninth bits: 8 bytes per position
+            if (table_size == 512 && (j & 7) == 0)  // the ninth bits: 8 bytes per position
               _mm_prefetch(reinterpret_cast<const char*>(rp + b.nsub * RB + j * 8), _MM_HINT_T1);
           }
 #ifdef __AVX512FP16__
-        lut_build_one_fp16<DD>(b.cbh + m * d * kp, b.xh + t * b.stride + j * d, d, kp, L);
+        lut_build_one_fp16<DD>(b.cbh + m * d * table_size, b.xh + t * b.stride + j * d, d, table_size, L);
 #else
-        lut_build_one<DD>(b.cbT + m * (d + 1) * kp, b.x + t * b.stride + j * d, d, kp, L);
+        lut_build_one<DD>(b.cb_transposed + m * (d + 1) * table_size, b.x + t * b.stride + j * d, d, table_size, L);
 #endif
       }
     }

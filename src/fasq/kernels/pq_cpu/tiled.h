@@ -14,7 +14,7 @@ namespace fasq_cpu {
 // One row: dst[c] = scale[g(c)] * sum_m codebook_m[code_m[j(c)]][c % d]  for c < n_sub * d.
 static void dequant_row(const int32_t* const* idx, const float* const* cb, const c10::Half* sc, const int64_t* mt,
                         float* dst, int isa) {
-  const int64_t nsub = mt[M_NSUB], Mb = mt[M_M], d = mt[M_D], dp = mt[M_DP], gs = mt[M_GS], ng = mt[M_NG];
+  const int64_t nsub = mt[M_NSUB], n_books = mt[M_M], d = mt[M_D], dp = mt[M_DP], gs = mt[M_GS], ng = mt[M_NG];
   const int64_t ngroups = ng ? ng : 1;
   for (int64_t g = 0; g < ngroups; ++g) {
     const int64_t js = g * gs, je = std::min(js + gs, nsub);
@@ -26,12 +26,12 @@ static void dequant_row(const int32_t* const* idx, const float* const* cb, const
       for (; j + 16 <= je; j += 16) {
         if (dp == 1) {
           __m512 w = _mm512_setzero_ps();
-          for (int64_t m = 0; m < Mb; ++m)
+          for (int64_t m = 0; m < n_books; ++m)
             w = _mm512_add_ps(w, _mm512_i32gather_ps(_mm512_loadu_si512(idx[m] + j), cb[m], 4));
           _mm512_storeu_ps(dst + j, _mm512_mul_ps(w, sv));
         } else {
           __m512 w0 = _mm512_setzero_ps(), w1 = _mm512_setzero_ps();
-          for (int64_t m = 0; m < Mb; ++m) {
+          for (int64_t m = 0; m < n_books; ++m) {
             const __m512i iv = _mm512_loadu_si512(idx[m] + j);
             const double* cbd = reinterpret_cast<const double*>(cb[m]);
             w0 = _mm512_add_ps(w0, _mm512_castpd_ps(_mm512_i32gather_pd(_mm512_castsi512_si256(iv), cbd, 8)));
@@ -47,7 +47,7 @@ static void dequant_row(const int32_t* const* idx, const float* const* cb, const
       const __m512 sv = _mm512_set1_ps(s);
       for (; j < je; ++j) {
         __m512 w = _mm512_setzero_ps();
-        for (int64_t m = 0; m < Mb; ++m)
+        for (int64_t m = 0; m < n_books; ++m)
           w = _mm512_add_ps(w, _mm512_maskz_loadu_ps(km, cb[m] + static_cast<int64_t>(idx[m][j]) * dp));
         _mm512_mask_storeu_ps(dst + j * d, km, _mm512_mul_ps(w, sv));
       }
@@ -57,7 +57,7 @@ static void dequant_row(const int32_t* const* idx, const float* const* cb, const
     for (; j < je; ++j) {
       float* o = dst + j * d;
       for (int64_t c = 0; c < d; ++c) o[c] = 0.f;
-      for (int64_t m = 0; m < Mb; ++m) {
+      for (int64_t m = 0; m < n_books; ++m) {
         const float* cp = cb[m] + static_cast<int64_t>(idx[m][j]) * dp;
         for (int64_t c = 0; c < d; ++c) o[c] += cp[c];
       }
@@ -133,12 +133,15 @@ static bool gemm_in_dtype(at::ScalarType dt, int64_t T) {
 static void run_tiled_repacked(const at::Tensor& x2, at::Tensor& y, const at::Tensor& codes,
                                const at::Tensor& planes, const at::Tensor& scales, const at::Tensor& signs,
                                const at::Tensor& bias, const int64_t* mt, const Sparse* sparse) {
-  const int64_t T = x2.size(0), in = mt[M_IN], out = mt[M_OUT], nsub = mt[M_NSUB], Mb = mt[M_M], kp = mt[M_KP];
-  const int64_t nrb = (out + RB - 1) / RB, cstride = nsub * RB + (kp == 512 ? nsub * 8 : 0);
-  TORCH_CHECK(kp == 64 || kp == 128 || kp == 256 || kp == 512, "fasq cpu_pq_linear: bad table size");
-  TORCH_CHECK(codes.is_contiguous() && codes.numel() == nrb * Mb * cstride,
+  const int64_t T = x2.size(0), in = mt[M_IN], out = mt[M_OUT], nsub = mt[M_NSUB], n_books = mt[M_M];
+  const int64_t table_size = mt[M_KP];
+  const int64_t nrb = (out + RB - 1) / RB, cstride = nsub * RB + (table_size == 512 ? nsub * 8 : 0);
+  TORCH_CHECK(table_size == 64 || table_size == 128 || table_size == 256 || table_size == 512,
+              "fasq cpu_pq_linear: bad table size");
+  TORCH_CHECK(codes.is_contiguous() && codes.numel() == nrb * n_books * cstride,
               "fasq cpu_pq_linear: codes are not in the repacked layout");
-  TORCH_CHECK(planes.scalar_type() == at::kByte && planes.is_contiguous() && planes.numel() == Mb * mt[M_D] * 2 * kp,
+  TORCH_CHECK(planes.scalar_type() == at::kByte && planes.is_contiguous() &&
+                  planes.numel() == n_books * mt[M_D] * 2 * table_size,
               "fasq cpu_pq_linear: bad codebook planes");
   const auto xdt = x2.scalar_type();
   const auto dt = gemm_in_dtype(xdt, T) ? xdt : at::kFloat;  // of the tile and the GEMM
@@ -169,7 +172,7 @@ static void run_tiled_repacked(const at::Tensor& x2, at::Tensor& y, const at::Te
   const uint8_t* pp = planes.data_ptr<uint8_t>();
   const c10::Half* sp = mt[M_NG] ? scales.data_ptr<c10::Half>() : nullptr;
   const int8_t* sg = fold && fold_h ? signs.data_ptr<int8_t>() : nullptr;
-  const int nth = n_threads(0.08 * static_cast<double>(R) * in * Mb);  // ~0.08 ns per weight and codebook
+  const int nth = n_threads(0.08 * static_cast<double>(R) * in * n_books);  // ~0.08 ns per weight and codebook
   (void)nth;  // unused when built without OpenMP
   for (int64_t rb0 = 0; rb0 < nrb; rb0 += rbs) {
     const int64_t nb = std::min(rbs, nrb - rb0), n = std::min(out, (rb0 + nb) * RB) - rb0 * RB;
@@ -177,8 +180,8 @@ static void run_tiled_repacked(const at::Tensor& x2, at::Tensor& y, const at::Te
     for (int64_t q = 0; q < nb; ++q) {
       const int64_t r0 = (rb0 + q) * RB, r1 = std::min(out, r0 + RB);
       auto fill = [&](auto* tp) {
-        if (rot_w) dequant_block_rot(kp, cp, pp, sp, mt, rb0 + q, rsc, tp + q * RB, R);
-        else dequant_block_t(kp, cp, pp, sp, mt, rb0 + q, in, tp + q * RB, R);
+        if (rot_w) dequant_block_rot(table_size, cp, pp, sp, mt, rb0 + q, rsc, tp + q * RB, R);
+        else dequant_block_t(table_size, cp, pp, sp, mt, rb0 + q, in, tp + q * RB, R);
         if (fold) fold_outliers(*fold, sg, fold_h, r0, r1, tp + q * RB, R, 1);
       };
       switch (dt) {
@@ -207,8 +210,8 @@ static void run_tiled(const at::Tensor& x2, at::Tensor& y, const at::Tensor& cod
     TORCH_CHECK(false, "fasq cpu_pq_linear: the repacked layout needs AVX-512 VBMI (not compiled in)");
 #endif
   }
-  const int64_t T = x2.size(0), in = mt[M_IN], out = mt[M_OUT], nsub = mt[M_NSUB], Mb = mt[M_M];
-  const int64_t dp = mt[M_DP], K_ = mt[M_K], ng = mt[M_NG], nbytes = mt[M_WORDS] * 4, width = nsub * mt[M_D];
+  const int64_t T = x2.size(0), in = mt[M_IN], out = mt[M_OUT], nsub = mt[M_NSUB], n_books = mt[M_M];
+  const int64_t dp = mt[M_DP], n_centroids = mt[M_K], ng = mt[M_NG], nbytes = mt[M_WORDS] * 4, width = nsub * mt[M_D];
   const int isa = static_cast<int>(mt[M_ISA]), b = static_cast<int>(mt[M_BITS]);
   const auto dt = x2.scalar_type();
   const at::Tensor xr = rotated_input(x2, signs, mt, dt);
@@ -224,20 +227,21 @@ static void run_tiled(const at::Tensor& x2, at::Tensor& y, const at::Tensor& cod
   const Sparse* fold = sparse && fold_outliers_for(T, mt[M_ROT]) ? sparse : nullptr;  // else added to y at the end
   const int8_t* sg = fold && mt[M_ROT] ? signs.data_ptr<int8_t>() : nullptr;
   float* tp = tile.data_ptr<float>();
-  const int nth = n_threads(2.5 * static_cast<double>(R) * nsub * Mb);
+  const int nth = n_threads(2.5 * static_cast<double>(R) * nsub * n_books);
   (void)nth;  // unused when built without OpenMP
   for (int64_t o0 = 0; o0 < out; o0 += R) {
     const int64_t n = std::min(R, out - o0);
 #pragma omp parallel num_threads(nth) if (nth > 1)
     {
-      std::vector<int32_t> idx_v(static_cast<size_t>(Mb * (nsub + 16)));
-      std::vector<const int32_t*> idx_p(Mb);
-      std::vector<const float*> cb_p(Mb);
-      for (int64_t m = 0; m < Mb; ++m) idx_p[m] = idx_v.data() + m * (nsub + 16), cb_p[m] = tb + m * K_ * dp;
+      std::vector<int32_t> idx_v(static_cast<size_t>(n_books * (nsub + 16)));
+      std::vector<const int32_t*> idx_p(n_books);
+      std::vector<const float*> cb_p(n_books);
+      for (int64_t m = 0; m < n_books; ++m)
+        idx_p[m] = idx_v.data() + m * (nsub + 16), cb_p[m] = tb + m * n_centroids * dp;
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < n; ++r) {
         const int64_t o = o0 + r;
-        for (int64_t m = 0; m < Mb; ++m)
+        for (int64_t m = 0; m < n_books; ++m)
           decode_row(cbase + (m * out + o) * nbytes, nbytes, b, nsub, idx_v.data() + m * (nsub + 16), isa);
         dequant_row(idx_p.data(), cb_p.data(), sp ? sp + o * ng : nullptr, mt, tp + r * width, isa);
         if (fold) fold_outliers(*fold, sg, mt[M_ROT], o, o + 1, tp + r * width, 1, width);

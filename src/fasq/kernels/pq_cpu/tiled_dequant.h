@@ -40,13 +40,13 @@ template <int KP, typename OutT>
 static void dequant_block_t(const uint8_t* codes, const uint8_t* planes, const c10::Half* scales, const int64_t* mt,
                             int64_t rb, int64_t width, OutT* dst, int64_t ld) {
   // width: the input columns wanted (in_features; n_sub * d can be larger)
-  const int64_t nsub = mt[M_NSUB], Mb = mt[M_M], d = mt[M_D], gs = mt[M_GS], ng = mt[M_NG];
+  const int64_t nsub = mt[M_NSUB], n_books = mt[M_M], d = mt[M_D], gs = mt[M_GS], ng = mt[M_NG];
   const int64_t cstride = nsub * RB + (KP == 512 ? nsub * 8 : 0);
 #ifdef __AVX512FP16__
   if constexpr (std::is_same_v<OutT, c10::Half>) {
     // fp16 out, one codebook: the fp16 product centroid * scale, rounded once, is what fp32
     // arithmetic rounded to fp16 gives (the exact product of two fp16 values fits in fp32).
-    if (Mb == 1) {
+    if (n_books == 1) {
       const uint8_t* cb = codes + rb * cstride;
       __m512h s0 = _mm512_set1_ph(1.0f), s1 = s0;
       for (int64_t j = 0; j < nsub; ++j) {
@@ -69,10 +69,10 @@ static void dequant_block_t(const uint8_t* codes, const uint8_t* planes, const c
   }
 #endif
   __m512 sv[4];
-  const uint8_t* cb = codes + rb * Mb * cstride;
+  const uint8_t* cb = codes + rb * n_books * cstride;
   for (int64_t j = 0; j < nsub; ++j) {
     if (j % gs == 0) scales64(scales ? scales + (rb * ng + j / gs) * RB : nullptr, sv);
-    weights64<KP>(cb, planes, Mb, cstride, nsub, d, j, 0, std::min<int64_t>(d, width - j * d), sv,
+    weights64<KP>(cb, planes, n_books, cstride, nsub, d, j, 0, std::min<int64_t>(d, width - j * d), sv,
                   [&](int64_t c, const __m512* w) { store_row64(dst + (j * d + c) * ld, w); });
   }
 }
@@ -113,13 +113,13 @@ static void fwht_rows16(float* buf, int64_t h) {
 template <int KP, typename OutT>
 static void dequant_block_rot(const uint8_t* codes, const uint8_t* planes, const c10::Half* scales, const int64_t* mt,
                               int64_t rb, const float* rsc, OutT* dst, int64_t ld) {
-  const int64_t nsub = mt[M_NSUB], Mb = mt[M_M], d = mt[M_D], gs = mt[M_GS], ng = mt[M_NG], in = mt[M_IN];
+  const int64_t nsub = mt[M_NSUB], n_books = mt[M_M], d = mt[M_D], gs = mt[M_GS], ng = mt[M_NG], in = mt[M_IN];
   const int64_t h = mt[M_ROT], cstride = nsub * RB + (KP == 512 ? nsub * 8 : 0);
   thread_local std::vector<float> buf_v;
   float* buf = scratch(buf_v, static_cast<size_t>(h * 64));  // [4 strips of 16 columns][h][16]
   __m512 sv[4];
   int64_t group = -1;
-  const uint8_t* cb = codes + rb * Mb * cstride;
+  const uint8_t* cb = codes + rb * n_books * cstride;
   for (int64_t b0 = 0; b0 < in; b0 += h) {
     // the positions whose rows (j * d + c) fall in [b0, b0 + h): a position may straddle two blocks
     for (int64_t j = b0 / d; j * d < b0 + h; ++j) {
@@ -128,7 +128,7 @@ static void dequant_block_rot(const uint8_t* codes, const uint8_t* planes, const
         scales64(scales ? scales + (rb * ng + group) * RB : nullptr, sv);
       }
       const int64_t c0 = std::max<int64_t>(0, b0 - j * d), c1 = std::min<int64_t>(d, b0 + h - j * d);
-      weights64<KP>(cb, planes, Mb, cstride, nsub, d, j, c0, c1, sv, [&](int64_t c, const __m512* w) {
+      weights64<KP>(cb, planes, n_books, cstride, nsub, d, j, c0, c1, sv, [&](int64_t c, const __m512* w) {
         for (int q = 0; q < 4; ++q) _mm512_store_ps(buf + (q * h + j * d + c - b0) * 16, w[q]);
       });
     }
@@ -143,9 +143,9 @@ static void dequant_block_rot(const uint8_t* codes, const uint8_t* planes, const
 }
 
 template <typename OutT>
-static void dequant_block_rot(int64_t kp, const uint8_t* codes, const uint8_t* planes, const c10::Half* scales,
+static void dequant_block_rot(int64_t table_size, const uint8_t* codes, const uint8_t* planes, const c10::Half* scales,
                               const int64_t* mt, int64_t rb, const float* rsc, OutT* dst, int64_t ld) {
-  switch (kp) {
+  switch (table_size) {
     case 64: return dequant_block_rot<64, OutT>(codes, planes, scales, mt, rb, rsc, dst, ld);
     case 128: return dequant_block_rot<128, OutT>(codes, planes, scales, mt, rb, rsc, dst, ld);
     case 256: return dequant_block_rot<256, OutT>(codes, planes, scales, mt, rb, rsc, dst, ld);
@@ -154,9 +154,9 @@ static void dequant_block_rot(int64_t kp, const uint8_t* codes, const uint8_t* p
 }
 
 template <typename OutT>
-static void dequant_block_t(int64_t kp, const uint8_t* codes, const uint8_t* planes, const c10::Half* scales,
+static void dequant_block_t(int64_t table_size, const uint8_t* codes, const uint8_t* planes, const c10::Half* scales,
                             const int64_t* mt, int64_t rb, int64_t width, OutT* dst, int64_t ld) {
-  switch (kp) {
+  switch (table_size) {
     case 64: return dequant_block_t<64, OutT>(codes, planes, scales, mt, rb, width, dst, ld);
     case 128: return dequant_block_t<128, OutT>(codes, planes, scales, mt, rb, width, dst, ld);
     case 256: return dequant_block_t<256, OutT>(codes, planes, scales, mt, rb, width, dst, ld);
