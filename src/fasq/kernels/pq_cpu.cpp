@@ -52,18 +52,6 @@
 #include "pq_cpu/linear.h"
 #include "pq_cpu/plan.h"
 
-TORCH_LIBRARY_FRAGMENT(fasq, m) {
-  m.def("cpu_pq_linear(Tensor x, Tensor codes, Tensor tables, Tensor scales, Tensor rot_signs, Tensor? bias, "
-        "int[] meta, Tensor? orowptr=None, Tensor? ocols=None, Tensor? ovals=None) -> Tensor");
-  m.def("cpu_dense16_linear(Tensor x, Tensor weight, Tensor? bias, int isa, bool poison) -> Tensor");
-  m.def("cpu_features() -> int", &fasq_cpu::features);
-}
-
-TORCH_LIBRARY_IMPL(fasq, CPU, m) {
-  m.impl("cpu_pq_linear", &fasq_cpu::cpu_pq_linear);
-  m.impl("cpu_dense16_linear", &fasq_cpu::cpu_dense16_linear);
-}
-
 namespace fasq_cpu {
 // The layout constants and enum values cpu.py must agree with (it checks them when the library
 // loads; tests/test_kernels_cpu_constants.py too).
@@ -86,6 +74,20 @@ static py::dict constants() {
   return c;
 }
 }  // namespace fasq_cpu
+
+// The ops (benchmarks/cpu_ab.py drops these registrations, up to the pybind11 module, to load a
+// second copy of the library).
+TORCH_LIBRARY_FRAGMENT(fasq, m) {
+  m.def("cpu_pq_linear(Tensor x, Tensor codes, Tensor tables, Tensor scales, Tensor rot_signs, Tensor? bias, "
+        "int[] meta, Tensor? orowptr=None, Tensor? ocols=None, Tensor? ovals=None) -> Tensor");
+  m.def("cpu_dense16_linear(Tensor x, Tensor weight, Tensor? bias, int isa, bool poison) -> Tensor");
+  m.def("cpu_features() -> int", &fasq_cpu::features);
+}
+
+TORCH_LIBRARY_IMPL(fasq, CPU, m) {
+  m.impl("cpu_pq_linear", &fasq_cpu::cpu_pq_linear);
+  m.impl("cpu_dense16_linear", &fasq_cpu::cpu_dense16_linear);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("constants", &fasq_cpu::constants, "layout constants and enum values shared with cpu.py");
