@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.modules.module as module_py  # where nn.Module keeps its global hooks
 
 from ..format import LayerSpec, unpack_codes
 from ..native import build_first_that_works
@@ -332,8 +333,6 @@ def module_call_fields() -> dict:
     non-empty (or missing: a torch that renamed it) makes the Plan step aside.  ``buffers``: where the
     Plan finds the layer's buffers.  The library gets these once, when it loads.
     """
-    import torch.nn.modules.module as module_py
-
     return {"globals": vars(module_py), "compiled": "_compiled_call_impl", "forward": "forward",
             "buffers": "_buffers",
             "instance_hooks": ["_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"],

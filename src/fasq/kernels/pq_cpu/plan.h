@@ -56,8 +56,8 @@ struct __attribute__((visibility("hidden"))) ModuleCallFields {
 // Hidden like pybind11's own types (its py::object fields): GCC warns about a type defined outside
 // the main file that is more visible than its fields.
 struct __attribute__((visibility("hidden"))) Plan {
-  at::Tensor codes, tables, scales, signs, bias;  // stored layout (direct / tiled)
-  at::Tensor rcodes, cb_transposed, rscales, planes;        // repacked layout (lut / perm); undefined without VBMI
+  at::Tensor codes, tables, scales, signs, bias;      // stored layout (direct / tiled)
+  at::Tensor rcodes, cb_transposed, rscales, planes;  // repacked layout (lut / perm); undefined without VBMI
   at::Tensor orowptr, ocol, oval;                 // outliers by row: int32 rowptr, int32 cols, fp32 values
   SparseRows orows;                               // the rows with outliers, each outlier's row
   Sparse sparse;
