@@ -1,9 +1,12 @@
 """A/B timing of two versions of the CPU kernel source in one process (kernel work, not a benchmark).
 
-    python benchmarks/cpu_ab.py OTHER.cpp [SHAPE ...]       # e.g. git show HEAD~1:src/fasq/kernels/pq_cpu.cpp > /tmp/b.cpp
+    python benchmarks/cpu_ab.py OTHER [SHAPE ...]
+    # OTHER: a kernels folder, e.g.  mkdir /tmp/b && git archive REV src/fasq/kernels | tar -x -C /tmp/b
+    #        then /tmp/b/src/fasq/kernels (its pq_cpu.cpp and pq_cpu/*.h); or one .cpp (before the
+    #        split into headers: git show f0d3204:src/fasq/kernels/pq_cpu.cpp > /tmp/b.cpp)
 
-A = the working tree's ``src/fasq/kernels/pq_cpu.cpp`` (loaded the usual way), B = OTHER.cpp, built
-as a second extension (its op registrations dropped and its namespace renamed, so that both load).
+A = the working tree's ``src/fasq/kernels/pq_cpu.cpp`` and headers (loaded the usual way), B = OTHER,
+built as a second extension (its op registrations dropped and its namespace renamed, so that both load).
 Each case times ``Plan.run`` of the same layer with A's and with B's plan, alternating A and B
 within every round, plus dense ``F.linear``; it prints min / median per call and the median over
 rounds of the A/B time ratio, which is far steadier than comparing two runs on a shared host.
@@ -38,13 +41,18 @@ CASES = [(192, 576, 256), (192, 576, 512), (576, 576, 256), (576, 576, 512), (15
 def build_b(path: str):
     from torch.utils import cpp_extension
 
-    src = Path(path).read_text()
-    a, b = src.index("TORCH_LIBRARY_FRAGMENT(fasq,"), src.index("PYBIND11_MODULE")
+    top = Path(path) / "pq_cpu.cpp" if Path(path).is_dir() else Path(path)
+    src = top.read_text()
+    a, b = src.index("TORCH_LIBRARY_FRAGMENT(fasq,"), src.index("PYBIND11_MODULE(")
     src = (src[:a] + src[b:]).replace("fasq_cpu", "fasq_cpu_b")  # the Plan class only, own namespace
-    key = hashlib.sha1(src.encode()).hexdigest()[:10]
+    headers = {h.name: h.read_text().replace("fasq_cpu", "fasq_cpu_b")
+               for h in sorted((top.parent / "pq_cpu").glob("*.h"))} if Path(path).is_dir() else {}
+    key = hashlib.sha1("\0".join([src, *headers, *headers.values()]).encode()).hexdigest()[:10]
     d = Path(tempfile.gettempdir()) / f"fasq_ab_{key}"
-    d.mkdir(exist_ok=True)
+    (d / "pq_cpu").mkdir(parents=True, exist_ok=True)
     (d / "b.cpp").write_text(src)
+    for name, text in headers.items():
+        (d / "pq_cpu" / name).write_text(text)
     return cpp_extension.load(name=f"fasq_ab_{key}", sources=[str(d / "b.cpp")], build_directory=str(d),
                               extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                               is_python_module=True, verbose=False)

@@ -44,19 +44,25 @@ def cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
-def build_key(source: Path, cflags: list[str]) -> str:
+def build_key(source: Path, cflags: list[str], headers: tuple[Path, ...] = ()) -> str:
+    """The cache key: the source and every header it includes (by name and content), flags, torch,
+    Python, compiler and CPU.  ``headers`` must list every file ``source`` includes from the package,
+    so that editing any of them builds afresh."""
     h = hashlib.sha256(source.read_bytes())
+    for header in sorted(headers):
+        h.update(b"\0" + header.name.encode() + b"\0" + header.read_bytes())
     for part in (torch.__version__, sys.version, " ".join(cflags), os.environ.get("CXX", ""), cpu_flags()):
         h.update(b"\0" + part.encode())
     return h.hexdigest()[:16]
 
 
-def build(source: Path, prefix: str, subdir: str, cflags: list[str], ldflags: list[str]):
+def build(source: Path, prefix: str, subdir: str, cflags: list[str], ldflags: list[str],
+          headers: tuple[Path, ...] = ()):
     """Compile ``source`` (or reuse the cached build) and import it as a Python module (loading it also
-    registers any ``torch.library`` ops it defines)."""
+    registers any ``torch.library`` ops it defines).  ``headers``: the files it includes (build_key)."""
     from torch.utils import cpp_extension
 
-    key = build_key(source, cflags)
+    key = build_key(source, cflags, headers)
     name = f"{prefix}_{key}"
     build_dir = cache_root() / subdir / key
     so_path, marker = build_dir / f"{name}.so", build_dir / "built.ok"
@@ -85,15 +91,15 @@ def _import_module(name: str, so_path: Path):
     return module
 
 
-def build_first_that_works(source: Path, prefix: str, subdir: str):
-    """Try :data:`ATTEMPTS` in order; returns ``(label, module, failures)`` for the first that
+def build_first_that_works(source: Path, prefix: str, subdir: str, headers: tuple[Path, ...] = ()):
+    """Try :data:`ATTEMPTS` in order (``headers``: the files ``source`` includes, see build_key); returns ``(label, module, failures)`` for the first that
     builds, ``failures`` naming the attempts before it that failed ("" when none).  Raises
     RuntimeError naming each attempt's last error line when none builds; compiler output goes to
     DEBUG."""
     errors: list[str] = []
     for label, cflags, ldflags in ATTEMPTS:
         try:
-            return label, build(source, prefix, subdir, cflags, ldflags), "; ".join(errors)
+            return label, build(source, prefix, subdir, cflags, ldflags, headers), "; ".join(errors)
         except Exception as e:  # noqa: BLE001 - any build/load failure means: try the next flags
             msg = str(e).strip().splitlines()
             reason = msg[-1] if msg else type(e).__name__

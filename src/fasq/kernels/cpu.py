@@ -2,10 +2,11 @@
 
 Importing this module compiles nothing; it registers four kernels with :mod:`fasq.kernels`
 (the registry imports it the first time a layer runs on the CPU).  The first ``supports()`` call
-builds ``pq_cpu.cpp`` with ``torch.utils.cpp_extension`` (``-O3 -march=native -fopenmp``) into
-``~/.cache/fasq/cpu_kernels/<hash>/`` (``$FASQ_CACHE`` or, for builds alone, ``$FASQ_CACHE_DIR`` overrides ``~/.cache/fasq``; :mod:`fasq.native`), once
-per machine, source and torch version.  When no compiler works, one warning is logged and every
-kernel here declines, so the plain-PyTorch reference serves.
+builds ``pq_cpu.cpp`` (and the ``pq_cpu/*.h`` it includes) with ``torch.utils.cpp_extension``
+(``-O3 -march=native -fopenmp``) into ``~/.cache/fasq/cpu_kernels/<hash>/`` (``$FASQ_CACHE`` or, for
+builds alone, ``$FASQ_CACHE_DIR`` overrides ``~/.cache/fasq``; :mod:`fasq.native`), once per machine,
+source and torch version.  When no compiler works, one warning is logged and every kernel here
+declines, so the plain-PyTorch reference serves.
 
 ==============  ========  ======================================================================
 name            priority  used for
@@ -41,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.modules.module as module_py  # where nn.Module keeps its global hooks
 
 from ..format import LayerSpec, unpack_codes
 from ..native import build_first_that_works
@@ -48,7 +50,8 @@ from . import Kernel, _disabled, outlier_cache, outlier_csr, register
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("pq_cpu.cpp")
+SOURCE = Path(__file__).with_name("pq_cpu.cpp")             # the op registration; it includes ...
+HEADERS = tuple(sorted(Path(__file__).with_name("pq_cpu").glob("*.h")))  # ... these (part of the build key)
 # Method choice, from measurements (docs/kernels_cpu.md): LUT for 1 token on layers of at least
 # LUT_MIN_ROWS rows (its per-call table build needs enough rows to pay off; LUT_MIN_ROWS_FP16 where
 # the tables are built in fp16 arithmetic, about 3x cheaper), PERM up to PERM_MAX_TOKENS tokens (DIRECT
@@ -59,17 +62,42 @@ LUT_MIN_ROWS_FP16 = 128
 # (each token builds its own tables, so the LUT needs more rows per table than at 1 token; measured
 # against PERM, docs/kernels_cpu.md); without it, 1 token only.
 LUT_MULTI_MIN_ROWS_FP16 = {2: 512, 3: 1536}
-FEW_MAX_TOKENS = 16      # the per-layer Plan (kPlanTokens in pq_cpu.cpp)
-PERM_MAX_TOKENS = 16     # PERM (from 5 tokens by blocks: perm_blocks in pq_cpu.cpp); TILED above
+PERM_MAX_TOKENS = 16     # PERM (from 5 tokens by blocks: perm_blocks in pq_cpu/scan_kernels.h); TILED above
 DIRECT_MAX_TOKENS = 8    # DIRECT: slower than TILED at 16 tokens on every benchmarked shape
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 METHODS = ("lut", "perm", "direct", "tiled")
-ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
-ROWS_PER_BLOCK = 64      # must match RB in pq_cpu.cpp
 POISON = False           # tests: the op NaN-fills its output and scratch before computing
 
-_MODE = {"direct": 0, "lut": 1, "tiled": 2, "perm": 3}
-_FEAT_AVX2, _FEAT_AVX512, _FEAT_VBMI, _FEAT_FP16_LUT = 1, 2, 4, 16
+# Shared with the C++ library, which exports its own values (``constants()`` in pq_cpu.cpp): they
+# are checked against these when it loads (_check_constants) and by tests/test_kernels_cpu_constants.py.
+# Python keeps them as plain constants because the registry and the tests read them before any build.
+FEW_MAX_TOKENS = 16      # the per-layer Plan's most tokens ("plan_tokens": kPlanTokens in pq_cpu/plan.h)
+ROWS_PER_BLOCK = 64      # rows per block of the repacked (LUT / PERM) layout ("rows_per_block": RB)
+# The op's int[] meta, field by field in order ("meta_fields": FASQ_META_FIELDS in pq_cpu/common.h)
+META_FIELDS = ("in_features", "out_features", "subvector_dim", "num_centroids", "num_codebooks", "bits", "n_sub",
+               "group_subvectors", "n_groups", "rotation_block", "mode", "isa", "padded_dim", "table_size",
+               "words_per_row", "poison")
+_MODE = {"direct": 0, "lut": 1, "tiled": 2, "perm": 3}                 # "modes": enum Mode
+ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}                           # "isas": enum Isa
+_FEATURE = {"avx2": 1, "avx512": 2, "vbmi": 4, "openmp": 8, "fp16_lut": 16}  # "features": enum Feature
+_DTYPE_INDEX = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # "plan_dtypes": Plan::set_method
+_FEAT_AVX2, _FEAT_AVX512, _FEAT_VBMI, _FEAT_FP16_LUT = (_FEATURE[f] for f in ("avx2", "avx512", "vbmi", "fp16_lut"))
+_META_OUT = META_FIELDS.index("out_features")
+
+
+def python_constants() -> dict:
+    """This module's side of what the C++ library's ``constants()`` exports (same keys)."""
+    return {"rows_per_block": ROWS_PER_BLOCK, "plan_tokens": FEW_MAX_TOKENS, "meta_fields": list(META_FIELDS),
+            "modes": dict(_MODE), "isas": dict(ISAS), "features": dict(_FEATURE),
+            "plan_dtypes": tuple(str(dt).removeprefix("torch.") for dt in _DTYPE_INDEX)}
+
+
+def _check_constants(lib) -> None:
+    ours, theirs = python_constants(), dict(lib.constants())
+    bad = [f"{k}: cpu.py {ours.get(k)!r}, pq_cpu {theirs.get(k)!r}" for k in sorted(set(ours) | set(theirs))
+           if ours.get(k) != theirs.get(k)]
+    if bad:
+        raise RuntimeError("fasq: cpu.py and the C++ CPU kernel disagree: " + "; ".join(bad))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,16 +119,16 @@ def features() -> int:
 def _build_or_fail() -> int:
     global _lib
     try:
-        label, lib, failed = build_first_that_works(SOURCE, "fasq_pq_cpu", "cpu_kernels")
+        label, lib, failed = build_first_that_works(SOURCE, "fasq_pq_cpu", "cpu_kernels", HEADERS)
     except RuntimeError as e:
         log.warning("fasq: could not build the CPU kernel (%s); PQLinear on CPU falls back to the slow "
                     "plain-PyTorch reference. Compiler output is logged at DEBUG level by fasq.native.", e)
         return -1
     if label != "native":
         log.warning("fasq: CPU kernel built without -march=native/OpenMP (%s); it will be slower", failed)
+    _check_constants(lib)
     _lib = lib
-    import torch.nn.modules.module as _module_py
-    lib.set_module_globals(vars(_module_py))  # where nn.Module keeps the global hooks (Plan.call checks them)
+    lib.set_module_call_fields(module_call_fields())
     torch.library.register_fake("fasq::cpu_pq_linear")(_fake_cpu_pq_linear)
     torch.library.register_fake("fasq::cpu_dense16_linear")(_fake_cpu_dense16_linear)
     return int(torch.ops.fasq.cpu_features())
@@ -112,7 +140,7 @@ def available() -> bool:
 
 
 def _fake_cpu_pq_linear(x, codes, tables, scales, rot_signs, bias, meta, orowptr=None, ocols=None, ovals=None):
-    return x.new_empty((*x.shape[:-1], meta[1]))
+    return x.new_empty((*x.shape[:-1], meta[_META_OUT]))
 
 
 def _fake_cpu_dense16_linear(x, weight, bias, isa, poison):
@@ -165,8 +193,8 @@ class _Prepared:
     bufs: tuple                                   # the buffers it was made from (by identity) ...
     versions: list                                # ... and [(buffer, version)] of those that have one
     tables: torch.Tensor                          # fp32 [M, K, dp] codebooks for direct / tiled
-    lut: tuple | None = None                      # (codes [n_rb, M, cstride] u8, cbT [M, d+1, KP],
-                                                  #  scales [n_rb, G, 64], planes [M, d, 2, KP] u8)
+    lut: tuple | None = None                      # (codes [n_rb, M, cstride] u8, cb_transposed [M, d+1, entries],
+                                                  #  scales [n_rb, G, 64], planes [M, d, 2, entries] u8)
     args: dict = field(default_factory=dict)      # (method, isa, poison) -> the op's arguments after x
 
 
@@ -190,8 +218,8 @@ def _prepare(layer) -> _Prepared:
 
 
 # Table planes (LUT and PERM) hold, in each block of 64 bytes, entry 64b + i at byte 2i and entry
-# 64b + 32 + i at byte 2i + 1 (the order pq_cpu.cpp's store_planes writes without byte permutes);
-# the repacked codes hold each code's byte position.
+# 64b + 32 + i at byte 2i + 1 (the order store_planes in pq_cpu/scan_tables.h writes without byte
+# permutes); the repacked codes hold each code's byte position.
 _P = torch.arange(512)
 PLANE_ORDER = (_P & ~63) | ((_P & 63) // 2 + 32 * (_P & 1))                   # byte position -> entry
 _PLANE_POSITION = torch.empty(512, dtype=torch.int16)
@@ -200,7 +228,7 @@ del _P
 
 
 def table_size(spec: LayerSpec) -> int:
-    """KP, the entries of a LUT / PERM table plane: the least of 64, 128, 256 and 512 that holds K."""
+    """The entries of a LUT / PERM table plane: the least of 64, 128, 256 and 512 that holds K."""
     return 64 if spec.bits <= 6 else 128 if spec.bits == 7 else 256 if spec.bits == 8 else 512
 
 
@@ -212,7 +240,7 @@ def _lut_tensors(layer, p: _Prepared) -> tuple:
         m_books, out, n_sub = spec.num_codebooks, spec.out_features, spec.n_sub
         rb = ROWS_PER_BLOCK
         n_rb = -(-out // rb)
-        kp = table_size(spec)
+        table_entries = table_size(spec)
         codes = torch.zeros(n_rb * rb, m_books, n_sub, dtype=torch.int16)
         step = max(rb, (1 << 22) // max(1, m_books * n_sub) // rb * rb)         # bound the int64 temp
         for r0 in range(0, out, step):
@@ -220,41 +248,46 @@ def _lut_tensors(layer, p: _Prepared) -> tuple:
             idx = unpack_codes(layer.codes[:, r0:r1], spec.bits, n_sub)          # [M, rows, n_sub]
             codes[r0:r1] = _PLANE_POSITION[idx].permute(1, 0, 2)                # code -> its table byte position
         # Byte lane 2i of a row block holds row i and lane 2i + 1 row 32 + i: the kernel takes the even
-        # and odd bytes of a looked-up table plane as 16-bit words (see even_bytes in pq_cpu.cpp).
+        # and odd bytes of a looked-up table plane as 16-bit words (see odd_bytes in pq_cpu/scan_lookup.h).
         lanes = torch.arange(rb)
         order = lanes // 2 + (rb // 2) * (lanes % 2)
         codes = codes.view(n_rb, rb, m_books, n_sub).permute(0, 2, 3, 1)[..., order]  # [n_rb, M, n_sub, 64]
         low = (codes & 0xFF).to(torch.uint8).reshape(n_rb, m_books, n_sub * rb)
-        if kp == 512:  # bit i of a position's 64-bit mask (little-endian) = the ninth bit of byte lane i
+        if table_entries == 512:  # bit i of a position's 64-bit mask (little-endian): byte lane i's ninth bit
             ninth = (codes >> 8).to(torch.uint8).reshape(n_rb, m_books, n_sub, 8, 8)
             bits = (ninth << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)  # [n_rb, M, n_sub, 8]
             codes = torch.cat([low, bits.reshape(n_rb, m_books, n_sub * 8)], -1).contiguous()
         else:
             codes = low.contiguous()
-        cbt = layer.codebooks.detach().float().permute(0, 2, 1)                  # [M, d, K]
-        cmax = torch.nn.functional.pad(cbt.abs().amax(-1), (0, kp - spec.subvector_dim))  # [M, KP]
-        cbt = torch.nn.functional.pad(cbt, (0, kp - spec.num_centroids))
-        cbt = torch.cat([cbt, cmax[:, None]], 1).contiguous()   # [M, d + 1, KP]; row d: max |cb| per coord
+        pad = torch.nn.functional.pad
+        cb_transposed = layer.codebooks.detach().float().permute(0, 2, 1)                  # [M, d, K]
+        cmax = pad(cb_transposed.abs().amax(-1), (0, table_entries - spec.subvector_dim))  # [M, table_entries]
+        cb_transposed = pad(cb_transposed, (0, table_entries - spec.num_centroids))
+        # [M, d + 1, table_entries]; row d: max |cb| per coordinate
+        cb_transposed = torch.cat([cb_transposed, cmax[:, None]], 1).contiguous()
         books = layer.codebooks.detach().half().contiguous().view(torch.int16).int()  # [M, K, d] fp16 bits
         planes = torch.stack([books & 0xFF, (books >> 8) & 0xFF], -1).permute(0, 2, 3, 1)  # [M, d, 2, K]
-        planes = torch.nn.functional.pad(planes, (0, kp - spec.num_centroids))[..., PLANE_ORDER[:kp]]
+        planes = pad(planes, (0, table_entries - spec.num_centroids))[..., PLANE_ORDER[:table_entries]]
         planes = planes.to(torch.uint8).contiguous()
         if spec.has_scales:
             s = torch.nn.functional.pad(layer.scales.detach().half(), (0, 0, 0, n_rb * rb - out))
             scales = s.view(n_rb, rb, spec.n_groups).permute(0, 2, 1).contiguous()  # [n_rb, G, 64]
         else:
             scales = torch.zeros(0, dtype=torch.float16)
-        p.lut = (codes, cbt, scales, planes)
+        p.lut = (codes, cb_transposed, scales, planes)
     return p.lut
 
 
 def _meta(spec: LayerSpec, method: str, isa: str) -> list[int]:
+    """The op's int[] meta for a layer: :data:`META_FIELDS` in order."""
     d = spec.subvector_dim
-    gs = spec.effective_group // d if spec.has_scales else spec.n_sub
-    kp = table_size(spec)
-    return [spec.in_features, spec.out_features, d, spec.num_centroids, spec.num_codebooks, spec.bits,
-            spec.n_sub, gs, spec.n_groups, spec.rotation_block, _MODE[method], ISAS[isa],
-            _padded_dim(d), kp, spec.words_per_row, int(POISON)]
+    fields = dict(in_features=spec.in_features, out_features=spec.out_features, subvector_dim=d,
+                  num_centroids=spec.num_centroids, num_codebooks=spec.num_codebooks, bits=spec.bits,
+                  n_sub=spec.n_sub, group_subvectors=spec.effective_group // d if spec.has_scales else spec.n_sub,
+                  n_groups=spec.n_groups, rotation_block=spec.rotation_block, mode=_MODE[method], isa=ISAS[isa],
+                  padded_dim=_padded_dim(d), table_size=table_size(spec), words_per_row=spec.words_per_row,
+                  poison=int(POISON))
+    return [fields[name] for name in META_FIELDS]
 
 
 def cpu_linear(x: torch.Tensor, layer, method: str, isa: str | None = None, outliers: bool = False) -> torch.Tensor:
@@ -277,7 +310,7 @@ def cpu_linear(x: torch.Tensor, layer, method: str, isa: str | None = None, outl
         if method == "lut":
             codes, tables, scales, _ = _lut_tensors(layer, p)
         elif method == "perm" or (method == "tiled" and lut_supported(layer.spec, isa)):
-            # TILED on the repacked layout dequantizes by byte permutes (pq_cpu.cpp: run_tiled_repacked)
+            # TILED on the repacked layout dequantizes by byte permutes (pq_cpu/tiled.h: run_tiled_repacked)
             codes, _, scales, tables = _lut_tensors(layer, p)
         else:
             codes, tables, scales = b["codes"], p.tables, b["scales"]
@@ -288,8 +321,26 @@ def cpu_linear(x: torch.Tensor, layer, method: str, isa: str | None = None, outl
 
 
 # ----------------------------------------------------------------------------------------------
-# PQLinear.forward's fast path: a per-layer Plan (C++, pq_cpu.cpp) that runs the whole call.
-_DTYPE_INDEX = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# PQLinear.forward's fast path: a per-layer Plan (C++, pq_cpu/plan.h) that runs the whole call.
+def module_call_fields() -> dict:
+    """The private parts of ``torch.nn.Module`` that the Plan reads, named here and nowhere else.
+
+    ``PQLinear.__call__`` lets ``Plan.call`` stand in for ``nn.Module.__call__`` only when that would
+    call ``forward`` straight away: ``nn.Module._call_impl`` does so when the module has no hooks
+    (``instance_hooks``: dicts in the module's ``__dict__``) and none are registered globally
+    (``global_hooks``: dicts in ``torch.nn.modules.module``'s namespace, ``globals``), and
+    ``_wrapped_call_impl`` when ``module.compile()`` has not set ``compiled``; ``forward`` in the
+    instance ``__dict__`` means forward was replaced on the instance (accelerate's hooks).  Any of them
+    non-empty (or missing: a torch that renamed it) makes the Plan step aside.  ``buffers``: where the
+    Plan finds the layer's buffers.  The library gets these once, when it loads.
+    """
+    return {"globals": vars(module_py), "compiled": "_compiled_call_impl", "forward": "forward",
+            "buffers": "_buffers",
+            "instance_hooks": ["_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"],
+            "global_hooks": ["_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                             "_global_backward_pre_hooks"]}
+
+
 
 
 def _make_plan(layer, generation: int):
