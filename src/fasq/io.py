@@ -136,16 +136,8 @@ def parse_quantization_config(qc, where: str = "quantization_config") -> tuple[F
 def read_quantization_config(path: str | os.PathLike) -> tuple[FASQConfig, dict[str, LayerSpec], dict]:
     """(config, per-module specs, raw config.json) of a saved directory, with version checks.  Anything
     malformed (a wrong type, a value out of range, a missing table) raises :class:`FormatError`."""
-    path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise FormatError(f"{path}: no config.json; not a saved fasq model directory")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{cfg_file}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise FormatError(f"{cfg_file}: must be a JSON object")
+    cfg_file = Path(path) / "config.json"
+    raw = _manifest.read_json_object(cfg_file, f"{path}: no config.json; not a saved fasq model directory")
     config, specs = parse_quantization_config(raw.get("quantization_config"), str(cfg_file))
     return config, specs, raw
 

@@ -106,18 +106,25 @@ def _plain_name(name) -> bool:
     return isinstance(name, str) and bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
 
 
+def read_json_object(file: Path, missing: str) -> dict:
+    """The JSON object in ``file``; :class:`FormatError` with ``missing`` when there is no such file, and
+    naming the file when it is not valid JSON or not an object."""
+    if not file.is_file():
+        raise FormatError(missing)
+    try:
+        obj = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise FormatError(f"{file}: must be a JSON object")
+    return obj
+
+
 def read(path: Path) -> dict:
     """The manifest of ``path``, checked for shape and coverage (not yet against the files: :func:`verify`)."""
     path = Path(path)
     mf = path / MANIFEST_NAME
-    if not mf.is_file():
-        raise FormatError(f"{path}: manifest {MANIFEST_NAME} missing (incomplete or not written by fasq)")
-    try:
-        manifest = json.loads(mf.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{mf}: unreadable manifest ({e})") from None
-    if not isinstance(manifest, dict):
-        raise FormatError(f"{mf}: the manifest must be a JSON object")
+    manifest = read_json_object(mf, f"{path}: manifest {MANIFEST_NAME} missing (incomplete or not written by fasq)")
     fv = manifest.get("format_version")
     if fv != FORMAT_VERSION or isinstance(fv, bool):
         raise FormatError(f"{mf}: format_version={fv!r}, but this fasq reads format version {FORMAT_VERSION}")
