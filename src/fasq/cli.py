@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .cli_args import (_int_at_least, add_quant_args, config_from_args, nonnegative_int,  # noqa: F401
                        peak_rss_mb, positive_int)
-from .data import smollm2_checkpoint as smollm2_source
+from .data import embedded_checkpoint
 from .io import load_any
 
 log = logging.getLogger("fasq")
@@ -34,7 +34,7 @@ def cmd_quantize(args) -> int:
     from .stream import cmd_quantize_stream, should_stream
 
     out = Path(args.output)
-    source = str(smollm2_source()) if args.model in ("smollm2", "default") else args.model
+    source = str(embedded_checkpoint(args.model) or args.model)
     check_output(out, sources=(source,), overwrite=args.overwrite, force=args.force)
     config = config_from_args(args)   # a bad setting is refused before any loading
     if should_stream(args):  # a local safetensors checkpoint: tensor by tensor, bounded memory, resumable
@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("quantize", help="quantize a model and save it")
-    p.add_argument("model", help="HF model dir or id, a .gguf file, or 'smollm2' (the embedded default)")
+    p.add_argument("model", help="HF model dir or id, a .gguf file, or an embedded model: 'smollm2' (the default), 'gemma3-270m'")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace an existing fasq output (or empty directory) at -o")
     p.add_argument("--force", action="store_true",
@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("bench", help="end-to-end decoding speed and peak memory of models, side by side")
-    p.add_argument("models", nargs="+", help="fasq directories, 'smollm2', HF directories or ids, .gguf files")
+    p.add_argument("models", nargs="+", help="fasq directories, 'smollm2' / 'gemma3-270m', HF directories or ids, .gguf files")
     p.add_argument("--new-tokens", dest="new_tokens", type=_int_at_least(2), default=64)
     p.add_argument("--prompt", default=None, help="prompt text (default: a short question, in the chat template)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (cuda: 16-bit activations)")

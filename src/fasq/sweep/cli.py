@@ -38,7 +38,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
         description="Quantize a model with fasq over a grid of settings and with each baseline library, score "
                     "every result on the same text windows, and write results.json, table.md and plot.png. "
                     "Finished points are cached in OUT/runs, so a rerun resumes.")
-    p.add_argument("--model", default="smollm2", help="'smollm2' (the embedded default) or a local HF model directory")
+    p.add_argument("--model", default="smollm2", help="'smollm2' (the embedded default), 'gemma3-270m', or a local HF model directory")
     p.add_argument("--text", default="lee",
                    help="evaluation text(s), comma-separated: lee, austen, wikitext2 or files; with several, "
                         "each point is quantized once and scored on all, written to OUT/<text name>")

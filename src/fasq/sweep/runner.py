@@ -54,7 +54,7 @@ def resolve_model_path(model: str) -> str:
 
     path, kw = resolve_model(model)
     if kw or not Path(path).is_dir():
-        raise ValueError(f"--model {model!r}: the sweep needs a local model directory or 'smollm2' "
+        raise ValueError(f"--model {model!r}: the sweep needs a local model directory, 'smollm2' or 'gemma3-270m' "
                          f"(got {path!r}{' with ' + str(kw) if kw else ''}); convert GGUF files first")
     return path
 

@@ -46,7 +46,8 @@ def render(doc: dict) -> str:
     windows = ok[0]["windows"] if ok else None
     lines = [
         f"Model `{doc['model']}`, text `{doc['text']}`: perplexity over the first {windows} windows of "
-        f"{ev['context_length']} tokens ({scored} tokens scored, the same windows for every row, no BOS). "
+        f"{ev['context_length']} tokens ({scored} tokens scored, the same windows for every row, a BOS first "
+        f"only where the tokenizer adds one). "
         f"bits/weight counts every stored byte of the quantized linear layers; % of FP16 is the whole model "
         f"with everything else at 16 bits (tied embedding once). Calibration for GPTQ/AWQ: "
         f"{doc['calibration']['description']} (disjoint from the evaluated text).",

@@ -162,7 +162,7 @@ def run(req: dict) -> list[dict]:
         ppl = perplexity(model, tok, prefixes[text], context_length=req["context_length"],
                          max_tokens=req["max_tokens"], batch_size=req.get("batch_size", 4),
                          progress=bool(req.get("progress", False)))
-        ids = tokenize(tok, prefixes[text])[: ppl["windows"] * ppl["context_length"]]
+        ids = tokenize(tok, prefixes[text])[: ppl["text_tokens"]]
         rows.append({
             "status": "ok", **point.to_dict(), "text": text, **result,
             "bits_per_weight": size["bits_per_weight"], "fraction_of_fp16": size["fraction_of_fp16"], "size": size,
