@@ -386,6 +386,9 @@ def test_cli_bad_inputs_get_one_clear_line(tmp_path, saved, capsys):
     assert "no such directory" in _cli_error(capsys, ["quantize", "./missing/model", "-o", str(tmp_path / "o")])
     (tmp_path / "empty").mkdir()
     assert "config.json" in _cli_error(capsys, ["eval", str(tmp_path / "empty"), "--text", str(text)])
+    (tmp_path / "listcfg").mkdir()
+    (tmp_path / "listcfg" / "config.json").write_text("[1, 2]")   # not an object: not a fasq dir, no crash
+    _cli_error(capsys, ["eval", str(tmp_path / "listcfg"), "--text", str(text)])
     assert "prompt is empty" in _cli_error(capsys, ["generate", str(out), "  "])
     assert "positions" in _cli_error(capsys, ["generate", str(out), "Hi", "--max-new-tokens", "1000000000"])
     assert "positions" in _cli_error(capsys, ["eval", str(out), "--text", str(text), "--context-length", "100000"])

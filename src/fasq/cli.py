@@ -11,7 +11,7 @@ from pathlib import Path
 from .cli_args import (_int_at_least, add_quant_args, config_from_args, nonnegative_int,  # noqa: F401
                        peak_rss_mb, positive_int)
 from .data import embedded_checkpoint
-from .io import load_any
+from .io import is_fasq_dir, load_any, source_of
 
 log = logging.getLogger("fasq")
 
@@ -92,7 +92,6 @@ def cmd_info(args) -> int:
 
 def cmd_eval(args) -> int:
     from .eval import load_text
-    from .io import is_fasq_dir, source_of
 
     text = load_text(args.text or args.corpus)
     source = source_of(args.model) if is_fasq_dir(args.model) else None

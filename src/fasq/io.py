@@ -14,7 +14,6 @@ place only when complete.  Loading checks versions, checksums, shapes and dtypes
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -101,12 +100,17 @@ def _source_name(source) -> str | None:
     return str(p.resolve()) if p.exists() else str(source)
 
 
+def _json_object_or_none(file: Path) -> dict | None:
+    """The JSON object in ``file``, or None when it is missing, unreadable or not an object."""
+    try:
+        return _manifest.read_json_object(file, "")
+    except (OSError, FormatError):
+        return None
+
+
 def source_of(path: str | os.PathLike) -> str | None:
     """The model a saved directory was quantized from, as its manifest records it (None if unknown)."""
-    try:
-        src = json.loads((Path(path) / MANIFEST_NAME).read_text()).get("source")
-    except (OSError, ValueError, AttributeError):
-        return None
+    src = (_json_object_or_none(Path(path) / MANIFEST_NAME) or {}).get("source")
     return src if isinstance(src, str) and src else None
 
 
@@ -259,21 +263,14 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
 # ----------------------------------------------------------------------------------------------
 # any model argument the CLI and benchmarks take
 def is_fasq_dir(path: str) -> bool:
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        qc = json.loads(cfg.read_text()).get("quantization_config") or {}
-    except json.JSONDecodeError:
-        return False
-    return isinstance(qc, dict) and qc.get("quant_method") == "fasq"
+    qc = (_json_object_or_none(Path(path) / "config.json") or {}).get("quantization_config")
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
 
 
 def load_any(model_arg: str, dtype=None):
     """(model, tokenizer) for a fasq directory, the embedded default ``smollm2``, a .gguf file, an HF
     directory, or a hub id.  ``dtype="stored"``: a local checkpoint in the dtype its config.json records
     (what streaming quantizes from), else fp32."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .data import resolve_model
@@ -296,14 +293,8 @@ def load_any(model_arg: str, dtype=None):
 
 def stored_dtype(model_arg: str):
     """The 16-bit dtype a local safetensors checkpoint declares in its config.json, else None (fp32)."""
-    import torch
-
-    cfg = Path(model_arg) / "config.json"
-    try:
-        raw = json.loads(cfg.read_text())
-    except (OSError, ValueError):
-        return None
-    name = raw.get("dtype") or raw.get("torch_dtype") if isinstance(raw, dict) else None
+    raw = _json_object_or_none(Path(model_arg) / "config.json") or {}
+    name = raw.get("dtype") or raw.get("torch_dtype")
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name)
 
 
