@@ -177,6 +177,27 @@ def test_report_section(swept, tmp_path):
     assert text.count(BEGIN) == 1 and "fasq sweep --text lee" in text and "| fasq |" in text
 
 
+def test_report_sections_per_model(swept, tmp_path):
+    """Each model's section has its own markers and plot paths; updating one leaves the other alone."""
+    from fasq.sweep.cli import default_out
+    from fasq.sweep.report import markers, section, update_markdown
+
+    _, doc = swept
+    assert default_out("smollm2", ["lee"]).as_posix() == "benchmarks/results/accuracy/lee"
+    assert default_out("gemma3-270m", ["lee", "austen"]).as_posix() == "benchmarks/results/accuracy/gemma3-270m"
+    assert default_out("/models/My-Model", ["austen"]).as_posix() == "benchmarks/results/accuracy/My-Model/austen"
+    md = tmp_path / "BENCHMARKS.md"
+    update_markdown(md, section({"lee": doc}, ["cmd-smol"]))
+    base = "benchmarks/results/accuracy/gemma3-270m"
+    update_markdown(md, section({"lee": doc}, ["cmd-gemma"], base=base, model="gemma3-270m"), model="gemma3-270m")
+    update_markdown(md, section({"lee": doc}, ["cmd-gemma-2"], base=base, model="gemma3-270m"), model="gemma3-270m")
+    text = md.read_text()
+    begin, end = markers("gemma3-270m")
+    assert text.count(begin) == 1 and text.count(end) == 1 and text.count(markers()[0]) == 1
+    assert "cmd-smol" in text and "cmd-gemma-2" in text and "cmd-gemma\n" not in text
+    assert f"({base}/lee/plot.png)" in text and "Gemma-3-270M" in text
+
+
 def test_tied_embedding_counted_once(tmp_path):
     """With tied input/output embeddings the FP16 size counts the shared matrix once (fasq agrees)."""
     from transformers import AutoModelForCausalLM

@@ -16,8 +16,17 @@ BASELINE_PACKAGES = (
     "bitsandbytes==0.50.2", "hqq==0.2.8.post1", "einops", "termcolor",
     "gptqmodel==7.6.0", "torchao==0.18.0", "defuser==0.0.28", "tokenicer==0.0.14", "device-smi==0.5.7",
     "logbar==0.4.15", "pypcre==0.6.4", "threadpoolctl", "protobuf",
-    "autoawq==0.2.9", "datasets", "pyarrow", "dill", "multiprocess<0.70.20", "xxhash", "pandas", "zstandard",
+    "datasets", "pyarrow", "dill", "multiprocess<0.70.20", "xxhash", "pandas", "zstandard",
 )
+
+
+def default_out(model: str, texts: list[str]) -> Path:
+    """benchmarks/results/accuracy[/MODEL][/TEXT]: the embedded default (SmolLM2) keeps the top level, any
+    other model gets its own directory, so two models' sweeps never share a cache or a table."""
+    root = Path("benchmarks/results/accuracy")
+    if model != "smollm2":
+        root = root / Path(model).name       # 'gemma3-270m', or a local directory's name
+    return root / Path(texts[0]).stem if len(texts) == 1 else root
 
 
 def setup_baselines_venv(path: str) -> str:
@@ -43,7 +52,8 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
                    help="evaluation text(s), comma-separated: lee, austen, wikitext2 or files; with several, "
                         "each point is quantized once and scored on all, written to OUT/<text name>")
     p.add_argument("--out", required=False,
-                   help="output directory (default benchmarks/results/accuracy/TEXT, or .../accuracy for several)")
+                   help="output directory (default benchmarks/results/accuracy[/MODEL]/TEXT, or without /TEXT for "
+                        "several texts; MODEL is left out for the embedded default, smollm2)")
     p.add_argument("--methods", help=f"comma-separated subset of {','.join(METHOD_ORDER)} to run; rows of the "
                                      "other methods are kept from OUT's previous results")
     p.add_argument("--fasq-grid", nargs="+", metavar="SETTING",
@@ -93,7 +103,7 @@ def cmd_sweep(args) -> int:
                              calibration=Calibration(args.calibration, args.calib_samples, args.calib_seq_len),
                              threads=args.threads)
     Calibration(args.calibration).char_range()  # unknown names fail before any work
-    out = args.out or str(Path("benchmarks/results/accuracy") / (Path(texts[0]).stem if len(texts) == 1 else ""))
+    out = args.out or str(default_out(args.model, texts))
     import signal
 
     def _stop(signum, frame):  # a terminated sweep stops its worker too (see runner._run_subprocess)
@@ -111,7 +121,9 @@ def cmd_sweep(args) -> int:
         print(f"wrote results.json, table.md, plot.png under {out}")
     if args.benchmarks_md:
         from .report import section, update_markdown
-        update_markdown(args.benchmarks_md, section(docs, [docs[texts[0]]["command"] or command]))
+        base = str(Path(out).parent if len(texts) == 1 else Path(out))
+        update_markdown(args.benchmarks_md, section(docs, [docs[texts[0]]["command"] or command], base=base,
+                                                    model=args.model), model=args.model)
     return 0 if all(r.get("status") == "ok" for doc in docs.values() for r in doc["rows"]
                     if r.get("method") in ("original", "fasq")) else 1
 

@@ -291,42 +291,43 @@ def run_gptq(point: Point, ctx: Context) -> Quantized:
 
 
 def run_awq(point: Point, ctx: Context) -> Quantized:
-    from awq import AutoAWQForCausalLM
-    from awq.modules.linear.gemm import WQLinear_GEMM
-    from awq.utils.packing_utils import dequantize_gemm
+    """AWQ through GPTQModel's AWQ processor (``AWQConfig``, GEMM format, zero points).
 
-    bits, group = int(point.settings["bits"]), int(point.settings.get("group_size", 128))
-    quant_config = {"zero_point": True, "q_group_size": group, "w_bit": bits, "version": "GEMM"}
+    GPTQModel is maintained and quantizes on the CPU; autoawq (archived upstream) searched SmolLM2 at
+    ~14 minutes per decoder layer here (docs/accuracy.md).  AWQ needs ``in_features % group_size == 0``.
+    """
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(ctx.threads))
+    from gptqmodel import BACKEND, GPTQModel
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+    from gptqmodel.quantization.config import AWQConfig
+
+    s = dict(point.settings)
+    s.setdefault("offload_to_disk", False)
+    qc = AWQConfig(bits=int(s.pop("bits")), group_size=int(s.pop("group_size", 128)), **s)
 
     def make(tmp: Path) -> dict:
-        calib = ctx.calibration.samples(ctx.tokenizer)
-        m = AutoAWQForCausalLM.from_pretrained(ctx.model_path, device_map="cpu", dtype=torch.float32)
-        _, dt = _timed(lambda: m.quantize(ctx.tokenizer, quant_config=quant_config, calib_data=calib,
-                                          max_calib_samples=len(calib), max_calib_seq_len=ctx.calibration.seq_len))
+        calib = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in ctx.calibration.samples(ctx.tokenizer)]
+        m = GPTQModel.load(ctx.model_path, qc, device="cpu")
+        _, dt = _timed(lambda: m.quantize(calib, batch_size=1, tokenizer=ctx.tokenizer))
         rss = peak_rss_mb()
-        m.save_quantized(str(tmp))
-        return {"quantize_seconds": dt, "peak_rss_mb": rss, "config": quant_config}
+        m.save(str(tmp))
+        return {"quantize_seconds": dt, "peak_rss_mb": rss, "config": _jsonable(m.quantize_config.to_dict())}
 
-    path, meta, cached = _artifact(ctx, point, "autoawq", make)
-    # autoawq's loader insists on the ipex kernel on CPU (intel_extension_for_pytorch, not installable with
-    # this torch), and its GEMM module picks Triton whenever Triton imports, which has no CPU backend.  Its
-    # plain-PyTorch path (dequantize_gemm, then matmul) is what we need: load as on a GPU box, run on CPU.
-    import awq.models.base as awq_base
-    import awq.modules.linear.gemm as awq_gemm
-    awq_gemm.TRITON_AVAILABLE = False
-    best_device, awq_base.get_best_device = awq_base.get_best_device, lambda: "cuda:0"
-    try:
-        wrapped = AutoAWQForCausalLM.from_quantized(str(path), fuse_layers=False, device_map={"": "cpu"},
-                                                    torch_dtype=torch.float16)
-    finally:
-        awq_base.get_best_device = best_device
+    path, meta, cached = _artifact(ctx, point, "gptqmodel", make)
+    wrapped = GPTQModel.load(str(path), backend=BACKEND.TORCH_AWQ, device="cpu", dtype=torch.float16)
     model = wrapped.model.eval()
-    modules = [(n, m) for n, m in model.named_modules() if isinstance(m, WQLinear_GEMM)]
-    return Quantized(model, modules,
-                     lambda m: dequantize_gemm(m.qweight, m.qzeros, m.scales, m.w_bit, m.group_size).T.float(),
-                     "autoawq", version_of("autoawq"), meta["config"], meta["quantize_seconds"],
-                     meta["peak_rss_mb"], ctx.calibration.to_dict(), cached,
-                     ["quantized in an earlier run (cached artifact)"] if cached else [])
+    modules = [(n, m) for n, m in model.named_modules() if isinstance(m, BaseQuantLinear)]
+    return Quantized(model, modules, _awq_dequantizer, "gptqmodel (AWQ)", version_of("gptqmodel"), meta["config"],
+                     meta["quantize_seconds"], meta["peak_rss_mb"], ctx.calibration.to_dict(), cached,
+                     [f"loaded with {type(modules[0][1]).__name__}" if modules else "no quantized layers"]
+                     + (["quantized in an earlier run (cached artifact)"] if cached else []))
+
+
+def _awq_dequantizer(m: nn.Module) -> torch.Tensor:
+    """W [out, in] from an AWQ GEMM layer (int4 codes, zeros and scales per group of inputs)."""
+    from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
+
+    return dequantize_gemm(m.qweight, m.qzeros, m.scales, m.bits, m.group_size).T.float()
 
 
 def _jsonable(obj: Any) -> Any:

@@ -1,6 +1,7 @@
 """Where fasq stands, read off the measured rows, and the BENCHMARKS.md section that shows it.
 
-The section lives between ``<!-- accuracy:begin -->`` and ``<!-- accuracy:end -->``; other sections of
+Each model's section lives between its own markers (``<!-- accuracy:begin -->`` / ``<!-- accuracy:end -->``
+for the embedded default, SmolLM2; ``<!-- accuracy-MODEL:begin -->`` ... for any other); other sections of
 the file are left alone.
 """
 from __future__ import annotations
@@ -11,6 +12,15 @@ from pathlib import Path
 from .table import METHOD_NAMES, label, render
 
 BEGIN, END = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
+MODEL_TITLES = {"smollm2": "SmolLM2-135M-Instruct", "gemma3-270m": "Gemma-3-270M"}
+
+
+def markers(model: str = "smollm2") -> tuple[str, str]:
+    """The section markers of one model's accuracy section."""
+    if model == "smollm2":
+        return BEGIN, END
+    name = Path(model).name
+    return f"<!-- accuracy-{name}:begin -->", f"<!-- accuracy-{name}:end -->"
 # Budgets of issue 4, with the baselines each is compared against (bits of the baseline's codes).
 BUDGETS = ((4.25, 4), (3.25, 3))
 
@@ -47,31 +57,38 @@ def standing(doc: dict) -> list[str]:
     return lines
 
 
-def section(docs: dict[str, dict], commands: list[str], base: str = "benchmarks/results/accuracy") -> str:
-    """The BENCHMARKS.md section (between the markers) for the docs of one or more texts."""
+def section(docs: dict[str, dict], commands: list[str], base: str = "benchmarks/results/accuracy",
+            model: str = "smollm2") -> str:
+    """The BENCHMARKS.md section (between the model's markers) for the docs of one or more texts."""
     any_doc = next(iter(docs.values()))
     m = any_doc.get("machine", {})
-    out = [BEGIN, "## Compression vs accuracy (fasq sweep)", "",
-           f"SmolLM2-135M-Instruct; fasq's grid against GPTQ, AWQ, HQQ, NF4 and RTN, each through its own library, "
+    begin, end = markers(model)
+    title = MODEL_TITLES.get(model, Path(model).name)
+    heading = "## Compression vs accuracy (fasq sweep)" + ("" if model == "smollm2" else f": {title}")
+    out = [begin, heading, "",
+           f"{title}; fasq's grid against GPTQ, AWQ, HQQ, NF4 and RTN, each through its own library, "
            f"sized and scored the same way (docs/accuracy.md). Machine: {m.get('cpu', '?')}, "
            f"{m.get('cores', '?')} cores shared with other work; torch {m.get('torch', '?')}, transformers "
            f"{m.get('transformers', '?')}. Date: {any_doc['date'][:10]}.", "", "Commands:", "", "```bash",
            *commands, "```", ""]
     for text, doc in docs.items():
         name = Path(text).stem
-        out += [f"### {name}", "", "Where fasq stands:", "", *standing(doc), "", render(doc).rstrip(), "",
+        out += [f"### {name}" + ("" if model == "smollm2" else f" ({title})"), "", "Where fasq stands:", "", *standing(doc), "", render(doc).rstrip(), "",
                 f"![perplexity vs bits/weight on {name}]({base}/{name}/plot.png)", ""]
-    out.append(END)
+    out.append(end)
     return "\n".join(out) + "\n"
 
 
-def update_markdown(path: str | os.PathLike, text: str, title: str = "# Benchmarks") -> Path:
-    """Replace the section between the markers in ``path`` (append it, or create the file, if missing)."""
+def update_markdown(path: str | os.PathLike, text: str, title: str = "# Benchmarks",
+                    model: str = "smollm2") -> Path:
+    """Replace the model's section between its markers in ``path`` (append it, or create the file, if
+    missing)."""
     path = Path(path)
+    begin, end = markers(model)
     old = path.read_text() if path.is_file() else f"{title}\n"
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1]
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        tail = rest.split(end, 1)[1]
         new = head + text.rstrip("\n") + tail
     else:
         new = old.rstrip("\n") + "\n\n" + text
