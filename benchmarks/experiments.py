@@ -1,6 +1,7 @@
-"""Quantizer experiments on SmolLM2 (issue 4): one config per run, perplexity on Lee and Austen.
+"""Quantizer experiments on an embedded model (SmolLM2 by default; issues 4 and 22): one config per run,
+perplexity on Lee and Austen.
 
-    python benchmarks/experiments.py --name NAME key=value ... [--max-tokens 8192]
+    python benchmarks/experiments.py --name NAME [--model gemma3-270m] key=value ... [--max-tokens 8192]
 
 Appends one JSON line per run to benchmarks/results/experiments.jsonl (docs/experiments.md reads it).
 """
@@ -18,7 +19,7 @@ import torch
 
 from fasq import FASQConfig
 from fasq.cli import load_any
-from fasq.data import smollm2_checkpoint
+from fasq.data import embedded_checkpoint
 from fasq.eval import load_text, perplexity
 from fasq.model import model_size_report, quantize
 
@@ -53,14 +54,15 @@ def main(argv=None):
     torch.manual_seed(0)
     ap = argparse.ArgumentParser()
     ap.add_argument("--name", required=True)
+    ap.add_argument("--model", default="smollm2", help="embedded model: smollm2 or gemma3-270m")
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--texts", default="lee,austen")
     ap.add_argument("--original", action="store_true", help="evaluate the unquantized model")
     ap.add_argument("--bits", type=float, help="target bits/weight: per-layer allocation (fasq.fit.allocate)")
     ap.add_argument("settings", nargs="*")
     a = ap.parse_args(argv)
-    model, tok = load_any(str(smollm2_checkpoint()))
-    rec = {"name": a.name, "date": str(date.today()), "machine": platform.processor() or platform.machine(),
+    model, tok = load_any(str(embedded_checkpoint(a.model)))
+    rec = {"name": a.name, "model": a.model, "date": str(date.today()), "machine": platform.processor() or platform.machine(),
            "max_tokens": a.max_tokens}
     if not a.original:
         cfg = FASQConfig(**parse_kv(a.settings))

@@ -29,6 +29,24 @@ def test_perplexity_matches_manual_loss(tokenizer):
     assert r["nll_per_token"] == pytest.approx(float(loss), rel=1e-5)
 
 
+def test_large_vocabulary_scores_fewer_windows_per_forward(tokenizer, monkeypatch):
+    """Logits are capped at LOGITS_BUDGET bytes per forward (Gemma-3's 262k vocabulary): the same windows and
+    the same score, in smaller batches."""
+    import sys
+
+    ppl = sys.modules["fasq.eval.perplexity"]       # the module (fasq.eval re-exports the function by its name)
+
+    model = tiny_model("llama")
+    full = perplexity(model, tokenizer, SAMPLE_TEXT, context_length=32, max_tokens=200, progress=False)
+    seen = []
+    model.register_forward_hook(lambda m, args, kwargs, out: seen.append(kwargs["input_ids"].shape[0]),
+                                with_kwargs=True)
+    monkeypatch.setattr(ppl, "LOGITS_BUDGET", 2 * 32 * 320 * 4)     # two windows of fp32 logits
+    capped = perplexity(model, tokenizer, SAMPLE_TEXT, context_length=32, max_tokens=200, progress=False)
+    assert max(seen) == 2 and sum(seen) == full["windows"]
+    assert capped["nll_per_token"] == pytest.approx(full["nll_per_token"], rel=1e-6)
+
+
 def test_too_short_text(tokenizer):
     with pytest.raises(ValueError, match="fewer than one window"):
         perplexity(tiny_model("llama"), tokenizer, "hi", context_length=32, progress=False)

@@ -19,6 +19,9 @@ def wants_bos(tokenizer) -> bool:
     return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
+LOGITS_BUDGET = 1 << 30   # bytes of fp32 logits per forward (one window of Gemma-3's vocabulary is 0.5 GB)
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, text: str, *, context_length: int = 512, max_tokens: int | None = 16384,
                batch_size: int = 4, progress: bool = True, bos: bool | None = None) -> dict:
@@ -47,6 +50,11 @@ def perplexity(model, tokenizer, text: str, *, context_length: int = 512, max_to
     for b in model.buffers():
         device = b.device
         break
+    # A batch's logits (and their log-softmax, as large again) are B x L x vocab fp32: Gemma-3's 262k vocabulary
+    # makes that 2.1 GB per tensor at B=4, L=512 (a sweep worker peaked at 10 GB and was OOM-killed on 24 GB).
+    # Fewer windows per forward keep each tensor under LOGITS_BUDGET; the scores are the same windows.
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 0
+    batch_size = max(1, min(batch_size, LOGITS_BUDGET // max(1, context_length * vocab * 4)))
     nll, n_tok, n_bytes = 0.0, 0, 0
     t0 = time.perf_counter()
     bar = tqdm(total=n_win, desc="perplexity", unit="win", disable=not progress, leave=False)
