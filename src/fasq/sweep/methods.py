@@ -308,7 +308,8 @@ def run_awq(point: Point, ctx: Context) -> Quantized:
     def make(tmp: Path) -> dict:
         calib = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in ctx.calibration.samples(ctx.tokenizer)]
         m = GPTQModel.load(ctx.model_path, qc, device="cpu")
-        _, dt = _timed(lambda: m.quantize(calib, batch_size=1, tokenizer=ctx.tokenizer))
+        # Without a backend GPTQModel picks its CUDA GEMM kernel for AWQ and refuses on a CPU-only machine.
+        _, dt = _timed(lambda: m.quantize(calib, batch_size=1, tokenizer=ctx.tokenizer, backend=BACKEND.TORCH_AWQ))
         rss = peak_rss_mb()
         m.save(str(tmp))
         return {"quantize_seconds": dt, "peak_rss_mb": rss, "config": _jsonable(m.quantize_config.to_dict())}
