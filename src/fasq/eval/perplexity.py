@@ -20,6 +20,17 @@ def wants_bos(tokenizer) -> bool:
 
 
 LOGITS_BUDGET = 1 << 30   # bytes of fp32 logits per forward (one window of Gemma-3's vocabulary is 0.5 GB)
+NLL_CHUNK = 128           # positions per log-softmax: its temporaries stay a fraction of the logits
+
+
+def _nll_sum(logits: torch.Tensor, tgt: torch.Tensor) -> float:
+    """Summed negative log-likelihood of ``tgt`` [B, T] under ``logits`` [B, T, V], a few positions at a time
+    (a whole-batch log-softmax would allocate as much again as the logits)."""
+    total = 0.0
+    for s in range(0, tgt.shape[1], NLL_CHUNK):
+        logp = torch.log_softmax(logits[:, s: s + NLL_CHUNK].float(), dim=-1)
+        total -= float(logp.gather(-1, tgt[:, s: s + NLL_CHUNK, None]).sum())
+    return total
 
 
 @torch.no_grad()
@@ -60,10 +71,9 @@ def perplexity(model, tokenizer, text: str, *, context_length: int = 512, max_to
     bar = tqdm(total=n_win, desc="perplexity", unit="win", disable=not progress, leave=False)
     for s in range(0, n_win, batch_size):
         batch = windows[s: s + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits.float()     # [B, L, V]
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        logits = model(input_ids=batch, use_cache=False).logits               # [B, L, V]
         tgt = batch[:, 1:]
-        nll -= float(logp.gather(-1, tgt[..., None]).sum())
+        nll += _nll_sum(logits[:, :-1], tgt)
         n_tok += tgt.numel()
         for row in tgt.cpu():
             n_bytes += len(tokenizer.decode(row.tolist()).encode("utf-8"))
