@@ -218,12 +218,12 @@ def ptxas_report(text: str) -> dict:
                 registers=int(r.group(1)))
 
 
-def res_usage(cubin: Path) -> dict:
+def res_usage(cubin: Path, fun: str = "fasq_pq_decode") -> dict:
     """``cuobjdump -res-usage`` of the kernel: REG, STACK, SHARED (static), LOCAL, ..."""
     text = _run([find_tool("cuobjdump"), "-res-usage", str(cubin)])
-    m = re.search(r"Function fasq_pq_decode:\s*\n\s*(.*)", text)
+    m = re.search(rf"Function {fun}:\s*\n\s*(.*)", text)
     if not m:
-        raise RuntimeError(f"cuda_static: fasq_pq_decode not in cuobjdump -res-usage: {text[-1000:]}")
+        raise RuntimeError(f"cuda_static: {fun} not in cuobjdump -res-usage: {text[-1000:]}")
     return {k: int(v) for k, v in re.findall(r"(\w+(?:\[\d+\])?):(\d+)", m.group(1))}
 
 
@@ -241,9 +241,9 @@ class Instr:
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 
 
-def sass(cubin: Path) -> list[Instr]:
+def sass(cubin: Path, fun: str = "fasq_pq_decode") -> list[Instr]:
     """The kernel's SASS, one Instr per instruction."""
-    text = _run([find_tool("cuobjdump"), "-sass", "-fun", "fasq_pq_decode", str(cubin)])
+    text = _run([find_tool("cuobjdump"), "-sass", "-fun", fun, str(cubin)])
     out = []
     for off, body in _SASS_LINE.findall(text):
         body = re.sub(r"^@!?U?P[T0-9]+\s+", "", body.strip())
