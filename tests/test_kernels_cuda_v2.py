@@ -154,3 +154,35 @@ def test_fused_rejects_layers_that_cannot_share_a_launch():
     with pytest.raises(ValueError, match="rotation signs"):
         V.fused_linear(torch.randn(1, 512), [a, b])
     assert isinstance(a, PQLinear)
+
+
+def test_gpu_v2_benchmark_dry_run(tmp_path):
+    """benchmarks/gpu_v2.py on the CPU: the emulator's checks pass and the targets JSON has the issue's
+    format, every row unmeasured."""
+    import json
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import gpu_v2
+    finally:
+        sys.path.pop(0)
+    assert gpu_v2.main(["--dry-run", "--out", str(tmp_path / "v2.json"), "--targets", str(tmp_path / "t.json")]) == 0
+    t = json.loads((tmp_path / "t.json").read_text())
+    assert set(t) >= {"card", "date", "commit", "targets"} and len(t["targets"]) == len(gpu_v2.TARGETS)
+    assert all(set(r) == {"name", "goal", "measured", "unit"} and r["measured"] is None for r in t["targets"])
+
+
+def test_gpu_check_script_keeps_its_time_guards(tmp_path):
+    """scripts/gpu_check.sh with DRY=1 and a 14 s total: steps past the total are skipped, not run, and
+    steps.json (valid JSON) says so."""
+    import json
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh")], cwd=root, capture_output=True, text=True,
+                       env={**os.environ, "DRY": "1", "TOTAL_S": "14", "OUT": str(tmp_path)}, timeout=120)
+    steps = json.loads((tmp_path / "steps.json").read_text())
+    names = [s["step"] for s in steps["steps"]]
+    assert names[0] == "env" and {"tests_v2", "v2", "static_v2"} <= set(names), r.stdout[-2000:]
+    assert steps["elapsed_s"] <= 14 + 10
+    assert any(s.get("skipped") == "no time left" for s in steps["steps"])

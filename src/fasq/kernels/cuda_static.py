@@ -360,7 +360,10 @@ def check_all(cases: list[Case], archs=("sm_80", "sm_90"), folder: Optional[Path
     with tempfile.TemporaryDirectory(prefix="fasq_static_") as tmp:
         where = Path(folder or tmp)
         where.mkdir(parents=True, exist_ok=True)
-        return [check(case, arch, where) for case in cases for arch in archs]
+        # nvcc runs are independent processes: one per core (the GPU machine has 16).
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            return list(pool.map(lambda ca: check(ca[0], ca[1], where), [(c, a) for c in cases for a in archs]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import argparse
 import collections
 import dataclasses
 import json
+import os
 import re
 import sys
 import tempfile
@@ -175,7 +176,9 @@ def check_all(cases: list[Case], archs=("sm_80", "sm_90"), folder: Optional[Path
     with tempfile.TemporaryDirectory(prefix="fasq_static_v2_") as tmp:
         where = Path(folder or tmp)
         where.mkdir(parents=True, exist_ok=True)
-        out = [check(case, arch, where) for case in cases for arch in archs]
+        from concurrent.futures import ThreadPoolExecutor     # one nvcc per core
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            out = list(pool.map(lambda ca: check(ca[0], ca[1], where), [(c, a) for c in cases for a in archs]))
     return [r for r in out if r is not None]
 
 
