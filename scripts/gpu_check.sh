@@ -11,15 +11,18 @@
 #   v2        benchmarks/gpu_v2.py: correctness on the 8B shapes and fused launches at 1-16 tokens,
 #             cold-L2 graph-replay timings of v2 vs v1 vs FP16 F.linear vs a plain read of the same
 #             bytes, a rows sweep (fixed cost, streaming rate); writes v2.json and gpu_targets.json
-#             (also to benchmarks/results/gpu_targets.json in this checkout)                   200 s
-#   tests     the v1 kernel's GPU tests (tests/test_kernels_cuda.py -k gpu)                        90 s
+#             (also to benchmarks/results/gpu_targets.json in this checkout)                   150 s
+#   e2e       benchmarks/gpu_e2e.py (FASQ_CUDA_V2=1): the gpt-fast-class harness, torch.compile
+#             reduce-overhead decode step, FP16 / null linears / 4-bit / 3-bit, 4 of 32 layers and 64
+#             tokens to fit here (so the end-to-end target rows stay null: a 32-layer run fills them) 100 s
+#   tests     the v1 kernel's GPU tests (tests/test_kernels_cuda.py -k gpu)                        60 s
 #   read      benchmarks/gpu_read.py: v1 kernel vs FP16 vs a plain read, 4 shapes x 3 formats    what is left
 #   static    python -m fasq.kernels.cuda_static / cuda_static_v2 with this machine's nvcc        what is left
 #
 # Writes to $OUT (default ./gpu_out): steps.json (each step's rc, seconds, budget, timed_out; rewritten
 # after every step, so a run cut short still leaves it), log.txt (every step's output), v2.json,
-# gpu_targets.json, read.json, static.json, static_v2.json: seven files (the device tool brings back at
-# most eight).  If tests_v2 fails, v2 still runs (its own checks are in v2.json) and the log says so.
+# gpu_targets.json, e2e.json, read.json, static.json, static_v2.json: eight files (the device tool
+# brings back at most eight).  If tests_v2 fails, v2 still runs (its own checks are in v2.json) and the log says so.
 # DRY=1: no GPU needed: skips install, runs the tests on the CPU (the GPU tests skip; the emulator, the
 # compile checks and the static checks run) and gpu_v2.py / gpu_read.py --dry-run; it checks the script,
 # not the card.
@@ -81,13 +84,16 @@ if [ "$DRY" = 1 ]; then
   step tests_v2 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_cuda_v2.py \
     tests/test_kernels_cuda_layout.py tests/test_kernels_cuda.py
   step v2 60 python3 benchmarks/gpu_v2.py --dry-run --out "$OUT/v2.json" --targets "$TARGETS_FILE"
+  step e2e 90 python3 benchmarks/gpu_e2e.py --dry-run --out "$OUT/e2e.json"
   step read 60 python3 benchmarks/gpu_read.py --dry-run --out "$OUT/read.json"
 else
   step tests_v2 90 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_cuda_v2.py -k gpu \
     || echo "v2 GPU tests failed: the timings below still run; v2.json has its own checks" | tee -a "$LOG"
-  step v2 200 python3 benchmarks/gpu_v2.py --budget-s 170 --out "$OUT/v2.json" --targets "$TARGETS_FILE"
+  step v2 150 python3 benchmarks/gpu_v2.py --budget-s 125 --out "$OUT/v2.json" --targets "$TARGETS_FILE"
+  step e2e 100 env FASQ_CUDA_V2=1 python3 benchmarks/gpu_e2e.py --layers 4 --new-tokens 64 --out "$OUT/e2e.json" \
+    --targets "$TARGETS_FILE"
   [ -f "$TARGETS_FILE" ] && cp "$TARGETS_FILE" "$OUT/gpu_targets.json"
-  step tests 90 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_cuda.py -k gpu
+  step tests 60 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_cuda.py -k gpu
   step read 60 python3 benchmarks/gpu_read.py --budget-s 45 --out "$OUT/read.json"
 fi
 step static 90 python3 -m fasq.kernels.cuda_static --json "$OUT/static.json"

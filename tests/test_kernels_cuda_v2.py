@@ -183,6 +183,39 @@ def test_gpu_check_script_keeps_its_time_guards(tmp_path):
                        env={**os.environ, "DRY": "1", "TOTAL_S": "14", "OUT": str(tmp_path)}, timeout=120)
     steps = json.loads((tmp_path / "steps.json").read_text())
     names = [s["step"] for s in steps["steps"]]
-    assert names[0] == "env" and {"tests_v2", "v2", "static_v2"} <= set(names), r.stdout[-2000:]
+    assert names[0] == "env" and {"tests_v2", "v2", "e2e", "static_v2"} <= set(names), r.stdout[-2000:]
     assert steps["elapsed_s"] <= 14 + 10
     assert any(s.get("skipped") == "no time left" for s in steps["steps"])
+
+
+def test_e2e_harness_runs_fasq_linears_as_their_dense_weights():
+    """benchmarks/gpu_e2e.py's model with fasq linears (fused q/k/v and gate/up on the CPU path) gives
+    the logits of the same model with those layers' dequantized weights as dense linears: the harness
+    wires the fused outputs (q/k/v split, gate/up chunk) right.  Null linears change the logits."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import gpu_e2e as H
+    finally:
+        sys.path.pop(0)
+    cfg = H.Cfg(dim=128, n_layers=2, n_heads=4, n_kv=2, inter=256, vocab=100, max_seq=32)
+    dev = torch.device("cpu")
+    torch.manual_seed(0)
+    fasq = H.Model(cfg, "4bit d2 K256", dev, torch.float32).eval()
+    torch.manual_seed(0)
+    dense = H.Model(cfg, "fp16", dev, torch.float32).eval()
+    torch.manual_seed(0)
+    null = H.Model(cfg, "null", dev, torch.float32).eval()
+    with torch.no_grad():
+        for bf, bd in zip(fasq.blocks, dense.blocks):
+            for name in ("wqkv", "wo", "w13", "w2"):
+                m = getattr(bf, name)
+                parts = m.layers if isinstance(m, H.FasqFused) else [m]
+                getattr(bd, name).weight.copy_(torch.cat([p.dequantize() for p in parts]))
+        assert torch.equal(fasq.emb.weight, dense.emb.weight) and torch.equal(fasq.head.weight, null.head.weight)
+        tokens, pos = torch.randint(0, 100, (1, 12)), torch.arange(12)
+        yf, yd, yn = fasq(tokens, pos), dense(tokens, pos), null(tokens, pos)
+    assert (yf - yd).abs().max() <= 1e-3 * yd.abs().max()
+    assert (yf - yn).abs().max() > 0.05 * yd.abs().max()
+    assert H.linear_bytes(fasq) < H.linear_bytes(dense) / 3
