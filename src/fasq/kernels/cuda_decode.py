@@ -422,3 +422,7 @@ def _supports(layer, x: torch.Tensor) -> bool:
 
 
 register(Kernel("cuda_decode", ("cuda",), _supports, layer_linear, priority=40, adds_outliers=_fused_outliers))
+
+# The v2 kernel (cuda_decode_v2.py) registers itself only when asked for: it has not run on a GPU yet.
+if os.environ.get("FASQ_CUDA_V2", "0") == "1":
+    from . import cuda_decode_v2  # noqa: E402,F401  (registers cuda_decode_v2, priority 45)
