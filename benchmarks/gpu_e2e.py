@@ -82,7 +82,7 @@ class FasqFused(nn.Module):
     def forward(self, x):
         if self.v2 is None:
             return torch.cat([lay(x) for lay in self.layers], dim=-1)
-        from fasq.kernels.cuda_decode import rotate
+        from fasq.kernels.cuda_common import rotate
         s = self.layers[0].spec
         lead = x.shape[:-1]
         x2 = x.reshape(-1, s.in_features)

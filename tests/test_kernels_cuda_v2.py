@@ -21,7 +21,7 @@ from fasq.format import LayerSpec, pack_codes
 from fasq.kernels import cuda_decode_v2 as V
 from fasq.kernels import cuda_emulate as E
 from fasq.kernels import cuda_layout as L
-from fasq.kernels.cuda_decode import rotate
+from fasq.kernels.cuda_common import rotate
 from fasq.nn import PQLinear
 
 from conftest import random_pq_layer

@@ -25,6 +25,7 @@ import torch
 
 from . import Kernel, register
 from . import cuda_layout as L
+from .cuda_common import compile_kernel, rotate
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +128,8 @@ def source() -> str:
 @functools.lru_cache(maxsize=None)
 def _build(key: tuple, device: int, smem: int):
     """One build per (defines, device): a loaded module belongs to its device's context."""
-    from .cuda_decode import _compile
     with torch.cuda.device(device):
-        fn = _compile("".join(f"#define {n} {v}\n" for n, v in zip(_DEFINES, key)) + source(), "fasq_pq_decode_v2")
+        fn = compile_kernel("".join(f"#define {n} {v}\n" for n, v in zip(_DEFINES, key)) + source(), "fasq_pq_decode_v2")
         if not hasattr(fn, "set_shared_memory_config"):
             raise RuntimeError(f"torch {torch.__version__}: compiled kernels cannot take {smem} bytes of shared memory")
         fn.set_shared_memory_config(smem)
@@ -277,7 +277,6 @@ def fused_linear(x: torch.Tensor, layers) -> list[torch.Tensor]:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, s.in_features).contiguous()
     if s.rotation_block:
-        from .cuda_decode import rotate
         x2 = rotate(x2, layers[0].rot_signs, s.rotation_block).contiguous()
     ops = layer_operands(layers)
     y = run(x2, ops)
