@@ -31,7 +31,9 @@ from typing import Optional
 import torch
 
 from ..format import code_bits, packed_words
-from . import Kernel, outlier_csr_cached, register, rotate_cached
+from . import Kernel, outlier_csr_cached, register
+from .cuda_common import compile_kernel as _compile
+from .cuda_common import rotate
 
 log = logging.getLogger(__name__)
 
@@ -216,13 +218,6 @@ def _new_buffer(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _compile(src: str, name: str):
-    compile_kernel = getattr(torch.cuda, "_compile_kernel", None)
-    if compile_kernel is None:
-        raise RuntimeError(f"torch {torch.__version__} has no torch.cuda._compile_kernel (NVRTC)")
-    return compile_kernel(src, name)
-
-
 def _build_key(cfg: Config) -> tuple:
     """The fields of a Config that the build depends on (splits are launch arguments)."""
     return cfg.bits, cfg.d, cfg.run, cfg.nwarps, cfg.rowt, cfg.bf16, cfg.repl, cfg.scales, cfg.rotb, cfg.outliers
@@ -335,22 +330,6 @@ def pq_decode(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, sca
 # ---------------------------------------------------------------------------------------------
 # Rotation, op and registry entry.
 
-@functools.lru_cache(maxsize=None)
-def _rotation():
-    """The Triton kernels' rotation where Triton imports, else the same maths in two torch ops."""
-    try:
-        from .triton_kernels import rotate as triton_rotate
-    except Exception:
-        return rotate_cached
-    return triton_rotate
-
-
-def rotate(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
-    """:func:`fasq.reference.rotate` with the Hadamard matrix cached on x's device (no host-to-device
-    copy inside a CUDA graph)."""
-    return _rotation()(x, signs, block)
-
-
 @torch.library.custom_op("fasq::cuda_pq_linear", mutates_args=())
 def cuda_pq_linear(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
                    rot_signs: torch.Tensor, bias: Optional[torch.Tensor], in_features: int, subvector_dim: int,
@@ -422,3 +401,7 @@ def _supports(layer, x: torch.Tensor) -> bool:
 
 
 register(Kernel("cuda_decode", ("cuda",), _supports, layer_linear, priority=40, adds_outliers=_fused_outliers))
+
+# The v2 kernel (cuda_decode_v2.py) registers itself only when asked for: it has not run on a GPU yet.
+if os.environ.get("FASQ_CUDA_V2", "0") == "1":
+    from . import cuda_decode_v2  # noqa: E402,F401  (registers cuda_decode_v2, priority 45)

@@ -218,12 +218,12 @@ def ptxas_report(text: str) -> dict:
                 registers=int(r.group(1)))
 
 
-def res_usage(cubin: Path) -> dict:
+def res_usage(cubin: Path, fun: str = "fasq_pq_decode") -> dict:
     """``cuobjdump -res-usage`` of the kernel: REG, STACK, SHARED (static), LOCAL, ..."""
     text = _run([find_tool("cuobjdump"), "-res-usage", str(cubin)])
-    m = re.search(r"Function fasq_pq_decode:\s*\n\s*(.*)", text)
+    m = re.search(rf"Function {fun}:\s*\n\s*(.*)", text)
     if not m:
-        raise RuntimeError(f"cuda_static: fasq_pq_decode not in cuobjdump -res-usage: {text[-1000:]}")
+        raise RuntimeError(f"cuda_static: {fun} not in cuobjdump -res-usage: {text[-1000:]}")
     return {k: int(v) for k, v in re.findall(r"(\w+(?:\[\d+\])?):(\d+)", m.group(1))}
 
 
@@ -241,9 +241,9 @@ class Instr:
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 
 
-def sass(cubin: Path) -> list[Instr]:
+def sass(cubin: Path, fun: str = "fasq_pq_decode") -> list[Instr]:
     """The kernel's SASS, one Instr per instruction."""
-    text = _run([find_tool("cuobjdump"), "-sass", "-fun", "fasq_pq_decode", str(cubin)])
+    text = _run([find_tool("cuobjdump"), "-sass", "-fun", fun, str(cubin)])
     out = []
     for off, body in _SASS_LINE.findall(text):
         body = re.sub(r"^@!?U?P[T0-9]+\s+", "", body.strip())
@@ -360,7 +360,10 @@ def check_all(cases: list[Case], archs=("sm_80", "sm_90"), folder: Optional[Path
     with tempfile.TemporaryDirectory(prefix="fasq_static_") as tmp:
         where = Path(folder or tmp)
         where.mkdir(parents=True, exist_ok=True)
-        return [check(case, arch, where) for case in cases for arch in archs]
+        # nvcc runs are independent processes: one per core (the GPU machine has 16).
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            return list(pool.map(lambda ca: check(ca[0], ca[1], where), [(c, a) for c in cases for a in archs]))
 
 
 # ---------------------------------------------------------------------------------------------
