@@ -308,6 +308,10 @@ def run_awq(point: Point, ctx: Context) -> Quantized:
     def make(tmp: Path) -> dict:
         calib = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in ctx.calibration.samples(ctx.tokenizer)]
         m = GPTQModel.load(ctx.model_path, qc, device="cpu")
+        # Gemma 3's rotary embedding takes a layer type (sliding / full attention) that GPTQModel 7.6's AWQ
+        # scale search does not pass when it recomputes position embeddings; the ones captured with each
+        # layer's inputs are the model's own, so keep them (GPTQModel's switch for such models).
+        m.awq_preserve_explicit_position_embeddings = True
         # Without a backend GPTQModel picks its CUDA GEMM kernel for AWQ and refuses on a CPU-only machine.
         _, dt = _timed(lambda: m.quantize(calib, batch_size=1, tokenizer=ctx.tokenizer, backend=BACKEND.TORCH_AWQ))
         rss = peak_rss_mb()
