@@ -144,3 +144,18 @@ def test_cli_generate_engines_agree(model_dir, capsys):
         texts[engine] = out.out
         assert f"engine {engine}" in out.err
     assert texts["lean"] == texts["transformers"] and texts["lean"].startswith("It is a truth")
+
+
+def test_bf16_prefill_is_close_and_optional():
+    """A prompt of >= PREFILL16_MIN_TOKENS runs the PQ layers on bf16 activations when asked (the AMX path):
+    logits within 3% of the largest; prefill_dtype=None keeps fp32 (1e-4)."""
+    from fasq.decode.engine import PREFILL16_MIN_TOKENS
+
+    model = models()["llama-fasq"]
+    ids = torch.randint(0, 320, (1, PREFILL16_MIN_TOKENS + 4), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        ref = model(input_ids=ids).logits[0]
+    tol = ref.abs().max().item()
+    for dtype, rel in ((None, 1e-4), (torch.bfloat16, 3e-2)):
+        got = LeanDecoder(model, max_len=32, prefill_dtype=dtype).prefill(ids, all_logits=True)
+        torch.testing.assert_close(got, ref, atol=rel * tol, rtol=0)

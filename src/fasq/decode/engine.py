@@ -24,11 +24,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn import PQLinear
 from .arch import ARCHS, blocks_of, norm_weight, rope_tables, unsupported_reason
 
 log = logging.getLogger(__name__)
 
 ENGINES = ("auto", "lean", "transformers")
+# A prompt of at least this many tokens runs its PQ layers on bf16 activations where the CPU has AMX-BF16:
+# the kernels' TILED method then dequantizes to a bf16 tile and multiplies with oneDNN's AMX GEMM (the C++
+# switches at kTiled16MinTokens = 20, where the bf16 GEMM starts to beat fp32; docs/kernels_cpu.md).  One
+# SmolLM2 block's seven layers at 512 tokens, --preset 4bit, 1 thread: 44.8 ms fp32, 6.6 ms bf16 (load 14,
+# 2026-12-06).  Norms, RoPE, attention, the residual stream and the head stay fp32; decode steps are fp32.
+PREFILL16_MIN_TOKENS = 20
+
+
+def default_prefill_dtype() -> torch.dtype | None:
+    """bf16 where the CPU multiplies it in AMX tiles, else None (fp32 throughout)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return None
+    return torch.bfloat16 if " amx_bf16" in flags else None
 
 
 class LeanDecoder:
@@ -40,11 +57,14 @@ class LeanDecoder:
         logits = dec.step(token)           # one token (int or tensor): logits [1, V]
         ids = dec.generate(ids, 64)        # the greedy continuation (list of ints)
 
-    Raises ValueError (naming the reason) for a model it does not compute; :func:`lean_decoder`
-    returns None instead.
+    ``prefill_dtype``: the activations' dtype for the PQ layers of a prompt of at least
+    PREFILL16_MIN_TOKENS tokens ("auto": bf16 where the CPU has AMX-BF16, else fp32; None: fp32).  bf16
+    rounds activations and weight tiles to 8 mantissa bits there (llama.cpp rounds its activations to 8-bit
+    blocks); steps of fewer tokens are fp32.  Raises ValueError (naming the reason) for a model it does not
+    compute; :func:`lean_decoder` returns None instead.
     """
 
-    def __init__(self, model: nn.Module, max_len: int = 2048):
+    def __init__(self, model: nn.Module, max_len: int = 2048, prefill_dtype: torch.dtype | None | str = "auto"):
         why = unsupported_reason(model)
         if why:
             raise ValueError(f"LeanDecoder: unsupported model: {why}")
@@ -71,6 +91,7 @@ class LeanDecoder:
         self.k_cache = [torch.zeros(shape) for _ in range(L)]     # [KV, max_len, hd] each
         self.v_cache = [torch.zeros(shape) for _ in range(L)]
         self.pos = 0
+        self.prefill_dtype = default_prefill_dtype() if prefill_dtype == "auto" else prefill_dtype
         from .native import library
         self._lib = library()        # the C++ glue of a 1-token step; None: torch ops do it
         self._act = F.silu if self.arch.activations == ("silu",) else (lambda t: F.gelu(t, approximate="tanh"))
@@ -121,15 +142,15 @@ class LeanDecoder:
             raise ValueError(f"LeanDecoder: position {p0 + S} is past max_len={self.max_len}")
         x = self.embed(ids).reshape(S, -1).float()                 # [S, D]
         masks = {} if S == 1 else self._masks(p0, S)
-        act = self._act
+        act, lin = self._act, self._linear_for(S)
         for blk, kc, vc in zip(self.blocks, self.k_cache, self.v_cache):
             h = self._rms(x, blk.attn_norm)
-            o = self._attention(blk, h, kc, vc, p0, S, masks)
+            o = self._attention(blk, h, kc, vc, p0, S, masks, lin)
             if blk.post_attn_norm is not None:
                 o = self._rms(o, blk.post_attn_norm)
             x = x + o
             h = self._rms(x, blk.mlp_norm)
-            m = blk.down(act(blk.gate(h)).mul_(blk.up(h)))
+            m = lin(blk.down, act(lin(blk.gate, h)).mul_(lin(blk.up, h)))
             if blk.post_mlp_norm is not None:
                 m = self._rms(m, blk.post_mlp_norm)
             x = x + m
@@ -159,11 +180,19 @@ class LeanDecoder:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
-    def _attention(self, blk, h, kc, vc, p0: int, S: int, masks: dict) -> torch.Tensor:
+    def _linear_for(self, S: int):
+        """How a pass of S tokens calls a linear layer: as it is, or (a prompt of at least
+        PREFILL16_MIN_TOKENS with ``prefill_dtype`` set) a PQLinear on 16-bit activations, widened back."""
+        dt = self.prefill_dtype
+        if dt is None or S < PREFILL16_MIN_TOKENS:
+            return lambda mod, h: mod(h)
+        return lambda mod, h: mod(h.to(dt)).float() if isinstance(mod, PQLinear) else mod(h)
+
+    def _attention(self, blk, h, kc, vc, p0: int, S: int, masks: dict, lin) -> torch.Tensor:
         H, KV, hd = self.n_heads, self.n_kv, self.head_dim
-        q = blk.q(h).view(S, H, hd)
-        k = blk.k(h).view(S, KV, hd)
-        v = blk.v(h).view(S, KV, hd)
+        q = lin(blk.q, h).view(S, H, hd)
+        k = lin(blk.k, h).view(S, KV, hd)
+        v = lin(blk.v, h).view(S, KV, hd)
         if blk.q_norm is not None:
             q, k = self._rms(q, blk.q_norm), self._rms(k, blk.k_norm)
         cos, sin, qcos, qsin = self.rope[blk.rope]
@@ -182,7 +211,7 @@ class LeanDecoder:
         # q [1, H, S, hd] against keys [1, KV, end, hd]; the scale is already in q
         o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kc[None, :, :end], vc[None, :, :end],
                                            attn_mask=masks[blk.window], scale=1.0, enable_gqa=self.group > 1)
-        return blk.o(o[0].transpose(0, 1).reshape(S, H * hd))
+        return lin(blk.o, o[0].transpose(0, 1).reshape(S, H * hd))
 
     def _masks(self, p0: int, S: int) -> dict:
         """{window: bool mask [S, p0+S]}: key j is visible to query i (at p0+i) when j <= p0+i and, with a
