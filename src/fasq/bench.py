@@ -241,12 +241,12 @@ def load_note(threads: int) -> str | None:
 def table(rows: list[dict]) -> str:
     name_w = max(12, *(len(r["model"]) for r in rows))
     mem = "peak GPU MiB" if "peak_gpu_mib" in rows[0] else "peak RSS MiB"
-    lines = [f"{'model':<{name_w}} {'bits/w':>7} {'weights MiB':>11} {'tok/s':>8} {'vs first':>8} "
+    lines = [f"{'model':<{name_w}} {'engine':>12} {'bits/w':>7} {'weights MiB':>11} {'tok/s':>8} {'vs first':>8} "
              f"{'ms/step':>8} {mem:>12} {'same tokens':>11}"]
     for r in rows:
         bpw = f"{r['bits_per_weight']:.3f}" if r["bits_per_weight"] else "-"
         peak = r.get("peak_gpu_mib", r["peak_rss_mib"])
-        lines.append(f"{r['model']:<{name_w}} {bpw:>7} {r['weights_mib']:>11.1f} {r['tokens_per_s_median_step']:>8.1f} "
+        lines.append(f"{r['model']:<{name_w}} {r.get('engine', '-'):>12} {bpw:>7} {r['weights_mib']:>11.1f} {r['tokens_per_s_median_step']:>8.1f} "
                      f"{r['speedup_vs_first_run_median']:>7.2f}x {r['decode_step_ms_median']:>8.2f} {peak:>12.0f} "
                      f"{r['same_tokens_as_first']:>5}/{len(r['generated'])}")
     return "\n".join(lines)
