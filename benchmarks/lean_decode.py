@@ -11,7 +11,7 @@ Every process gets the same token ids (the Hugging Face tokenizer's; the GGUFs c
 
 * prompt: the first 512 tokens of the Lee text (a BOS first where the tokenizer adds one), prefilled once
   to warm up, then ``--prefill-reps`` times; prompt tokens/s from the fastest;
-* decode: ``--new-tokens`` (128) greedy tokens after ``fasq bench``'s chat-template prompt; tokens/s from
+* decode: ``--new-tokens`` (128) greedy tokens after ``fasq bench``'s prompt (in the chat template where the tokenizer has one); tokens/s from
   the median step (robust to other jobs on the shared machine), after a 4-token warm-up.
 
 Ratios (fasq / llama.cpp, lean / transformers) are medians of round-by-round ratios of runs made minutes
@@ -147,9 +147,12 @@ def token_ids(model: str) -> tuple[list[int], list[int]]:
     from fasq.eval.texts import lee
 
     tok = AutoTokenizer.from_pretrained(str(embedded_checkpoint(model)))
-    chat = tok.apply_chat_template([{"role": "user", "content": SHORT_PROMPT}], tokenize=False,
-                                   add_generation_prompt=True)
-    short = tok(chat, add_special_tokens=False).input_ids
+    if getattr(tok, "chat_template", None):
+        chat = tok.apply_chat_template([{"role": "user", "content": SHORT_PROMPT}], tokenize=False,
+                                       add_generation_prompt=True)
+        short = tok(chat, add_special_tokens=False).input_ids
+    else:   # Gemma-3-270M's tokenizer here has no chat template: the plain question, BOS first
+        short = tok(SHORT_PROMPT, add_special_tokens=True).input_ids
     long_ = tok(lee(), add_special_tokens=True).input_ids[:512]
     return short, long_
 
@@ -232,6 +235,11 @@ def main() -> None:
                           f"{len(long_) / res['prefill_s']:.0f} tok/s prompt (load {res['load']:.1f})", flush=True)
             runs_all[f"{model}/t{threads}"] = runs
             rows += summarize(model, threads, runs, engines, len(long_))
+            write(args, rows, runs_all, load_before, t_start)     # after each (model, threads): a stopped run keeps them
+    print(table(rows))
+
+
+def write(args, rows: list, runs_all: dict, load_before, t_start: float) -> None:
     out = {"date": datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC"),
            "commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                                     text=True).stdout.strip(),
@@ -241,8 +249,9 @@ def main() -> None:
            "command": "python benchmarks/lean_decode.py " + " ".join(sys.argv[1:]),
            "seconds": round(time.time() - t_start), "prompt_tokens": 512, "new_tokens": args.new_tokens,
            "rows": rows, "runs": runs_all}
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
-    print(table(rows))
+    tmp = Path(args.out).with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=1) + "\n")
+    tmp.replace(args.out)
 
 
 def summarize(model: str, threads: int, runs: dict, engines: list, n_prompt: int) -> list[dict]:
