@@ -12,9 +12,11 @@ Per block (x [S, D], S tokens at positions p0..p0+S-1; H query heads of hd, KV h
     K[:, p0:p0+S], V[:, p0:p0+S] = k, v          o = softmax(q K^T) V over keys p0+S-window .. p0+S-1
     x += post(o_proj(o)) ; x += post(down(act(gate(h')) * up(h')))   with h' = rms(x) * w'
 
-One token attends with two ``matmul``s and a softmax on [KV, G, T]; a prompt (S > 1) goes through
+One token goes through the C++ glue of ``lean_cpu.cpp`` (norms, RoPE, cache write and attention in three
+calls per block; without that build, the same in torch ops); a prompt (S > 1) goes through torch ops and
 ``scaled_dot_product_attention`` with a causal (and sliding-window) mask, its linears through the kernels'
-matrix-matrix path.  Only the last position's logits are computed unless asked for all.
+matrix-matrix path.  Only the last position's logits are computed unless asked for all.  Norm weights and
+RoPE tables are copied when the decoder is built: build a new one after changing the model's weights.
 """
 from __future__ import annotations
 
