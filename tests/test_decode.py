@@ -107,6 +107,7 @@ def test_unsupported_model_falls_back_with_one_log_line(caplog):
     assert len(caplog.records) == 1 and "transformers" in caplog.records[0].getMessage()
     with pytest.raises(ValueError, match="qwen2"):
         LeanDecoder(model, max_len=8)
+    assert "float16" in unsupported_reason(tiny_model("llama").half())
     assert lean_decoder(models()["llama"], max_len=8, engine="transformers") is None
     with pytest.raises(ValueError, match="engine"):
         lean_decoder(models()["llama"], max_len=8, engine="fast")

@@ -69,6 +69,9 @@ def unsupported_reason(model: nn.Module) -> str | None:
     devices = {t.device.type for t in (*model.parameters(), *model.buffers())}
     if devices != {"cpu"}:
         return f"devices {sorted(devices)} (the lean path is for the CPU)"
+    dtypes = {t.dtype for t in model.parameters() if t.is_floating_point()} - {torch.float32}
+    if dtypes:   # the residual stream is fp32: an nn.Linear of another dtype could not take it
+        return f"parameters in {sorted(map(str, dtypes))} (the lean path computes in fp32)"
     if getattr(model, "lm_head", None) is None or getattr(getattr(model, "model", None), "layers", None) is None:
         return "no model.lm_head / model.model.layers"
     return None
