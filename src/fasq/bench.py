@@ -60,9 +60,35 @@ def bench_decode(model, input_ids: torch.Tensor, new_tokens: int = 64, warmup: i
     sync()
     t0 = time.perf_counter()
     ids, marks = run(new_tokens)
+    return _decode_result(ids[0].tolist(), t0, marks, new_tokens)
+
+
+@torch.inference_mode()
+def bench_decode_lean(decoder, input_ids: torch.Tensor, new_tokens: int = 64, warmup: int = 4) -> dict:
+    """:func:`bench_decode` (same keys) with fasq's lean decode path (:class:`fasq.decode.LeanDecoder`):
+    prefill of the prompt, then one :meth:`step` per token, timed the same way."""
+    def run(n):
+        decoder.reset()
+        tok = decoder.prefill(input_ids).argmax(-1)
+        marks = [(time.perf_counter(), time.process_time())]
+        toks = [int(tok)]
+        for _ in range(n - 1):
+            tok = decoder.step(tok).argmax(-1)
+            toks.append(int(tok))
+            marks.append((time.perf_counter(), time.process_time()))
+        return toks, marks
+
+    if warmup:
+        run(min(warmup, new_tokens))
+    t0 = time.perf_counter()
+    toks, marks = run(new_tokens)
+    return _decode_result(toks, t0, marks, new_tokens)
+
+
+def _decode_result(toks: list[int], t0: float, marks: list, new_tokens: int) -> dict:
     (t1, c1), (t2, c2) = marks[0], marks[-1]
     steps = [b[0] - a[0] for a, b in zip(marks, marks[1:])] or [float("nan")]
-    return {"generated": ids[0].tolist(), "prefill_s": t1 - t0, "decode_s": t2 - t1,
+    return {"generated": toks, "prefill_s": t1 - t0, "decode_s": t2 - t1,
             "decode_tokens_per_s": len(steps) / (t2 - t1) if new_tokens > 1 else float("nan"),
             # robust to other jobs on a shared machine: the median step, and CPU time per step
             "decode_step_ms_median": 1e3 * statistics.median(steps),
@@ -70,16 +96,26 @@ def bench_decode(model, input_ids: torch.Tensor, new_tokens: int = 64, warmup: i
 
 
 def bench_model(model, tokenizer, prompt: str = DEFAULT_PROMPT, new_tokens: int = 64, warmup: int = 4,
-                chat: bool = True) -> dict:
+                chat: bool = True, engine: str = "auto") -> dict:
     """:func:`bench_decode` from a text prompt (wrapped in the tokenizer's chat template when it has
-    one and ``chat``); adds the prompt length and the decoded text."""
+    one and ``chat``); adds the prompt length, prompt tokens/s, the decoded text and ``engine``: "lean"
+    (fasq's own decode path, the default where it supports the model: ``engine`` "auto" or "lean") or
+    "transformers"."""
+    from .decode import lean_decoder
+
     if chat and getattr(tokenizer, "chat_template", None):
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                add_generation_prompt=True)
     device = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
-    res = bench_decode(model, ids, new_tokens=new_tokens, warmup=warmup)
-    res.update(prompt_tokens=int(ids.shape[1]), text=tokenizer.decode(res["generated"], skip_special_tokens=True))
+    decoder = lean_decoder(model, max_len=ids.shape[1] + new_tokens, engine=engine)
+    if decoder is not None:
+        res = bench_decode_lean(decoder, ids, new_tokens=new_tokens, warmup=warmup)
+    else:
+        res = bench_decode(model, ids, new_tokens=new_tokens, warmup=warmup)
+    res.update(prompt_tokens=int(ids.shape[1]), prompt_tokens_per_s=ids.shape[1] / res["prefill_s"],
+               engine="lean" if decoder is not None else "transformers",
+               text=tokenizer.decode(res["generated"], skip_special_tokens=True))
     return res
 
 
@@ -108,8 +144,10 @@ def weights_bytes(model) -> int:
 
 
 def run_one(model_arg: str, new_tokens: int = 64, prompt: str = DEFAULT_PROMPT, device: str = "cpu",
-            threads: int = 0, dense_16bit: bool = True) -> dict:
-    """Load one model (a fasq directory, ``smollm2``, an HF directory or id, a .gguf) and decode."""
+            threads: int = 0, dense_16bit: bool = True, engine: str = "auto") -> dict:
+    """Load one model (a fasq directory, ``smollm2``, an HF directory or id, a .gguf) and decode with
+    ``engine`` ("auto": fasq's lean path where it supports the model, else transformers; the result's
+    ``engine`` says which ran)."""
     from . import io
     from .io import is_fasq_dir, load_any
     from .model import model_size_report
@@ -131,7 +169,7 @@ def run_one(model_arg: str, new_tokens: int = 64, prompt: str = DEFAULT_PROMPT, 
     dense = next((m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)), None)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    res = bench_model(model, tok, prompt, new_tokens=new_tokens)
+    res = bench_model(model, tok, prompt, new_tokens=new_tokens, engine=engine)
     res.update(model=model_arg, device=device, threads=torch.get_num_threads(), load_s=round(load_s, 2),
                quantized=quantized, bits_per_weight=(rep["bits_per_weight"] if quantized else
                                                      8.0 * dense.element_size() if dense is not None else None),
@@ -142,7 +180,7 @@ def run_one(model_arg: str, new_tokens: int = 64, prompt: str = DEFAULT_PROMPT, 
 
 
 def bench(models: list[str], new_tokens: int = 64, prompt: str = DEFAULT_PROMPT, device: str = "cpu",
-          threads: int = 0, repeats: int = 3, log=print) -> list[dict]:
+          threads: int = 0, repeats: int = 3, log=print, engine: str = "auto") -> list[dict]:
     """Every model decoded ``repeats`` times, alternating, each run in a fresh subprocess."""
     runs: dict[str, list[dict]] = {m: [] for m in models}
     for r in range(repeats):
@@ -150,7 +188,7 @@ def bench(models: list[str], new_tokens: int = 64, prompt: str = DEFAULT_PROMPT,
             with tempfile.TemporaryDirectory() as tmp:
                 out = os.path.join(tmp, "run.json")
                 cmd = [sys.executable, "-m", "fasq", "bench", m, "--worker", out, "--new-tokens", str(new_tokens),
-                       "--prompt", prompt, "--device", device, "--threads", str(threads)]
+                       "--prompt", prompt, "--device", device, "--threads", str(threads), "--engine", engine]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:   # the child's last line is its error message
                     last = next((ln for ln in reversed(proc.stderr.splitlines()) if ln.strip()), "no output")
@@ -158,7 +196,7 @@ def bench(models: list[str], new_tokens: int = 64, prompt: str = DEFAULT_PROMPT,
                 with open(out) as f:
                     res = json.load(f)
             runs[m].append(res)
-            log(f"round {r + 1}/{repeats} {m}: {res['decode_tokens_per_s']:.1f} tok/s, "
+            log(f"round {r + 1}/{repeats} {m} ({res['engine']}): {res['decode_tokens_per_s']:.1f} tok/s, "
                 f"peak RSS {res['peak_rss_mib']:.0f} MiB")
     return summarize(runs)
 
@@ -203,12 +241,12 @@ def load_note(threads: int) -> str | None:
 def table(rows: list[dict]) -> str:
     name_w = max(12, *(len(r["model"]) for r in rows))
     mem = "peak GPU MiB" if "peak_gpu_mib" in rows[0] else "peak RSS MiB"
-    lines = [f"{'model':<{name_w}} {'bits/w':>7} {'weights MiB':>11} {'tok/s':>8} {'vs first':>8} "
+    lines = [f"{'model':<{name_w}} {'engine':>12} {'bits/w':>7} {'weights MiB':>11} {'tok/s':>8} {'vs first':>8} "
              f"{'ms/step':>8} {mem:>12} {'same tokens':>11}"]
     for r in rows:
         bpw = f"{r['bits_per_weight']:.3f}" if r["bits_per_weight"] else "-"
         peak = r.get("peak_gpu_mib", r["peak_rss_mib"])
-        lines.append(f"{r['model']:<{name_w}} {bpw:>7} {r['weights_mib']:>11.1f} {r['tokens_per_s_median_step']:>8.1f} "
+        lines.append(f"{r['model']:<{name_w}} {r.get('engine', '-'):>12} {bpw:>7} {r['weights_mib']:>11.1f} {r['tokens_per_s_median_step']:>8.1f} "
                      f"{r['speedup_vs_first_run_median']:>7.2f}x {r['decode_step_ms_median']:>8.2f} {peak:>12.0f} "
                      f"{r['same_tokens_as_first']:>5}/{len(r['generated'])}")
     return "\n".join(lines)

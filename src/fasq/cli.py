@@ -11,6 +11,7 @@ from pathlib import Path
 from .cli_args import (_int_at_least, add_quant_args, config_from_args, nonnegative_int,  # noqa: F401
                        peak_rss_mb, positive_int)
 from .data import embedded_checkpoint
+from .decode import ENGINES, lean_decoder
 from .io import is_fasq_dir, load_any, source_of
 
 log = logging.getLogger("fasq")
@@ -148,15 +149,21 @@ def cmd_generate(args) -> int:
     if max_pos is not None and ids["input_ids"].shape[1] + args.max_new_tokens > max_pos:
         raise ValueError(f"{ids['input_ids'].shape[1]} prompt tokens + --max-new-tokens {args.max_new_tokens} exceed "
                          f"the model's maximum of {max_pos} positions")
+    decoder = lean_decoder(model, max_len=ids["input_ids"].shape[1] + args.max_new_tokens, engine=args.engine)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    if decoder is not None:   # fasq's own decode path; greedy, stops at the generation config's EOS like generate
+        new_ids = decoder.generate(ids["input_ids"], args.max_new_tokens, model.generation_config.eos_token_id)
+        out = torch.cat([ids["input_ids"], torch.tensor([new_ids])], 1)
+    else:
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     dt = time.perf_counter() - t0
     new = out.shape[1] - ids["input_ids"].shape[1]
     print(tok.decode(out[0], skip_special_tokens=True))
     if not args.quiet:
-        print(f"[{new} tokens in {dt:.2f}s, {new / dt:.1f} tok/s]", file=sys.stderr)
+        engine = "lean" if decoder is not None else "transformers"
+        print(f"[{new} tokens in {dt:.2f}s, {new / dt:.1f} tok/s, engine {engine}]", file=sys.stderr)
     return 0
 
 
@@ -208,13 +215,13 @@ def cmd_bench(args) -> int:
     args.prompt = args.prompt or bench.DEFAULT_PROMPT
     if args.worker:   # one run, in its own process (bench.bench starts these)
         res = bench.run_one(args.models[0], new_tokens=args.new_tokens, prompt=args.prompt, device=args.device,
-                            threads=args.threads)
+                            threads=args.threads, engine=args.engine)
         Path(args.worker).write_text(json.dumps(res))
         return 0
     if args.new_tokens < 2:
         raise SystemExit("fasq bench: --new-tokens must be at least 2")
     rows = bench.bench(args.models, new_tokens=args.new_tokens, prompt=args.prompt, device=args.device,
-                       threads=args.threads, repeats=args.repeats,
+                       threads=args.threads, repeats=args.repeats, engine=args.engine,
                        log=(lambda *a: None) if args.quiet or args.json else (lambda m: print(m, file=sys.stderr)))
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -231,6 +238,12 @@ def cmd_bench(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+def _add_engine_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="decode loop: fasq's lean path (CPU; Llama and Gemma 3), transformers' generate, or "
+                        "auto (default: lean where it supports the model, else transformers, with a log line)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .stream import add_cli as add_stream_cli, add_stream_args
     from .sweep import add_cli as add_sweep_cli
@@ -279,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("prompt")
     p.add_argument("--max-new-tokens", type=positive_int, default=40)
+    _add_engine_arg(p)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(fn=cmd_generate)
 
@@ -299,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (cuda: 16-bit activations)")
     p.add_argument("--threads", type=nonnegative_int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--repeats", type=positive_int, default=3, help="alternating runs per model")
+    _add_engine_arg(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
