@@ -1,0 +1,127 @@
+"""Quantized embedding and head: whole-model size and perplexity with and without them (issue 22).
+
+    python benchmarks/embedding.py                                   # both models, 4bit and 3bit, seed 0, Lee
+    python benchmarks/embedding.py --models smollm2 --presets 4bit --seeds 0 1 2 --texts lee austen \\
+        --embedding 2:256 2:512
+
+For each model, preset and seed: the body linears are quantized once with the preset (embedding and head at
+16 bits, as before) and scored; then, for each embedding setting ``d:K``, a copy of that model gets its
+embedding and (tied) head quantized by ``fasq.quantize`` with ``quantize_embeddings=True`` (the body's
+PQLinears are already quantized and are left alone; ``equalize='none'`` and no size target for this second
+call, which the table fit does not read) and is scored on the same windows.  The tables come out exactly
+as in a one-shot ``fasq.quantize(model, preset(..., quantize_embeddings=True))``
+(tests/test_embedding.py checks that on the tiny models).  Perplexity: 8192 tokens of each text in windows
+of 512 (fasq sweep's windows).  Appends rows to benchmarks/results/embedding.json as they finish.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benchmarks" / "results" / "embedding.json"
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {"rows": []}
+
+
+def _write(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _size(model) -> dict:
+    import fasq
+
+    r = fasq.model_size_report(model)
+    return {k: r[k] for k in ("bits_per_weight", "embedding_bits_per_weight", "fraction_of_fp16",
+                              "model_bits_per_weight", "total_bytes", "fp16_bytes")}
+
+
+def original_tables(model) -> dict[str, torch.Tensor]:
+    """The fp32 embedding and head weights, before the first fasq.quantize rounds them to fp16."""
+    mods = {"embedding": model.get_input_embeddings(), "head": model.get_output_embeddings()}
+    return {k: m.weight.detach().clone() for k, m in mods.items() if m is not None}
+
+
+def restore_tables(model, tables: dict[str, torch.Tensor]) -> None:
+    """Put the fp32 tables back, so that the table fit reads what a one-shot fasq.quantize reads."""
+    mods = {"embedding": model.get_input_embeddings(), "head": model.get_output_embeddings()}
+    with torch.no_grad():
+        for k, w in tables.items():
+            mods[k].weight.copy_(w)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["gemma3-270m", "smollm2"])
+    ap.add_argument("--presets", nargs="+", default=["4bit", "3bit"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--texts", nargs="+", default=["lee"])
+    ap.add_argument("--embedding", nargs="+", default=["2:256", "2:512"], help="d:K settings of the table")
+    ap.add_argument("--max-tokens", type=int, default=8192)
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+
+    import fasq
+    from fasq.data import embedded_checkpoint
+    from fasq.eval import texts as T
+    from fasq.eval.perplexity import perplexity
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = _load(args.out)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    text = {t: getattr(T, t)() for t in args.texts}
+    for name in args.models:
+        path = embedded_checkpoint(name)
+        tok = AutoTokenizer.from_pretrained(path)
+        for preset in args.presets:
+            for seed in args.seeds:
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+                tables = original_tables(model)
+                t0 = time.perf_counter()
+                fasq.quantize(model, fasq.preset(preset, seed=seed), progress=False)
+                body_s = time.perf_counter() - t0
+                variants = [("16-bit", None)] + [(e, tuple(int(v) for v in e.split(":"))) for e in args.embedding]
+                for label, dk in variants:
+                    m = model
+                    secs = body_s
+                    if dk is not None:
+                        m = copy.deepcopy(model)
+                        restore_tables(m, tables)
+                        cfg = fasq.preset(preset, seed=seed, quantize_embeddings=True, embedding_subvector_dim=dk[0],
+                                          embedding_codebook_size=dk[1], equalize="none", target_bits=None)
+                        t0 = time.perf_counter()
+                        fasq.quantize(m, cfg, progress=False)
+                        secs = time.perf_counter() - t0
+                    for tname, tx in text.items():
+                        r = perplexity(m, tok, tx, max_tokens=args.max_tokens, progress=False)
+                        row = {"model": name, "preset": preset, "seed": seed, "embedding": label, "text": tname,
+                               "perplexity": r["perplexity"], "tokens_scored": r["tokens_scored"],
+                               **_size(m), "quantize_seconds": round(secs, 1),
+                               "load_1min": os.getloadavg()[0], "commit": commit,
+                               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                               "machine": f"{platform.machine()} {os.cpu_count()} cores"}
+                        data["rows"].append(row)
+                        _write(args.out, data)
+                        print(json.dumps({k: row[k] for k in ("model", "preset", "seed", "embedding", "text",
+                                                              "perplexity", "fraction_of_fp16", "load_1min")}),
+                              flush=True)
+                    if m is not model:
+                        del m
+
+
+if __name__ == "__main__":
+    main()
