@@ -152,7 +152,9 @@ class PQEmbedding(nn.Module):
 
 def embed_scale_of(module: nn.Module) -> float:
     """The factor a model's embedding module multiplies its rows by (Gemma: sqrt(hidden)), else 1."""
-    s = getattr(module, "embed_scale", None)
+    s = getattr(module, "scalar_embed_scale", None)   # Gemma's, as a number (its tensor may be on meta)
+    if s is None:
+        s = getattr(module, "embed_scale", None)
     if s is None:
         return 1.0
     return float(s.float()) if torch.is_tensor(s) else float(s)
