@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--texts", nargs="+", default=["lee"])
     ap.add_argument("--embedding", nargs="+", default=["2:256", "2:512"], help="d:K settings of the table")
     ap.add_argument("--max-tokens", type=int, default=8192)
+    ap.add_argument("--batch-size", type=int, default=1, help="windows per forward (Gemma's 262k-wide logits: 1)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
 
@@ -107,7 +108,7 @@ def main() -> None:
                         fasq.quantize(m, cfg, progress=False)
                         secs = time.perf_counter() - t0
                     for tname, tx in text.items():
-                        r = perplexity(m, tok, tx, max_tokens=args.max_tokens, progress=False)
+                        r = perplexity(m, tok, tx, max_tokens=args.max_tokens, batch_size=args.batch_size, progress=False)
                         row = {"model": name, "preset": preset, "seed": seed, "embedding": label, "text": tname,
                                "perplexity": r["perplexity"], "tokens_scored": r["tokens_scored"],
                                **_size(m), "quantize_seconds": round(secs, 1),

@@ -103,7 +103,10 @@ def quantize(model: nn.Module, config: FASQConfig | None = None, *, progress: bo
     # Layers are independent: fit them on a thread pool (faiss and torch release the GIL), each
     # single-threaded, which beats one layer on all cores (k-means on one layer scales poorly and
     # OpenMP spin-waits badly when the machine is busy).  Results are the same for any worker count.
+    emb = plan.embedding
     with single_threaded(workers > 1), ThreadPoolExecutor(max_workers=workers) as pool:
+        # An untied embedding table is fit like one more layer (a tied one is the head's, fit above).
+        emb_job = pool.submit(_fit_table, emb, device) if emb is not None and emb.tied_head is None else None
         for name, lin, spec, tensors, dt in pool.map(fit, targets):
             dev = lin.weight.device
             q = PQLinear.from_tensors(spec, **{k: v.to(dev) for k, v in tensors.items()})
@@ -114,8 +117,12 @@ def quantize(model: nn.Module, config: FASQConfig | None = None, *, progress: bo
             log.debug("%s: %s in %.2fs", name, spec, dt)
             if callback:
                 callback(name, spec, dt)
+        emb_tensors = emb_job.result() if emb_job is not None else None
     bar.close()
-    embeddings = _quantize_embedding(model, plan.embedding, device) if plan.embedding else None
+    embeddings = None
+    if emb is not None:
+        replace_embedding(model, emb.name, emb.spec, emb.tied_head, emb_tensors)
+        embeddings = {emb.name: emb.record()}
     log.info("quantized %d layers in %.1fs", len(targets), time.perf_counter() - t_all)
     round_unquantized_to_16bit(model)  # the in-memory model is exactly what fasq.save stores
     attach_config(model, config, modules, plan.allocation, embeddings)
@@ -123,14 +130,10 @@ def quantize(model: nn.Module, config: FASQConfig | None = None, *, progress: bo
     return model
 
 
-def _quantize_embedding(model: nn.Module, emb: EmbeddingPlan, device) -> dict[str, dict]:
-    """Swap in the PQEmbedding (reading the tied head, already fit as a linear, or fit here); its record."""
-    tensors = None
-    if emb.tied_head is None:
-        spec, tensors = quantize_weight(emb.module.weight, emb.config, emb.name, device=device)
-        tensors = {k: v.to(emb.module.weight.device) for k, v in tensors.items()}
-    replace_embedding(model, emb.name, emb.spec, emb.tied_head, tensors)
-    return {emb.name: emb.record()}
+def _fit_table(emb: EmbeddingPlan, device) -> dict[str, torch.Tensor]:
+    """The buffers of an untied embedding table (a PQ weight [vocab, hidden]), on the table's device."""
+    _, tensors = quantize_weight(emb.module.weight, emb.config, emb.name, device=device)
+    return {k: v.to(emb.module.weight.device) for k, v in tensors.items()}
 
 
 def check_finite(model: nn.Module) -> None:
