@@ -63,6 +63,22 @@ def restore_tables(model, tables: dict[str, torch.Tensor]) -> None:
             mods[k].weight.copy_(w)
 
 
+def table(rows: list[dict]) -> str:
+    """Markdown: one line per (model, preset, seed, text, table setting), with the change against the 16-bit table."""
+    base = {(r["model"], r["preset"], r["seed"], r["text"]): r for r in rows if r["embedding"] == "16-bit"}
+    out = ["| model | preset | seed | text | embedding/head | table bits/w | whole model % FP16 | whole-model bits/w "
+           "| perplexity | vs 16-bit table | load (1 min) |", "|---|---|--:|---|---|--:|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        b = base.get((r["model"], r["preset"], r["seed"], r["text"]))
+        change = f"{100 * (r['perplexity'] / b['perplexity'] - 1):+.2f}%" if b and b is not r else ""
+        tb = f"{r['embedding_bits_per_weight']:.3f}" if r["embedding_bits_per_weight"] else "16"
+        label = "16-bit (as before)" if r["embedding"] == "16-bit" else f"d:K = {r['embedding']}"
+        out.append(f"| {r['model']} | {r['preset']} | {r['seed']} | {r['text']} | {label} | {tb} | "
+                   f"{100 * r['fraction_of_fp16']:.1f} | {r['model_bits_per_weight']:.3f} | {r['perplexity']:.3f} | "
+                   f"{change} | {r['load_1min']:.1f} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["gemma3-270m", "smollm2"])
@@ -73,7 +89,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--batch-size", type=int, default=1, help="windows per forward (Gemma's 262k-wide logits: 1)")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the 16-bit table's row")
+    ap.add_argument("--table", action="store_true", help="print the Markdown table of --out and exit")
     args = ap.parse_args()
+    if args.table:
+        print(table(_load(args.out)["rows"]))
+        return
 
     import fasq
     from fasq.data import embedded_checkpoint
@@ -95,12 +116,12 @@ def main() -> None:
                 t0 = time.perf_counter()
                 fasq.quantize(model, fasq.preset(preset, seed=seed), progress=False)
                 body_s = time.perf_counter() - t0
-                variants = [("16-bit", None)] + [(e, tuple(int(v) for v in e.split(":"))) for e in args.embedding]
-                for label, dk in variants:
+                variants = [("16-bit", None)] * args.baseline + [(e, tuple(int(v) for v in e.split(":"))) for e in args.embedding]
+                for i, (label, dk) in enumerate(variants):
                     m = model
                     secs = body_s
-                    if dk is not None:
-                        m = copy.deepcopy(model)
+                    if dk is not None:   # the last variant takes the model itself (Gemma's copy: +1 GB)
+                        m = copy.deepcopy(model) if i < len(variants) - 1 else model
                         restore_tables(m, tables)
                         cfg = fasq.preset(preset, seed=seed, quantize_embeddings=True, embedding_subvector_dim=dk[0],
                                           embedding_codebook_size=dk[1], equalize="none", target_bits=None)
@@ -120,8 +141,7 @@ def main() -> None:
                         print(json.dumps({k: row[k] for k in ("model", "preset", "seed", "embedding", "text",
                                                               "perplexity", "fraction_of_fp16", "load_1min")}),
                               flush=True)
-                    if m is not model:
-                        del m
+                    del m
 
 
 if __name__ == "__main__":

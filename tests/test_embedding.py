@@ -34,19 +34,20 @@ def _table(vocab=300, hidden=64, outliers=40, seed=0, rot=32, group=32):
     return spec, {**tensors, "outlier_idx": idx, "outlier_val": val}
 
 
-@pytest.mark.parametrize("outliers,rot", [(0, 0), (40, 32), (200, 64)])
-def test_lookup_equals_reference_rows(outliers, rot):
+@pytest.mark.parametrize("outliers,rot,length", [(0, 0, 17), (40, 32, 17), (200, 64, 17), (200, 32, 40)])
+def test_lookup_equals_reference_rows(outliers, rot, length):
+    """A few ids are decoded as they come (a decode step), many each distinct one once (length 40: 120 ids)."""
     spec, t = _table(outliers=outliers, rot=rot, group=32 if rot != 64 else 0)
     emb = PQEmbedding.from_tensors(spec, t, embed_scale=1.5)
     full = reference.add_outliers_to_weight(
         reference.dequantize(spec, t["codes"], t["codebooks"], t["scales"], t["rot_signs"]),
         (t["outlier_idx"], t["outlier_val"]) if outliers else None)
-    ids = torch.randint(0, spec.out_features, (3, 17), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, spec.out_features, (3, length), generator=torch.Generator().manual_seed(2))
     ids[0, :4] = ids[1, 0]                                   # repeated ids are decoded once, returned each time
     rows = torch.unique(t["outlier_idx"].long() // spec.in_features) if outliers else torch.tensor([], dtype=torch.long)
     ids[2, : min(17, rows.numel())] = rows[:17]              # rows that hold outliers
     got = emb(ids)
-    assert got.shape == (3, 17, spec.in_features) and got.dtype == torch.float32
+    assert got.shape == (3, length, spec.in_features) and got.dtype == torch.float32
     torch.testing.assert_close(got, full[ids] * 1.5, rtol=0, atol=1e-6)
     assert emb(torch.zeros(0, dtype=torch.long)).shape == (0, spec.in_features)
     with pytest.raises(IndexError, match="token ids"):

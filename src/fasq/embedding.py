@@ -22,6 +22,10 @@ from .format import BUFFER_DTYPES, LayerSpec
 from .nn import _CACHE_PREFIX, PQLinear
 
 
+# From this many ids a lookup decodes each distinct id once (torch.unique); below, every id as it comes.
+_UNIQUE_FROM = 64
+
+
 class PQEmbedding(nn.Module):
     """``nn.Embedding`` replacement holding (or sharing, when tied) a PQ table.
 
@@ -84,53 +88,64 @@ class PQEmbedding(nn.Module):
     def __getstate__(self):
         return {k: v for k, v in super().__getstate__().items() if not k.startswith(_CACHE_PREFIX)}
 
-    def _sorted_outliers(self, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Outliers as (int64 flat index, value), sorted by index (fasq writes them sorted; any order
-        loads): a lookup finds a row's outliers by binary search.  Cached until the buffers move."""
+    def _outlier_rows(self, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """The outlier table by row: (column int64 [n], value [n], row_ptr int64 [vocab+1], most in one row),
+        sorted by flat index (fasq writes them sorted; any order loads).  Cached until the buffers move."""
         key = (t["outlier_idx"].data_ptr(), t["outlier_idx"].device)
         cached = self.__dict__.get("_fasq_outliers")
         if cached is None or cached[0] != key:
             idx = t["outlier_idx"].long()
             order = torch.argsort(idx)
-            cached = (key, idx[order], t["outlier_val"][order])
+            idx = idx[order]
+            rows = idx // self.spec.in_features
+            counts = torch.bincount(rows, minlength=self.spec.out_features)
+            row_ptr = torch.zeros(self.spec.out_features + 1, dtype=torch.long, device=idx.device)
+            row_ptr[1:] = torch.cumsum(counts, 0)
+            cached = (key, idx % self.spec.in_features, t["outlier_val"][order], row_ptr,
+                      int(counts.max()) if counts.numel() else 0)
             self.__dict__["_fasq_outliers"] = cached
-        return cached[1], cached[2]
+        return cached[1:]
 
     def rows(self, row_ids: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-        """The dequantized table rows ``row_ids`` [n] -> [n, hidden] (outliers included, no embed_scale)."""
+        """The dequantized table rows ``row_ids`` [n] -> [n, hidden] (outliers included, no embed_scale).
+
+        No host synchronization (CUDA graphs can capture it): each row's outliers are read as a fixed-width
+        window of the row-sorted outlier table, masked past the row's end."""
         t = self.table()
         s = self.spec
-        part = dataclasses.replace(s, out_features=max(1, row_ids.numel()), n_outliers=0)
-        if row_ids.numel() == 0:
+        n = row_ids.numel()
+        if n == 0:
             return torch.zeros(0, s.in_features, dtype=dtype, device=t["codes"].device)
+        row_ids = row_ids.long()
+        part = dataclasses.replace(s, out_features=n, n_outliers=0)
         scales = t["scales"][row_ids] if s.has_scales else t["scales"]
         w = reference.dequantize(part, t["codes"][:, row_ids], t["codebooks"], scales, t["rot_signs"], dtype)
-        if s.n_outliers:                                              # this row's slice of the sorted table
-            idx, val = self._sorted_outliers(t)
-            first = row_ids.long() * s.in_features
-            lo = torch.searchsorted(idx, first)
-            hi = torch.searchsorted(idx, first + s.in_features)
-            counts = hi - lo                                          # [n] outliers per looked-up row
-            total = int(counts.sum())
-            if total:
-                row = torch.repeat_interleave(torch.arange(row_ids.numel(), device=w.device), counts)
-                start = torch.repeat_interleave(lo - (torch.cumsum(counts, 0) - counts), counts)
-                j = torch.arange(total, device=w.device) + start       # positions in the outlier table
-                w.index_put_((row, idx[j] - first[row]), val[j].to(dtype), accumulate=True)
+        if s.n_outliers:
+            cols, vals, row_ptr, widest = self._outlier_rows(t)
+            if widest:
+                pos = row_ptr[row_ids][:, None] + torch.arange(widest, device=w.device)      # [n, widest]
+                live = pos < row_ptr[row_ids + 1][:, None]
+                pos = torch.where(live, pos, torch.zeros_like(pos))
+                add = torch.where(live, vals[pos].to(dtype), torch.zeros((), dtype=dtype, device=w.device))
+                w.scatter_add_(1, cols[pos], add)          # a dead slot adds 0 to column cols[0]
         return w
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # input_ids: [...] -> [..., hidden]; each distinct id is decoded once.
+        # input_ids: [...] -> [..., hidden].  Many ids (a prompt): each distinct id is decoded once; a few
+        # (a decode step): decoded as they are, which needs no torch.unique (a host sync on CUDA).
         out_dtype = self.dtype_probe.dtype
         flat = input_ids.reshape(-1)
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
+        if flat.device.type == "cpu" and flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
             raise IndexError(f"PQEmbedding: token ids must lie in [0, {self.num_embeddings}), got "
                              f"{int(flat.min())}..{int(flat.max())}")
-        uniq, inv = torch.unique(flat, return_inverse=True)
-        w = self.rows(uniq, torch.float32)
-        if self.embed_scale != 1.0:
-            w = w * torch.tensor(self.embed_scale, dtype=out_dtype).to(torch.float32)
-        return w[inv].to(out_dtype).reshape(*input_ids.shape, self.embedding_dim)
+        if flat.numel() > _UNIQUE_FROM:
+            uniq, inv = torch.unique(flat, return_inverse=True)
+            w = self.rows(uniq, torch.float32)[inv]
+        else:
+            w = self.rows(flat, torch.float32)
+        if self.embed_scale != 1.0:   # as the architecture's module: the scale rounded to the model's dtype
+            w = w * torch.tensor(self.embed_scale, dtype=out_dtype).item()
+        return w.to(out_dtype).reshape(*input_ids.shape, self.embedding_dim)
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         """The whole table ``[vocab, hidden]`` (for tests and export; a lookup never builds it)."""
