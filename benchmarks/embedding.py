@@ -45,8 +45,7 @@ def _size(model) -> dict:
     import fasq
 
     r = fasq.model_size_report(model)
-    return {k: r[k] for k in ("bits_per_weight", "embedding_bits_per_weight", "fraction_of_fp16",
-                              "model_bits_per_weight", "total_bytes", "fp16_bytes")}
+    return {k: r[k] for k in SIZE_KEYS}
 
 
 def original_tables(model) -> dict[str, torch.Tensor]:
@@ -79,6 +78,30 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+SIZE_KEYS = ("bits_per_weight", "embedding_bits_per_weight", "fraction_of_fp16", "model_bits_per_weight",
+             "total_bytes", "fp16_bytes")
+
+
+def planned_sizes(models: list[str], presets: list[str], settings: list[str]) -> list[dict]:
+    """Exact stored sizes from the streaming plan (shapes only, no fitting): each preset with the 16-bit table,
+    with each table setting, and ``--size-of model`` (the preset's bits over the whole model) at the default."""
+    import fasq
+    from fasq.data import embedded_checkpoint
+    from fasq.stream.plan import build_plan, open_source
+
+    rows = []
+    for name in models:
+        src = open_source(embedded_checkpoint(name))
+        for preset in presets:
+            cases = [("16-bit", {})] + [(e, dict(quantize_embeddings=True, embedding_subvector_dim=int(e.split(":")[0]),
+                                                 embedding_codebook_size=int(e.split(":")[1]))) for e in settings]
+            cases.append((f"default, --size-of model", dict(quantize_embeddings=True, size_scope="model")))
+            for label, kw in cases:
+                r = build_plan(src, fasq.preset(preset, **kw)).size_report()
+                rows.append({"model": name, "preset": preset, "embedding": label, **{k: r[k] for k in SIZE_KEYS}})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["gemma3-270m", "smollm2"])
@@ -90,10 +113,19 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1, help="windows per forward (Gemma's 262k-wide logits: 1)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the 16-bit table's row")
+    ap.add_argument("--sizes", action="store_true", help="store and print the planned sizes (no fitting) and exit")
     ap.add_argument("--table", action="store_true", help="print the Markdown table of --out and exit")
     args = ap.parse_args()
     if args.table:
         print(table(_load(args.out)["rows"]))
+        return
+    if args.sizes:
+        data = _load(args.out)
+        data["planned_sizes"] = planned_sizes(args.models, args.presets, args.embedding)
+        _write(args.out, data)
+        for r in data["planned_sizes"]:
+            print(f"{r['model']} {r['preset']} {r['embedding']}: body {r['bits_per_weight']:.3f} b/w, whole model "
+                  f"{100 * r['fraction_of_fp16']:.2f}% of FP16 = {r['model_bits_per_weight']:.3f} b/w")
         return
 
     import fasq
