@@ -235,3 +235,20 @@ def test_config_fields_are_checked():
     assert fasq.FASQConfig.from_dict(c.to_dict()) == c
     e = c.embedding_config()
     assert (e.subvector_dim, e.codebook_size, e.target_bits) == (1, 256, None)
+
+
+def test_cli_flags_and_info(model_dir, tmp_path, capsys):
+    """--quantize-embeddings through `fasq quantize` (a local checkpoint streams), `fasq info` shows the table."""
+    from fasq.cli import main
+
+    out = tmp_path / "q"
+    assert main(["quantize", str(model_dir), "-o", str(out), "-k", "16", "--quantize-embeddings",
+                 "--embedding-codebook-size", "32", "--bits", "5", "--size-of", "model", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "embedding/head table" in text and "of the whole model" in text
+    model = fasq.load(out)
+    assert isinstance(model.get_input_embeddings(), PQEmbedding)
+    assert model.get_input_embeddings().spec.num_centroids == 32
+    assert fasq.model_size_report(model)["model_bits_per_weight"] <= 5.0 + 1e-9
