@@ -112,6 +112,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--batch-size", type=int, default=1, help="windows per forward (Gemma's 262k-wide logits: 1)")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--body", type=Path, help="a saved fasq model of the (single) model, preset and seed: its body "
+                    "is used instead of quantizing again")
     ap.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the 16-bit table's row")
     ap.add_argument("--sizes", action="store_true", help="store and print the planned sizes (no fitting) and exit")
     ap.add_argument("--table", action="store_true", help="print the Markdown table of --out and exit")
@@ -146,7 +148,13 @@ def main() -> None:
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
                 tables = original_tables(model)
                 t0 = time.perf_counter()
-                fasq.quantize(model, fasq.preset(preset, seed=seed), progress=False)
+                if args.body:   # the body saved by `fasq quantize MODEL --preset P --seed S` (the same body)
+                    model = fasq.load(args.body)
+                    saved = model.fasq_config
+                    if (saved.target_bits, saved.seed) != (fasq.preset(preset).target_bits, seed):
+                        raise SystemExit(f"--body {args.body} is not --preset {preset} at seed {seed}")
+                else:
+                    fasq.quantize(model, fasq.preset(preset, seed=seed), progress=False)
                 body_s = time.perf_counter() - t0
                 variants = [("16-bit", None)] * args.baseline + [(e, tuple(int(v) for v in e.split(":"))) for e in args.embedding]
                 for i, (label, dk) in enumerate(variants):

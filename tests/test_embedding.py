@@ -142,6 +142,8 @@ def test_save_load_round_trip_and_format_versions(tmp_path, arch):
     assert not {"quantize_embeddings", "embedding_codebook_size", "size_scope"} & set(qc1)
     assert json.loads((tmp_path / "p" / "fasq.json").read_text())["format_version"] == 1
     assert isinstance(fasq.load(tmp_path / "p").get_input_embeddings(), torch.nn.Embedding)
+    bf16 = fasq.load(tmp_path / "q", dtype=torch.bfloat16)       # lookups follow the dtype the model loads in
+    assert bf16.get_input_embeddings()(ids).dtype == torch.bfloat16
 
 
 def test_bad_embedding_records_are_refused(tmp_path):

@@ -2,7 +2,7 @@
 
 The table is stored exactly like a PQLinear weight with ``out = vocab`` rows and ``in = hidden`` columns
 (docs/format.md): codes, codebooks, per-row scales, rotation signs, outliers.  A lookup decodes only the
-rows it needs (each distinct id once) with the plain-PyTorch reference, so its cost is
+rows it needs with the plain-PyTorch reference (from 64 ids each distinct id once), so its cost is
 ``O(tokens * hidden)``, never ``O(vocab * hidden)``.
 
 When the model ties its output head to the embedding (SmolLM2, Gemma), the head is an ordinary
@@ -35,7 +35,7 @@ class PQEmbedding(nn.Module):
     """
 
     def __init__(self, spec: LayerSpec, embed_scale: float = 1.0, padding_idx: int | None = None,
-                 tied_head: PQLinear | None = None, device=None):
+                 tied_head: PQLinear | None = None, device=None, dtype: torch.dtype = torch.float32):
         super().__init__()
         if spec.has_bias:
             raise ValueError(f"PQEmbedding: an embedding table has no bias, the spec says has_bias=True ({spec})")
@@ -54,13 +54,13 @@ class PQEmbedding(nn.Module):
                 self.register_buffer(name, torch.zeros(shape, dtype=BUFFER_DTYPES[name], device=device))
         # Empty, not stored: follows the model's .to(dtype), so lookups return the model's activation dtype
         # (the table's own buffers keep their stored dtypes, see _apply).
-        self.register_buffer("dtype_probe", torch.zeros(0, device="cpu" if device == "meta" else device),
+        self.register_buffer("dtype_probe", torch.zeros(0, dtype=dtype, device="cpu" if device == "meta" else device),
                              persistent=False)
 
     @classmethod
     def from_tensors(cls, spec: LayerSpec, tensors: dict[str, torch.Tensor], embed_scale: float = 1.0,
-                     padding_idx: int | None = None) -> "PQEmbedding":
-        m = cls(spec, embed_scale, padding_idx, device=tensors["codes"].device)
+                     padding_idx: int | None = None, dtype: torch.dtype = torch.float32) -> "PQEmbedding":
+        m = cls(spec, embed_scale, padding_idx, device=tensors["codes"].device, dtype=dtype)
         for name, buf in m.table().items():
             t = tensors[name]
             if tuple(t.shape) != tuple(buf.shape):
@@ -195,16 +195,17 @@ def replace_embedding(model: nn.Module, name: str, spec: LayerSpec, tied_head: s
                          f"quantization config says {spec.out_features}x{spec.in_features}")
     scale, pad = (old.embed_scale, old.padding_idx) if isinstance(old, PQEmbedding) else \
         (embed_scale_of(old), old.padding_idx)
+    dtype = old.dtype_probe.dtype if isinstance(old, PQEmbedding) else old.weight.dtype   # the model's activations
     if tied_head is not None:
         head = model.get_submodule(tied_head)
         if not isinstance(head, PQLinear):
             raise ValueError(f"embedding {name!r} is tied to {tied_head!r}, which is a {type(head).__name__}, "
                              "not a quantized linear")
-        new = PQEmbedding(spec, scale, pad, tied_head=head)
+        new = PQEmbedding(spec, scale, pad, tied_head=head, dtype=dtype)
     elif tensors is not None:
-        new = PQEmbedding.from_tensors(spec, tensors, scale, pad)
+        new = PQEmbedding.from_tensors(spec, tensors, scale, pad, dtype=dtype)
     else:
-        new = PQEmbedding(spec, scale, pad, device=device)
+        new = PQEmbedding(spec, scale, pad, device=device, dtype=dtype)
     _set_module(model, name, new)
     untie_in_transformers(model)
     return new
