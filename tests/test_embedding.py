@@ -173,6 +173,10 @@ def test_from_pretrained_loads_the_tied_table(tmp_path):
     assert hf.get_input_embeddings().tied_head is hf.lm_head
     ids = torch.randint(0, 320, (1, 6))
     torch.testing.assert_close(hf(ids).logits, model(ids).logits, rtol=0, atol=0)
+    dense = hf.dequantize()                                   # back to nn.Embedding / nn.Linear, still tied
+    assert type(dense.get_input_embeddings()) is torch.nn.Embedding
+    assert dense.lm_head.weight is dense.get_input_embeddings().weight
+    torch.testing.assert_close(dense(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("arch,dtype", [("llama", torch.bfloat16), ("gemma3", torch.float32)])

@@ -136,10 +136,32 @@ class FasqHfQuantizer(HfQuantizer):
                         lin.bias.copy_(m.bias)
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, child, lin)
+        _dequantize_embeddings(model, dtype)
         if hasattr(model, "fasq_config"):
             del model.fasq_config
         model.__dict__.pop("save_pretrained", None)   # back to the class's plain save_pretrained
         return model
+
+
+def _dequantize_embeddings(model, dtype) -> None:
+    """A PQEmbedding becomes an ``nn.Embedding`` of its dequantized table (Gemma's row scale re-applied by a
+    forward hook); a tied head then shares that weight again."""
+    from ..embedding import PQEmbedding
+
+    for name, m in list(model.named_modules()):
+        if not isinstance(m, PQEmbedding):
+            continue
+        emb = nn.Embedding(m.num_embeddings, m.embedding_dim, m.padding_idx, device=m.dtype_probe.device, dtype=dtype)
+        with torch.no_grad():
+            emb.weight.copy_(m.dequantize(dtype))
+        if m.embed_scale != 1.0:
+            scale = torch.tensor(m.embed_scale, dtype=dtype).item()
+            emb.register_forward_hook(lambda mod, args, out, s=scale: out * s)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, emb)
+        head = model.get_output_embeddings()
+        if m.tied_head is not None and isinstance(head, nn.Linear):
+            head.weight = emb.weight
 
 
 # transformers before 5.13 offloads buffers to disk wrongly: a disk-offloaded PQLinear computed garbage
