@@ -215,6 +215,11 @@ class Plan:
     head_name: str | None = None     # the output head, quantized with the embedding's settings when embeddings is set
 
     @property
+    def format_version(self) -> int:
+        """What the output declares: 2 only with quantized embeddings (as fasq.planning.quantization_record)."""
+        return 2 if self.embeddings else 1
+
+    @property
     def scratch_bytes_max(self) -> int:
         """Disk the equalized tensors may need at most (only the tensors equalize changes are written)."""
         return sum(u.source_bytes for u in self.prep_units)
@@ -234,7 +239,7 @@ class Plan:
 
     def identity(self) -> dict:
         """What a resumed run must share with the run that started the partial output."""
-        return {"fasq_version": __version__, "format_version": FORMAT_VERSION, "config": self.config.to_dict(),
+        return {"fasq_version": __version__, "format_version": self.format_version, "config": self.config.to_dict(),
                 "layer_configs": {k: v.to_dict() for k, v in sorted(self.layer_configs.items())},
                 "allocation": self.allocation,
                 "source": self.fingerprint,
@@ -333,9 +338,8 @@ def build_plan(source: Source, config: FASQConfig, layer_configs: dict[str, FASQ
     if unused:
         log.warning("%s: ignoring %d checkpoint tensor(s) that %s does not use, e.g. %s",
                     source.path, len(unused), arch, unused[:3])
-    fv = 2 if emb is not None else 1
     embeddings = {emb.name: emb.record()} if emb is not None else None
-    return Plan(source, config, qplan.layer_configs, ordered, _layout(ordered, max_shard_bytes, fv),
+    return Plan(source, config, qplan.layer_configs, ordered, _layout(ordered, max_shard_bytes, 2 if emb else 1),
                 source.fingerprint(), qplan.allocation, prep, embeddings,
                 _head_name(model) if emb is not None else None)
 
