@@ -54,15 +54,22 @@ def cmd_quantize(args) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"wrote {out}: {rep['quantized_layers']} layers at {rep['bits_per_weight']:.3f} bits/weight, "
-              f"model {rep['total_bytes'] / 2**20:.1f} MiB = {100 * rep['fraction_of_fp16']:.1f}% of FP16; "
-              f"quantized in {t_q:.1f}s, peak RSS {result['peak_rss_mb']:.0f} MiB")
+        print(f"wrote {out}: {rep['quantized_layers']} layers at {rep['bits_per_weight']:.3f} bits/weight"
+              f"{_embedding_note(rep)}, model {rep['total_bytes'] / 2**20:.1f} MiB = {100 * rep['fraction_of_fp16']:.1f}% "
+              f"of FP16 ({rep['model_bits_per_weight']:.3f} bits/weight); quantized in {t_q:.1f}s, "
+              f"peak RSS {result['peak_rss_mb']:.0f} MiB")
     return 0
+
+
+def _embedding_note(rep: dict) -> str:
+    if not rep.get("embedding_weights"):
+        return " (embedding and head at 16 bits)"
+    return f" (embedding/head table at {rep['embedding_bits_per_weight']:.3f})"
 
 
 def cmd_info(args) -> int:
     from .format import LayerSpec
-    from .io import read_quantization_config, load
+    from .io import load, parse_embeddings, read_quantization_config
 
     config, specs, raw = read_quantization_config(args.path)
     model = load(args.path, verify=False)
@@ -74,20 +81,31 @@ def cmd_info(args) -> int:
     print(f"{args.path}: fasq format, config {json.dumps({k: v for k, v in config.to_dict().items() if k != 'skip_modules'})}")
     alloc = raw["quantization_config"].get("allocation")
     if alloc:
-        what = (f"{alloc['target_bits']} bits/weight" if alloc.get("target_bits") is not None
-                else f"{alloc['target_fraction']} of FP16 ({alloc['planned_bits']:.3f} bits/weight)")
+        scope = "the whole model" if alloc.get("size_scope") == "model" else "the quantized linears"
+        what = (f"{alloc['target_bits']} bits/weight of {scope}" if alloc.get("target_bits") is not None
+                else f"{alloc['target_fraction']} of FP16")
+        what += f" (linears planned at {alloc['planned_bits']:.3f} bits/weight)"
         print(f"size target: {what}; per-layer settings chosen by fasq.fit.allocate")
     print(f"{'layer':<48} {'out x in':>13} {'d':>2} {'K':>6} {'M':>2} {'group':>5} {'rot':>4} {'outl.':>5} "
           f"{'bits/w':>7}")
-    for name, s in sorted(specs.items(), key=lambda kv: natural_key(kv[0])):
+    embeddings = parse_embeddings(raw["quantization_config"], specs)
+    rows = {**specs, **{n: s for n, (s, _) in embeddings.items()}}
+    for name, s in sorted(rows.items(), key=lambda kv: natural_key(kv[0])):
         assert isinstance(s, LayerSpec)
+        tied = f"  (embedding, tied: reads {embeddings[name][1]})" if embeddings.get(name, (0, None))[1] else ""
         print(f"{name:<48} {s.out_features:>6}x{s.in_features:<6} {s.subvector_dim:>2} {s.num_centroids:>6} "
               f"{s.num_codebooks:>2} {s.group_size:>5} {s.rotation_block:>4} {s.n_outliers:>5} "
-              f"{s.bits_per_weight():>7.3f}")
-    print(f"quantized layers: {rep['quantized_layers']}, {rep['quantized_weights']:,} weights, "
+              f"{s.bits_per_weight():>7.3f}{tied}")
+    print(f"quantized linears (body): {rep['quantized_weights']:,} weights, "
           f"{rep['bits_per_weight']:.3f} bits/weight ({rep['quantized_bytes']:,} bytes)")
+    if rep["embedding_weights"]:
+        print(f"embedding/head table (stored once when tied): {rep['embedding_weights']:,} weights, "
+              f"{rep['embedding_bits_per_weight']:.3f} bits/weight ({rep['embedding_bytes']:,} bytes)")
+    else:
+        print("embedding and head: 16 bits (not quantized; fasq quantize --quantize-embeddings quantizes them)")
     print(f"whole model: {rep['total_bytes']:,} bytes = {100 * rep['fraction_of_fp16']:.2f}% of FP16 "
-          f"({rep['fp16_bytes']:,} bytes); unquantized tensors {rep['other_bytes']:,} bytes")
+          f"({rep['fp16_bytes']:,} bytes), {rep['model_bits_per_weight']:.3f} bits/weight; unquantized tensors "
+          f"{rep['other_bytes']:,} bytes")
     return 0
 
 
@@ -260,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --overwrite: replace -o even when it is not a fasq output (it is deleted)")
     p.add_argument("--device", default=None, help="where k-means runs (default: the weights' device)")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--bits", type=float, help="target bits/weight of the quantized layers (per-layer d, K chosen)")
+    size.add_argument("--bits", type=float, help="target bits/weight of the quantized layers (per-layer d, K chosen); "
+                      "with --size-of model, of the whole model")
     size.add_argument("--target-size", dest="target_size", type=float,
                       help="target whole-model size as a fraction of FP16, e.g. 0.35")
     p.add_argument("--json", action="store_true")

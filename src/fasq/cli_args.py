@@ -11,7 +11,8 @@ from .config import PRESETS, FASQConfig, preset
 def config_from_args(args) -> FASQConfig:
     fields = {}
     for name in ("subvector_dim", "codebook_size", "num_codebooks", "group_size", "rotation", "scale_mode",
-                 "kmeans_iters", "refine_iters", "seed", "equalize", "rotation_block", "outlier_fraction"):
+                 "kmeans_iters", "refine_iters", "seed", "equalize", "rotation_block", "outlier_fraction",
+                 "quantize_embeddings", "embedding_subvector_dim", "embedding_codebook_size", "size_scope"):
         v = getattr(args, name, None)
         if v is not None:
             fields[name] = v
@@ -59,3 +60,12 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rotation-block", dest="rotation_block", type=int, help="largest Hadamard block")
     g.add_argument("--seed", type=int)
     g.add_argument("--skip", nargs="*", help="module-name patterns kept unquantized")
+    g.add_argument("--quantize-embeddings", dest="quantize_embeddings", action="store_const", const=True,
+                   help="also quantize the token embedding and the output head (one table when tied)")
+    g.add_argument("--embedding-subvector-dim", dest="embedding_subvector_dim", type=int,
+                   help="d of the embedding/head table")
+    g.add_argument("--embedding-codebook-size", dest="embedding_codebook_size", type=int,
+                   help="K of the embedding/head table")
+    g.add_argument("--size-of", dest="size_scope", choices=["linears", "model"],
+                   help="what --bits and a preset's size target measure: the quantized linears (default) or the "
+                        "whole model (embeddings, norms and all)")

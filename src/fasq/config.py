@@ -17,6 +17,10 @@ CONFIG_VERSION = 1
 QUANT_METHOD = "fasq"
 
 SCALE_MODES = ("rms", "absmax", "none")
+SIZE_SCOPES = ("linears", "model")    # what target_bits / --bits measure: the quantized linears, or the whole model
+# Fields newer than the first config version: to_dict leaves each out while it holds its default, so a model
+# that does not use them stays readable by fasq versions that predate them.
+_OPTIONAL_FIELDS = ("quantize_embeddings", "embedding_subvector_dim", "embedding_codebook_size", "size_scope")
 ROTATIONS = ("none", "hadamard")
 KMEANS_BACKENDS = ("auto", "faiss", "torch")
 KMEANS_INITS = ("kmeans++", "random")
@@ -55,6 +59,12 @@ class FASQConfig:
     outlier_fraction: float = 1e-3  # largest-|w| weights kept exactly in a sparse fp16 side table (0: none)
     target_bits: float | None = None  # size target (bits/weight) for per-layer allocation when none is given
     skip_modules: tuple[str, ...] = DEFAULT_SKIP_MODULES  # every family's head and embeddings (fasq.families)
+    # Token embedding and output head (tied or not): quantized with their own (d, K) when True
+    # (fasq.embedding; docs/accuracy.md measures the cost), else kept at 16 bits.
+    quantize_embeddings: bool = False
+    embedding_subvector_dim: int = 2
+    embedding_codebook_size: int = 512
+    size_scope: str = "linears"    # target_bits / target sizes in bits: of the quantized linears or the whole "model"
     seed: int = 0
     version: int = CONFIG_VERSION
 
@@ -63,7 +73,8 @@ class FASQConfig:
         if isinstance(self.skip_modules, list):
             object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
         ints = ("subvector_dim", "codebook_size", "num_codebooks", "group_size", "rotation_block",
-                "kmeans_iters", "kmeans_max_points", "refine_iters", "seed", "version")
+                "kmeans_iters", "kmeans_max_points", "refine_iters", "seed", "version", "embedding_subvector_dim",
+                "embedding_codebook_size")
         for name in ints:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
@@ -97,6 +108,15 @@ class FASQConfig:
         _check(self.target_bits is None or (isinstance(self.target_bits, float) and 1.0 <= self.target_bits <= 32.0),
                "target_bits", self.target_bits, "None or a number of bits per weight from 1 to 32")
         _check(self.seed >= 0, "seed", self.seed, "a non-negative integer")
+        _check(isinstance(self.quantize_embeddings, bool), "quantize_embeddings", self.quantize_embeddings,
+               "true or false")
+        _check(1 <= self.embedding_subvector_dim <= 16, "embedding_subvector_dim", self.embedding_subvector_dim,
+               "an integer from 1 to 16")
+        _check(self.group_size == 0 or self.group_size % self.embedding_subvector_dim == 0, "embedding_subvector_dim",
+               self.embedding_subvector_dim, f"a divisor of group_size={self.group_size}")
+        _check(2 <= self.embedding_codebook_size <= 65536, "embedding_codebook_size", self.embedding_codebook_size,
+               "an integer from 2 to 65536")
+        _check(self.size_scope in SIZE_SCOPES, "size_scope", self.size_scope, f"one of {SIZE_SCOPES}")
         _check(all(isinstance(s, str) and s for s in self.skip_modules), "skip_modules", self.skip_modules,
                "a tuple of non-empty module-name patterns")
 
@@ -114,6 +134,13 @@ class FASQConfig:
             b += 16.0 / self.group_size
         return b + 48.0 * self.outlier_fraction
 
+    def embedding_config(self) -> "FASQConfig":
+        """The settings the token embedding and the output head are quantized with: this config's
+        scales, rotation and outliers at (embedding_subvector_dim, embedding_codebook_size), one codebook,
+        no size target (the planner never moves them)."""
+        return self.replace(subvector_dim=self.embedding_subvector_dim, codebook_size=self.embedding_codebook_size,
+                            num_codebooks=1, target_bits=None)
+
     def replace(self, **changes: Any) -> "FASQConfig":
         return dataclasses.replace(self, **changes)
 
@@ -121,6 +148,10 @@ class FASQConfig:
         d = dataclasses.asdict(self)
         d["skip_modules"] = list(self.skip_modules)
         d["quant_method"] = QUANT_METHOD
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in _OPTIONAL_FIELDS:
+            if d[name] == defaults[name]:
+                del d[name]
         return d
 
     def to_json(self) -> str:
@@ -136,6 +167,7 @@ class FASQConfig:
             raise ValueError(f"quant_method={method!r}: fasq reads only {QUANT_METHOD!r} configs")
         data.pop("modules", None)     # per-module settings live beside the config, see io.py
         data.pop("allocation", None)  # the size target that chose them, when one was given
+        data.pop("embeddings", None)  # quantized embedding tables, see io.py
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:

@@ -24,7 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
-FORMAT_VERSION = 1
+# 2: quantized token embeddings (quantization_config["embeddings"], docs/format.md).  A model without them is
+# written as version 1, which every fasq reads.
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 
 
 def outlier_count(out_features: int, in_features: int, fraction: float) -> int:

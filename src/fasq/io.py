@@ -24,7 +24,7 @@ import torch
 from . import manifest as _manifest
 from .config import QUANT_METHOD, FASQConfig
 from .errors import FormatError, StorageRangeError
-from .format import BUFFER_DTYPES, FORMAT_VERSION, LayerSpec
+from .format import BUFFER_DTYPES, FORMAT_VERSION, READABLE_FORMAT_VERSIONS, LayerSpec
 from .manifest import INDEX_NAME, WEIGHTS_NAME, sha256_file
 from .outputs import MANIFEST_NAME, check_output, move_into_place, temporary_dir
 from .storage import to_stored
@@ -74,7 +74,8 @@ def save(model: torch.nn.Module, out_dir: str | os.PathLike, tokenizer=None, *, 
     state = _state_to_store(model)  # checked before anything is written
     tmp = temporary_dir(out)
     try:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "fasq": str(FORMAT_VERSION)})
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt",
+                                                                 "fasq": str(qc.get("format_version", FORMAT_VERSION))})
         model.config.to_json_file(str(tmp / "config.json"))
         gen = getattr(model, "generation_config", None)
         if gen is not None:
@@ -121,13 +122,14 @@ def parse_quantization_config(qc, where: str = "quantization_config") -> tuple[F
     if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
         raise FormatError(f"{where}: no fasq quantization_config (this is not a fasq-quantized model)")
     fv = qc.get("format_version")
-    if fv != FORMAT_VERSION or isinstance(fv, bool):
-        raise FormatError(f"{where}: format_version={fv!r}, but this fasq reads format version "
-                          f"{FORMAT_VERSION}; upgrade fasq or re-quantize")
+    if fv not in READABLE_FORMAT_VERSIONS or isinstance(fv, bool):
+        raise FormatError(f"{where}: format_version={fv!r}, but this fasq reads format versions "
+                          f"{list(READABLE_FORMAT_VERSIONS)}; upgrade fasq or re-quantize")
     qc = dict(qc)
     qc.pop("format_version")
     modules = qc.pop("modules", None)
     qc.pop("allocation", None)
+    qc.pop("embeddings", None)   # parse_embeddings
     if not isinstance(modules, dict) or not modules:
         raise FormatError(f"{where}: quantization_config has no 'modules' table (fasq models are made by "
                           "fasq.quantize + fasq.save; from_pretrained cannot quantize on the fly)")
@@ -135,6 +137,33 @@ def parse_quantization_config(qc, where: str = "quantization_config") -> tuple[F
         return FASQConfig.from_dict(qc), {name: LayerSpec.from_dict(d) for name, d in modules.items()}
     except (ValueError, TypeError) as e:
         raise FormatError(f"{where}: {e}") from None
+
+
+def parse_embeddings(qc: dict, specs: dict[str, LayerSpec], where: str = "quantization_config"
+                     ) -> dict[str, tuple[LayerSpec, str | None]]:
+    """{embedding module: (table spec, the quantized head it is tied to or None)} of a stored
+    ``quantization_config`` (format version 2; none in version 1).  A tied head must be a quantized module of
+    the same spec."""
+    table = qc.get("embeddings") or {}
+    if table and qc.get("format_version") != 2:
+        raise FormatError(f"{where}: 'embeddings' needs format_version 2, the config says {qc.get('format_version')!r}")
+    if not isinstance(table, dict):
+        raise FormatError(f"{where}: 'embeddings' must be an object of embedding module -> table spec")
+    out = {}
+    for name, rec in table.items():
+        if not isinstance(rec, dict):
+            raise FormatError(f"{where}: embeddings[{name!r}] must be an object of LayerSpec fields")
+        rec = dict(rec)
+        tied = rec.pop("tied_head", None)
+        try:
+            spec = LayerSpec.from_dict(rec)
+        except ValueError as e:
+            raise FormatError(f"{where}: embeddings[{name!r}]: {e}") from None
+        if tied is not None and (not isinstance(tied, str) or specs.get(tied) != spec):
+            raise FormatError(f"{where}: embeddings[{name!r}] is tied to {tied!r}, which is not a quantized module "
+                              "of the same shape and settings in 'modules'")
+        out[name] = (spec, tied)
+    return out
 
 
 def read_quantization_config(path: str | os.PathLike) -> tuple[FASQConfig, dict[str, LayerSpec], dict]:
@@ -203,12 +232,14 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .embedding import replace_embedding
     from .model import attach_config, replace_with_pq
 
     path = Path(path)
     if not path.is_dir():
         raise FormatError(f"{path}: no such directory")
     config, specs, raw = read_quantization_config(path)
+    embeddings = parse_embeddings(raw["quantization_config"], specs, str(path / "config.json"))
     if verify:
         verify_files(path)
     try:  # config.json is to blame for anything that fails while the skeleton is built
@@ -218,6 +249,8 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
         replace_with_pq(model, specs, device="meta")
+        for name, (spec, tied) in embeddings.items():
+            replace_embedding(model, name, spec, tied, device="meta")
     except Exception as e:
         raise FormatError(f"{path / 'config.json'}: cannot build the model it describes "
                           f"({type(e).__name__}: {e})") from None
@@ -237,7 +270,7 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
         if tuple(t.shape) != tuple(ref.shape):
             raise FormatError(f"{path}: tensor {name} has shape {tuple(t.shape)}, the config implies "
                               f"{tuple(ref.shape)}")
-        if ref.dtype in (torch.int32, torch.int8, torch.float16) and _is_pq_buffer(name, specs):
+        if ref.dtype in (torch.int32, torch.int8, torch.float16) and _is_pq_buffer(name, {**specs, **embeddings}):
             if t.dtype != ref.dtype:
                 raise FormatError(f"{path}: tensor {name} is {t.dtype}, the format stores {ref.dtype}")
         else:
@@ -253,7 +286,7 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
     model.eval()
     hf_config.quantization_config = qc
     attach_config(model, config, {n: s.to_dict() for n, s in specs.items()},
-                  raw["quantization_config"].get("allocation"))
+                  raw["quantization_config"].get("allocation"), raw["quantization_config"].get("embeddings"))
     if with_tokenizer:
         from transformers import AutoTokenizer
         return model, AutoTokenizer.from_pretrained(str(path))

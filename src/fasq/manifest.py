@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 
 from .errors import FormatError
-from .format import FORMAT_VERSION
+from .format import FORMAT_VERSION, READABLE_FORMAT_VERSIONS
 from .outputs import MANIFEST_NAME
 from .version import __version__
 
@@ -88,7 +88,18 @@ def build(path: Path, known: dict[str, dict] | None = None, **extra) -> dict:
     pass) plus the other defining files, hashed now."""
     known = dict(known or {})
     files = {n: known.get(n) or file_entry(Path(path) / n) for n in defining_files(path)}
-    return {"fasq_version": __version__, "format_version": FORMAT_VERSION, "schema": SCHEMA, "files": files, **extra}
+    return {"fasq_version": __version__, "format_version": _format_version_of(Path(path)), "schema": SCHEMA,
+            "files": files, **extra}
+
+
+def _format_version_of(path: Path) -> int:
+    """The format version config.json's quantization_config declares (1 unless the model needs 2)."""
+    try:
+        qc = read_json_object(path / CONFIG_NAME, "").get("quantization_config")
+    except FormatError:
+        qc = None
+    fv = qc.get("format_version") if isinstance(qc, dict) else None
+    return fv if fv in READABLE_FORMAT_VERSIONS else FORMAT_VERSION
 
 
 def write(path: Path, manifest: dict) -> None:
@@ -126,8 +137,9 @@ def read(path: Path) -> dict:
     mf = path / MANIFEST_NAME
     manifest = read_json_object(mf, f"{path}: manifest {MANIFEST_NAME} missing (incomplete or not written by fasq)")
     fv = manifest.get("format_version")
-    if fv != FORMAT_VERSION or isinstance(fv, bool):
-        raise FormatError(f"{mf}: format_version={fv!r}, but this fasq reads format version {FORMAT_VERSION}")
+    if fv not in READABLE_FORMAT_VERSIONS or isinstance(fv, bool):
+        raise FormatError(f"{mf}: format_version={fv!r}, but this fasq reads format versions "
+                          f"{list(READABLE_FORMAT_VERSIONS)}")
     schema = manifest.get("schema", 1)
     if isinstance(schema, bool) or not isinstance(schema, int) or schema < 1:
         raise FormatError(f"{mf}: schema={schema!r} must be a positive integer")

@@ -18,7 +18,8 @@ from .fit.pq import NonFiniteWeightError, quantize_weight
 from .format import LayerSpec
 from .nn import PQLinear
 from .planning import is_skipped, quantizable_linears  # noqa: F401  (their home is fasq.planning)
-from .planning import LayerPlan, plan_quantization, quantization_record
+from .embedding import PQEmbedding, replace_embedding
+from .planning import EmbeddingPlan, LayerPlan, plan_quantization, quantization_record
 from .storage import round_unquantized_to_16bit
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,10 @@ def quantize(model: nn.Module, config: FASQConfig | None = None, *, progress: bo
     # Layers are independent: fit them on a thread pool (faiss and torch release the GIL), each
     # single-threaded, which beats one layer on all cores (k-means on one layer scales poorly and
     # OpenMP spin-waits badly when the machine is busy).  Results are the same for any worker count.
+    emb = plan.embedding
     with single_threaded(workers > 1), ThreadPoolExecutor(max_workers=workers) as pool:
+        # An untied embedding table is fit like one more layer (a tied one is the head's, fit above).
+        emb_job = pool.submit(_fit_table, emb, device) if emb is not None and emb.tied_head is None else None
         for name, lin, spec, tensors, dt in pool.map(fit, targets):
             dev = lin.weight.device
             q = PQLinear.from_tensors(spec, **{k: v.to(dev) for k, v in tensors.items()})
@@ -113,12 +117,23 @@ def quantize(model: nn.Module, config: FASQConfig | None = None, *, progress: bo
             log.debug("%s: %s in %.2fs", name, spec, dt)
             if callback:
                 callback(name, spec, dt)
+        emb_tensors = emb_job.result() if emb_job is not None else None
     bar.close()
+    embeddings = None
+    if emb is not None:
+        replace_embedding(model, emb.name, emb.spec, emb.tied_head, emb_tensors)
+        embeddings = {emb.name: emb.record()}
     log.info("quantized %d layers in %.1fs", len(targets), time.perf_counter() - t_all)
     round_unquantized_to_16bit(model)  # the in-memory model is exactly what fasq.save stores
-    attach_config(model, config, modules, plan.allocation)
+    attach_config(model, config, modules, plan.allocation, embeddings)
     warn_if_larger(model_size_report(model))
     return model
+
+
+def _fit_table(emb: EmbeddingPlan, device) -> dict[str, torch.Tensor]:
+    """The buffers of an untied embedding table (a PQ weight [vocab, hidden]), on the table's device."""
+    _, tensors = quantize_weight(emb.module.weight, emb.config, emb.name, device=device)
+    return {k: v.to(emb.module.weight.device) for k, v in tensors.items()}
 
 
 def check_finite(model: nn.Module) -> None:
@@ -141,8 +156,8 @@ def warn_if_larger(report: dict) -> None:
 
 
 def attach_config(model: nn.Module, config: FASQConfig, modules: dict[str, dict],
-                  allocation: dict | None = None) -> None:
-    qc = quantization_record(config, modules, allocation)
+                  allocation: dict | None = None, embeddings: dict[str, dict] | None = None) -> None:
+    qc = quantization_record(config, modules, allocation, embeddings)
     model.fasq_config = config
     if hasattr(model, "config"):
         model.config.quantization_config = qc
@@ -156,18 +171,31 @@ def model_size_report(model: nn.Module) -> dict:
     """Exact stored size: quantized layers (codes, codebooks, scales, signs, bias) plus every other
     parameter and buffer at 16 bits (their stored dtype if smaller), against the model at FP16.
 
-    Tied parameters are counted once.
+    Tied parameters are counted once.  ``bits_per_weight`` is over the quantized linears of the body;
+    a quantized embedding table (a PQEmbedding, and the head that shares it or is quantized like it)
+    is reported apart (``embedding_*``); ``model_bits_per_weight`` is the whole model's (16 x the fraction).
     """
     seen: set[int] = set()
     q_bytes = q_weights = 0
+    e_bytes = e_weights = 0
     other_bytes = 0
     fp16_bytes = 0
     layers = []
-    for name, m in pq_layers(model):
+    tables = _embedding_tables(model)
+    for name, m in pq_layers(model) + [(n, e) for n, e in model.named_modules() if isinstance(e, PQEmbedding)]:
         s = m.spec
-        q_bytes += s.weight_storage_bytes()
-        q_weights += s.in_features * s.out_features
-        fp16_bytes += 2 * s.in_features * s.out_features
+        n_w = s.in_features * s.out_features
+        if isinstance(m, PQEmbedding) and m.tied_head is not None:
+            layers.append({"name": name, **s.to_dict(), "bits_per_weight": s.bits_per_weight(), "bytes": 0,
+                           "tied_head": True})
+            continue   # its table is the head's, counted there
+        if name in tables:
+            e_bytes += s.weight_storage_bytes()
+            e_weights += n_w
+        else:
+            q_bytes += s.weight_storage_bytes()
+            q_weights += n_w
+        fp16_bytes += 2 * n_w
         if s.has_bias:
             other_bytes += 2 * s.out_features
             fp16_bytes += 2 * s.out_features
@@ -193,15 +221,31 @@ def model_size_report(model: nn.Module) -> dict:
                 nonpersist += b.numel() * 2
     other_bytes -= nonpersist
     fp16_bytes -= nonpersist
-    total = q_bytes + other_bytes
+    total = q_bytes + e_bytes + other_bytes
     return {
         "quantized_layers": len(layers),
         "quantized_weights": q_weights,
         "quantized_bytes": q_bytes,
         "bits_per_weight": 8.0 * q_bytes / q_weights if q_weights else float("nan"),
+        "embedding_weights": e_weights,
+        "embedding_bytes": e_bytes,
+        "embedding_bits_per_weight": 8.0 * e_bytes / e_weights if e_weights else None,
         "other_bytes": other_bytes,
         "total_bytes": total,
         "fp16_bytes": fp16_bytes,
         "fraction_of_fp16": total / fp16_bytes if fp16_bytes else float("nan"),
+        "model_bits_per_weight": 16.0 * total / fp16_bytes if fp16_bytes else float("nan"),
         "layers": layers,
     }
+
+
+def _embedding_tables(model: nn.Module) -> set[str]:
+    """Names of the modules holding a quantized embedding table: each PQEmbedding with its own buffers and
+    the head that shares it or was quantized with it (only when the model has a PQEmbedding)."""
+    embs = [(n, e) for n, e in model.named_modules() if isinstance(e, PQEmbedding)]
+    if not embs:
+        return set()
+    names = {n for n, e in embs if e.tied_head is None}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names |= {n for n, m in model.named_modules() if m is head and isinstance(m, PQLinear)}
+    return names

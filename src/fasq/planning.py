@@ -37,9 +37,12 @@ def is_skipped(name: str, patterns: Iterable[str]) -> bool:
 
 def quantizable_linears(model: nn.Module, config: FASQConfig) -> list[tuple[str, nn.Linear]]:
     """Every plain ``nn.Linear`` of ``model`` that neither ``config.skip_modules`` nor the family's
-    ``skip`` keeps unquantized, in module order."""
+    ``skip`` keeps unquantized, in module order; with ``config.quantize_embeddings`` the output head too."""
     skip = (*config.skip_modules, *family_of(model).skip)
-    return [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and not is_skipped(n, skip)]
+    head = model.get_output_embeddings() if config.quantize_embeddings and hasattr(model, "get_output_embeddings") \
+        else None
+    return [(n, m) for n, m in model.named_modules()
+            if type(m) is nn.Linear and (m is head or not is_skipped(n, skip))]
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,35 @@ class LayerPlan:
     spec: LayerSpec            # what fasq.fit.pq.quantize_weight will store for it
 
 
+@dataclass(frozen=True)
+class EmbeddingPlan:
+    """The token embedding's table, quantized with ``config.embedding_config()``.  Tied to the head: the head's
+    LayerPlan fits the one table and the embedding reads it (``tied_head`` names it); untied: the table is
+    fit on its own under ``name``."""
+    name: str
+    module: nn.Module           # the model's embedding module (meta device in a streaming plan)
+    config: FASQConfig
+    spec: LayerSpec
+    tied_head: str | None
+
+    def record(self) -> dict:
+        """What ``quantization_config["embeddings"][name]`` stores (docs/format.md)."""
+        return {**self.spec.to_dict(), **({"tied_head": self.tied_head} if self.tied_head else {})}
+
+
+def embedding_targets(model: nn.Module) -> tuple[tuple[str, nn.Module], tuple[str, nn.Linear] | None, bool]:
+    """((name, embedding), (name, head) or None, tied) of ``model`` as transformers exposes them."""
+    names = {id(m): n for n, m in model.named_modules()}
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is None or id(emb) not in names or not hasattr(emb, "weight"):
+        raise ValueError(f"quantize_embeddings: {type(model).__name__} has no token embedding with a weight "
+                         "(get_input_embeddings)")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear or id(head) not in names:
+        return (names[id(emb)], emb), None, False
+    return (names[id(emb)], emb), (names[id(head)], head), head.weight is emb.weight
+
+
 @dataclass
 class QuantPlan:
     config: FASQConfig
@@ -58,6 +90,7 @@ class QuantPlan:
     layer_configs: dict[str, FASQConfig]       # per-layer configs that differ from ``config``'s
     allocation: dict | None = None             # the size target that chose them, recorded in the config
     blocks: list[tuple[str, nn.Module]] = field(default_factory=list)  # (name, block) equalize transforms
+    embedding: EmbeddingPlan | None = None     # with config.quantize_embeddings
 
     @property
     def targets(self) -> list[tuple[str, nn.Linear]]:
@@ -67,14 +100,20 @@ class QuantPlan:
         """The ``quantization_config`` record; ``modules`` (name -> LayerSpec dict) defaults to the plan's."""
         if modules is None:
             modules = {lp.name: lp.spec.to_dict() for lp in self.layers}
-        return quantization_record(self.config, modules, self.allocation)
+        embeddings = {self.embedding.name: self.embedding.record()} if self.embedding else None
+        return quantization_record(self.config, modules, self.allocation, embeddings)
 
 
-def quantization_record(config: FASQConfig, modules: dict[str, dict], allocation: dict | None = None) -> dict:
-    """What a quantized model's ``config.json`` stores as ``quantization_config``."""
+def quantization_record(config: FASQConfig, modules: dict[str, dict], allocation: dict | None = None,
+                        embeddings: dict[str, dict] | None = None) -> dict:
+    """What a quantized model's ``config.json`` stores as ``quantization_config``.  The format version is the
+    oldest that describes the model: 2 only with quantized embeddings, so other models stay readable by
+    fasq versions that read only version 1."""
     qc = config.to_dict()
-    qc["format_version"] = FORMAT_VERSION
+    qc["format_version"] = FORMAT_VERSION if embeddings else 1
     qc["modules"] = modules
+    if embeddings:
+        qc["embeddings"] = embeddings
     if allocation:
         qc["allocation"] = allocation
     return qc
@@ -100,8 +139,13 @@ def plan_quantization(model: nn.Module, config: FASQConfig, layer_configs: dict[
     if not targets:
         raise NoLayersError("no nn.Linear layers to quantize (all skipped by skip_modules="
                             f"{config.skip_modules}?)")
-    layer_configs, allocation = allocate(model, targets, config, target_bits, target_fraction,
-                                         dict(layer_configs or {}))
+    emb_plan, head, fixed = _embedding_plan(model, config)
+    body = [t for t in targets if head is None or t[0] != head[0]]
+    layer_configs, allocation = allocate(model, body, config, target_bits, target_fraction,
+                                         dict(layer_configs or {}), fixed_bytes=fixed)
+    if head is not None:   # the head takes the embedding's settings, never the planner's
+        targets = body + [head]
+        layer_configs[head[0]] = config.embedding_config()
     unknown = sorted(set(layer_configs) - {n for n, _ in targets})
     if unknown:
         raise ValueError(f"layer_configs names modules that are not quantized linears of {arch}: {unknown[:5]}")
@@ -111,4 +155,21 @@ def plan_quantization(model: nn.Module, config: FASQConfig, layer_configs: dict[
         layers.append(LayerPlan(name, lin, cfg, planned_spec(lin.out_features, lin.in_features, cfg,
                                                              lin.bias is not None)))
     return QuantPlan(config, family_of(model), layers, layer_configs, allocation,
-                     equalize_blocks(model, config.equalize))
+                     equalize_blocks(model, config.equalize), emb_plan)
+
+
+def _embedding_plan(model: nn.Module, config: FASQConfig):
+    """(EmbeddingPlan, (head name, head) to quantize with the embedding's settings, {parameter id: stored bytes}
+    of the tables for the size planner); (None, None, {}) without ``config.quantize_embeddings``."""
+    if not config.quantize_embeddings:
+        return None, None, {}
+    (ename, emb), head, tied = embedding_targets(model)
+    ecfg = config.embedding_config()
+    vocab, hidden = emb.weight.shape
+    spec = planned_spec(vocab, hidden, ecfg, False)
+    plan = EmbeddingPlan(ename, emb, ecfg, spec, head[0] if tied else None)
+    fixed = {id(emb.weight): spec.storage_bytes()}
+    if head is not None and not tied:
+        hspec = planned_spec(head[1].out_features, head[1].in_features, ecfg, head[1].bias is not None)
+        fixed[id(head[1].weight)] = hspec.weight_storage_bytes()
+    return plan, head, fixed

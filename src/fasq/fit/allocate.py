@@ -89,11 +89,17 @@ class TargetOutOfRange(ValueError):
 
 def allocate(model: nn.Module, layers: list[tuple[str, nn.Linear]], config: FASQConfig,
              target_bits: float | None, target_fraction: float | None,
-             layer_configs: dict[str, FASQConfig]) -> tuple[dict[str, FASQConfig], dict | None]:
+             layer_configs: dict[str, FASQConfig], fixed_bytes: dict[int, int] | None = None
+             ) -> tuple[dict[str, FASQConfig], dict | None]:
     """Per-layer configs for a size target (``layer_configs`` given by the caller win) and the
     ``allocation`` record for ``quantization_config``; with no explicit target, the config's own
     ``target_bits`` (presets set one) applies, and is skipped with a warning where it is out of reach
-    (e.g. layers so small that the codebooks alone exceed it)."""
+    (e.g. layers so small that the codebooks alone exceed it).
+
+    ``config.size_scope == "model"``: ``target_bits`` are bits per weight of the whole model (every parameter,
+    tied ones once), i.e. ``target_bits / 16`` of its FP16 size.  ``fixed_bytes`` ({parameter id: stored bytes})
+    are tensors quantized outside ``layers`` (the embedding tables): a whole-model target counts them at
+    that size instead of 16 bits."""
     if target_bits is not None and target_fraction is not None:
         raise ValueError("give target_bits or target_fraction, not both")
     from_config = target_bits is None and target_fraction is None
@@ -101,7 +107,10 @@ def allocate(model: nn.Module, layers: list[tuple[str, nn.Linear]], config: FASQ
         target_bits = config.target_bits
         if target_bits is None:
             return layer_configs, None
-    bits = target_bits if target_bits is not None else target_bits_for_fraction(model, layers, target_fraction)
+    fraction = target_fraction
+    if target_bits is not None and config.size_scope == "model":
+        fraction = target_bits / 16.0
+    bits = target_bits if fraction is None else target_bits_for_fraction(model, layers, fraction, fixed_bytes)
     try:
         planned = plan(layers, config, bits, family_of(model))
     except TargetOutOfRange as e:
@@ -109,13 +118,17 @@ def allocate(model: nn.Module, layers: list[tuple[str, nn.Linear]], config: FASQ
             raise
         log.warning("%s; quantizing every layer with the config's own settings instead", e)
         return layer_configs, None
-    return {**planned, **layer_configs}, {"target_bits": target_bits, "target_fraction": target_fraction,
-                                          "planned_bits": bits}
+    record = {"target_bits": target_bits, "target_fraction": target_fraction, "planned_bits": bits}
+    if config.size_scope != "linears":
+        record["size_scope"] = config.size_scope
+    return {**planned, **layer_configs}, record
 
 
-def target_bits_for_fraction(model: nn.Module, layers: list[tuple[str, nn.Linear]], fraction: float) -> float:
+def target_bits_for_fraction(model: nn.Module, layers: list[tuple[str, nn.Linear]], fraction: float,
+                             fixed_bytes: dict[int, int] | None = None) -> float:
     """Bits/weight of the quantized layers that make the whole model ``fraction`` of its FP16 size
-    (everything not quantized stays at 16 bits; tied tensors counted once)."""
+    (everything not quantized stays at 16 bits, or takes its ``fixed_bytes`` entry; tied tensors counted once)."""
+    fixed_bytes = fixed_bytes or {}
     if not 0 < fraction < 1:
         raise ValueError(f"target size {fraction}: must be a fraction of the FP16 size between 0 and 1")
     qnames = {id(lin.weight) for _, lin in layers}
@@ -126,7 +139,7 @@ def target_bits_for_fraction(model: nn.Module, layers: list[tuple[str, nn.Linear
         seen.add(id(t))
         fp16_total += 2 * t.numel()
         if id(t) not in qnames:
-            other += 2 * t.numel()
+            other += fixed_bytes.get(id(t), 2 * t.numel())
     n_weights = sum(lin.in_features * lin.out_features for _, lin in layers)
     bits = 8.0 * (fraction * fp16_total - other) / n_weights
     if bits <= 0:

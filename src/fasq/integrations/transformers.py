@@ -33,7 +33,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from ..config import QUANT_METHOD
 from ..format import FORMAT_VERSION, LayerSpec
 from .. import manifest as fasq_manifest
-from ..io import MANIFEST_NAME, FormatError, parse_quantization_config
+from ..io import MANIFEST_NAME, FormatError, parse_embeddings, parse_quantization_config
 from ..nn import PQLinear
 
 log = logging.getLogger(__name__)
@@ -50,11 +50,15 @@ class FasqHfConfig(QuantizationConfigMixin):
 
     def __init__(self, **stored: Any):
         self.quant_method = QUANT_METHOD
-        self.fasq_config, self.specs = parse_quantization_config({"quant_method": QUANT_METHOD, **stored})
+        qc = {"quant_method": QUANT_METHOD, **stored}
+        self.fasq_config, self.specs = parse_quantization_config(qc)
+        self.embeddings = parse_embeddings(qc, self.specs)   # {name: (spec, tied head or None)}
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.fasq_config.to_dict(), "format_version": FORMAT_VERSION,
-                "modules": {name: spec.to_dict() for name, spec in self.specs.items()}}
+        emb = {n: {**s.to_dict(), **({"tied_head": t} if t else {})} for n, (s, t) in self.embeddings.items()}
+        return {**self.fasq_config.to_dict(), "format_version": FORMAT_VERSION if emb else 1,
+                "modules": {name: spec.to_dict() for name, spec in self.specs.items()},
+                **({"embeddings": emb} if emb else {})}
 
     def __iter__(self):
         yield from self.to_dict().items()
@@ -76,9 +80,14 @@ class FasqHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs):
         from ..model import replace_with_pq
 
+        from ..embedding import replace_embedding
+
         specs = _specs_for(model, self.quantization_config.specs)
+        embeddings = _specs_for(model, self.quantization_config.embeddings)
         try:
             replace_with_pq(model, specs, device="meta")
+            for name, (spec, tied) in embeddings.items():
+                replace_embedding(model, name, spec, tied, device="meta")
         except ValueError as e:
             raise FormatError(f"fasq quantization_config does not fit {type(model).__name__}: {e}") from None
 
@@ -127,10 +136,32 @@ class FasqHfQuantizer(HfQuantizer):
                         lin.bias.copy_(m.bias)
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, child, lin)
+        _dequantize_embeddings(model, dtype)
         if hasattr(model, "fasq_config"):
             del model.fasq_config
         model.__dict__.pop("save_pretrained", None)   # back to the class's plain save_pretrained
         return model
+
+
+def _dequantize_embeddings(model, dtype) -> None:
+    """A PQEmbedding becomes an ``nn.Embedding`` of its dequantized table (Gemma's row scale re-applied by a
+    forward hook); a tied head then shares that weight again."""
+    from ..embedding import PQEmbedding
+
+    for name, m in list(model.named_modules()):
+        if not isinstance(m, PQEmbedding):
+            continue
+        emb = nn.Embedding(m.num_embeddings, m.embedding_dim, m.padding_idx, device=m.dtype_probe.device, dtype=dtype)
+        with torch.no_grad():
+            emb.weight.copy_(m.dequantize(dtype))
+        if m.embed_scale != 1.0:
+            scale = torch.tensor(m.embed_scale, dtype=dtype).item()
+            emb.register_forward_hook(lambda mod, args, out, s=scale: out * s)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, emb)
+        head = model.get_output_embeddings()
+        if m.tied_head is not None and isinstance(head, nn.Linear):
+            head.weight = emb.weight
 
 
 # transformers before 5.13 offloads buffers to disk wrongly: a disk-offloaded PQLinear computed garbage

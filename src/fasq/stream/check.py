@@ -36,7 +36,9 @@ def verify(path) -> dict:
     tensors = manifest.get("tensors", {})
     if not isinstance(tensors, dict) or not all(isinstance(t, dict) for t in tensors.values()):
         raise FormatError(f"{path / io.MANIFEST_NAME}: 'tensors' must map tensor names to objects")
-    _, specs, _ = io.read_quantization_config(path)
+    _, specs, raw = io.read_quantization_config(path)
+    embeddings = io.parse_embeddings(raw["quantization_config"], specs, str(path / "config.json"))
+    specs = {**specs, **{n: spec for n, (spec, tied) in embeddings.items() if tied is None}}  # tables stored apart
     problems: list[str] = []
     stored: dict[str, tuple[str, str, tuple]] = {}  # tensor -> (file, dtype, shape)
     n_bytes = 0

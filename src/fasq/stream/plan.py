@@ -18,6 +18,7 @@ from pathlib import Path
 from .. import __version__
 from ..config import FASQConfig
 from ..format import FORMAT_VERSION, LayerSpec
+from ..embedding import replace_embedding
 from ..model import replace_with_pq
 from ..planning import NoLayersError, plan_quantization, quantization_record
 from .safetensors_io import (COPY_CHUNK_BYTES, DTYPE_NAMES, ITEMSIZE, CheckpointError, FileLayout, TensorEntry,
@@ -210,6 +211,13 @@ class Plan:
     fingerprint: dict = field(default_factory=dict)
     allocation: dict | None = None   # target_bits / target_fraction, as fasq.model.attach_config records it
     prep_units: list[Unit] = field(default_factory=list)  # equalize units, run before ``units``
+    embeddings: dict[str, dict] | None = None  # quantization_config["embeddings"] (quantized embedding tables)
+    head_name: str | None = None     # the output head, quantized with the embedding's settings when embeddings is set
+
+    @property
+    def format_version(self) -> int:
+        """What the output declares: 2 only with quantized embeddings (as fasq.planning.quantization_record)."""
+        return 2 if self.embeddings else 1
 
     @property
     def scratch_bytes_max(self) -> int:
@@ -225,12 +233,13 @@ class Plan:
         return next(f for f in self.files if name in f.entries)
 
     def quantization_config(self) -> dict:
-        modules = {u.name: u.spec.to_dict() for u in self.units if u.kind == "quantize"}
-        return quantization_record(self.config, modules, self.allocation)
+        modules = {u.name: u.spec.to_dict() for u in self.units
+                   if u.kind == "quantize" and u.name not in (self.embeddings or {})}
+        return quantization_record(self.config, modules, self.allocation, self.embeddings)
 
     def identity(self) -> dict:
         """What a resumed run must share with the run that started the partial output."""
-        return {"fasq_version": __version__, "format_version": FORMAT_VERSION, "config": self.config.to_dict(),
+        return {"fasq_version": __version__, "format_version": self.format_version, "config": self.config.to_dict(),
                 "layer_configs": {k: v.to_dict() for k, v in sorted(self.layer_configs.items())},
                 "allocation": self.allocation,
                 "source": self.fingerprint,
@@ -239,9 +248,14 @@ class Plan:
 
     def size_report(self) -> dict:
         """Stored sizes, counted like :func:`fasq.model.model_size_report`."""
-        q_bytes = q_weights = other = fp16 = 0
+        q_bytes = q_weights = e_bytes = e_weights = other = fp16 = 0
+        tables = {*(self.embeddings or {}), self.head_name} if self.embeddings else set()
         for u in self.units:
-            if u.kind == "quantize":
+            if u.kind == "quantize" and u.name in tables:
+                e_bytes += u.spec.weight_storage_bytes()
+                e_weights += u.numel
+                fp16 += 2 * u.numel
+            elif u.kind == "quantize":
                 q_bytes += u.spec.weight_storage_bytes()
                 q_weights += u.numel
                 fp16 += 2 * u.numel + (2 * u.spec.out_features if u.spec.has_bias else 0)
@@ -251,8 +265,11 @@ class Plan:
                 fp16 += 2 * u.numel
         return {"quantized_layers": sum(u.kind == "quantize" for u in self.units), "quantized_weights": q_weights,
                 "quantized_bytes": q_bytes, "bits_per_weight": 8.0 * q_bytes / q_weights if q_weights else float("nan"),
-                "other_bytes": other, "total_bytes": q_bytes + other, "fp16_bytes": fp16,
-                "fraction_of_fp16": (q_bytes + other) / fp16 if fp16 else float("nan")}
+                "embedding_weights": e_weights, "embedding_bytes": e_bytes,
+                "embedding_bits_per_weight": 8.0 * e_bytes / e_weights if e_weights else None,
+                "other_bytes": other, "total_bytes": q_bytes + e_bytes + other, "fp16_bytes": fp16,
+                "fraction_of_fp16": (q_bytes + e_bytes + other) / fp16 if fp16 else float("nan"),
+                "model_bits_per_weight": 16.0 * (q_bytes + e_bytes + other) / fp16 if fp16 else float("nan")}
 
 
 def build_plan(source: Source, config: FASQConfig, layer_configs: dict[str, FASQConfig] | None = None,
@@ -289,9 +306,18 @@ def build_plan(source: Source, config: FASQConfig, layer_configs: dict[str, FASQ
         dts = spec.buffer_dtypes()
         outs = tuple(Output(f"{name}.{b}", DTYPE_NAMES[dts[b]], shape) for b, shape in spec.buffer_shapes().items())
         units.append(Unit(name, "quantize", tuple(srcs), outs, spec, layer.config))
+    emb = qplan.embedding
+    if emb is not None and emb.tied_head is None:   # an untied table is fit on its own, like a linear
+        src = entry_for(f"{emb.name}.weight", "the token embedding")
+        _check_source(source, src, (emb.spec.out_features, emb.spec.in_features), FLOAT_DTYPES)
+        dts = emb.spec.buffer_dtypes()
+        outs = tuple(Output(f"{emb.name}.{b}", DTYPE_NAMES[dts[b]], shape) for b, shape in emb.spec.buffer_shapes().items())
+        units.append(Unit(emb.name, "quantize", (src,), outs, emb.spec, emb.config))
     by_module = {u.name: u for u in units}
     prep = _equalize_units(qplan, entry_for)  # before the swap: equalize works on nn.Linear
     replace_with_pq(model, {lp.name: lp.spec for lp in qplan.layers}, device="meta")
+    if emb is not None:   # its weight leaves the state_dict: tied, the head's buffers are the table
+        replace_embedding(model, emb.name, emb.spec, emb.tied_head, device="meta")
     ordered: list[Unit] = []
     stored_groups: set[tuple] = set()
     for key, t in model.state_dict().items():
@@ -312,8 +338,15 @@ def build_plan(source: Source, config: FASQConfig, layer_configs: dict[str, FASQ
     if unused:
         log.warning("%s: ignoring %d checkpoint tensor(s) that %s does not use, e.g. %s",
                     source.path, len(unused), arch, unused[:3])
-    return Plan(source, config, qplan.layer_configs, ordered, _layout(ordered, max_shard_bytes),
-                source.fingerprint(), qplan.allocation, prep)
+    embeddings = {emb.name: emb.record()} if emb is not None else None
+    return Plan(source, config, qplan.layer_configs, ordered, _layout(ordered, max_shard_bytes, 2 if emb else 1),
+                source.fingerprint(), qplan.allocation, prep, embeddings,
+                _head_name(model) if emb is not None else None)
+
+
+def _head_name(model) -> str | None:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
 
 
 def _equalize_units(qplan, entry_for) -> list[Unit]:
@@ -333,7 +366,7 @@ def _check_source(source: Source, ent: TensorEntry, shape: tuple, dtypes: tuple[
                               f"model config implies {list(shape)}")
 
 
-def _layout(units: list[Unit], max_shard_bytes: int) -> list[FileLayout]:
+def _layout(units: list[Unit], max_shard_bytes: int, format_version: int = FORMAT_VERSION) -> list[FileLayout]:
     groups: list[list[Unit]] = [[]]
     size = 0
     for u in units:
@@ -343,7 +376,7 @@ def _layout(units: list[Unit], max_shard_bytes: int) -> list[FileLayout]:
         groups[-1].append(u)
         size += u.output_bytes
     n = len(groups)
-    meta = {"format": "pt", "fasq": str(FORMAT_VERSION)}
+    meta = {"format": "pt", "fasq": str(format_version)}
     names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     return [plan_file(name, [(o.name, o.dtype, o.shape) for u in g for o in u.outputs], meta)
             for name, g in zip(names, groups)]
