@@ -82,16 +82,18 @@ class LlamaCppLogits:
     """``ids [B, L] -> logits [B, L, V]`` (float32) from llama.cpp, one window at a time, from an empty
     KV cache each time.
 
-    ``extra_buffer_types=False`` (the default here) loads the weights without llama.cpp's extra CPU buffer
-    types (weight repacking, AMX): a build with AMX (``-DGGML_NATIVE=ON`` on this Xeon) segfaults in
-    ``ggml_backend_amx_mul_mat`` on every quantized SmolLM2 file (gdb, 2026-12-06), and the plain CPU
-    kernels compute the same block dot products, so the scores do not depend on it.
+    ``extra_buffer_types`` (default: on, as in llama.cpp, unless the library was built with AMX) loads the
+    weights into llama.cpp's extra CPU buffer types (repacked for its GEMM kernels; AMX where built in). A
+    build with AMX (``-DGGML_NATIVE=ON`` on this Xeon) segfaults in ``ggml_backend_amx_mul_mat`` on every
+    quantized SmolLM2 file (gdb, 2026-12-06), so with AMX they stay off; either way the kernels compute the
+    same block dot products, and prompt processing without repacking was ~25 tokens/s on SmolLM2 here.
     """
 
-    def __init__(self, path: str | Path, context_length: int, threads: int, extra_buffer_types: bool = False):
+    def __init__(self, path: str | Path, context_length: int, threads: int, extra_buffer_types: bool | None = None):
         from llama_cpp import Llama
 
-        with model_params(use_extra_bufts=extra_buffer_types):
+        self.extra_buffer_types = not has_amx() if extra_buffer_types is None else extra_buffer_types
+        with model_params(use_extra_bufts=self.extra_buffer_types):
             self.llm = Llama(model_path=str(path), n_ctx=context_length, n_batch=context_length,
                              n_ubatch=context_length, logits_all=True, n_threads=threads, n_threads_batch=threads,
                              verbose=False)
@@ -106,6 +108,13 @@ class LlamaCppLogits:
             self.llm.eval(row)               # exactly these ids: no BOS added
             out.append(torch.from_numpy(self.llm.scores[: len(row)].copy()))
         return torch.stack(out)
+
+
+def has_amx() -> bool:
+    """Whether this llama.cpp library was built with AMX kernels (its system info says AMX_INT8 = 1)."""
+    import llama_cpp
+
+    return "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode()
 
 
 @contextlib.contextmanager
@@ -165,7 +174,8 @@ def prepare(point, model_path: str, plan: SizePlan, context_length: int, threads
     from .methods import peak_rss_mb
 
     notes = [grid_note(model_path),
-             "perplexity from llama.cpp's logits (CPU backend without extra buffer types, F16 KV cache) on the same token ids; whole-model "
+             f"perplexity from llama.cpp's logits (CPU backend, extra buffer types "
+             f"{'on' if logits.extra_buffer_types else 'off'}, F16 KV cache) on the same token ids; whole-model "
              "size as the GGUF stores it (embedding quantized by llama.cpp, norms F32)",
              "no importance matrix"]
     fields = {"library": "llama-cpp-python", "version": llama_cpp_version(),
