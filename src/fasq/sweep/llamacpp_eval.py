@@ -82,17 +82,19 @@ class LlamaCppLogits:
     """``ids [B, L] -> logits [B, L, V]`` (float32) from llama.cpp, one window at a time, from an empty
     KV cache each time.
 
-    ``extra_buffer_types`` (default: on, as in llama.cpp, unless the library was built with AMX) loads the
-    weights into llama.cpp's extra CPU buffer types (repacked for its GEMM kernels; AMX where built in). A
-    build with AMX (``-DGGML_NATIVE=ON`` on this Xeon) segfaults in ``ggml_backend_amx_mul_mat`` on every
-    quantized SmolLM2 file (gdb, 2026-12-06), so with AMX they stay off; either way the kernels compute the
-    same block dot products, and prompt processing without repacking was ~25 tokens/s on SmolLM2 here.
+    ``extra_buffer_types=False`` (the default) loads the weights without llama.cpp's extra CPU buffer types
+    (weights repacked for its GEMM kernels, AMX): every row is scored by ggml's plain CPU kernels, whatever
+    the build, so rows made on other builds agree.  A build with AMX (``-DGGML_NATIVE=ON`` on this Xeon)
+    segfaults in ``ggml_backend_amx_mul_mat`` on every quantized SmolLM2 file with them on (gdb,
+    2026-12-06); the largest logit of 8 tokens of SmolLM2 Q4_0 differed by 0.2% between this build's plain
+    kernels and a non-AMX build's repacked ones.
+    The price: ~17-25 prompt tokens/s on SmolLM2 here, about 8 minutes per text on 2 busy cores.
     """
 
-    def __init__(self, path: str | Path, context_length: int, threads: int, extra_buffer_types: bool | None = None):
+    def __init__(self, path: str | Path, context_length: int, threads: int, extra_buffer_types: bool = False):
         from llama_cpp import Llama
 
-        self.extra_buffer_types = not has_amx() if extra_buffer_types is None else extra_buffer_types
+        self.extra_buffer_types = extra_buffer_types
         with model_params(use_extra_bufts=self.extra_buffer_types):
             self.llm = Llama(model_path=str(path), n_ctx=context_length, n_batch=context_length,
                              n_ubatch=context_length, logits_all=True, n_threads=threads, n_threads_batch=threads,
@@ -108,13 +110,6 @@ class LlamaCppLogits:
             self.llm.eval(row)               # exactly these ids: no BOS added
             out.append(torch.from_numpy(self.llm.scores[: len(row)].copy()))
         return torch.stack(out)
-
-
-def has_amx() -> bool:
-    """Whether this llama.cpp library was built with AMX kernels (its system info says AMX_INT8 = 1)."""
-    import llama_cpp
-
-    return "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode()
 
 
 @contextlib.contextmanager
