@@ -129,7 +129,7 @@ def test_parse_setting_and_default_plan():
     plan = default_points()
     fasq_bits = sorted(fasq_config(p.settings).nominal_bits_per_weight for p in plan if p.method == "fasq")
     assert len(fasq_bits) >= 8 and fasq_bits[0] <= 2.25 and fasq_bits[-1] >= 8
-    assert {p.method for p in plan} == {"original", "fasq", "gptq", "awq", "hqq", "nf4", "rtn"}
+    assert {p.method for p in plan} == {"original", "fasq", "gptq", "awq", "hqq", "nf4", "llamacpp", "rtn"}
     assert len({p.key for p in plan}) == len(plan)
     assert {p.method for p in default_points(("fasq",))} == {"fasq"}
 

@@ -44,6 +44,23 @@ def perplexity(model, tokenizer, text: str, *, context_length: int = 512, max_to
     ``context_length - 1`` text tokens, every one predicted.  Either way ``context_length - 1`` tokens
     are predicted per window.  bits/byte = total NLL in bits / UTF-8 bytes of the predicted tokens.
     """
+    device = next(model.parameters(), torch.empty(0)).device
+    for b in model.buffers():
+        device = b.device
+        break
+    # A batch's logits are B x L x vocab fp32: Gemma-3's 262k vocabulary makes that 2.1 GB at B=4, L=512 (sweep
+    # workers peaked at 5.5-10 GB and were OOM-killed on a shared 24 GB host).  Fewer windows per forward keep
+    # them under LOGITS_BUDGET; the scores are the same windows.
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 0
+    batch_size = max(1, min(batch_size, LOGITS_BUDGET // max(1, context_length * vocab * 4)))
+    return perplexity_of(lambda batch: model(input_ids=batch.to(device), use_cache=False).logits, tokenizer, text,
+                         context_length=context_length, max_tokens=max_tokens, batch_size=batch_size,
+                         progress=progress, bos=bos)
+
+
+def windows(tokenizer, text: str, *, context_length: int = 512, max_tokens: int | None = 16384,
+            bos: bool | None = None) -> tuple[torch.Tensor, bool, int]:
+    """The scored windows of :func:`perplexity`: ``(windows [n_win, context_length], bos, text tokens used)``."""
     if context_length < 2:
         raise ValueError(f"context_length={context_length}: must be at least 2")
     bos = wants_bos(tokenizer) if bos is None else bos
@@ -54,33 +71,34 @@ def perplexity(model, tokenizer, text: str, *, context_length: int = 512, max_to
     n_win = ids.numel() // span
     if n_win == 0:
         raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {context_length}")
-    windows = ids[: n_win * span].view(n_win, span)
+    wins = ids[: n_win * span].view(n_win, span)
     if bos:
-        windows = torch.cat([torch.full((n_win, 1), tokenizer.bos_token_id, dtype=ids.dtype), windows], 1)
-    device = next(model.parameters(), torch.empty(0)).device
-    for b in model.buffers():
-        device = b.device
-        break
-    # A batch's logits (and their log-softmax, as large again) are B x L x vocab fp32: Gemma-3's 262k vocabulary
-    # makes that 2.1 GB per tensor at B=4, L=512 (a sweep worker peaked at 10 GB and was OOM-killed on 24 GB).
-    # Fewer windows per forward keep each tensor under LOGITS_BUDGET; the scores are the same windows.
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 0
-    batch_size = max(1, min(batch_size, LOGITS_BUDGET // max(1, context_length * vocab * 4)))
+        wins = torch.cat([torch.full((n_win, 1), tokenizer.bos_token_id, dtype=ids.dtype), wins], 1)
+    return wins, bos, n_win * span
+
+
+@torch.no_grad()
+def perplexity_of(logits_of, tokenizer, text: str, *, context_length: int = 512, max_tokens: int | None = 16384,
+                  batch_size: int = 4, progress: bool = True, bos: bool | None = None) -> dict:
+    """:func:`perplexity` with the logits from ``logits_of(ids [B, L] int64) -> [B, L, V]``: another engine
+    (llama.cpp in the sweep) scored on exactly the windows, BOS and byte counts of a torch model."""
+    wins, bos, text_tokens = windows(tokenizer, text, context_length=context_length, max_tokens=max_tokens, bos=bos)
+    n_win = wins.shape[0]
     nll, n_tok, n_bytes = 0.0, 0, 0
     t0 = time.perf_counter()
     bar = tqdm(total=n_win, desc="perplexity", unit="win", disable=not progress, leave=False)
     for s in range(0, n_win, batch_size):
-        batch = windows[s: s + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits               # [B, L, V]
+        batch = wins[s: s + batch_size]
+        logits = logits_of(batch)                                               # [B, L, V]
         tgt = batch[:, 1:]
-        nll += _nll_sum(logits[:, :-1], tgt)
+        nll += _nll_sum(logits[:, :-1], tgt.to(logits.device))
         n_tok += tgt.numel()
-        for row in tgt.cpu():
+        for row in tgt:
             n_bytes += len(tokenizer.decode(row.tolist()).encode("utf-8"))
         bar.update(batch.shape[0])
     bar.close()
     mean = nll / n_tok
     return {"perplexity": math.exp(mean), "nll_per_token": mean, "bits_per_byte": nll / math.log(2) / n_bytes,
             "tokens_scored": n_tok, "bytes_scored": n_bytes, "windows": n_win, "context_length": context_length,
-            "bos": bos, "text_tokens": n_win * span,
+            "bos": bos, "text_tokens": text_tokens,
             "seconds": time.perf_counter() - t0}

@@ -17,6 +17,10 @@ BASELINE_PACKAGES = (
     "gptqmodel==7.6.0", "torchao==0.18.0", "defuser==0.0.28", "tokenicer==0.0.14", "device-smi==0.5.7",
     "logbar==0.4.15", "pypcre==0.6.4", "threadpoolctl", "protobuf",
     "datasets", "pyarrow", "dill", "multiprocess<0.70.20", "xxhash", "pandas", "zstandard",
+    # llama.cpp (the llamacpp rows and benchmarks/cpu_llamacpp.py): built from its sdist for this CPU
+    # (CMAKE_ARGS, e.g. -DGGML_NATIVE=ON, are passed through; a wheel in FASQ_CACHE/wheels is used first);
+    # gguf reads the files' tensor types, sentencepiece is imported by convert_hf_to_gguf.py.
+    "llama-cpp-python==0.3.36", "diskcache", "gguf==0.19.0", "sentencepiece",
 )
 
 
@@ -36,14 +40,18 @@ def setup_baselines_venv(path: str) -> str:
     py = venv / "bin" / "python"
     if not py.exists():
         subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", *BASELINE_PACKAGES], check=True)
+    from ..data import cache_dir
+
+    wheels = cache_dir() / "wheels"   # e.g. llama-cpp-python built once: pip wheel ... -w FASQ_CACHE/wheels
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--find-links", str(wheels),
+                    *BASELINE_PACKAGES], check=True)
     return str(py)
 
 
 def add_cli(subparsers) -> argparse.ArgumentParser:
     """Register ``fasq sweep`` on an argparse subparsers object."""
     p = subparsers.add_parser(
-        "sweep", help="compression-accuracy sweep: fasq grid vs GPTQ, AWQ, HQQ, NF4, RTN",
+        "sweep", help="compression-accuracy sweep: fasq grid vs GPTQ, AWQ, HQQ, NF4, llama.cpp, RTN",
         description="Quantize a model with fasq over a grid of settings and with each baseline library, score "
                     "every result on the same text windows, and write results.json, table.md and plot.png. "
                     "Finished points are cached in OUT/runs, so a rerun resumes.")

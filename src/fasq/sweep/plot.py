@@ -8,7 +8,8 @@ from pathlib import Path
 from .table import METHOD_NAMES
 
 STYLES = {"fasq": ("tab:red", "o"), "gptq": ("tab:blue", "s"), "awq": ("tab:green", "^"),
-          "hqq": ("tab:purple", "D"), "nf4": ("tab:orange", "P"), "rtn": ("tab:gray", "v")}
+          "hqq": ("tab:purple", "D"), "nf4": ("tab:orange", "P"), "llamacpp": ("tab:brown", "X"),
+          "rtn": ("tab:gray", "v")}
 
 
 def series(rows: list[dict]) -> dict[str, list[dict]]:

@@ -43,9 +43,12 @@ DEFAULT_BASELINES: tuple[tuple[str, dict[str, Any]], ...] = (
     ("hqq", {"bits": 4, "group_size": 64}),
     ("hqq", {"bits": 2, "group_size": 64}),
     ("nf4", {"blocksize": 64, "double_quant": True}),
+    # llama.cpp's GGUF types without an importance matrix, scored by llama.cpp itself (llamacpp_eval.py);
+    # the worker needs llama_cpp (the baselines venv).
+    *(("llamacpp", {"type": t}) for t in ("Q4_K_M", "Q4_0", "IQ4_XS", "Q3_K_M", "Q3_K_S", "IQ3_S", "IQ3_XXS")),
 )
 
-METHOD_ORDER = ("original", "fasq", "gptq", "awq", "hqq", "nf4", "rtn")
+METHOD_ORDER = ("original", "fasq", "gptq", "awq", "hqq", "nf4", "llamacpp", "rtn")
 
 # Short aliases accepted in ``key=value`` fasq settings.
 FASQ_ALIASES = {"d": "subvector_dim", "k": "codebook_size", "K": "codebook_size", "m": "num_codebooks",
@@ -80,6 +83,8 @@ class Point:
             extra = {k: v for k, v in s.items() if k not in ("subvector_dim", "codebook_size")}
             base = f"d={s.get('subvector_dim', '?')} K={s.get('codebook_size', '?')}"
             return base + ("".join(f" {k}={v}" for k, v in sorted(extra.items())) if extra else "")
+        if self.method == "llamacpp" and "type" in s:
+            return str(s["type"])
         if self.method == "nf4":
             return f"blocks of {s.get('blocksize', 64)}" + (", double quant" if s.get("double_quant") else "")
         if "bits" in s:

@@ -7,6 +7,7 @@ the file are left alone.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from .table import METHOD_NAMES, label, render
@@ -26,6 +27,9 @@ BUDGETS = ((4.25, 4), (3.25, 3))
 
 
 def _bits(r: dict):
+    if r["method"] == "llamacpp":   # Q4_K_M, IQ4_XS -> 4; Q3_K_S, IQ3_XXS -> 3
+        m = re.match(r"I?Q(\d)", str(r.get("settings", {}).get("type", "")).upper())
+        return int(m.group(1)) if m else None
     return 4 if r["method"] == "nf4" else r.get("settings", {}).get("bits")
 
 

@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 METHOD_NAMES = {"original": "original", "fasq": "fasq", "gptq": "GPTQ", "awq": "AWQ", "hqq": "HQQ",
-                "nf4": "NF4", "rtn": "RTN"}
+                "nf4": "NF4", "llamacpp": "llama.cpp", "rtn": "RTN"}
 
 CAVEAT = ("SmolLM2's weights were dequantized from a Q4_1 GGUF (4-bit blocks of 32), and 'original' is that "
           "dequantized model. Group-wise methods whose groups are multiples of 32 (g128, g64, NF4's blocks of "
@@ -71,12 +71,30 @@ def render(doc: dict) -> str:
         for r in failed:
             err = " ".join(str(r.get("error", "")).split())
             lines.append(f"- {METHOD_NAMES.get(r['method'], r['method'])} {label(r)}: {err[:600]}")
+    lines += llamacpp_lines(ok)
     lines += ["", f"Caveat: {CAVEAT}", ""]
     m = doc.get("machine", {})
     lines.append(f"Run {doc['date'][:10]} on {m.get('cpu', '?')} ({m.get('cores', '?')} cores), torch "
                  f"{m.get('torch', '?')}, transformers {m.get('transformers', '?')}, fasq {m.get('fasq', '?')}"
                  + (f"; command: `{doc['command']}`" if doc.get("command") else "") + ".")
     return "\n".join(lines) + "\n"
+
+
+def llamacpp_lines(ok: list[dict]) -> list[str]:
+    """What the llama.cpp rows are made of, and where their blocks line up with the original's GGUF grid."""
+    rows = [r for r in ok if r["method"] == "llamacpp"]
+    if not rows:
+        return []
+    mix = []
+    for r in rows:
+        by_type = r.get("size", {}).get("stored_tensors", {})
+        total = sum(by_type.values()) or 1
+        mix.append(f"{label(r)}: " + ", ".join(f"{t} {100 * b / total:.0f}%" for t, b in
+                                                 sorted(by_type.items(), key=lambda kv: -kv[1])))
+    return ["", "llama.cpp rows (llama-cpp-python, no importance matrix; perplexity from llama.cpp's own logits "
+            "on the same token ids): their % of FP16 is the GGUF as stored, with the token embedding quantized "
+            "by llama.cpp (every other row keeps it at 16 bits). Bytes of the quantized layers by GGUF type: "
+            + "; ".join(mix) + ". " + (rows[0].get("notes") or [""])[0]]
 
 
 def write_table(doc: dict, path: str | os.PathLike) -> Path:

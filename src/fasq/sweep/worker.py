@@ -101,7 +101,7 @@ def run(req: dict) -> list[dict]:
     """Quantize once, then score every text in ``req["texts"]``; one row per text, in order."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from ..eval import perplexity
+    from ..eval import perplexity, perplexity_of
     from ..eval.perplexity import tokenize
     from .methods import ADAPTERS, Context, load_original, peak_rss_mb
 
@@ -124,6 +124,7 @@ def run(req: dict) -> list[dict]:
     del skeleton
 
     result: dict = {}
+    model = logits_of = None
     if point.method == "original":
         model = load_original(model_path)
         round_to_fp16(model)
@@ -131,6 +132,10 @@ def run(req: dict) -> list[dict]:
         result.update(library="transformers", version=environment()["transformers"], config={},
                       quantize_seconds=0.0, peak_rss_mb=peak_rss_mb(), calibration=None, from_cache=False,
                       notes=["weights as loaded (dequantized from the Q4_1 GGUF), rounded to fp16"])
+    elif point.method == "llamacpp":   # no torch model: llama.cpp's logits on the same windows
+        from .llamacpp_eval import prepare
+        fields, size, logits_of = prepare(point, model_path, plan, req["context_length"], int(req.get("threads", 2)))
+        result.update(fields)
     else:
         if point.method in ("gptq", "awq"):
             for t in texts:
@@ -159,9 +164,11 @@ def run(req: dict) -> list[dict]:
     rows = []
     for text in texts:
         t_eval = time.perf_counter()
-        ppl = perplexity(model, tok, prefixes[text], context_length=req["context_length"],
-                         max_tokens=req["max_tokens"], batch_size=req.get("batch_size", 4),
-                         progress=bool(req.get("progress", False)))
+        ppl = (perplexity(model, tok, prefixes[text], context_length=req["context_length"],
+                          max_tokens=req["max_tokens"], batch_size=req.get("batch_size", 4),
+                          progress=bool(req.get("progress", False))) if model is not None else
+               perplexity_of(logits_of, tok, prefixes[text], context_length=req["context_length"],
+                             max_tokens=req["max_tokens"], batch_size=1, progress=bool(req.get("progress", False))))
         ids = tokenize(tok, prefixes[text])[: ppl["text_tokens"]]
         rows.append({
             "status": "ok", **point.to_dict(), "text": text, **result,
