@@ -7,6 +7,11 @@ from pathlib import Path
 METHOD_NAMES = {"original": "original", "fasq": "fasq", "gptq": "GPTQ", "awq": "AWQ", "hqq": "HQQ",
                 "nf4": "NF4", "llamacpp": "llama.cpp", "rtn": "RTN"}
 
+CAVEATS = {"gemma3-270m": (
+    "Gemma-3-270M's weights were dequantized from a Q4_K_M GGUF (Q5_0 / Q4_K / Q6_K / Q8_0 blocks of 32 and 256), "
+    "and 'original' is that dequantized model. Group-wise methods whose groups are multiples of 32 (g128, g64, "
+    "NF4's blocks of 64) contain whole blocks of that grid and may look better here than on a natively 16-bit "
+    "model; the smaller the group, the larger this advantage.")}
 CAVEAT = ("SmolLM2's weights were dequantized from a Q4_1 GGUF (4-bit blocks of 32), and 'original' is that "
           "dequantized model. Group-wise methods whose groups are multiples of 32 (g128, g64, NF4's blocks of "
           "64) contain whole Q4_1 blocks and may look better here than they would on a natively 16-bit model; "
@@ -72,7 +77,7 @@ def render(doc: dict) -> str:
             err = " ".join(str(r.get("error", "")).split())
             lines.append(f"- {METHOD_NAMES.get(r['method'], r['method'])} {label(r)}: {err[:600]}")
     lines += llamacpp_lines(ok)
-    lines += ["", f"Caveat: {CAVEAT}", ""]
+    lines += ["", f"Caveat: {CAVEATS.get(doc.get('model'), CAVEAT)}", ""]
     m = doc.get("machine", {})
     lines.append(f"Run {doc['date'][:10]} on {m.get('cpu', '?')} ({m.get('cores', '?')} cores), torch "
                  f"{m.get('torch', '?')}, transformers {m.get('transformers', '?')}, fasq {m.get('fasq', '?')}"
