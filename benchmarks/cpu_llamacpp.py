@@ -120,16 +120,23 @@ def run_worker(python: str, req: dict, timeout: float = 1200) -> dict:
 
 # ---------------------------------------------------------------------------------------------------
 # what is compared: the models, files and prompts
-def fasq_model(model: str, preset: str) -> Path:
-    """fasq --preset PRESET of ``model``, quantized once with this checkout."""
+def fasq_model(model: str, preset: str, embedding: str | None = None) -> Path:
+    """fasq --preset PRESET of ``model``, quantized once with this checkout; ``embedding`` "d:K" also quantizes
+    the token embedding / tied head (``--quantize-embeddings``) with that table setting."""
     from fasq.data import cache_dir
     from fasq.io import is_fasq_dir
 
-    out = cache_dir() / "bench" / f"{model}-fasq-{preset}"
+    extra: list[str] = []
+    suffix = ""
+    if embedding:
+        d, k = embedding.split(":")
+        extra = ["--quantize-embeddings", "--embedding-subvector-dim", d, "--embedding-codebook-size", k]
+        suffix = f"-emb{d}x{k}"
+    out = cache_dir() / "bench" / f"{model}-fasq-{preset}{suffix}"
     if not is_fasq_dir(out):
-        print(f"quantizing {model} --preset {preset} -> {out}", flush=True)
+        print(f"quantizing {model} --preset {preset} {' '.join(extra)} -> {out}", flush=True)
         subprocess.run([sys.executable, "-m", "fasq", "quantize", model, "-o", str(out), "--preset", preset,
-                        "--overwrite"], check=True, env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+                        *extra, "--overwrite"], check=True, env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
     return out
 
 
@@ -184,7 +191,7 @@ def bench_model(model: str, args, llama_python: str, progress=lambda rows, raw: 
     model_dir = Path(resolve_model(model)[0])
     presets = sorted({p for p, _ in PAIRS}, reverse=True)
     types = list(dict.fromkeys(t for _, t in PAIRS))
-    fasq_dirs = {p: fasq_model(model, p) for p in presets}
+    fasq_dirs = {p: fasq_model(model, p, args.embedding) for p in presets}
     ggufs = gguf_files(llama_python, model_dir, types, max(args.threads))
     pr = prompts(model_dir, args.prompt_tokens)
     engines = [("fasq", p, str(fasq_dirs[p]), sys.executable) for p in presets]
@@ -270,7 +277,8 @@ def markdown(doc: dict) -> str:
              "", f"Greedy decode of {doc['new_tokens']} tokens after a short prompt and a {doc['prompt_tokens']}-token "
              f"prompt; same token ids for both engines; {doc['rounds']} rounds, each engine in its own process, "
              "alternating; tok/s are medians over rounds (decode: from each run's median step), ratios the median "
-             "of per-round fasq / llama.cpp ratios (> 1: fasq faster).", "",
+             "of per-round fasq / llama.cpp ratios (> 1: fasq faster). fasq's token embedding / tied head: "
+             f"{doc.get('fasq_embedding', '16-bit')} (d:K of its PQ table when quantized).", "",
              "| model | threads | fasq | fasq engine | llama.cpp | decode tok/s fasq / llama.cpp | decode ratio "
              "| prompt tok/s fasq / llama.cpp | prompt ratio | peak RSS MiB fasq / llama.cpp | file MiB fasq / llama.cpp |",
              "|---|--:|---|---|---|--:|--:|--:|--:|--:|--:|"]
@@ -317,13 +325,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--extra-buffer-types", choices=("on", "off"), default="on",
                     help="llama.cpp's extra CPU buffer types (weight repacking; AMX where built in): on is its "
                          "default; off only for a build whose AMX path crashes (see docs/accuracy.md)")
+    ap.add_argument("--embedding", metavar="D:K",
+                    help="also quantize fasq's token embedding / tied head with this table (e.g. 1:256); "
+                         "default: 16-bit, as the presets keep it")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/cpu_llamacpp.json"))
     args = ap.parse_args(argv)
     args.threads = [int(t) for t in args.threads.split(",")]
     doc = {"date": datetime.date.today().isoformat(), "commit": commit(), "machine": machine(args.llamacpp_python),
            "command": "python benchmarks/cpu_llamacpp.py " + " ".join(argv), "new_tokens": args.new_tokens,
            "prompt_tokens": args.prompt_tokens, "rounds": args.rounds,
-           "llamacpp_extra_buffer_types": args.extra_buffer_types, "rows": [], "raw": {}}
+           "llamacpp_extra_buffer_types": args.extra_buffer_types, "fasq_embedding": args.embedding or "16-bit",
+           "rows": [], "raw": {}}
     t0 = time.time()
     out = Path(args.out)
     done: list[dict] = []
