@@ -96,6 +96,20 @@ def model_dir(tmp_path_factory):
     return d
 
 
+# Tolerance of the CUDA decode kernels (v1 and v2) against the fp32 reference, relative to max |ref|.
+CUDA_RTOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def check_cuda_output(y, ref, what: str, dtype) -> None:
+    """A CUDA kernel's output against the reference: dtype, shape, every element written (outputs are
+    NaN-poisoned first) and the max error within CUDA_RTOL of max |ref|."""
+    assert y.dtype == dtype and y.shape == ref.shape, what
+    assert bool(torch.isfinite(y).all()), f"{what}: unwritten outputs"
+    err = (y.float() - ref.float()).abs().max().item()
+    scale = ref.float().abs().max().item()
+    assert err <= CUDA_RTOL[dtype] * scale, f"{what}: max error {err:.3g} vs max |ref| {scale:.3g}"
+
+
 def check_graph_replay_and_compile(layer, x1, ref):
     """A GPU layer (already run once on x1, giving ref) captured in a CUDA graph replays on new input
     as an eager call computes it, and torch.compile(fullgraph=False) gives ref again."""

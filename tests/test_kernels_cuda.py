@@ -20,11 +20,10 @@ from fasq.format import LayerSpec
 from fasq.kernels import cuda_decode as cd
 from fasq.nn import PQLinear
 
-from conftest import check_graph_replay_and_compile, random_pq_layer
+from conftest import CUDA_RTOL as RTOL, check_cuda_output, check_graph_replay_and_compile, random_pq_layer
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-RTOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,11 +152,7 @@ def test_gpu_cuda_decode_matches_reference(dtype, poisoned):
                                      layer.bias, s.in_features, s.subvector_dim, s.effective_group, cfg,
                                      rot_signs=layer.rot_signs, rotation_block=rot)
                     what = f"{kw} tokens={t} {cfg}"
-                    assert y.dtype == dtype and y.shape == ref.shape, what
-                    assert bool(torch.isfinite(y).all()), f"{what}: unwritten outputs"
-                    err = (y.float() - ref.float()).abs().max().item()
-                    scale = ref.float().abs().max().item()
-                    assert err <= RTOL[dtype] * scale, f"{what}: max error {err:.3g} vs max |ref| {scale:.3g}"
+                    check_cuda_output(y, ref, what, dtype)
 
 
 @gpu

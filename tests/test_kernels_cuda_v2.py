@@ -24,12 +24,11 @@ from fasq.kernels import cuda_layout as L
 from fasq.kernels.cuda_common import rotate
 from fasq.nn import PQLinear
 
-from conftest import random_pq_layer
+from conftest import CUDA_RTOL as RTOL, check_cuda_output as _check, random_pq_layer
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
                                 reason="needs a CUDA GPU, sm_80+")
-RTOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2}
 LAYERS = [dict(in_f=4096, out_f=1024, d=2, k=256, group=256, rot=256, bias=True),
           dict(in_f=2048, out_f=520, d=2, k=64, group=256, rot=64),
           dict(in_f=1000, out_f=33, d=2, k=256, group=0, bias=True),
@@ -52,14 +51,6 @@ def test_registry_entry_is_opt_in():
 def poisoned(monkeypatch):
     monkeypatch.setattr(V, "_new_buffer", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
                                                                                   device=device))
-
-
-def _check(y, ref, what, dtype):
-    assert y.dtype == dtype and y.shape == ref.shape, what
-    assert bool(torch.isfinite(y).all()), f"{what}: unwritten outputs"
-    err = (y.float() - ref.float()).abs().max().item()
-    scale = ref.float().abs().max().item()
-    assert err <= RTOL[dtype] * scale, f"{what}: max error {err:.3g} vs max |ref| {scale:.3g}"
 
 
 @gpu
