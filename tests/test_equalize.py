@@ -56,3 +56,38 @@ def test_quantize_with_equalize_saves_and_loads(tmp_path):
 def test_bad_mode():
     with pytest.raises(ValueError, match="equalize='max'"):
         equalize(tiny_model("llama"), "max")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_power_mode_preserves_the_function(arch):
+    """equalize="power" scales q/k/v and gate/up columns by the estimated input power and divides the norm
+    gains by the same factors, then balances: exact in real arithmetic."""
+    m = with_random_norms(arch)
+    ids = torch.randint(0, 320, (2, 16))
+    with torch.no_grad():
+        ref = m(ids).logits
+    done = equalize(m, "power")
+    assert done["inputs_scaled"] == 4 and done["mlp_balanced"] == 2
+    with torch.no_grad():
+        out = m(ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_residual_power_follows_what_the_weights_write():
+    """The data-free residual model: a channel that every block's o_proj and down_proj write ten times more
+    strongly, or that a Gemma 3 post-norm multiplies by 10, carries more power into the next block."""
+    from fasq.fit.equalize import block_input_powers
+
+    for arch in ("llama", "gemma3"):
+        m = with_random_norms(arch)
+        base = block_input_powers(m)
+        with torch.no_grad():
+            for blk in m.model.layers:
+                if arch == "gemma3":
+                    blk.post_feedforward_layernorm.weight[5] = 9.0     # gain 1 + 9
+                else:
+                    blk.mlp.down_proj.weight[5].mul_(10.0)
+        boosted = block_input_powers(m)
+        ratio = lambda p: float(p[5] / p.mean())  # noqa: E731
+        # block 1's attention input: after block 0 wrote channel 5 more strongly
+        assert ratio(boosted[1][0]) > 2 * ratio(base[1][0]), arch

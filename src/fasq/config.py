@@ -24,7 +24,7 @@ _OPTIONAL_FIELDS = ("quantize_embeddings", "embedding_subvector_dim", "embedding
 ROTATIONS = ("none", "hadamard")
 KMEANS_BACKENDS = ("auto", "faiss", "torch")
 KMEANS_INITS = ("kmeans++", "random")
-EQUALIZE_MODES = ("none", "norms", "balance", "full")
+EQUALIZE_MODES = ("none", "norms", "balance", "full", "power")
 
 
 def _is_pow2(n: int) -> bool:
@@ -55,7 +55,7 @@ class FASQConfig:
     kmeans_backend: str = "auto"   # "auto": fasq's own ("torch", C++ on CPU), faiss where that cannot build
     kmeans_max_points: int = 65536  # sub-vectors sampled to train a codebook (all are assigned)
     refine_iters: int = 2          # alternate (codes -> least-squares scales) this many times
-    equalize: str = "balance"      # data-free exact rescalings before fitting: none | norms | balance | full
+    equalize: str = "balance"      # data-free exact rescalings before fitting: none | norms | balance | full | power
     outlier_fraction: float = 1e-3  # largest-|w| weights kept exactly in a sparse fp16 side table (0: none)
     target_bits: float | None = None  # size target (bits/weight) for per-layer allocation when none is given
     skip_modules: tuple[str, ...] = DEFAULT_SKIP_MODULES  # every family's head and embeddings (fasq.families)

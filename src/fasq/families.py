@@ -51,6 +51,8 @@ class Family:
     attention_norm: str = "input_layernorm"       # the norm whose output feeds the attention projections
     mlp_norm: str = "post_attention_layernorm"    # the norm whose output feeds the MLP's gate and up
     other_norms: tuple[str, ...] = ()             # norms of a block that feed no projection (left alone)
+    attention_output_norm: str | None = None      # of other_norms: the one normalizing the attention's output
+    mlp_output_norm: str | None = None            # ... and the MLP's (Gemma 2/3), before the residual add
     # Projection groups: the linears reading one norm's output, and the exact rescaling pairs.
     attention_inputs: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")  # children of `attention`
     value: str = "v_proj"                         # value rows and the output columns that read them
@@ -127,7 +129,8 @@ GEMMA = Family("gemma", ("gemma",), norm_kind="rms_plus_one")
 # Gemma 2 and 3: post_attention_layernorm normalizes the attention's *output*; the MLP reads
 # pre_feedforward_layernorm, and post_feedforward_layernorm normalizes the MLP's output.
 GEMMA3 = Family("gemma3", ("gemma2", "gemma3_text"), mlp_norm="pre_feedforward_layernorm",
-                other_norms=("post_attention_layernorm", "post_feedforward_layernorm"), norm_kind="rms_plus_one")
+                other_norms=("post_attention_layernorm", "post_feedforward_layernorm"), norm_kind="rms_plus_one",
+                attention_output_norm="post_attention_layernorm", mlp_output_norm="post_feedforward_layernorm")
 FAMILIES: tuple[Family, ...] = (LLAMA, GEMMA, GEMMA3)
 
 # Any other model: the Llama layout; blocks with other norms are refused (UnknownLayoutError).

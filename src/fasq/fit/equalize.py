@@ -15,6 +15,17 @@ channel.  Without calibration data we can still know part of that power from the
   - attention: o_proj's input channels are attention-weighted values, of power ~ ``|v_j|^2``; v_proj
     rows and the o_proj columns that read them are rescaled the same way.
 
+* ``power``: ``balance`` after scaling the input columns of q/k/v and gate/up by ``s_i = p_i ** (1/4)``
+  (``p_i ** (POWER_EXPONENT / 2)``), where ``p_i`` is a data-free estimate of input channel i's power, and
+  dividing the norm gain in front of them by ``s`` (exact).  The Frobenius error the quantizer minimizes then
+  weighs column i by ``s_i^2 = sqrt(p_i)``: half-way (in the log) between the weight error and the output
+  error for inputs of power ``p``.  ``p`` comes from :class:`ResidualPower`, a model of the residual
+  stream's per-channel power built from the weights alone: the embedding table's mean square per channel,
+  then per block what the attention and the MLP add, each through the squared rows of o_proj / down_proj
+  (the MLP's inner power as ``balance`` estimates it), normalized by the post-norm gains where the family has
+  post-norms (Gemma 2/3), and finally the input norm's gain.  docs/experiments.md (eighth round) measures it
+  on SmolLM2 and Gemma-3-270M.
+
 Everything here is exact in real arithmetic; logits change only by float rounding.  Which modules are a
 model's blocks, norms and projections (and whether a norm scales by ``w`` or ``1 + w``) comes from its entry
 in :mod:`fasq.families`; the names above are the Llama ones.
@@ -30,7 +41,12 @@ from ..families import GENERIC, Family, family_of
 
 log = logging.getLogger(__name__)
 
-MODES = ("none", "norms", "balance", "full")
+MODES = ("none", "norms", "balance", "full", "power")
+
+# ``power``: columns weigh p ** POWER_EXPONENT in the fitted error (0: the weight error, 1: the output error
+# for inputs of the estimated power p).  0.5 was best of 0.25 / 0.5 / 1 on both models (docs/experiments.md).
+POWER_EXPONENT = 0.5
+EMBEDDING_ROWS = 16384    # rows of the embedding table summed at a time by embedding_power
 
 
 def _gain(norm: nn.Module, family: Family = GENERIC) -> tuple[torch.Tensor, float] | None:
@@ -126,30 +142,130 @@ def balance_attention(attn: nn.Module, config, gain: torch.Tensor | None = None,
 
 
 @torch.no_grad()
-def equalize(model: nn.Module, mode: str) -> dict:
+def embedding_power(weight: torch.Tensor, embed_scale: float = 1.0) -> torch.Tensor:
+    """Mean square of each column of an embedding table ``[vocab, hidden]`` (any dtype), times ``embed_scale^2``:
+    the residual stream's power at its start when every token is equally likely."""
+    rows = weight.shape[0]
+    return power_of_row_blocks((weight[i:i + EMBEDDING_ROWS] for i in range(0, rows, EMBEDDING_ROWS)), rows,
+                               embed_scale)
+
+
+@torch.no_grad()
+def power_of_row_blocks(blocks, rows: int, embed_scale: float = 1.0) -> torch.Tensor:
+    """:func:`embedding_power` from the table's consecutive blocks of :data:`EMBEDDING_ROWS` rows (a streaming
+    run reads them from disk): fp32 sums in this order, so the same values give the same result."""
+    acc = None
+    for b in blocks:
+        part = b.float().pow(2).sum(0)
+        acc = part if acc is None else acc + part
+    return acc / rows * float(embed_scale) ** 2
+
+
+class ResidualPower:
+    """Data-free per-channel power of the residual stream, advanced one decoder block at a time.
+
+    ``step(block)`` returns (power of the attention projections' inputs, power of gate/up's inputs), each a
+    ``[hidden]`` vector normalized to mean 1 before the norm gain, and adds the block's two outputs to the
+    stream.  Reads only the block's weights, so a streaming run can call it block by block."""
+
+    def __init__(self, start: torch.Tensor, config, family: Family):
+        self.p = start.float().clone()
+        self.fam = family
+        n_heads = getattr(config, "num_attention_heads", None)
+        n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+        self.n_heads, self.n_kv = n_heads, n_kv
+
+    def _input(self, norm: nn.Module) -> torch.Tensor:
+        gain = _gain(norm, self.fam)
+        g2 = gain[0].pow(2) if gain is not None else torch.ones_like(self.p)
+        return self.p / self.p.mean().clamp_min(1e-30) * g2
+
+    def _add(self, block: nn.Module, post_norm: str | None, power: torch.Tensor) -> None:
+        norm = getattr(block, post_norm, None) if post_norm else None
+        gain = _gain(norm, self.fam) if norm is not None else None
+        if gain is not None:   # the post-norm rescales the output to unit mean square, then multiplies by its gain
+            power = gain[0].pow(2) * power / power.mean().clamp_min(1e-30)
+        self.p = self.p + power
+
+    @torch.no_grad()
+    def step(self, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        fam = self.fam
+        attn, mlp = getattr(block, fam.attention), getattr(block, fam.mlp)
+        x_attn = self._input(getattr(block, fam.attention_norm))
+        v, o = getattr(attn, fam.value).weight.float(), getattr(attn, fam.output).weight.float()
+        v_pow = v.pow(2) @ x_attn                                   # [n_kv * head_dim]
+        col = torch.arange(self.n_heads * self.head_dim)
+        kv_row = (col // self.head_dim) // (self.n_heads // self.n_kv) * self.head_dim + col % self.head_dim
+        self._add(block, fam.attention_output_norm, o.pow(2) @ v_pow[kv_row])
+        x_mlp = self._input(getattr(block, fam.mlp_norm))
+        gate, up, down = (getattr(mlp, n).weight.float() for n in (fam.gate, fam.up, fam.down))
+        inner = _act_rms(getattr(mlp, fam.activation), (gate.pow(2) @ x_mlp).sqrt()).pow(2) * (up.pow(2) @ x_mlp)
+        self._add(block, fam.mlp_output_norm, down.pow(2) @ inner)
+        return x_attn, x_mlp
+
+
+def block_input_powers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:class:`ResidualPower` over every decoder block of ``model``, from its input embedding table."""
+    from ..embedding import embed_scale_of
+
+    fam = family_of(model)
+    emb = model.get_input_embeddings()
+    res = ResidualPower(embedding_power(emb.weight, embed_scale_of(emb)), model.config, fam)
+    return [res.step(blk) for _, blk in list(fam.blocks(model))]
+
+
+@torch.no_grad()
+def scale_inputs(norm: nn.Module, linears: list[nn.Linear], power: torch.Tensor, family: Family = GENERIC) -> bool:
+    """Multiply the linears' input columns by ``s = power ** (POWER_EXPONENT / 2)`` (geometric mean 1) and
+    divide the norm's gain by ``s``: exact, and the linears' Frobenius error then weighs column i by s_i^2."""
+    g = _gain(norm, family)
+    if g is None or not linears or any(lin.in_features != power.numel() for lin in linears):
+        return False
+    gain, ident = g
+    s = power.float().clamp_min(float(power.max()) * 1e-8 + 1e-30).pow(POWER_EXPONENT / 2)
+    s = s / torch.exp(s.log().mean())
+    norm.weight.copy_((gain / s - (1.0 - ident)).to(norm.weight.dtype))
+    for lin in linears:
+        lin.weight.mul_(s.to(lin.weight.dtype)[None, :])
+    return True
+
+
+@torch.no_grad()
+def equalize(model: nn.Module, mode: str, powers: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict:
     """Apply the data-free transforms of ``mode`` in place; returns counts of what was done.
 
     The decoder blocks, their norms and projections are those of ``model``'s entry in
     :mod:`fasq.families`; a block with a norm the entry does not place raises
-    :class:`fasq.families.UnknownLayoutError` before anything is changed."""
+    :class:`fasq.families.UnknownLayoutError` before anything is changed.  ``powers`` (mode ``power``):
+    each block's (attention input, MLP input) power, as :func:`block_input_powers` gives it for the whole
+    model (a streaming run computes them block by block and equalizes one block at a time)."""
     if mode not in MODES:
         raise ValueError(f"equalize={mode!r}: allowed are {MODES}")
-    done = {"norms_folded": 0, "mlp_balanced": 0, "attention_balanced": 0}
+    done = {"norms_folded": 0, "inputs_scaled": 0, "mlp_balanced": 0, "attention_balanced": 0}
     if mode == "none":
         return done
     cfg = getattr(model, "config", None)
     fam = family_of(model)
-    for _, blk in list(fam.blocks(model)):   # list: every block is checked before any is changed
+    blocks = list(fam.blocks(model))   # list: every block is checked before any is changed
+    if mode == "power" and powers is None:
+        powers = block_input_powers(model)
+    if mode == "power" and len(powers) != len(blocks):
+        raise ValueError(f"equalize='power': {len(powers)} power estimates for {len(blocks)} decoder blocks")
+    for i, (_, blk) in enumerate(blocks):
         attn, mlp = getattr(blk, fam.attention), getattr(blk, fam.mlp)
         attn_norm, mlp_norm = getattr(blk, fam.attention_norm), getattr(blk, fam.mlp_norm)
         g_attn = g_mlp = None
+        if mode == "power":
+            done["inputs_scaled"] += scale_inputs(attn_norm, _linears(attn, fam.attention_inputs), powers[i][0], fam)
+            done["inputs_scaled"] += scale_inputs(mlp_norm, _linears(mlp, fam.mlp_inputs), powers[i][1], fam)
         if mode in ("norms", "full"):
             done["norms_folded"] += fold_norm(attn_norm, _linears(attn, fam.attention_inputs), fam)
             done["norms_folded"] += fold_norm(mlp_norm, _linears(mlp, fam.mlp_inputs), fam)
         else:  # balance without folding: the gains still shape the channel power estimates
             g_attn = (_gain(attn_norm, fam) or (None,))[0]
             g_mlp = (_gain(mlp_norm, fam) or (None,))[0]
-        if mode in ("balance", "full"):
+        if mode in ("balance", "full", "power"):
             done["mlp_balanced"] += balance_mlp(mlp, g_mlp, fam)
             if cfg is not None:
                 done["attention_balanced"] += balance_attention(attn, cfg, g_attn, fam)

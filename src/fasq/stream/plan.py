@@ -18,7 +18,7 @@ from pathlib import Path
 from .. import __version__
 from ..config import FASQConfig
 from ..format import FORMAT_VERSION, LayerSpec
-from ..embedding import replace_embedding
+from ..embedding import embed_scale_of, replace_embedding
 from ..model import replace_with_pq
 from ..planning import NoLayersError, plan_quantization, quantization_record
 from .safetensors_io import (COPY_CHUNK_BYTES, DTYPE_NAMES, ITEMSIZE, CheckpointError, FileLayout, TensorEntry,
@@ -213,6 +213,9 @@ class Plan:
     prep_units: list[Unit] = field(default_factory=list)  # equalize units, run before ``units``
     embeddings: dict[str, dict] | None = None  # quantization_config["embeddings"] (quantized embedding tables)
     head_name: str | None = None     # the output head, quantized with the embedding's settings when embeddings is set
+    # equalize="power": the input embedding table and its scale, the start of fasq.fit.equalize.ResidualPower
+    power_embedding: TensorEntry | None = None
+    power_embed_scale: float = 1.0
 
     @property
     def format_version(self) -> int:
@@ -315,6 +318,7 @@ def build_plan(source: Source, config: FASQConfig, layer_configs: dict[str, FASQ
         units.append(Unit(emb.name, "quantize", (src,), outs, emb.spec, emb.config))
     by_module = {u.name: u for u in units}
     prep = _equalize_units(qplan, entry_for)  # before the swap: equalize works on nn.Linear
+    power_emb, power_scale = _power_embedding(model, config, entry_for) if prep else (None, 1.0)
     replace_with_pq(model, {lp.name: lp.spec for lp in qplan.layers}, device="meta")
     if emb is not None:   # its weight leaves the state_dict: tied, the head's buffers are the table
         replace_embedding(model, emb.name, emb.spec, emb.tied_head, device="meta")
@@ -341,7 +345,16 @@ def build_plan(source: Source, config: FASQConfig, layer_configs: dict[str, FASQ
     embeddings = {emb.name: emb.record()} if emb is not None else None
     return Plan(source, config, qplan.layer_configs, ordered, _layout(ordered, max_shard_bytes, 2 if emb else 1),
                 source.fingerprint(), qplan.allocation, prep, embeddings,
-                _head_name(model) if emb is not None else None)
+                _head_name(model) if emb is not None else None, power_emb, power_scale)
+
+
+def _power_embedding(model, config: FASQConfig, entry_for) -> tuple[TensorEntry | None, float]:
+    """equalize="power" starts its residual-power model from the input embedding table: its tensor and scale."""
+    if config.equalize != "power":
+        return None, 1.0
+    emb = model.get_input_embeddings()
+    name = next(n for n, m in model.named_modules() if m is emb)
+    return entry_for(f"{name}.weight", "the token embedding (equalize='power' reads it)"), embed_scale_of(emb)
 
 
 def _head_name(model) -> str | None:

@@ -113,6 +113,7 @@ class Workspace:
         self.scratch = root / SCRATCH_DIR
         self.writers: dict[str, FileWriter] = {}
         self.done: dict[str, dict] = {}
+        self.powers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # equalize="power": by equalize unit
         self.overrides: dict[str, TensorEntry] = {}  # checkpoint tensor -> its equalized copy in scratch/
         self.resumed = 0
         self._lock_fd: int | None = None
@@ -269,15 +270,9 @@ class Workspace:
         w.sync()
         return {"unit": u.name, "file": w.layout.file, "outputs": hashes, "seconds": round(time.perf_counter() - t0, 3)}
 
-    def _run_equalize(self, u: Unit) -> dict:
-        """Load one decoder block in its stored dtype, run fasq.fit.equalize.equalize on it exactly as
-        fasq.quantize runs it on the whole model (the transforms act block by block), and write the tensors
-        it changed to scratch/<block>.safetensors (atomically)."""
-        from safetensors.torch import save_file
-
-        from ..fit.equalize import equalize
-
-        prefix = u.name.split(":", 1)[1]
+    def _load_block(self, u: Unit) -> tuple[torch.nn.Module, dict[str, str]]:
+        """An equalize unit's decoder block with its stored tensors (in their stored dtype), and the sha256 of
+        each tensor as read."""
         blk = copy.deepcopy(u.module)
         before = {}
         for local, e in zip(list(blk.state_dict()), u.sources):
@@ -292,10 +287,46 @@ class Workspace:
                 mod._parameters[leaf] = torch.nn.Parameter(t, requires_grad=False)
             else:
                 mod._buffers[leaf] = t
+        return blk, before
+
+    def block_powers(self) -> None:
+        """equalize="power": the data-free input powers of every decoder block, block after block in model
+        order (fasq.fit.equalize.ResidualPower, as fasq.quantize computes them on the whole model), one block
+        in memory at a time; the embedding table is read in row blocks."""
+        from ..families import family_for
+        from ..fit.equalize import EMBEDDING_ROWS, ResidualPower, power_of_row_blocks
+
+        cfg = self.plan.source.hf_config
+        ent = self.plan.power_embedding
+        rows, row_bytes = ent.shape[0], ent.nbytes // ent.shape[0]
+
+        def row_blocks():
+            for i in range(0, rows, EMBEDDING_ROWS):
+                n = min(EMBEDDING_ROWS, rows - i)
+                yield read_tensor(self.plan.source.path, dataclasses.replace(
+                    ent, shape=(n, *ent.shape[1:]), begin=ent.begin + i * row_bytes, end=ent.begin + (i + n) * row_bytes))
+
+        start = power_of_row_blocks(row_blocks(), rows, self.plan.power_embed_scale)
+        res = ResidualPower(start, cfg, family_for(getattr(cfg, "model_type", None)))
+        for u in self.plan.prep_units:
+            self.powers[u.name] = res.step(self._load_block(u)[0])
+
+    def _run_equalize(self, u: Unit) -> dict:
+        """Load one decoder block in its stored dtype, run fasq.fit.equalize.equalize on it exactly as
+        fasq.quantize runs it on the whole model (the transforms act block by block; equalize="power" with the
+        block's powers from :meth:`block_powers`), and write the tensors it changed to
+        scratch/<block>.safetensors (atomically)."""
+        from safetensors.torch import save_file
+
+        from ..fit.equalize import equalize
+
+        prefix = u.name.split(":", 1)[1]
+        blk, before = self._load_block(u)
         holder = torch.nn.Module()
         holder.block = blk
         holder.config = self.plan.source.hf_config
-        equalize(holder, self.plan.config.equalize)
+        mode = self.plan.config.equalize
+        equalize(holder, mode, powers=[self.powers[u.name]] if mode == "power" else None)
         changed, hashes = {}, {}
         for local, t in blk.state_dict().items():
             h = hashlib.sha256(tensor_bytes(t)).hexdigest()
@@ -427,6 +458,8 @@ def quantize_checkpoint(source, output, config: FASQConfig | None = None, *,
     todo = [u for u in plan.units if u.name not in work.done]
     try:
         if prep:
+            if plan.config.equalize == "power":
+                work.block_powers()
             run_units(work, prep, dev, workers, budget, progress, desc="equalize")
         work.load_overrides()
         run_units(work, todo, dev, workers, budget, progress)
