@@ -127,3 +127,26 @@ def test_which_weights_are_blocked():
     assert fit_block_rows(14336, 4096) == 0                      # an 8B-class linear: unchanged, whole
     assert fit_block_rows(CHUNK_FROM_WEIGHTS // 1024 + 1, 1024) > 0
     assert fit_block_rows(1000, 64, table=True) > 0              # an embedding table always
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])   # untied head and table; tied (one table, the head's)
+def test_quantize_fits_tables_blocked_and_linears_whole(arch, monkeypatch):
+    import fasq.model
+    from conftest import tiny_model
+    from fasq.planning import plan_quantization
+
+    cfg = FASQConfig(codebook_size=16, quantize_embeddings=True, embedding_codebook_size=64)
+    model = tiny_model(arch)
+    plan = plan_quantization(model, cfg)
+    assert [lp.name for lp in plan.layers if lp.table] == ["lm_head"]
+    calls = {}
+    real = fasq.model.quantize_weight
+
+    def spy(weight, config, name, **kw):
+        calls[name] = kw.get("table", False)
+        return real(weight, config, name, **kw)
+
+    monkeypatch.setattr(fasq.model, "quantize_weight", spy)
+    fasq.model.quantize(model, cfg, progress=False, num_workers=1)
+    tables = {n for n, t in calls.items() if t}
+    assert tables == ({"lm_head"} if model.config.tie_word_embeddings else {"lm_head", "model.embed_tokens"})
