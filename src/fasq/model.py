@@ -97,7 +97,8 @@ def quantize(model: nn.Module, config: FASQConfig | None = None, *, progress: bo
     def fit(layer: LayerPlan):
         t0 = time.perf_counter()
         lin = layer.linear
-        spec, tensors = quantize_weight(lin.weight, layer.config, layer.name, bias=lin.bias, device=device)
+        spec, tensors = quantize_weight(lin.weight, layer.config, layer.name, bias=lin.bias, device=device,
+                                        table=layer.table)
         return layer.name, lin, spec, tensors, time.perf_counter() - t0
 
     # Layers are independent: fit them on a thread pool (faiss and torch release the GIL), each
@@ -132,7 +133,7 @@ def quantize(model: nn.Module, config: FASQConfig | None = None, *, progress: bo
 
 def _fit_table(emb: EmbeddingPlan, device) -> dict[str, torch.Tensor]:
     """The buffers of an untied embedding table (a PQ weight [vocab, hidden]), on the table's device."""
-    _, tensors = quantize_weight(emb.module.weight, emb.config, emb.name, device=device)
+    _, tensors = quantize_weight(emb.module.weight, emb.config, emb.name, device=device, table=True)
     return {k: v.to(emb.module.weight.device) for k, v in tensors.items()}
 
 

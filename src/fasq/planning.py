@@ -51,6 +51,7 @@ class LayerPlan:
     linear: nn.Linear          # on the meta device in a streaming plan
     config: FASQConfig         # the global config, or this layer's own (allocation, layer_configs)
     spec: LayerSpec            # what fasq.fit.pq.quantize_weight will store for it
+    table: bool = False        # the output head quantized as an embedding table: fit in blocks of rows
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,8 @@ def plan_quantization(model: nn.Module, config: FASQConfig, layer_configs: dict[
     for name, lin in targets:
         cfg = layer_configs.get(name, config)
         layers.append(LayerPlan(name, lin, cfg, planned_spec(lin.out_features, lin.in_features, cfg,
-                                                             lin.bias is not None)))
+                                                             lin.bias is not None),
+                                table=head is not None and name == head[0]))
     return QuantPlan(config, family_of(model), layers, layer_configs, allocation,
                      equalize_blocks(model, config.equalize), emb_plan)
 

@@ -46,6 +46,21 @@ def _sample(x: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
     return x[idx]
 
 
+def sample_indices(n_total: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """``n`` distinct indices of ``range(n_total)`` drawn with ``gen``, sorted (int64 [n]); all of them,
+    drawing nothing, when ``n_total <= n``.  Memory O(n), not O(n_total) as ``randperm(n_total)``: this is
+    how a blocked fit (:mod:`fasq.fit.pq`) samples the sub-vectors of a table it never holds whole."""
+    if n_total <= n:
+        return torch.arange(n_total)
+    if n_total <= 4 * n:
+        return torch.randperm(n_total, generator=gen)[:n].sort().values
+    picked = torch.empty(0, dtype=torch.int64)
+    while picked.numel() < n:   # rejection of repeats: a round or two at n_total > 4n
+        more = torch.randint(n_total, (n - picked.numel(),), generator=gen)
+        picked = torch.cat([picked, more]).unique()
+    return picked
+
+
 def assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
     """Index of the nearest centroid for each row of x. x: [N, d], centroids: [K, d] -> [N] int64.
 
@@ -136,6 +151,24 @@ def _faiss_kmeans(x: torch.Tensor, k: int, iters: int, init: str, seed: int) -> 
     return torch.from_numpy(km.centroids.copy()).to(x.device)
 
 
+def few_distinct(x: torch.Tensor, k: int) -> torch.Tensor | None:
+    """When ``x`` [N, d] has no more distinct rows than ``k`` (checked only for N <= 4k): those rows,
+    repeated to k, as the centroids; else None."""
+    uniq = torch.unique(x, dim=0) if x.shape[0] <= 4 * k else None
+    if uniq is not None and uniq.shape[0] <= k:
+        return uniq[torch.arange(k) % uniq.shape[0]]
+    return None
+
+
+def train_centroids(train: torch.Tensor, k: int, *, iters: int, init: str, seed: int, backend: str,
+                    gen: torch.Generator) -> torch.Tensor:
+    """Centroids [k, d] fitted on ``train`` [n, d] (already sampled); ``gen`` continues the sampling's
+    generator (k-means++ seeding, re-seeding of empty clusters)."""
+    if choose_backend(backend, train.device) == "faiss":
+        return _faiss_kmeans(train, k, iters, init, seed)
+    return _torch_kmeans(train, k, iters, init, gen)
+
+
 def kmeans(x: torch.Tensor, k: int, *, iters: int = 25, init: str = "kmeans++", seed: int = 0,
            backend: str = "auto", max_points: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
     """Cluster the rows of ``x`` [N, d] into k centroids; returns (centroids [k, d], codes [N]).
@@ -145,14 +178,9 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 25, init: str = "kmeans++", 
     """
     x = x.float()
     gen = torch.Generator().manual_seed(seed)
-    uniq = torch.unique(x, dim=0) if x.shape[0] <= 4 * k else None
-    if uniq is not None and uniq.shape[0] <= k:
-        reps = uniq[torch.arange(k) % uniq.shape[0]]
+    reps = few_distinct(x, k)
+    if reps is not None:
         return reps, assign(x, reps)
     train = _sample(x, max(max_points, k), gen)
-    be = choose_backend(backend, x.device)
-    if be == "faiss":
-        cent = _faiss_kmeans(train, k, iters, init, seed)
-    else:
-        cent = _torch_kmeans(train, k, iters, init, gen)
+    cent = train_centroids(train, k, iters=iters, init=init, seed=seed, backend=backend, gen=gen)
     return cent, assign(x, cent)

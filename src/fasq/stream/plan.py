@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..config import FASQConfig
+from ..fit.pq import fit_block_rows
 from ..format import FORMAT_VERSION, LayerSpec
 from ..embedding import embed_scale_of, replace_embedding
 from ..model import replace_with_pq
@@ -159,6 +160,7 @@ class Unit:
     spec: LayerSpec | None = None
     config: FASQConfig | None = None
     module: object = None            # equalize: the block's module on the meta device
+    table: bool = False              # quantize: an embedding table (or the head as one), fit in blocks of rows
 
     @property
     def numel(self) -> int:
@@ -181,6 +183,9 @@ class Unit:
         if device_type != "cpu":  # k-means runs on the accelerator; the host holds the weight and results
             return self.source_bytes + 4 * self.numel + self.output_bytes
         per = CPU_BYTES_PER_WEIGHT + CPU_CODE_BYTES * self.spec.num_codebooks / self.spec.subvector_dim
+        rows = fit_block_rows(self.spec.out_features, self.spec.in_features, self.table)
+        if rows:   # a blocked fit: one block's working memory, plus its outputs held whole
+            return self.source_bytes + self.output_bytes + int(per * rows * self.spec.in_features) + (16 << 20)
         return self.source_bytes + int(per * self.numel) + (16 << 20)
 
     def describe(self, base: FASQConfig) -> dict:
@@ -308,14 +313,14 @@ def build_plan(source: Source, config: FASQConfig, layer_configs: dict[str, FASQ
             _check_source(source, s, shape, FLOAT_DTYPES)
         dts = spec.buffer_dtypes()
         outs = tuple(Output(f"{name}.{b}", DTYPE_NAMES[dts[b]], shape) for b, shape in spec.buffer_shapes().items())
-        units.append(Unit(name, "quantize", tuple(srcs), outs, spec, layer.config))
+        units.append(Unit(name, "quantize", tuple(srcs), outs, spec, layer.config, table=layer.table))
     emb = qplan.embedding
     if emb is not None and emb.tied_head is None:   # an untied table is fit on its own, like a linear
         src = entry_for(f"{emb.name}.weight", "the token embedding")
         _check_source(source, src, (emb.spec.out_features, emb.spec.in_features), FLOAT_DTYPES)
         dts = emb.spec.buffer_dtypes()
         outs = tuple(Output(f"{emb.name}.{b}", DTYPE_NAMES[dts[b]], shape) for b, shape in emb.spec.buffer_shapes().items())
-        units.append(Unit(emb.name, "quantize", (src,), outs, emb.spec, emb.config))
+        units.append(Unit(emb.name, "quantize", (src,), outs, emb.spec, emb.config, table=True))
     by_module = {u.name: u for u in units}
     prep = _equalize_units(qplan, entry_for)  # before the swap: equalize works on nn.Linear
     power_emb, power_scale = _power_embedding(model, config, entry_for) if prep else (None, 1.0)

@@ -238,7 +238,7 @@ class Workspace:
         if u.kind == "quantize":
             weight = self._read(u.sources[0])
             bias = self._read(u.sources[1]) if len(u.sources) > 1 else None
-            spec, tensors = quantize_weight(weight, u.config, u.name, bias=bias, device=device)
+            spec, tensors = quantize_weight(weight, u.config, u.name, bias=bias, device=device, table=u.table)
             del weight, bias
             if spec != u.spec:
                 raise RuntimeError(f"internal: {u.name}: quantize_weight made {spec}, the plan expected {u.spec} "
