@@ -187,9 +187,15 @@ def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
 # buy richer-K layers.  At 3 bits, Hadamard blocks of 64 columns (down_proj's 1536 columns otherwise get
 # blocks of 256) gave lower perplexity over 8 seeds (docs/experiments.md row 37); the planner's extra
 # steps for v_proj (the Llama family's extra_steps in fasq.families, rows 46-47) give it K=512 there.
+# Both weigh each input column of q/k/v and gate/up by a data-free estimate of its activation power
+# (equalize="power", rows 55-62 on SmolLM2 and Gemma-3-270M), and store the token embedding and the (tied)
+# head as an 8-bit table (d=1, K=256: +0.02-0.05% perplexity, rows in the sixth round; the head is the layer
+# whose error costs the most), so the whole model, not only its linears, is compressed.
+_TABLE8 = dict(quantize_embeddings=True, embedding_subvector_dim=1, embedding_codebook_size=256)
 PRESETS: dict[str, dict[str, Any]] = {
-    "4bit": dict(subvector_dim=2, codebook_size=256, group_size=256, target_bits=4.25),
-    "3bit": dict(subvector_dim=2, codebook_size=64, group_size=256, target_bits=3.25, rotation_block=64),
+    "4bit": dict(subvector_dim=2, codebook_size=256, group_size=256, target_bits=4.25, equalize="power", **_TABLE8),
+    "3bit": dict(subvector_dim=2, codebook_size=64, group_size=256, target_bits=3.25, rotation_block=64,
+                 equalize="power", **_TABLE8),
     "2bit": dict(subvector_dim=4, codebook_size=256, group_size=128),
     "8bit": dict(subvector_dim=1, codebook_size=256, group_size=128),
 }
