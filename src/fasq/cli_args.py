@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import resource
 
-from .config import PRESETS, FASQConfig, preset
+from .config import EQUALIZE_MODES, PRESETS, FASQConfig, preset
 
 
 def config_from_args(args) -> FASQConfig:
@@ -56,12 +56,14 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--refine-iters", dest="refine_iters", type=int)
     g.add_argument("--outlier-fraction", dest="outlier_fraction", type=float,
                    help="fraction of each layer's largest weights kept exactly in a sparse fp16 table (6 bytes each)")
-    g.add_argument("--equalize", choices=["none", "norms", "balance", "full"], help="data-free exact rescalings")
+    g.add_argument("--equalize", choices=list(EQUALIZE_MODES),
+                   help="data-free exact rescalings (the presets: power; otherwise balance)")
     g.add_argument("--rotation-block", dest="rotation_block", type=int, help="largest Hadamard block")
     g.add_argument("--seed", type=int)
     g.add_argument("--skip", nargs="*", help="module-name patterns kept unquantized")
-    g.add_argument("--quantize-embeddings", dest="quantize_embeddings", action="store_const", const=True,
-                   help="also quantize the token embedding and the output head (one table when tied)")
+    g.add_argument("--quantize-embeddings", dest="quantize_embeddings", action=argparse.BooleanOptionalAction,
+                   default=None, help="also quantize the token embedding and the output head (one table when "
+                   "tied; the 4bit and 3bit presets do, as an 8-bit table); --no-quantize-embeddings keeps them 16-bit")
     g.add_argument("--embedding-subvector-dim", dest="embedding_subvector_dim", type=int,
                    help="d of the embedding/head table")
     g.add_argument("--embedding-codebook-size", dest="embedding_codebook_size", type=int,
