@@ -65,6 +65,9 @@ class Quantized:
     calibration: dict | None = None
     from_cache: bool = False
     notes: list[str] = field(default_factory=list)
+    # fasq's quantized embedding / head tables: in the size (total, % of FP16), not in bits/weight, which stays
+    # over the body's linears as every other method's
+    tables: list[tuple[str, nn.Module]] = field(default_factory=list)
 
 
 def load_original(model_path: str, dtype=torch.float32) -> nn.Module:
@@ -96,11 +99,19 @@ def run_fasq(point: Point, ctx: Context) -> Quantized:
     from .. import __version__
     from ..model import pq_layers, quantize
 
+    from ..embedding import PQEmbedding
+    from ..model import _embedding_tables
+
     config = fasq_config(point.settings)
     model = load_original(ctx.model_path)
     _, dt = _timed(lambda: quantize(model, config, progress=ctx.progress))
-    return Quantized(model, pq_layers(model), lambda m: m.dequantize(torch.float32), "fasq", __version__,
-                     config.to_dict(), dt, peak_rss_mb())
+    table_names = _embedding_tables(model)
+    layers = pq_layers(model)
+    tables = [(n, m) for n, m in layers if n in table_names] + [
+        (n, m) for n, m in model.named_modules() if isinstance(m, PQEmbedding) and m.tied_head is None]
+    return Quantized(model, [(n, m) for n, m in layers if n not in table_names],
+                     lambda m: m.dequantize(torch.float32), "fasq", __version__, config.to_dict(), dt, peak_rss_mb(),
+                     tables=tables)
 
 
 # ----------------------------------------------------------------------------------------------

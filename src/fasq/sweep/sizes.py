@@ -58,8 +58,12 @@ def module_stored_bytes(module: nn.Module) -> dict[str, int]:
     return out
 
 
-def stored_size(plan: SizePlan, modules: Iterable[tuple[str, nn.Module]]) -> dict:
-    """Size report of a quantized model from its quantized modules (name, module) and the plan."""
+def stored_size(plan: SizePlan, modules: Iterable[tuple[str, nn.Module]],
+                tables: Iterable[tuple[str, nn.Module]] = ()) -> dict:
+    """Size report of a quantized model from its quantized modules (name, module) and the plan.
+
+    ``tables``: quantized embedding / head tables (modules with a ``spec``: fasq's PQEmbedding or head), stored
+    in place of their 16-bit tensors: they count in the total and % of FP16, not in bits/weight."""
     q_bytes = q_weights = 0
     breakdown: dict[str, int] = {}
     names = []
@@ -75,7 +79,11 @@ def stored_size(plan: SizePlan, modules: Iterable[tuple[str, nn.Module]]) -> dic
         names.append(name)
     if not q_weights:
         raise ValueError("no quantized modules found: nothing to account")
-    other = plan.fp16_bytes - 2 * q_weights
+    t_bytes = t_weights = 0
+    for name, mod in tables:
+        t_bytes += sum(module_stored_bytes(mod).values())
+        t_weights += mod.spec.out_features * mod.spec.in_features
+    other = plan.fp16_bytes - 2 * q_weights - 2 * t_weights + t_bytes
     total = q_bytes + other
     return {
         "quantized_layers": len(names),
@@ -86,6 +94,8 @@ def stored_size(plan: SizePlan, modules: Iterable[tuple[str, nn.Module]]) -> dic
         "total_bytes": total,
         "fp16_bytes": plan.fp16_bytes,
         "fraction_of_fp16": total / plan.fp16_bytes,
+        "table_bytes": t_bytes,
+        "table_weights": t_weights,
         "stored_tensors": dict(sorted(breakdown.items())),
         "unquantized_linears": sorted(set(plan.linears) - set(names)),
     }

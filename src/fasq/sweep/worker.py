@@ -75,7 +75,10 @@ def densify(q) -> nn.Module:
 
     model = q.model
     dense_ids = set()
-    for name, mod in q.modules:
+    from ..nn import PQLinear
+
+    heads = [(n, m) for n, m in q.tables if isinstance(m, PQLinear)]   # an untied PQEmbedding stays as it is
+    for name, mod in q.modules + heads:
         w = q.dequantize(mod).float()
         bias = getattr(mod, "bias", None)
         lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
@@ -143,11 +146,12 @@ def run(req: dict) -> list[dict]:
         ctx = Context(model_path, tok, calibration, Path(req["artifacts"]), int(req.get("threads", 2)),
                       bool(req.get("progress", False)))
         q = ADAPTERS[point.method](point, ctx)
-        size = stored_size(plan, q.modules)
+        size = stored_size(plan, q.modules, q.tables)
         if point.method == "fasq":
             from ..model import model_size_report
             rep = model_size_report(q.model)
-            for k in ("quantized_bytes", "total_bytes", "fp16_bytes"):
+            rep["table_bytes"] = rep.get("embedding_bytes", 0)
+            for k in ("quantized_bytes", "total_bytes", "fp16_bytes", "table_bytes"):
                 if rep[k] != size[k]:
                     raise AssertionError(f"fasq {k}: model_size_report says {rep[k]}, the stored tensors {size[k]}")
         check = dequant_check(q)
