@@ -196,6 +196,13 @@ def test_report_sections_per_model(swept, tmp_path):
     assert text.count(begin) == 1 and text.count(end) == 1 and text.count(markers()[0]) == 1
     assert "cmd-smol" in text and "cmd-gemma-2" in text and "cmd-gemma\n" not in text
     assert f"({base}/lee/plot.png)" in text and "Gemma-3-270M" in text
+    # a sweep in a directory of its own (e.g. the llama.cpp rows) gets its own section, the model's is kept
+    other = "benchmarks/results/accuracy/smollm2-llamacpp"
+    update_markdown(md, section({"lee": doc}, ["cmd-llama"], base=other, name="smollm2-llamacpp"),
+                    name="smollm2-llamacpp")
+    text = md.read_text()
+    assert text.count(markers(name="smollm2-llamacpp")[0]) == 1 and text.count(markers()[0]) == 1
+    assert "cmd-smol" in text and "cmd-llama" in text and f"({other}/lee/plot.png)" in text
 
 
 def test_tied_embedding_counted_once(tmp_path):
