@@ -203,6 +203,7 @@ def test_report_sections_per_model(swept, tmp_path):
     text = md.read_text()
     assert text.count(markers(name="smollm2-llamacpp")[0]) == 1 and text.count(markers()[0]) == 1
     assert "cmd-smol" in text and "cmd-llama" in text and f"({other}/lee/plot.png)" in text
+    assert text.count("### lee\n") == 1 and "### lee (SmolLM2-135M-Instruct)" in text
 
 
 def test_tied_embedding_counted_once(tmp_path):

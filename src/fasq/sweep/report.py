@@ -79,8 +79,9 @@ def section(docs: dict[str, dict], commands: list[str], base: str = "benchmarks/
     m = any_doc.get("machine", {})
     begin, end = markers(model, name)
     title = MODEL_TITLES.get(model, Path(model).name)
+    own_title = model != "smollm2" or name is not None   # headings stay unique within BENCHMARKS.md
     heading = "## Compression vs accuracy (fasq sweep)"
-    if model != "smollm2" or name:
+    if own_title:
         heading += f": {title}" + (f", `{base}`" if name else "")
     out = [begin, heading, "",
            f"{title}; {_against(docs)} "
@@ -89,9 +90,10 @@ def section(docs: dict[str, dict], commands: list[str], base: str = "benchmarks/
            f"{m.get('transformers', '?')}. Date: {any_doc['date'][:10]}.", "", "Commands:", "", "```bash",
            *commands, "```", ""]
     for text, doc in docs.items():
-        name = Path(text).stem
-        out += [f"### {name}" + ("" if model == "smollm2" else f" ({title})"), "", "Where fasq stands:", "", *standing(doc), "", render(doc).rstrip(), "",
-                f"![perplexity vs bits/weight on {name}]({base}/{name}/plot.png)", ""]
+        stem = Path(text).stem
+        out += [f"### {stem}" + (f" ({title})" if own_title else ""), "", "Where fasq stands:", "",
+                *standing(doc), "", render(doc).rstrip(), "",
+                f"![perplexity vs bits/weight on {stem}]({base}/{stem}/plot.png)", ""]
     out.append(end)
     return "\n".join(out) + "\n"
 
