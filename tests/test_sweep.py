@@ -245,3 +245,17 @@ def test_cli_report_only(swept, settings):
     assert [r["key"] for r in rows] == [r["key"] for r in doc["rows"]]   # RTN g32 carried over
     assert not any("other fasq code" in n for r in rows for n in r.get("notes") or [])   # rows are current
     assert main(["--fasq-grid", "d=3,K=16", "--out", str(out), "-q"]) == 2   # invalid setting: clear error
+
+
+def test_cli_section_named_after_out(settings, tmp_path):
+    """`fasq sweep --out ELSEWHERE --benchmarks-md` writes a section named after ELSEWHERE, not the model's."""
+    from fasq.sweep.cli import main
+    from fasq.sweep.report import BEGIN
+
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text(f"# Benchmarks\n\n{BEGIN}\nkept\n<!-- accuracy:end -->\n")
+    out = tmp_path / "llamacpp-rows" / "lee"          # one text: the section is named after out's parent
+    main(["--model", settings.model, "--text", settings.text, "--out", str(out), "--methods", "original",
+          "--report-only", "--benchmarks-md", str(md), "-q"])
+    text = md.read_text()
+    assert "kept" in text and "<!-- accuracy-llamacpp-rows:begin -->" in text and text.count(BEGIN) == 1
