@@ -196,6 +196,14 @@ def test_report_sections_per_model(swept, tmp_path):
     assert text.count(begin) == 1 and text.count(end) == 1 and text.count(markers()[0]) == 1
     assert "cmd-smol" in text and "cmd-gemma-2" in text and "cmd-gemma\n" not in text
     assert f"({base}/lee/plot.png)" in text and "Gemma-3-270M" in text
+    # a sweep in a directory of its own (e.g. the llama.cpp rows) gets its own section, the model's is kept
+    other = "benchmarks/results/accuracy/smollm2-llamacpp"
+    update_markdown(md, section({"lee": doc}, ["cmd-llama"], base=other, name="smollm2-llamacpp"),
+                    name="smollm2-llamacpp")
+    text = md.read_text()
+    assert text.count(markers(name="smollm2-llamacpp")[0]) == 1 and text.count(markers()[0]) == 1
+    assert "cmd-smol" in text and "cmd-llama" in text and f"({other}/lee/plot.png)" in text
+    assert text.count("### lee\n") == 1 and "### lee (SmolLM2-135M-Instruct)" in text
 
 
 def test_tied_embedding_counted_once(tmp_path):
@@ -237,3 +245,17 @@ def test_cli_report_only(swept, settings):
     assert [r["key"] for r in rows] == [r["key"] for r in doc["rows"]]   # RTN g32 carried over
     assert not any("other fasq code" in n for r in rows for n in r.get("notes") or [])   # rows are current
     assert main(["--fasq-grid", "d=3,K=16", "--out", str(out), "-q"]) == 2   # invalid setting: clear error
+
+
+def test_cli_section_named_after_out(settings, tmp_path):
+    """`fasq sweep --out ELSEWHERE --benchmarks-md` writes a section named after ELSEWHERE, not the model's."""
+    from fasq.sweep.cli import main
+    from fasq.sweep.report import BEGIN
+
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text(f"# Benchmarks\n\n{BEGIN}\nkept\n<!-- accuracy:end -->\n")
+    out = tmp_path / "llamacpp-rows" / "lee"          # one text: the section is named after out's parent
+    main(["--model", settings.model, "--text", settings.text, "--out", str(out), "--methods", "original",
+          "--report-only", "--benchmarks-md", str(md), "-q"])
+    text = md.read_text()
+    assert "kept" in text and "<!-- accuracy-llamacpp-rows:begin -->" in text and text.count(BEGIN) == 1

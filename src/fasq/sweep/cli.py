@@ -83,7 +83,9 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--artifacts", help="cache of GPTQ/AWQ quantized models (default ~/.cache/fasq/sweep-artifacts)")
     p.add_argument("--timeout", type=float, default=7200, help="seconds per point before it is recorded as failed")
     p.add_argument("--benchmarks-md", metavar="PATH",
-                   help="also rewrite the accuracy section of this Markdown file (e.g. BENCHMARKS.md)")
+                   help="also rewrite the accuracy section of this Markdown file (e.g. BENCHMARKS.md): the "
+                        "model's own section, or for an --out other than the default one a section named after "
+                        "that directory (<!-- accuracy-DIR:begin -->)")
     p.add_argument("--setup-baselines", metavar="VENV", help="create VENV with the baseline libraries and exit")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(fn=cmd_sweep)
@@ -129,9 +131,12 @@ def cmd_sweep(args) -> int:
         print(f"wrote results.json, table.md, plot.png under {out}")
     if args.benchmarks_md:
         from .report import section, update_markdown
-        base = str(Path(out).parent if len(texts) == 1 else Path(out))
-        update_markdown(args.benchmarks_md, section(docs, [docs[texts[0]]["command"] or command], base=base,
-                                                    model=args.model), model=args.model)
+        base = Path(out).parent if len(texts) == 1 else Path(out)
+        default_base = default_out(args.model, texts[:1]).parent
+        # a sweep written elsewhere than the model's default directory gets a section of its own
+        name = None if base.resolve() == default_base.resolve() else base.name
+        update_markdown(args.benchmarks_md, section(docs, [docs[texts[0]]["command"] or command], base=str(base),
+                                                    model=args.model, name=name), model=args.model, name=name)
     return 0 if all(r.get("status") == "ok" for doc in docs.values() for r in doc["rows"]
                     if r.get("method") in ("original", "fasq")) else 1
 

@@ -10,17 +10,19 @@ import os
 import re
 from pathlib import Path
 
+from .points import METHOD_ORDER
 from .table import METHOD_NAMES, label, render
 
 BEGIN, END = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
 MODEL_TITLES = {"smollm2": "SmolLM2-135M-Instruct", "gemma3-270m": "Gemma-3-270M"}
 
 
-def markers(model: str = "smollm2") -> tuple[str, str]:
-    """The section markers of one model's accuracy section."""
-    if model == "smollm2":
+def markers(model: str = "smollm2", name: str | None = None) -> tuple[str, str]:
+    """The section markers of one model's accuracy section, or with ``name`` of a sweep written to a
+    directory of its own (e.g. ``smollm2-llamacpp``), so that it never overwrites the model's section."""
+    if name is None and model == "smollm2":
         return BEGIN, END
-    name = Path(model).name
+    name = name or Path(model).name
     return f"<!-- accuracy-{name}:begin -->", f"<!-- accuracy-{name}:end -->"
 # Budgets of issue 4, with the baselines each is compared against (bits of the baseline's codes).
 BUDGETS = ((4.25, 4), (3.25, 3))
@@ -61,34 +63,47 @@ def standing(doc: dict) -> list[str]:
     return lines
 
 
+def _against(docs: dict[str, dict]) -> str:
+    """'fasq's grid against GPTQ, HQQ and RTN': the baselines that have rows (run or not) in the docs."""
+    present = {r.get("method") for doc in docs.values() for r in doc["rows"]} - {"fasq", "original"}
+    names = [METHOD_NAMES.get(m, m) for m in METHOD_ORDER if m in present]
+    listed = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else "".join(names)
+    return "fasq's grid" + (f" against {listed}, each through its own library," if listed else "")
+
+
 def section(docs: dict[str, dict], commands: list[str], base: str = "benchmarks/results/accuracy",
-            model: str = "smollm2") -> str:
-    """The BENCHMARKS.md section (between the model's markers) for the docs of one or more texts."""
+            model: str = "smollm2", name: str | None = None) -> str:
+    """The BENCHMARKS.md section (between the model's markers, or ``name``'s: see :func:`markers`) for the
+    docs of one or more texts."""
     any_doc = next(iter(docs.values()))
     m = any_doc.get("machine", {})
-    begin, end = markers(model)
+    begin, end = markers(model, name)
     title = MODEL_TITLES.get(model, Path(model).name)
-    heading = "## Compression vs accuracy (fasq sweep)" + ("" if model == "smollm2" else f": {title}")
+    own_title = model != "smollm2" or name is not None   # headings stay unique within BENCHMARKS.md
+    heading = "## Compression vs accuracy (fasq sweep)"
+    if own_title:
+        heading += f": {title}" + (f", `{base}`" if name else "")
     out = [begin, heading, "",
-           f"{title}; fasq's grid against GPTQ, AWQ, HQQ, NF4 and RTN, each through its own library, "
+           f"{title}; {_against(docs)} "
            f"sized and scored the same way (docs/accuracy.md). Machine: {m.get('cpu', '?')}, "
            f"{m.get('cores', '?')} cores shared with other work; torch {m.get('torch', '?')}, transformers "
            f"{m.get('transformers', '?')}. Date: {any_doc['date'][:10]}.", "", "Commands:", "", "```bash",
            *commands, "```", ""]
     for text, doc in docs.items():
-        name = Path(text).stem
-        out += [f"### {name}" + ("" if model == "smollm2" else f" ({title})"), "", "Where fasq stands:", "", *standing(doc), "", render(doc).rstrip(), "",
-                f"![perplexity vs bits/weight on {name}]({base}/{name}/plot.png)", ""]
+        stem = Path(text).stem
+        out += [f"### {stem}" + (f" ({title})" if own_title else ""), "", "Where fasq stands:", "",
+                *standing(doc), "", render(doc).rstrip(), "",
+                f"![perplexity vs bits/weight on {stem}]({base}/{stem}/plot.png)", ""]
     out.append(end)
     return "\n".join(out) + "\n"
 
 
 def update_markdown(path: str | os.PathLike, text: str, title: str = "# Benchmarks",
-                    model: str = "smollm2") -> Path:
-    """Replace the model's section between its markers in ``path`` (append it, or create the file, if
-    missing)."""
+                    model: str = "smollm2", name: str | None = None) -> Path:
+    """Replace the section between the markers of ``model`` (or ``name``) in ``path`` (append it, or create
+    the file, if missing)."""
     path = Path(path)
-    begin, end = markers(model)
+    begin, end = markers(model, name)
     old = path.read_text() if path.is_file() else f"{title}\n"
     if begin in old and end in old:
         head, rest = old.split(begin, 1)
