@@ -121,18 +121,28 @@ def run_worker(python: str, req: dict, timeout: float = 1200) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # what is compared: the models, files and prompts
 def fasq_model(model: str, preset: str, embedding: str | None = None) -> Path:
-    """fasq --preset PRESET of ``model``, quantized once with this checkout; ``embedding`` "d:K" also quantizes
-    the token embedding / tied head (``--quantize-embeddings``) with that table setting."""
+    """fasq --preset PRESET of ``model``, quantized once with this checkout (the cache directory is named after
+    the preset's resolved config, so a changed preset is quantized again); ``embedding`` "d:K" sets the token
+    embedding / tied head table (``--quantize-embeddings``), "none" keeps them 16-bit, None as the preset says."""
+    import hashlib
+
+    from fasq import preset as fasq_preset
     from fasq.data import cache_dir
     from fasq.io import is_fasq_dir
 
     extra: list[str] = []
+    overrides: dict = {}
     suffix = ""
-    if embedding:
+    if embedding == "none":
+        extra, overrides, suffix = ["--no-quantize-embeddings"], {"quantize_embeddings": False}, "-emb16"
+    elif embedding:
         d, k = embedding.split(":")
         extra = ["--quantize-embeddings", "--embedding-subvector-dim", d, "--embedding-codebook-size", k]
+        overrides = {"quantize_embeddings": True, "embedding_subvector_dim": int(d), "embedding_codebook_size": int(k)}
         suffix = f"-emb{d}x{k}"
-    out = cache_dir() / "bench" / f"{model}-fasq-{preset}{suffix}"
+    cfg = fasq_preset(preset, **overrides).to_dict()
+    key = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    out = cache_dir() / "bench" / f"{model}-fasq-{preset}{suffix}-{key}"
     if not is_fasq_dir(out):
         print(f"quantizing {model} --preset {preset} {' '.join(extra)} -> {out}", flush=True)
         subprocess.run([sys.executable, "-m", "fasq", "quantize", model, "-o", str(out), "--preset", preset,
@@ -326,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="llama.cpp's extra CPU buffer types (weight repacking; AMX where built in): on is its "
                          "default; off only for a build whose AMX path crashes (see docs/accuracy.md)")
     ap.add_argument("--embedding", metavar="D:K",
-                    help="also quantize fasq's token embedding / tied head with this table (e.g. 1:256); "
-                         "default: 16-bit, as the presets keep it")
+                    help="fasq's token embedding / tied head table (e.g. 1:256), or 'none' for 16-bit; default: "
+                         "as the presets say (an 8-bit table, 1:256)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/cpu_llamacpp.json"))
     args = ap.parse_args(argv)
     args.threads = [int(t) for t in args.threads.split(",")]
