@@ -344,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"date": datetime.date.today().isoformat(), "commit": commit(), "machine": machine(args.llamacpp_python),
            "command": "python benchmarks/cpu_llamacpp.py " + " ".join(argv), "new_tokens": args.new_tokens,
            "prompt_tokens": args.prompt_tokens, "rounds": args.rounds,
-           "llamacpp_extra_buffer_types": args.extra_buffer_types, "fasq_embedding": args.embedding or "16-bit",
+           "llamacpp_extra_buffer_types": args.extra_buffer_types,
+           "fasq_embedding": {None: "as the preset stores it (1:256, an 8-bit table)", "none": "16-bit"}.get(
+               args.embedding, args.embedding),
            "rows": [], "raw": {}}
     t0 = time.time()
     out = Path(args.out)
