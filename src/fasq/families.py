@@ -76,6 +76,10 @@ class Family:
             raise ValueError(f"Family {self.name!r}: norm_kind={self.norm_kind!r}, allowed are {NORM_KINDS}")
         if self.mlp_norm == self.attention_norm or {self.attention_norm, self.mlp_norm} & set(self.other_norms):
             raise ValueError(f"Family {self.name!r}: attention_norm, mlp_norm and other_norms must differ")
+        for field_name in ("attention_output_norm", "mlp_output_norm"):
+            norm = getattr(self, field_name)
+            if norm is not None and norm not in self.other_norms:
+                raise ValueError(f"Family {self.name!r}: {field_name}={norm!r} must be one of other_norms")
 
     @property
     def mlp_inputs(self) -> tuple[str, ...]:
