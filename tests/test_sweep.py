@@ -259,3 +259,27 @@ def test_cli_section_named_after_out(settings, tmp_path):
           "--report-only", "--benchmarks-md", str(md), "-q"])
     text = md.read_text()
     assert "kept" in text and "<!-- accuracy-llamacpp-rows:begin -->" in text and text.count(BEGIN) == 1
+
+
+def test_gemma3_awq_fix_keeps_the_function():
+    """GPTQModel 7.6's AWQ scaled Gemma 3's (1 + w) norms as plain w and folded the MLP's scales into the wrong
+    norm; after fasq.sweep.methods._fix_gemma3_awq its norm scaling is exact and the MLP reads
+    pre_feedforward_layernorm (runs where gptqmodel is installed: the baselines venv)."""
+    pytest.importorskip("gptqmodel")
+    from gptqmodel.models.definitions import gemma3
+    from gptqmodel.quantization.awq.quantize.scale import scale_ln_fcs
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    from fasq.sweep.methods import _fix_gemma3_awq
+
+    _fix_gemma3_awq()
+    block = gemma3.Gemma3QModel.module_tree[-1]
+    assert list(block)[-2:] == ["pre_feedforward_layernorm", "mlp"] and "post_attention_layernorm" not in block
+    torch.manual_seed(0)
+    norm, lin = Gemma3RMSNorm(16), torch.nn.Linear(16, 8, bias=False)
+    with torch.no_grad():
+        norm.weight.uniform_(-0.5, 0.5)
+        x = torch.randn(4, 16)
+        ref = lin(norm(x))
+        scale_ln_fcs(norm, [lin], torch.rand(16) + 0.5)
+        torch.testing.assert_close(lin(norm(x)), ref, rtol=1e-5, atol=1e-5)

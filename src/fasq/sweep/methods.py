@@ -237,10 +237,13 @@ def run_nf4(point: Point, ctx: Context) -> Quantized:
 
 # ----------------------------------------------------------------------------------------------
 # GPTQ (gptqmodel) and AWQ (autoawq): calibrated, slow, cached on disk
-def _artifact(ctx: Context, point: Point, library: str, make: Callable[[Path], dict]) -> tuple[Path, dict, bool]:
-    """Directory of a cached quantized model (made by ``make(tmpdir) -> meta`` when missing)."""
+def _artifact(ctx: Context, point: Point, library: str, make: Callable[[Path], dict],
+              extra: dict | None = None) -> tuple[Path, dict, bool]:
+    """Directory of a cached quantized model (made by ``make(tmpdir) -> meta`` when missing); ``extra`` joins the
+    cache key (e.g. a fix applied to the library)."""
     fingerprint = {"point": point.to_dict(), "library": library, "version": version_of(library),
-                   "calibration": ctx.calibration.to_dict(), "model": _model_fingerprint(ctx.model_path)}
+                   "calibration": ctx.calibration.to_dict(), "model": _model_fingerprint(ctx.model_path),
+                   **(extra or {})}
     h = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
     out = ctx.artifacts / f"{point.key}-{h}"
     meta_file = out / "sweep_meta.json"
@@ -315,6 +318,7 @@ def run_awq(point: Point, ctx: Context) -> Quantized:
     s = dict(point.settings)
     s.setdefault("offload_to_disk", False)
     qc = AWQConfig(bits=int(s.pop("bits")), group_size=int(s.pop("group_size", 128)), **s)
+    fixes = _fix_gemma3_awq() if _model_type(ctx.model_path) == "gemma3_text" else None
 
     def make(tmp: Path) -> dict:
         calib = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in ctx.calibration.samples(ctx.tokenizer)]
@@ -329,14 +333,52 @@ def run_awq(point: Point, ctx: Context) -> Quantized:
         m.save(str(tmp))
         return {"quantize_seconds": dt, "peak_rss_mb": rss, "config": _jsonable(m.quantize_config.to_dict())}
 
-    path, meta, cached = _artifact(ctx, point, "gptqmodel", make)
-    wrapped = GPTQModel.load(str(path), backend=BACKEND.TORCH_AWQ, device="cpu", dtype=torch.float16)
+    path, meta, cached = _artifact(ctx, point, "gptqmodel", make, fixes)
+    # bf16 for Gemma: its norm gains (and AWQ's rescaled ones) pass fp16's 65504
+    dtype = torch.bfloat16 if fixes else torch.float16
+    wrapped = GPTQModel.load(str(path), backend=BACKEND.TORCH_AWQ, device="cpu", dtype=dtype)
     model = wrapped.model.eval()
     modules = [(n, m) for n, m in model.named_modules() if isinstance(m, BaseQuantLinear)]
     return Quantized(model, modules, _awq_dequantizer, "gptqmodel (AWQ)", version_of("gptqmodel"), meta["config"],
                      meta["quantize_seconds"], meta["peak_rss_mb"], ctx.calibration.to_dict(), cached,
                      [f"loaded with {type(modules[0][1]).__name__}" if modules else "no quantized layers"]
                      + (["quantized in an earlier run (cached artifact)"] if cached else []))
+
+
+def _model_type(model_path: str) -> str | None:
+    try:
+        return json.loads((Path(model_path) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def _fix_gemma3_awq() -> dict:
+    """Two fixes to GPTQModel 7.6's AWQ for Gemma 3 text models (docs/accuracy.md has the evidence):
+
+    * its Gemma 3 definition inherits Llama's module tree, where the MLP reads ``post_attention_layernorm``;
+      Gemma 3's MLP reads ``pre_feedforward_layernorm`` (``post_attention_layernorm`` normalizes the attention's
+      output), so AWQ's gate/up scales were folded into the wrong norm;
+    * its norm scaling divides ``(1 + w)`` only for GemmaRMSNorm / Gemma2RMSNorm and plain ``w`` for
+      Gemma3RMSNorm, which also multiplies by ``(1 + w)``.
+
+    Returns the cache-key entry of the fixed artifacts."""
+    import copy
+
+    from gptqmodel.models.definitions import gemma3
+    from gptqmodel.quantization.awq.quantize import scale
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    tree = copy.deepcopy(gemma3.Gemma3QModel.module_tree)
+    block = tree[-1]
+    if "post_attention_layernorm" in block:
+        tree[-1] = {("pre_feedforward_layernorm" if k == "post_attention_layernorm" else k):
+                    (("pre_feedforward_layernorm:!",) if k == "post_attention_layernorm" else v)
+                    for k, v in block.items()}
+        gemma3.Gemma3QModel.module_tree = tree
+    if not isinstance(scale.GemmaRMSNorm, tuple):
+        scale.GemmaRMSNorm = (GemmaRMSNorm, Gemma3RMSNorm)   # isinstance(ln, GemmaRMSNorm) in scale_ln_fcs
+    return {"fixes": ["gemma3: MLP norm is pre_feedforward_layernorm", "gemma3: (1 + w) norm scaling"]}
 
 
 def _awq_dequantizer(m: nn.Module) -> torch.Tensor:
