@@ -121,10 +121,11 @@ def balance_attention(attn: nn.Module, config, gain: torch.Tensor | None = None,
     v, o = getattr(attn, family.value, None), getattr(attn, family.output, None)
     if not (isinstance(v, nn.Linear) and isinstance(o, nn.Linear)):
         return False
-    n_heads = getattr(config, "num_attention_heads", None)
-    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // n_heads if n_heads else None)
-    if not n_heads or not head_dim or v.out_features != n_kv * head_dim or o.in_features != n_heads * head_dim:
+    layout = _head_layout(config)
+    if layout is None:
+        return False
+    n_heads, n_kv, head_dim = layout
+    if v.out_features != n_kv * head_dim or o.in_features != n_heads * head_dim:
         return False
     vw = v.weight.float()
     if gain is not None and gain.numel() == vw.shape[1]:
@@ -133,12 +134,23 @@ def balance_attention(attn: nn.Module, config, gain: torch.Tensor | None = None,
     v.weight.div_(b[:, None].to(v.weight.dtype))
     if v.bias is not None:
         v.bias.div_(b.to(v.bias.dtype))
-    # o_proj column (head h, dim t) reads kv head h // (n_heads / n_kv), dim t
-    group = n_heads // n_kv
-    col = torch.arange(n_heads * head_dim)
-    kv_row = (col // head_dim) // group * head_dim + col % head_dim
-    o.weight.mul_(b[kv_row][None, :].to(o.weight.dtype))
+    o.weight.mul_(b[_kv_row(n_heads, n_kv, head_dim)][None, :].to(o.weight.dtype))
     return True
+
+
+def _head_layout(config) -> tuple[int, int, int] | None:
+    """(attention heads, key/value heads, head dim) from a model config, or None where it does not say."""
+    n_heads = getattr(config, "num_attention_heads", None)
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // n_heads if n_heads else None)
+    return (n_heads, n_kv, head_dim) if n_heads and head_dim else None
+
+
+def _kv_row(n_heads: int, n_kv: int, head_dim: int) -> torch.Tensor:
+    """For each o_proj input column, the v_proj row it reads: column (head h, dim t) reads kv head
+    h // (n_heads / n_kv), dim t."""
+    col = torch.arange(n_heads * head_dim)
+    return (col // head_dim) // (n_heads // n_kv) * head_dim + col % head_dim
 
 
 @torch.no_grad()
@@ -171,10 +183,10 @@ class ResidualPower:
     def __init__(self, start: torch.Tensor, config, family: Family):
         self.p = start.float().clone()
         self.fam = family
-        n_heads = getattr(config, "num_attention_heads", None)
-        n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
-        self.n_heads, self.n_kv = n_heads, n_kv
+        layout = _head_layout(config)
+        if layout is None:
+            raise ValueError("equalize='power': the model config does not give its attention heads")
+        self.kv_row = _kv_row(*layout)   # the v_proj row each o_proj input column reads
 
     def _input(self, norm: nn.Module) -> torch.Tensor:
         gain = _gain(norm, self.fam)
@@ -195,9 +207,7 @@ class ResidualPower:
         x_attn = self._input(getattr(block, fam.attention_norm))
         v, o = getattr(attn, fam.value).weight.float(), getattr(attn, fam.output).weight.float()
         v_pow = v.pow(2) @ x_attn                                   # [n_kv * head_dim]
-        col = torch.arange(self.n_heads * self.head_dim)
-        kv_row = (col // self.head_dim) // (self.n_heads // self.n_kv) * self.head_dim + col % self.head_dim
-        self._add(block, fam.attention_output_norm, o.pow(2) @ v_pow[kv_row])
+        self._add(block, fam.attention_output_norm, o.pow(2) @ v_pow[self.kv_row])
         x_mlp = self._input(getattr(block, fam.mlp_norm))
         gate, up, down = (getattr(mlp, n).weight.float() for n in (fam.gate, fam.up, fam.down))
         inner = _act_rms(getattr(mlp, fam.activation), (gate.pow(2) @ x_mlp).sqrt()).pow(2) * (up.pow(2) @ x_mlp)

@@ -270,9 +270,9 @@ class Workspace:
         w.sync()
         return {"unit": u.name, "file": w.layout.file, "outputs": hashes, "seconds": round(time.perf_counter() - t0, 3)}
 
-    def _load_block(self, u: Unit) -> tuple[torch.nn.Module, dict[str, str]]:
+    def _load_block(self, u: Unit, hashed: bool = True) -> tuple[torch.nn.Module, dict[str, str]]:
         """An equalize unit's decoder block with its stored tensors (in their stored dtype), and the sha256 of
-        each tensor as read."""
+        each tensor as read (``hashed``; the power pre-pass only reads the block and needs none)."""
         blk = copy.deepcopy(u.module)
         before = {}
         for local, e in zip(list(blk.state_dict()), u.sources):
@@ -280,7 +280,8 @@ class Workspace:
             if t.is_floating_point() and not bool(t.isfinite().all()):  # counted before equalize spreads it
                 raise NonFiniteWeightError(f"tensor {e.name!r}: {int((~t.isfinite()).sum())} NaN/Inf values in the "
                                            "input; fasq cannot quantize it")
-            before[local] = hashlib.sha256(tensor_bytes(t)).hexdigest()
+            if hashed:
+                before[local] = hashlib.sha256(tensor_bytes(t)).hexdigest()
             mod_name, _, leaf = local.rpartition(".")
             mod = blk.get_submodule(mod_name) if mod_name else blk
             if leaf in mod._parameters:
@@ -309,7 +310,7 @@ class Workspace:
         start = power_of_row_blocks(row_blocks(), rows, self.plan.power_embed_scale)
         res = ResidualPower(start, cfg, family_for(getattr(cfg, "model_type", None)))
         for u in self.plan.prep_units:
-            self.powers[u.name] = res.step(self._load_block(u)[0])
+            self.powers[u.name] = res.step(self._load_block(u, hashed=False)[0])
 
     def _run_equalize(self, u: Unit) -> dict:
         """Load one decoder block in its stored dtype, run fasq.fit.equalize.equalize on it exactly as
