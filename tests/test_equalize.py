@@ -91,3 +91,33 @@ def test_residual_power_follows_what_the_weights_write():
         ratio = lambda p: float(p[5] / p.mean())  # noqa: E731
         # block 1's attention input: after block 0 wrote channel 5 more strongly
         assert ratio(boosted[1][0]) > 2 * ratio(base[1][0]), arch
+
+
+def test_residual_moments_see_always_on_units():
+    """A direction that every token's embedding shares makes the MLP units that read it "always on": their
+    down_proj inputs are far larger than the rest's.  Where blocks normalize their outputs (Gemma 3) the residual
+    model tracks the stream's mean, so it ranks such a unit first; the same per-channel power with no shared
+    direction (each row's sign flipped at random) does not make it stand out.  Without output norms (Llama) the
+    mean is not tracked and no unit estimate is given (balance keeps its own)."""
+    from fasq.fit.equalize import block_input_powers
+
+    g = torch.Generator().manual_seed(3)
+    inner = {}
+    for shared in (True, False):
+        m = tiny_model("gemma3")
+        emb = m.get_input_embeddings().weight
+        hidden = emb.shape[1]
+        c = torch.randn(hidden, generator=g)
+        c = c / c.norm() * 2.0 * emb.detach().norm(dim=1).mean()
+        with torch.no_grad():
+            sign = torch.ones(emb.shape[0], 1) if shared else torch.randint(0, 2, (emb.shape[0], 1), generator=g) * 2.0 - 1
+            emb.add_(sign * c)
+            mlp = m.model.layers[0].mlp
+            u = c / c.norm() * mlp.gate_proj.weight.norm(dim=1).mean()
+            mlp.gate_proj.weight[7] = u
+            mlp.up_proj.weight[7] = u
+        inner[shared] = block_input_powers(m)[0][2]
+    on, off = inner[True], inner[False]
+    assert int(on.argmax()) == 7 and float(on[7] / on.median()) > 20
+    assert float(off[7] / off.median()) < 0.25 * float(on[7] / on.median())
+    assert all(p[2] is None for p in block_input_powers(tiny_model("llama")))

@@ -119,6 +119,11 @@ class Family:
                 "equalizing would not be exact. Add this model's family to fasq.families.FAMILIES "
                 "(docs/architecture.md) or quantize with equalize='none'")
 
+    @property
+    def has_output_norms(self) -> bool:
+        """Whether each block normalizes its attention and MLP outputs before the residual add (Gemma 2/3)."""
+        return self.attention_output_norm is not None and self.mlp_output_norm is not None
+
     def norm_plus_one(self, norm) -> bool:
         """Whether ``norm`` multiplies by (1 + weight) (Gemma) rather than by weight."""
         if self.norm_kind == "by_class_name":   # the generic entry: Gemma's norms name themselves

@@ -23,8 +23,10 @@ channel.  Without calibration data we can still know part of that power from the
   stream's per-channel power built from the weights alone: the embedding table's mean square per channel,
   then per block what the attention and the MLP add, each through the squared rows of o_proj / down_proj
   (the MLP's inner power as ``balance`` estimates it), normalized by the post-norm gains where the family has
-  post-norms (Gemma 2/3), and finally the input norm's gain.  docs/experiments.md (eighth round) measures it
-  on SmolLM2 and Gemma-3-270M.
+  post-norms (Gemma 2/3), and finally the input norm's gain.  Where the family has those post-norms the model
+  also tracks the stream's mean, which finds the MLP units that are on for every token, and down_proj's
+  columns then weigh their estimated input power ``** POWER_EXPONENT`` too.  docs/experiments.md (eighth and
+  ninth rounds) measures it on SmolLM2 and Gemma-3-270M.
 
 Everything here is exact in real arithmetic; logits change only by float rounding.  Which modules are a
 model's blocks, norms and projections (and whether a norm scales by ``w`` or ``1 + w``) comes from its entry
@@ -97,8 +99,14 @@ def _geo_normalize(a: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def balance_mlp(mlp: nn.Module, gain: torch.Tensor | None = None, family: Family = GENERIC) -> bool:
-    """``gain``: the (unfolded) RMSNorm gain in front of gate/up, if it was not folded."""
+def balance_mlp(mlp: nn.Module, gain: torch.Tensor | None = None, family: Family = GENERIC,
+                inner: torch.Tensor | None = None) -> bool:
+    """Rescale up_proj's rows by ``1/a`` and down_proj's columns by ``a`` (exact), ``a`` the estimated RMS of each
+    unit: down_proj's Frobenius error then weighs column i by its input's power.  ``gain``: the (unfolded)
+    RMSNorm gain in front of gate/up, if it was not folded (the estimate takes unit-power inputs times the gain).
+    ``inner``: the second moment of down_proj's inputs from :class:`ResidualPower` (``equalize="power"`` where it
+    tracks the stream's mean); then column i weighs ``inner_i ** POWER_EXPONENT``, as the power-scaled columns of
+    q/k/v and gate/up do."""
     gate, up, down = (getattr(mlp, n, None) for n in (family.gate, family.up, family.down))
     act = getattr(mlp, family.activation, None)
     if not all(isinstance(m, nn.Linear) for m in (gate, up, down)) or act is None:
@@ -106,7 +114,10 @@ def balance_mlp(mlp: nn.Module, gain: torch.Tensor | None = None, family: Family
     gw, uw = gate.weight.float(), up.weight.float()
     if gain is not None and gain.numel() == gw.shape[1]:
         gw, uw = gw * gain[None, :], uw * gain[None, :]
-    a = _act_rms(act, gw.norm(dim=1)) * uw.norm(dim=1)
+    if inner is not None and inner.numel() == down.in_features:
+        a = inner.float().clamp_min(0).pow(POWER_EXPONENT / 2)
+    else:
+        a = _act_rms(act, gw.norm(dim=1)) * uw.norm(dim=1)
     a = _geo_normalize(a)
     up.weight.div_(a[:, None].to(up.weight.dtype))
     if up.bias is not None:
@@ -154,68 +165,120 @@ def _kv_row(n_heads: int, n_kv: int, head_dim: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def embedding_power(weight: torch.Tensor, embed_scale: float = 1.0) -> torch.Tensor:
-    """Mean square of each column of an embedding table ``[vocab, hidden]`` (any dtype), times ``embed_scale^2``:
-    the residual stream's power at its start when every token is equally likely."""
+def embedding_power(weight: torch.Tensor, embed_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean square, mean) of each column of an embedding table ``[vocab, hidden]`` (any dtype), times
+    ``embed_scale^2`` / ``embed_scale``: the residual stream's moments at its start when every token is equally
+    likely."""
     rows = weight.shape[0]
     return power_of_row_blocks((weight[i:i + EMBEDDING_ROWS] for i in range(0, rows, EMBEDDING_ROWS)), rows,
                                embed_scale)
 
 
 @torch.no_grad()
-def power_of_row_blocks(blocks, rows: int, embed_scale: float = 1.0) -> torch.Tensor:
+def power_of_row_blocks(blocks, rows: int, embed_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`embedding_power` from the table's consecutive blocks of :data:`EMBEDDING_ROWS` rows (a streaming
     run reads them from disk): fp32 sums in this order, so the same values give the same result."""
-    acc = None
+    sq = tot = None
     for b in blocks:
-        part = b.float().pow(2).sum(0)
-        acc = part if acc is None else acc + part
-    return acc / rows * float(embed_scale) ** 2
+        b = b.float()
+        part, first = b.pow(2).sum(0), b.sum(0)
+        sq, tot = (part, first) if sq is None else (sq + part, tot + first)
+    es = float(embed_scale)
+    return sq / rows * es ** 2, tot / rows * es
+
+
+_Z = torch.linspace(-6, 6, 241)
+_PDF = torch.exp(-0.5 * _Z * _Z) / torch.exp(-0.5 * _Z * _Z).sum()
+
+
+def _act_moments(act: nn.Module, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E[act(z)], E[act(z)^2]) for z ~ N(mean, std^2), elementwise, by quadrature on a fixed grid (rows in
+    chunks, so an 8B model's 14336 units need no large temporary)."""
+    m1, m2 = [], []
+    for i in range(0, mean.numel(), 4096):
+        v = act(mean[i:i + 4096, None] + std[i:i + 4096, None] * _Z[None, :])
+        m1.append(v @ _PDF)
+        m2.append(v.pow(2) @ _PDF)
+    return torch.cat(m1), torch.cat(m2)
 
 
 class ResidualPower:
-    """Data-free per-channel power of the residual stream, advanced one decoder block at a time.
+    """Data-free per-channel moments of the residual stream, advanced one decoder block at a time.
 
-    ``step(block)`` returns (power of the attention projections' inputs, power of gate/up's inputs), each a
-    ``[hidden]`` vector normalized to mean 1 before the norm gain, and adds the block's two outputs to the
-    stream.  Reads only the block's weights, so a streaming run can call it block by block."""
+    The stream is modelled as independent Gaussian channels with a mean (``mu``) and a second moment (``p``):
+    a large part of a decoder's residual stream is one direction that every token shares, and the MLP units
+    that read it are "always on" (their inputs to down_proj are 10-60x the median unit's on Gemma-3-270M), which
+    a zero-mean model cannot see.  Norms divide both moments by the stream's RMS and multiply by the gain;
+    the attention passes the values' mean through (an average of values keeps it) and their variance
+    (not reduced by the averaging); the MLP's units are ``act(g . x) * (u . x)`` with g . x and u . x
+    Gaussian and independent of each other; each block's outputs add to the stream.
 
-    def __init__(self, start: torch.Tensor, config, family: Family):
-        self.p = start.float().clone()
+    The mean is tracked only where the family normalizes each block's outputs before the residual add
+    (``Family.has_output_norms``: Gemma 2/3), which holds every block's contribution at its gain's scale.
+    Without those norms (Llama, SmolLM2) the modelled mean runs away, because the massive activations of
+    such models are carried by a few tokens, not by every token: on SmolLM2 the estimated units reach
+    1000-23000x the median unit (measured: 4-61x) and the quantized model collapses (docs/experiments.md,
+    ninth round); there the mean is zero, which is the zero-mean model of earlier versions, estimate for
+    estimate, and balance keeps its own unit estimate (``inner`` is None).
+
+    ``step(block)`` returns (second moment of the attention projections' inputs, of gate/up's inputs, each a
+    ``[hidden]`` vector normalized to mean 1 before the norm gain; second moment of down_proj's inputs
+    ``[intermediate]``, or None where the mean is not tracked), and adds the block's two outputs to the stream.  Reads only the block's weights, so a
+    streaming run can call it block by block."""
+
+    def __init__(self, start: tuple[torch.Tensor, torch.Tensor], config, family: Family):
+        self.p, self.mu = (t.float().clone() for t in start)
         self.fam = family
+        self.tracks_mean = family.has_output_norms
+        if not self.tracks_mean:
+            self.mu.zero_()
         layout = _head_layout(config)
         if layout is None:
             raise ValueError("equalize='power': the model config does not give its attention heads")
         self.kv_row = _kv_row(*layout)   # the v_proj row each o_proj input column reads
 
-    def _input(self, norm: nn.Module) -> torch.Tensor:
+    def _input(self, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(second moment, mean) after the norm: the stream divided by its RMS, times the gain."""
         gain = _gain(norm, self.fam)
-        g2 = gain[0].pow(2) if gain is not None else torch.ones_like(self.p)
-        return self.p / self.p.mean().clamp_min(1e-30) * g2
+        g = gain[0] if gain is not None else torch.ones_like(self.p)
+        ms = self.p.mean().clamp_min(1e-30)
+        return self.p / ms * g.pow(2), self.mu / ms.sqrt() * g
 
-    def _add(self, block: nn.Module, post_norm: str | None, power: torch.Tensor) -> None:
+    def _add(self, block: nn.Module, post_norm: str | None, power: torch.Tensor, mean: torch.Tensor) -> None:
         norm = getattr(block, post_norm, None) if post_norm else None
         gain = _gain(norm, self.fam) if norm is not None else None
         if gain is not None:   # the post-norm rescales the output to unit mean square, then multiplies by its gain
-            power = gain[0].pow(2) * power / power.mean().clamp_min(1e-30)
-        self.p = self.p + power
+            rms = power.mean().clamp_min(1e-30).sqrt()
+            power, mean = gain[0].pow(2) * power / rms.pow(2), gain[0] * mean / rms
+        self.p = self.p + power + 2 * self.mu * mean
+        self.mu = self.mu + mean
 
     @torch.no_grad()
-    def step(self, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         fam = self.fam
         attn, mlp = getattr(block, fam.attention), getattr(block, fam.mlp)
-        x_attn = self._input(getattr(block, fam.attention_norm))
+        p_attn, mu_attn = self._input(getattr(block, fam.attention_norm))
         v, o = getattr(attn, fam.value).weight.float(), getattr(attn, fam.output).weight.float()
-        v_pow = v.pow(2) @ x_attn                                   # [n_kv * head_dim]
-        self._add(block, fam.attention_output_norm, o.pow(2) @ v_pow[self.kv_row])
-        x_mlp = self._input(getattr(block, fam.mlp_norm))
+        v_mean, v_var = v @ mu_attn, v.pow(2) @ (p_attn - mu_attn.pow(2)).clamp_min(0)
+        o_mean = o @ v_mean[self.kv_row]
+        self._add(block, fam.attention_output_norm, o_mean.pow(2) + o.pow(2) @ v_var[self.kv_row], o_mean)
+        p_mlp, mu_mlp = self._input(getattr(block, fam.mlp_norm))
+        var = (p_mlp - mu_mlp.pow(2)).clamp_min(0)
         gate, up, down = (getattr(mlp, n).weight.float() for n in (fam.gate, fam.up, fam.down))
-        inner = _act_rms(getattr(mlp, fam.activation), (gate.pow(2) @ x_mlp).sqrt()).pow(2) * (up.pow(2) @ x_mlp)
-        self._add(block, fam.mlp_output_norm, down.pow(2) @ inner)
-        return x_attn, x_mlp
+        act, std = getattr(mlp, fam.activation), (gate.pow(2) @ var).sqrt()
+        if self.tracks_mean:
+            a1, a2 = _act_moments(act, gate @ mu_mlp, std)
+        else:   # zero mean: the same arithmetic as the zero-mean model of earlier versions (same estimates)
+            a1, a2 = torch.zeros_like(std), _act_rms(act, std).pow(2)
+        u_mean = up @ mu_mlp
+        inner_mean, inner = a1 * u_mean, a2 * (u_mean.pow(2) + up.pow(2) @ var)
+        d_mean = down @ inner_mean
+        self._add(block, fam.mlp_output_norm, d_mean.pow(2) + down.pow(2) @ (inner - inner_mean.pow(2)).clamp_min(0),
+                  d_mean)
+        return p_attn, p_mlp, inner if self.tracks_mean else None
 
 
-def block_input_powers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def block_input_powers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """:class:`ResidualPower` over every decoder block of ``model``, from its input embedding table."""
     from ..embedding import embed_scale_of
 
@@ -276,7 +339,7 @@ def equalize(model: nn.Module, mode: str, powers: list[tuple[torch.Tensor, torch
             g_attn = (_gain(attn_norm, fam) or (None,))[0]
             g_mlp = (_gain(mlp_norm, fam) or (None,))[0]
         if mode in ("balance", "full", "power"):
-            done["mlp_balanced"] += balance_mlp(mlp, g_mlp, fam)
+            done["mlp_balanced"] += balance_mlp(mlp, g_mlp, fam, powers[i][2] if mode == "power" else None)
             if cfg is not None:
                 done["attention_balanced"] += balance_attention(attn, cfg, g_attn, fam)
     log.info("equalize(%s, %s): %s", mode, fam.name, done)
