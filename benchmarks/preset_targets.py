@@ -23,7 +23,7 @@ DIRS = {("smollm2", "lee"): "benchmarks/results/accuracy/lee", ("smollm2", "aust
 PEERS = {
     "4bit": [("nf4", {}), ("hqq", {"bits": 4, "group_size": 128}), ("gptq", {"bits": 4, "group_size": 128}),
              ("awq", {"bits": 4, "group_size": 128}), ("rtn", {"bits": 4, "group_size": 128}),
-             ("hqq", {"bits": 4, "group_size": 64}), ("llamacpp", {"type": "IQ4_XS"}),
+             ("hqq", {"bits": 4, "group_size": 64}), ("awq", {"bits": 4, "group_size": 64}), ("llamacpp", {"type": "IQ4_XS"}),
              ("llamacpp", {"type": "Q4_K_M"}), ("llamacpp", {"type": "Q4_0"})],
     "3bit": [("gptq", {"bits": 3, "group_size": 128}), ("awq", {"bits": 3, "group_size": 128}),
              ("hqq", {"bits": 3, "group_size": 128}), ("rtn", {"bits": 3, "group_size": 128}),
