@@ -24,7 +24,7 @@ from fasq.embedding import embed_scale_of
 from fasq.eval import load_text
 from fasq.eval.perplexity import tokenize, wants_bos
 from fasq.families import family_of
-from fasq.fit.equalize import ResidualPower, _act_rms, embedding_power
+from fasq.fit.equalize import ResidualPower, embedding_power
 
 
 def log_corr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -62,10 +62,8 @@ def main(argv=None) -> None:
     rows = []
     for i, b in enumerate(blocks):
         _, p_mlp, est = res.step(b)
-        if est is None:   # the zero-mean model's unit estimate (the same arithmetic as ResidualPower's)
-            mlp = getattr(b, fam.mlp)
-            gate, up = (getattr(mlp, n).weight.float() for n in (fam.gate, fam.up))
-            est = _act_rms(getattr(mlp, fam.activation), (gate.pow(2) @ p_mlp).sqrt()).pow(2) * (up.pow(2) @ p_mlp)
+        if est is None:   # not used by fasq where the mean is not tracked: the zero-mean estimate it would give
+            est = res.unit_moments(getattr(b, fam.mlp), p_mlp, torch.zeros_like(p_mlp))[1]
         meas = seen[i][1:].pow(2).mean(0)   # the first position is a sink: left out
         top = meas.topk(3).indices
         row = {"block": i, "measured_top_units": top.tolist(),

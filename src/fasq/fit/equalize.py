@@ -84,13 +84,15 @@ def fold_norm(norm: nn.Module, linears: list[nn.Linear], family: Family = GENERI
     return True
 
 
+# The quadrature grid of _act_rms and _act_moments: z on [-6, 6] and the standard normal's weights there.
+_Z = torch.linspace(-6, 6, 241)
+_PDF = torch.exp(-0.5 * _Z * _Z) / torch.exp(-0.5 * _Z * _Z).sum()
+
+
 def _act_rms(act: nn.Module, sigma: torch.Tensor) -> torch.Tensor:
     """RMS of act(z) for z ~ N(0, sigma^2), by Gauss-Hermite-like quadrature on a fixed grid."""
-    z = torch.linspace(-6, 6, 241)
-    pdf = torch.exp(-0.5 * z * z)
-    pdf = pdf / pdf.sum()
-    vals = act(sigma[:, None] * z[None, :]).pow(2)          # [n, 241]
-    return (vals * pdf).sum(1).sqrt()
+    vals = act(sigma[:, None] * _Z[None, :]).pow(2)          # [n, 241]
+    return (vals * _PDF).sum(1).sqrt()
 
 
 def _geo_normalize(a: torch.Tensor) -> torch.Tensor:
@@ -187,10 +189,6 @@ def power_of_row_blocks(blocks, rows: int, embed_scale: float = 1.0) -> tuple[to
     return sq / rows * es ** 2, tot / rows * es
 
 
-_Z = torch.linspace(-6, 6, 241)
-_PDF = torch.exp(-0.5 * _Z * _Z) / torch.exp(-0.5 * _Z * _Z).sum()
-
-
 def _act_moments(act: nn.Module, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(E[act(z)], E[act(z)^2]) for z ~ N(mean, std^2), elementwise, by quadrature on a fixed grid (rows in
     chunks, so an 8B model's 14336 units need no large temporary)."""
@@ -223,8 +221,8 @@ class ResidualPower:
 
     ``step(block)`` returns (second moment of the attention projections' inputs, of gate/up's inputs, each a
     ``[hidden]`` vector normalized to mean 1 before the norm gain; second moment of down_proj's inputs
-    ``[intermediate]``, or None where the mean is not tracked), and adds the block's two outputs to the stream.  Reads only the block's weights, so a
-    streaming run can call it block by block."""
+    ``[intermediate]``, or None where the mean is not tracked), and adds the block's two outputs to the stream.
+    Reads only the block's weights, so a streaming run can call it block by block."""
 
     def __init__(self, start: tuple[torch.Tensor, torch.Tensor], config, family: Family):
         self.p, self.mu = (t.float().clone() for t in start)
@@ -254,6 +252,22 @@ class ResidualPower:
         self.mu = self.mu + mean
 
     @torch.no_grad()
+    def unit_moments(self, mlp: nn.Module, p_in: torch.Tensor,
+                     mu_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, second moment) of the MLP's units, down_proj's inputs, when gate/up read inputs of second moment
+        ``p_in`` and mean ``mu_in``; zero-mean arithmetic where the mean is not tracked."""
+        fam = self.fam
+        var = (p_in - mu_in.pow(2)).clamp_min(0)
+        gate, up = (getattr(mlp, n).weight.float() for n in (fam.gate, fam.up))
+        act, std = getattr(mlp, fam.activation), (gate.pow(2) @ var).sqrt()
+        if self.tracks_mean:
+            a1, a2 = _act_moments(act, gate @ mu_in, std)
+        else:   # zero mean: the same arithmetic as the zero-mean model of earlier versions (same estimates)
+            a1, a2 = torch.zeros_like(std), _act_rms(act, std).pow(2)
+        u_mean = up @ mu_in
+        return a1 * u_mean, a2 * (u_mean.pow(2) + up.pow(2) @ var)
+
+    @torch.no_grad()
     def step(self, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         fam = self.fam
         attn, mlp = getattr(block, fam.attention), getattr(block, fam.mlp)
@@ -263,15 +277,8 @@ class ResidualPower:
         o_mean = o @ v_mean[self.kv_row]
         self._add(block, fam.attention_output_norm, o_mean.pow(2) + o.pow(2) @ v_var[self.kv_row], o_mean)
         p_mlp, mu_mlp = self._input(getattr(block, fam.mlp_norm))
-        var = (p_mlp - mu_mlp.pow(2)).clamp_min(0)
-        gate, up, down = (getattr(mlp, n).weight.float() for n in (fam.gate, fam.up, fam.down))
-        act, std = getattr(mlp, fam.activation), (gate.pow(2) @ var).sqrt()
-        if self.tracks_mean:
-            a1, a2 = _act_moments(act, gate @ mu_mlp, std)
-        else:   # zero mean: the same arithmetic as the zero-mean model of earlier versions (same estimates)
-            a1, a2 = torch.zeros_like(std), _act_rms(act, std).pow(2)
-        u_mean = up @ mu_mlp
-        inner_mean, inner = a1 * u_mean, a2 * (u_mean.pow(2) + up.pow(2) @ var)
+        inner_mean, inner = self.unit_moments(mlp, p_mlp, mu_mlp)
+        down = getattr(mlp, fam.down).weight.float()
         d_mean = down @ inner_mean
         self._add(block, fam.mlp_output_norm, d_mean.pow(2) + down.pow(2) @ (inner - inner_mean.pow(2)).clamp_min(0),
                   d_mean)
@@ -305,13 +312,15 @@ def scale_inputs(norm: nn.Module, linears: list[nn.Linear], power: torch.Tensor,
 
 
 @torch.no_grad()
-def equalize(model: nn.Module, mode: str, powers: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict:
+def equalize(model: nn.Module, mode: str,
+             powers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None) -> dict:
     """Apply the data-free transforms of ``mode`` in place; returns counts of what was done.
 
     The decoder blocks, their norms and projections are those of ``model``'s entry in
     :mod:`fasq.families`; a block with a norm the entry does not place raises
     :class:`fasq.families.UnknownLayoutError` before anything is changed.  ``powers`` (mode ``power``):
-    each block's (attention input, MLP input) power, as :func:`block_input_powers` gives it for the whole
+    each block's (attention input power, MLP input power, MLP unit power or None), as :func:`block_input_powers`
+    gives it for the whole
     model (a streaming run computes them block by block and equalizes one block at a time)."""
     if mode not in MODES:
         raise ValueError(f"equalize={mode!r}: allowed are {MODES}")

@@ -113,7 +113,7 @@ class Workspace:
         self.scratch = root / SCRATCH_DIR
         self.writers: dict[str, FileWriter] = {}
         self.done: dict[str, dict] = {}
-        self.powers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # equalize="power": by equalize unit
+        self.powers: dict[str, tuple] = {}  # equalize="power": ResidualPower.step's result, by equalize unit
         self.overrides: dict[str, TensorEntry] = {}  # checkpoint tensor -> its equalized copy in scratch/
         self.resumed = 0
         self._lock_fd: int | None = None
@@ -304,8 +304,9 @@ class Workspace:
         def row_blocks():
             for i in range(0, rows, EMBEDDING_ROWS):
                 n = min(EMBEDDING_ROWS, rows - i)
+                begin = ent.begin + i * row_bytes
                 yield read_tensor(self.plan.source.path, dataclasses.replace(
-                    ent, shape=(n, *ent.shape[1:]), begin=ent.begin + i * row_bytes, end=ent.begin + (i + n) * row_bytes))
+                    ent, shape=(n, *ent.shape[1:]), begin=begin, end=begin + n * row_bytes))
 
         start = power_of_row_blocks(row_blocks(), rows, self.plan.power_embed_scale)
         res = ResidualPower(start, cfg, family_for(getattr(cfg, "model_type", None)))
