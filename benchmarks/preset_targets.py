@@ -6,7 +6,8 @@ For every model and text directory of ``fasq sweep`` (benchmarks/results/accurac
 benchmarks/results/accuracy/gemma3-270m/{lee,austen}), prints the mean, best and worst seed of
 ``--preset 4bit`` and ``--preset 3bit`` (rows ``preset 4bit`` and ``preset 4bit seed=N``) and, for each
 baseline row at the same nominal size, fasq's mean as a ratio of it.  The mean is of the perplexities; the
-spread is worst / best seed.  Nothing is computed here that the rows do not hold.
+spread is worst / best seed.  Then each llama.cpp type against the best seed-0 fasq row of at most its size
+(issue 25; ``llamacpp_equal_size``).  Nothing is computed here that the rows do not hold.
 """
 from __future__ import annotations
 
@@ -62,6 +63,29 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+def equal_size(rows: list[dict]) -> list[dict]:
+    """Each llama.cpp row against the best fasq row (seed 0 only: no seed picking) of at most its size.
+
+    Issue 25 compares fasq's presets with llama.cpp's types by name (4.25 b/w against IQ4_XS, 3.25 b/w against
+    the 3-bit types), but on these models llama.cpp's types store 4.1-5.5 bits/weight: their 576- and 640-wide
+    rows fall back to 32-wide 4- and 5-bit types.  This is the comparison at equal or smaller size."""
+    fasq = [r for r in rows if r.get("method") == "fasq" and r.get("status") == "ok"
+            and "seed" not in r.get("settings", {})]
+    out = []
+    for r in rows:
+        if r.get("method") != "llamacpp" or r.get("status") != "ok":
+            continue
+        fit = [f for f in fasq if f["bits_per_weight"] <= r["bits_per_weight"] + 1e-9]
+        if not fit:
+            continue
+        best = min(fit, key=lambda f: f["perplexity"])
+        out.append({"llamacpp": r["settings"]["type"], "bits_per_weight": r["bits_per_weight"],
+                    "perplexity": r["perplexity"], "fasq": best.get("label", ""),
+                    "fasq_bits_per_weight": best["bits_per_weight"], "fasq_perplexity": best["perplexity"],
+                    "ratio": best["perplexity"] / r["perplexity"]})
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--write", help="also write the summary as JSON here")
@@ -71,7 +95,8 @@ def main(argv=None) -> None:
         path = ROOT / rel / "results.json"
         if not path.is_file():
             continue
-        doc[f"{model}/{text}"] = s = summarize(json.loads(path.read_text())["rows"])
+        rows = json.loads(path.read_text())["rows"]
+        doc[f"{model}/{text}"] = s = summarize(rows)
         for name, e in s.items():
             print(f"{model} {text} --preset {name}: mean {e['mean']:.2f} over seeds {list(e['seeds'])} "
                   f"(best {e['best']:.2f}, worst {e['worst']:.2f}, worst/best {e['spread']:.3f}), "
@@ -79,6 +104,11 @@ def main(argv=None) -> None:
             for p in e["peers"]:
                 print(f"    vs {p['label']:<40} {p['bits_per_weight']:.3f} b/w {p['perplexity']:8.2f}: "
                       f"mean x{p['fasq_mean_ratio']:.3f}, worst seed x{p['fasq_worst_ratio']:.3f}")
+        s["llamacpp_equal_size"] = eq = equal_size(rows)
+        for e in eq:
+            print(f"    at equal or smaller size: llama.cpp {e['llamacpp']:<8} {e['bits_per_weight']:.3f} b/w "
+                  f"{e['perplexity']:8.2f} vs fasq {e['fasq']} {e['fasq_bits_per_weight']:.3f} b/w "
+                  f"{e['fasq_perplexity']:8.2f}: x{e['ratio']:.3f}")
     if a.write:
         Path(a.write).write_text(json.dumps(doc, indent=2) + "\n")
 

@@ -134,14 +134,11 @@ def test_parse_setting_and_default_plan():
     assert {p.method for p in default_points(("fasq",))} == {"fasq"}
 
 
-@pytest.mark.parametrize("method,settings_,lib", [("hqq", {"bits": 4, "group_size": 64}, "hqq"),
-                                                 ("nf4", {"blocksize": 64, "double_quant": True}, "bitsandbytes")])
-def test_baseline_adapter(method, settings_, lib, settings, tmp_path):
-    """Calibration-free baselines on the tiny model, in process (skipped when the library is missing)."""
-    pytest.importorskip(lib)
+def _run_in_process(point: Point, settings, tmp_path) -> dict:
+    """One point through the worker's ``run`` in this process, on the tiny model and text (one row)."""
     from fasq.sweep.worker import run
 
-    req = {"point": Point(method, settings_).to_dict(), "model_path": settings.model, "texts": [settings.text],
+    req = {"point": point.to_dict(), "model_path": settings.model, "texts": [settings.text],
            "context_length": 64, "max_tokens": 256, "batch_size": 4, "threads": 1, "artifacts": str(tmp_path),
            "calibration": {"name": "persuasion", "n_samples": 2, "seq_len": 64}}
     threads = torch.get_num_threads()
@@ -149,11 +146,56 @@ def test_baseline_adapter(method, settings_, lib, settings, tmp_path):
         (row,) = run(req)
     finally:
         torch.set_num_threads(threads)
+    return row
+
+
+@pytest.mark.parametrize("method,settings_,lib", [("hqq", {"bits": 4, "group_size": 64}, "hqq"),
+                                                 ("nf4", {"blocksize": 64, "double_quant": True}, "bitsandbytes")])
+def test_baseline_adapter(method, settings_, lib, settings, tmp_path):
+    """Calibration-free baselines on the tiny model, in process (skipped when the library is missing)."""
+    pytest.importorskip(lib)
+    row = _run_in_process(Point(method, settings_), settings, tmp_path)
     assert row["status"] == "ok" and row["dequant_check"]["max_relative_error"] < 2e-2
     # 4-bit codes plus per-group statistics; NF4 also stores fixed per-layer tables (about 1.3 KB:
     # its 16-entry and 256-entry code books and metadata), large next to these tiny layers.
     assert 4.0 < row["bits_per_weight"] < 7.0 and row["size"]["quantized_layers"] == 14
     assert math.isfinite(row["perplexity"]) and row["perplexity"] > 1
+
+
+def test_llmcompressor_awq_adapter(settings, tmp_path):
+    """llm-compressor's AWQ on the tiny model (runs in the venv that has it: ``fasq sweep --setup-baselines``
+    makes VENV-llmcompressor): packed layers counted at their stored size, decoded by the library."""
+    pytest.importorskip("llmcompressor")
+    point = Point("awq", {"bits": 4, "group_size": 8, "library": "llm-compressor"})   # 136 inputs: groups of 8
+    row = _run_in_process(point, settings, tmp_path)
+    assert row["status"] == "ok", row.get("error")
+    assert row["library"] == "llm-compressor (AWQ)" and row["dequant_check"]["max_relative_error"] < 2e-2
+    # 4-bit codes, a 16-bit scale and a 4-bit zero point per group of 8 (plus a 2-entry shape per layer)
+    assert 6.5 <= row["bits_per_weight"] < 6.6 and row["size"]["quantized_layers"] == 14
+    assert math.isfinite(row["perplexity"]) and row["perplexity"] > 1
+
+
+def test_awq_library_routing(tmp_path, monkeypatch):
+    """llm-compressor's AWQ points go to that library's venv (beside the baselines venv, or named by
+    $FASQ_LLMCOMPRESSOR_PYTHON); every other point keeps the sweep's interpreter; labels name the library."""
+    from fasq.sweep.methods import Context, run_awq
+    from fasq.sweep.runner import python_for
+
+    monkeypatch.delenv("FASQ_LLMCOMPRESSOR_PYTHON", raising=False)
+    base = tmp_path / "venv" / "bin" / "python"
+    llmc = tmp_path / "venv-llmcompressor" / "bin" / "python"
+    point = Point("awq", {"bits": 4, "group_size": 128, "library": "llm-compressor"})
+    assert python_for(point, str(base)) == str(base)          # no venv beside: the point fails and says why
+    llmc.parent.mkdir(parents=True)
+    llmc.touch()
+    assert python_for(point, str(base)) == str(llmc)
+    assert python_for(Point("awq", {"bits": 4, "group_size": 128}), str(base)) == str(base)
+    monkeypatch.setenv("FASQ_LLMCOMPRESSOR_PYTHON", "/opt/other/python")
+    assert python_for(point, str(base)) == "/opt/other/python"
+    assert point.label == "4-bit g128 (llm-compressor)"
+    assert Point("awq", {"bits": 4, "group_size": 128}).label == "4-bit g128"
+    with pytest.raises(ValueError, match="library='autoawq' is unknown"):
+        run_awq(Point("awq", {"bits": 4, "library": "autoawq"}), Context("", None, None, tmp_path))
 
 
 def test_report_section(swept, tmp_path):

@@ -24,6 +24,15 @@ BASELINE_PACKAGES = (
 )
 
 
+# llm-compressor's AWQ rows: its own venv beside the baselines venv, since llm-compressor 0.14 pins
+# transformers <= 5.17 (and huggingface-hub < 2 with it); torch and fasq come from this environment.
+LLMCOMPRESSOR_PACKAGES = (
+    "llmcompressor==0.14.0.1", "compressed-tensors==0.19.0", "transformers==5.17.0", "huggingface-hub>=1.5,<2",
+    "auto-round==0.15.1", "loguru", "nvidia-ml-py", "httpx", "httpcore", "anyio", "sniffio", "h11",
+    "datasets", "pyarrow", "dill", "multiprocess<0.70.20", "xxhash", "pandas",
+)
+
+
 def default_out(model: str, texts: list[str]) -> Path:
     """benchmarks/results/accuracy[/MODEL][/TEXT]: the embedded default (SmolLM2) keeps the top level, any
     other model gets its own directory, so two models' sweeps never share a cache or a table."""
@@ -45,6 +54,18 @@ def setup_baselines_venv(path: str) -> str:
     wheels = cache_dir() / "wheels"   # e.g. llama-cpp-python built once: pip wheel ... -w FASQ_CACHE/wheels
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--find-links", str(wheels),
                     *BASELINE_PACKAGES], check=True)
+    setup_llmcompressor_venv(str(venv.parent / f"{venv.name}-llmcompressor"))
+    return str(py)
+
+
+def setup_llmcompressor_venv(path: str) -> str:
+    """The venv for llm-compressor's AWQ points (``runner.python_for`` finds it beside the baselines venv);
+    returns its python."""
+    venv = Path(path)
+    py = venv / "bin" / "python"
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", *LLMCOMPRESSOR_PACKAGES], check=True)
     return str(py)
 
 
@@ -86,7 +107,8 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
                    help="also rewrite the accuracy section of this Markdown file (e.g. BENCHMARKS.md): the "
                         "model's own section, or for an --out other than the default one a section named after "
                         "that directory (<!-- accuracy-DIR:begin -->)")
-    p.add_argument("--setup-baselines", metavar="VENV", help="create VENV with the baseline libraries and exit")
+    p.add_argument("--setup-baselines", metavar="VENV", help="create VENV with the baseline libraries (and VENV-llmcompressor for llm-compressor's "
+                        "AWQ, which pins an older transformers) and exit")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(fn=cmd_sweep)
     return p

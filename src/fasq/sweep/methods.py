@@ -68,6 +68,9 @@ class Quantized:
     # fasq's quantized embedding / head tables: in the size (total, % of FP16), not in bits/weight, which stays
     # over the body's linears as every other method's
     tables: list[tuple[str, nn.Module]] = field(default_factory=list)
+    # (module, x) -> the library's own output for x, where calling the stored module is not how the library
+    # runs it (llm-compressor's packed layers have no CPU forward: the library decompresses them first)
+    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
 
 
 def load_original(model_path: str, dtype=torch.float32) -> nn.Module:
@@ -305,17 +308,24 @@ def run_gptq(point: Point, ctx: Context) -> Quantized:
 
 
 def run_awq(point: Point, ctx: Context) -> Quantized:
-    """AWQ through GPTQModel's AWQ processor (``AWQConfig``, GEMM format, zero points).
+    """AWQ through GPTQModel's AWQ processor (``AWQConfig``, GEMM format, zero points), or through
+    llm-compressor's ``AWQModifier`` with ``library="llm-compressor"`` (:func:`run_awq_llmcompressor`).
 
     GPTQModel is maintained and quantizes on the CPU; autoawq (archived upstream) searched SmolLM2 at
     ~14 minutes per decoder layer here (docs/accuracy.md).  AWQ needs ``in_features % group_size == 0``.
     """
+    if point.settings.get("library", "gptqmodel") == "llm-compressor":
+        return run_awq_llmcompressor(point, ctx)
+    if point.settings.get("library", "gptqmodel") != "gptqmodel":
+        raise ValueError(f"awq library={point.settings['library']!r} is unknown: allowed are 'gptqmodel', "
+                         "'llm-compressor'")
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(ctx.threads))
     from gptqmodel import BACKEND, GPTQModel
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
     from gptqmodel.quantization.config import AWQConfig
 
     s = dict(point.settings)
+    s.pop("library", None)
     s.setdefault("offload_to_disk", False)
     qc = AWQConfig(bits=int(s.pop("bits")), group_size=int(s.pop("group_size", 128)), **s)
     fixes = _fix_gemma3_awq() if _model_type(ctx.model_path) == "gemma3_text" else None
@@ -343,6 +353,113 @@ def run_awq(point: Point, ctx: Context) -> Quantized:
                      meta["quantize_seconds"], meta["peak_rss_mb"], ctx.calibration.to_dict(), cached,
                      [f"loaded with {type(modules[0][1]).__name__}" if modules else "no quantized layers"]
                      + (["quantized in an earlier run (cached artifact)"] if cached else []))
+
+
+LLMCOMPRESSOR = "0.14.0.1"   # the release the sweep's llm-compressor venv installs (cli.LLMCOMPRESSOR_PACKAGES)
+
+
+def run_awq_llmcompressor(point: Point, ctx: Context) -> Quantized:
+    """AWQ through llm-compressor (vLLM's quantization library): ``oneshot`` with an ``AWQModifier`` and a
+    compressed-tensors scheme of asymmetric integer weights in groups along the input (zero points, 16-bit
+    scales: what vLLM serves as W4A16 / W3A16), the library's own mappings per architecture (for Gemma 3:
+    v->o, pre_feedforward_layernorm->gate/up, up->down, its offset norms handled by the library).
+
+    llm-compressor 0.14 pins transformers <= 5.17, so it runs in its own venv (``fasq sweep --setup-baselines``
+    makes one beside the baselines venv; the runner sends these points there).  The quantized model is saved in
+    compressed-tensors' ``pack_quantized`` format and loaded back: its layers hold the packed codes, scales
+    and zero points that the size counts, and the library decompresses them."""
+    import copy
+    import sys
+
+    import torch as _torch
+    try:
+        import llmcompressor  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(f"llm-compressor is not installed for {sys.executable} ({e}): make its venv with "
+                           "`fasq sweep --setup-baselines VENV` (it creates VENV-llmcompressor, which the sweep "
+                           "uses for these points) or name an interpreter that has it in "
+                           "$FASQ_LLMCOMPRESSOR_PYTHON") from None
+    from compressed_tensors.compressors.base import BaseCompressor, decompress_module
+    from compressed_tensors.config import CompressionFormat
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.utils import get_direct_state_dict
+    from transformers import AutoModelForCausalLM
+
+    s = dict(point.settings)
+    s.pop("library")
+    bits, group = int(s.pop("bits")), int(s.pop("group_size", 128))
+    if s:
+        raise ValueError(f"awq (llm-compressor): unknown settings {sorted(s)}")
+
+    def make(tmp: Path) -> dict:
+        from datasets import Dataset
+        from llmcompressor import oneshot
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        if not _torch.accelerator.is_available():
+            # llm-compressor 0.14 pins cached activations for GPU copies and fails without an accelerator
+            IntermediatesCache.pin_memory = lambda self, *a, **k: None
+        ids = ctx.calibration.samples(ctx.tokenizer)
+        data = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids]})
+        args = QuantizationArgs(num_bits=bits, type="int", symmetric=False, strategy="group", group_size=group,
+                                scale_dtype=_torch.float16)
+        recipe = [AWQModifier(), QuantizationModifier(ignore=["lm_head"], config_groups={
+            "group_0": QuantizationScheme(targets=["Linear"], weights=args)})]
+        model = load_original(ctx.model_path)
+        _, dt = _timed(lambda: oneshot(model=model, dataset=data, recipe=recipe, max_seq_length=ctx.calibration.seq_len,
+                                       num_calibration_samples=len(ids)))
+        rss = peak_rss_mb()
+        # Scales are stored in the model's dtype (compressed-tensors' pack_quantized ignores scale_dtype); AWQ
+        # checkpoints carry 16-bit ones (vLLM serves them in fp16 / bf16), so keep fp16 scales: the packed
+        # codes are then computed against the scales as stored.
+        for m in model.modules():
+            if isinstance(getattr(m, "weight_scale", None), _torch.Tensor):
+                m.weight_scale.data = m.weight_scale.data.half()
+        model.save_pretrained(str(tmp), save_compressed=True)
+        ctx.tokenizer.save_pretrained(str(tmp))
+        config = json.loads((tmp / "config.json").read_text()).get("quantization_config", {})
+        return {"quantize_seconds": dt, "peak_rss_mb": rss, "config": _jsonable(config)}
+
+    path, meta, cached = _artifact(ctx, point, "llmcompressor", make, {"scales": "float16"})
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_torch.float32).eval()
+    modules = [(n, m) for n, m in model.named_modules() if hasattr(m, "weight_packed")]
+    _restore_stored_dtypes(path, modules)
+
+    def dequantize(m: nn.Module) -> _torch.Tensor:
+        scheme = m.quantization_scheme
+        compressor = BaseCompressor.get_value_from_registry(CompressionFormat(scheme.format).value)
+        return compressor.decompress(get_direct_state_dict(m), scheme)["weight"].float()
+
+    def forward(m: nn.Module, x: _torch.Tensor) -> _torch.Tensor:
+        dense = copy.deepcopy(m)
+        decompress_module(dense)   # in place, as the library does when a model is loaded to run uncompressed
+        return dense(x.to(dense.weight.dtype))
+
+    return Quantized(model, modules, dequantize, "llm-compressor (AWQ)", version_of("llmcompressor"), meta["config"],
+                     meta["quantize_seconds"], meta["peak_rss_mb"], ctx.calibration.to_dict(), cached,
+                     [f"compressed-tensors {version_of('compressed-tensors')}, {len(modules)} pack_quantized layers, "
+                      f"transformers {version_of('transformers')}"]
+                     + (["quantized in an earlier run (cached artifact)"] if cached else []), forward=forward)
+
+
+def _restore_stored_dtypes(path: Path, modules: list[tuple[str, nn.Module]]) -> None:
+    """Give each quantized layer's tensors the dtype they have in the checkpoint (from_pretrained's dtype
+    casts the 16-bit scales to fp32), so that the layers hold, and the size counts, what is stored."""
+    from safetensors import safe_open
+
+    stored = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            for k in sf.keys():
+                stored[k] = sf.get_slice(k).get_dtype()
+    names = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+    for name, mod in modules:
+        for key, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            want = names.get(stored.get(f"{name}.{key}", ""))
+            if want is not None and t.is_floating_point() and t.dtype != want:
+                t.data = t.data.to(want)
 
 
 def _model_type(model_path: str) -> str | None:

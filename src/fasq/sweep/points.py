@@ -38,6 +38,9 @@ DEFAULT_BASELINES: tuple[tuple[str, dict[str, Any]], ...] = (
     ("awq", {"bits": 4, "group_size": 128}),
     ("awq", {"bits": 4, "group_size": 64}),
     ("awq", {"bits": 3, "group_size": 128}),
+    # llm-compressor's AWQ (its own venv: it pins transformers <= 5.17; see runner.python_for)
+    ("awq", {"bits": 4, "group_size": 128, "library": "llm-compressor"}),
+    ("awq", {"bits": 3, "group_size": 128, "library": "llm-compressor"}),
     ("hqq", {"bits": 4, "group_size": 128}),
     ("hqq", {"bits": 3, "group_size": 128}),
     ("hqq", {"bits": 4, "group_size": 64}),
@@ -88,7 +91,8 @@ class Point:
         if self.method == "nf4":
             return f"blocks of {s.get('blocksize', 64)}" + (", double quant" if s.get("double_quant") else "")
         if "bits" in s:
-            return f"{s['bits']}-bit g{s.get('group_size', '?')}"
+            lib = f" ({s['library']})" if "library" in s else ""
+            return f"{s['bits']}-bit g{s.get('group_size', '?')}{lib}"
         return json.dumps(s, sort_keys=True) if s else self.method
 
     def to_dict(self) -> dict[str, Any]:

@@ -168,6 +168,21 @@ def text_dirs(out: str | os.PathLike, texts: Sequence[str]) -> dict[str, Path]:
     return {t: out / n for t, n in zip(texts, names)}
 
 
+def python_for(point: Point, python: str) -> str:
+    """The interpreter that runs ``point``: ``python``, except for llm-compressor's AWQ points, which need
+    that library's own venv (it pins transformers <= 5.17): ``$FASQ_LLMCOMPRESSOR_PYTHON``, else the venv
+    ``<venv>-llmcompressor`` beside ``python``'s venv (made by ``fasq sweep --setup-baselines``), else
+    ``python`` itself (where llm-compressor is missing the point fails and says so)."""
+    if point.settings.get("library") != "llm-compressor":
+        return python
+    env = os.environ.get("FASQ_LLMCOMPRESSOR_PYTHON")
+    if env:
+        return env
+    venv = Path(python).parent.parent   # .../VENV/bin/python -> .../VENV
+    beside = venv.parent / f"{venv.name}-llmcompressor" / "bin" / "python"
+    return str(beside) if beside.exists() else python
+
+
 def run_sweep(settings: SweepSettings, out: str | os.PathLike, *, texts: Sequence[str] | None = None,
               methods: Sequence[str] | None = None, fasq_grid: Sequence[dict] | None = None,
               points: Sequence[Point] | None = None, force: bool = False, python: str | None = None,
@@ -211,8 +226,8 @@ def run_sweep(settings: SweepSettings, out: str | os.PathLike, *, texts: Sequenc
         pending = [] if report_only else [t for t in texts if got[t] is None]
         if pending:
             log_path = dirs[pending[0]] / "logs" / f"{point.key}.log"
-            new = run_point(point, {**base_req, "point": point.to_dict(), "texts": pending}, log_path, python,
-                            timeout, isolate)
+            new = run_point(point, {**base_req, "point": point.to_dict(), "texts": pending}, log_path,
+                            python_for(point, python), timeout, isolate)
             for t, row in zip(pending, new):
                 row.update(eval_key=keys[t], finished=dt.datetime.now().astimezone().isoformat(timespec="seconds"))
                 row.setdefault("fasq_code", code_hash if point.method == "fasq" else None)

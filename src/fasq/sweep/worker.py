@@ -55,10 +55,11 @@ def dequant_check(q, n_layers: int = 2) -> dict:
     for name, mod in picks:
         w = q.dequantize(mod).float()
         x = torch.randn(3, w.shape[1], generator=gen)
+        run = q.forward or (lambda m, v: m(v))
         try:
-            y_lib = mod(x).float()
+            y_lib = run(mod, x).float()
         except RuntimeError:  # libraries whose CPU forward computes in fp16 only
-            y_lib = mod(x.half()).float()
+            y_lib = run(mod, x.half()).float()
         y = x @ w.T
         if getattr(mod, "bias", None) is not None:
             y = y + mod.bias.float()
@@ -87,6 +88,8 @@ def densify(q) -> nn.Module:
             lin.bias.copy_(bias.float())
         _set_module(model, name, lin)
         dense_ids.add(id(lin.weight))
+    if getattr(model, "is_quantized", False):   # transformers' flag from loading a quantized checkpoint: no
+        model.is_quantized = False               # quantized layer is left, and a flagged model refuses .float()
     model.float()
     round_to_fp16(model, skip=dense_ids)
     return model
