@@ -40,6 +40,7 @@ DEFAULT_BASELINES: tuple[tuple[str, dict[str, Any]], ...] = (
     ("awq", {"bits": 3, "group_size": 128}),
     # llm-compressor's AWQ (its own venv: it pins transformers <= 5.17; see runner.python_for)
     ("awq", {"bits": 4, "group_size": 128, "library": "llm-compressor"}),
+    ("awq", {"bits": 4, "group_size": 64, "library": "llm-compressor"}),
     ("awq", {"bits": 3, "group_size": 128, "library": "llm-compressor"}),
     ("hqq", {"bits": 4, "group_size": 128}),
     ("hqq", {"bits": 3, "group_size": 128}),
