@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .points import METHOD_ORDER, parse_setting
-from .runner import DEFAULT_MAX_TOKENS
+from .runner import DEFAULT_MAX_TOKENS, llmcompressor_venv
 
 # Baseline libraries that work with torch 2.13 (CPU) and transformers 5.24, installed with --no-deps so
 # that pip never replaces torch (newer gptqmodel wants torch>=2.14).  Their own dependencies follow.
@@ -54,7 +54,7 @@ def setup_baselines_venv(path: str) -> str:
     wheels = cache_dir() / "wheels"   # e.g. llama-cpp-python built once: pip wheel ... -w FASQ_CACHE/wheels
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--find-links", str(wheels),
                     *BASELINE_PACKAGES], check=True)
-    setup_llmcompressor_venv(str(venv.parent / f"{venv.name}-llmcompressor"))
+    setup_llmcompressor_venv(str(llmcompressor_venv(venv)))
     return str(py)
 
 

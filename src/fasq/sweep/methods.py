@@ -314,11 +314,11 @@ def run_awq(point: Point, ctx: Context) -> Quantized:
     GPTQModel is maintained and quantizes on the CPU; autoawq (archived upstream) searched SmolLM2 at
     ~14 minutes per decoder layer here (docs/accuracy.md).  AWQ needs ``in_features % group_size == 0``.
     """
-    if point.settings.get("library", "gptqmodel") == "llm-compressor":
+    library = point.settings.get("library", "gptqmodel")
+    if library == "llm-compressor":
         return run_awq_llmcompressor(point, ctx)
-    if point.settings.get("library", "gptqmodel") != "gptqmodel":
-        raise ValueError(f"awq library={point.settings['library']!r} is unknown: allowed are 'gptqmodel', "
-                         "'llm-compressor'")
+    if library != "gptqmodel":
+        raise ValueError(f"awq library={library!r} is unknown: allowed are 'gptqmodel', 'llm-compressor'")
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(ctx.threads))
     from gptqmodel import BACKEND, GPTQModel
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
@@ -355,9 +355,6 @@ def run_awq(point: Point, ctx: Context) -> Quantized:
                      + (["quantized in an earlier run (cached artifact)"] if cached else []))
 
 
-LLMCOMPRESSOR = "0.14.0.1"   # the release the sweep's llm-compressor venv installs (cli.LLMCOMPRESSOR_PACKAGES)
-
-
 def run_awq_llmcompressor(point: Point, ctx: Context) -> Quantized:
     """AWQ through llm-compressor (vLLM's quantization library): ``oneshot`` with an ``AWQModifier`` and a
     compressed-tensors scheme of asymmetric integer weights in groups along the input (zero points, 16-bit
@@ -371,7 +368,6 @@ def run_awq_llmcompressor(point: Point, ctx: Context) -> Quantized:
     import copy
     import sys
 
-    import torch as _torch
     try:
         import llmcompressor  # noqa: F401
     except ImportError as e:
@@ -398,13 +394,13 @@ def run_awq_llmcompressor(point: Point, ctx: Context) -> Quantized:
         from llmcompressor.modifiers.transform.awq import AWQModifier
         from llmcompressor.pipelines.cache import IntermediatesCache
 
-        if not _torch.accelerator.is_available():
+        if not torch.accelerator.is_available():
             # llm-compressor 0.14 pins cached activations for GPU copies and fails without an accelerator
             IntermediatesCache.pin_memory = lambda self, *a, **k: None
         ids = ctx.calibration.samples(ctx.tokenizer)
         data = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids]})
         args = QuantizationArgs(num_bits=bits, type="int", symmetric=False, strategy="group", group_size=group,
-                                scale_dtype=_torch.float16)
+                                scale_dtype=torch.float16)
         recipe = [AWQModifier(), QuantizationModifier(ignore=["lm_head"], config_groups={
             "group_0": QuantizationScheme(targets=["Linear"], weights=args)})]
         model = load_original(ctx.model_path)
@@ -415,7 +411,7 @@ def run_awq_llmcompressor(point: Point, ctx: Context) -> Quantized:
         # checkpoints carry 16-bit ones (vLLM serves them in fp16 / bf16), so keep fp16 scales: the packed
         # codes are then computed against the scales as stored.
         for m in model.modules():
-            if isinstance(getattr(m, "weight_scale", None), _torch.Tensor):
+            if isinstance(getattr(m, "weight_scale", None), torch.Tensor):
                 m.weight_scale.data = m.weight_scale.data.half()
         model.save_pretrained(str(tmp), save_compressed=True)
         ctx.tokenizer.save_pretrained(str(tmp))
@@ -423,16 +419,16 @@ def run_awq_llmcompressor(point: Point, ctx: Context) -> Quantized:
         return {"quantize_seconds": dt, "peak_rss_mb": rss, "config": _jsonable(config)}
 
     path, meta, cached = _artifact(ctx, point, "llmcompressor", make, {"scales": "float16"})
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     modules = [(n, m) for n, m in model.named_modules() if hasattr(m, "weight_packed")]
     _restore_stored_dtypes(path, modules)
 
-    def dequantize(m: nn.Module) -> _torch.Tensor:
+    def dequantize(m: nn.Module) -> torch.Tensor:
         scheme = m.quantization_scheme
         compressor = BaseCompressor.get_value_from_registry(CompressionFormat(scheme.format).value)
         return compressor.decompress(get_direct_state_dict(m), scheme)["weight"].float()
 
-    def forward(m: nn.Module, x: _torch.Tensor) -> _torch.Tensor:
+    def forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         dense = copy.deepcopy(m)
         decompress_module(dense)   # in place, as the library does when a model is loaded to run uncompressed
         return dense(x.to(dense.weight.dtype))

@@ -168,6 +168,11 @@ def text_dirs(out: str | os.PathLike, texts: Sequence[str]) -> dict[str, Path]:
     return {t: out / n for t, n in zip(texts, names)}
 
 
+def llmcompressor_venv(baselines_venv: Path) -> Path:
+    """Where ``fasq sweep --setup-baselines VENV`` puts llm-compressor's venv: ``VENV-llmcompressor`` beside it."""
+    return baselines_venv.parent / f"{baselines_venv.name}-llmcompressor"
+
+
 def python_for(point: Point, python: str) -> str:
     """The interpreter that runs ``point``: ``python``, except for llm-compressor's AWQ points, which need
     that library's own venv (it pins transformers <= 5.17): ``$FASQ_LLMCOMPRESSOR_PYTHON``, else the venv
@@ -178,8 +183,7 @@ def python_for(point: Point, python: str) -> str:
     env = os.environ.get("FASQ_LLMCOMPRESSOR_PYTHON")
     if env:
         return env
-    venv = Path(python).parent.parent   # .../VENV/bin/python -> .../VENV
-    beside = venv.parent / f"{venv.name}-llmcompressor" / "bin" / "python"
+    beside = llmcompressor_venv(Path(python).parent.parent) / "bin" / "python"   # .../VENV/bin/python -> VENV
     return str(beside) if beside.exists() else python
 
 

@@ -52,10 +52,10 @@ def dequant_check(q, n_layers: int = 2) -> dict:
     checked = []
     picks = [q.modules[0], q.modules[-1]][:n_layers]
     gen = torch.Generator().manual_seed(0)
+    run = q.forward or (lambda m, v: m(v))
     for name, mod in picks:
         w = q.dequantize(mod).float()
         x = torch.randn(3, w.shape[1], generator=gen)
-        run = q.forward or (lambda m, v: m(v))
         try:
             y_lib = run(mod, x).float()
         except RuntimeError:  # libraries whose CPU forward computes in fp16 only
