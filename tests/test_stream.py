@@ -81,6 +81,7 @@ def nothing_written(out: Path) -> bool:
     ("llama", torch.bfloat16, None, "balance", 0.0),                         # untied lm_head, bf16 kept as bf16
     ("qwen3", torch.float32, "model.layers.1.mlp.down_proj", "full", 0.003), # tied lm_head stored once, fp32 -> fp16
     ("gemma3", torch.bfloat16, None, "power", 0.001),   # residual powers block by block, embedding in row blocks
+    ("llama", torch.bfloat16, None, "sampled", 0.0),    # the model loaded once to sample text, then streamed
 ])
 def test_equals_in_memory_bit_for_bit(tmp_path, monkeypatch, arch, dtype, layer, equalize, outliers):
     """Equalized blocks (a pre-pass through scratch/), per-layer configs and outlier side tables included."""
@@ -90,9 +91,10 @@ def test_equals_in_memory_bit_for_bit(tmp_path, monkeypatch, arch, dtype, layer,
     model_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     assert len(list(src.glob("*.safetensors"))) > 3
     layer_configs = {layer: cfg.replace(codebook_size=32, group_size=32)} if layer else None
+    budget = model_bytes * 2 if equalize == "sampled" else model_bytes // 2   # "sampled" holds the model once
     r = quantize_checkpoint(src, tmp_path / "out", cfg, layer_configs=layer_configs, workers=2,
-                            max_memory=model_bytes // 2, max_shard_size="40KB", progress=False)
-    assert r["blocks_equalized"] == 2
+                            max_memory=budget, max_shard_size="40KB", progress=False)
+    assert r["blocks_equalized"] == 2 and r["config"]["equalize"] == equalize
     ref = in_memory(src, dtype, cfg, tmp_path / "ref", layer_configs=layer_configs)
     out = tmp_path / "out"
     assert len(r["files"]) > 2 and (out / "model.safetensors.index.json").is_file()
@@ -102,6 +104,19 @@ def test_equals_in_memory_bit_for_bit(tmp_path, monkeypatch, arch, dtype, layer,
     assert (out / "tokenizer.json").is_file() and not partial_dir(out).exists()
     assert r["bits_per_weight"] == pytest.approx(fasq.model_size_report(fasq.load(ref))["bits_per_weight"])
     assert verify(out)["tensors_with_checksums"] == len(stored_tensors(out))
+
+
+def test_sampled_beyond_the_memory_budget_streams_with_power(tmp_path, llama_ckpt, caplog):
+    """A model larger than the budget cannot be loaded to sample text: the run uses "power", as its config says."""
+    model_bytes = sum(f.stat().st_size for f in llama_ckpt.glob("*.safetensors"))
+    with caplog.at_level("WARNING"):
+        r = quantize_checkpoint(llama_ckpt, tmp_path / "out", CFG.replace(equalize="sampled"),
+                                max_memory=model_bytes // 2, progress=False)
+    assert r["config"]["equalize"] == "power" and "equalize='power'" in caplog.text
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert qc["equalize"] == "power"
+    ref = in_memory(llama_ckpt, torch.bfloat16, CFG.replace(equalize="power"), tmp_path / "ref")
+    assert_same_tensors(stored_tensors(ref), stored_tensors(tmp_path / "out"))
 
 
 def test_size_target_equals_in_memory(tmp_path, llama_ckpt):

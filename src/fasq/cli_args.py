@@ -57,7 +57,8 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--outlier-fraction", dest="outlier_fraction", type=float,
                    help="fraction of each layer's largest weights kept exactly in a sparse fp16 table (6 bytes each)")
     g.add_argument("--equalize", choices=list(EQUALIZE_MODES),
-                   help="data-free exact rescalings (the presets: power; otherwise balance)")
+                   help="exact rescalings before fitting (the presets: sampled, which measures the activations on "
+                        "text the model samples itself; otherwise balance)")
     g.add_argument("--rotation-block", dest="rotation_block", type=int, help="largest Hadamard block")
     g.add_argument("--seed", type=int)
     g.add_argument("--skip", nargs="*", help="module-name patterns kept unquantized")

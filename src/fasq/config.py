@@ -24,7 +24,7 @@ _OPTIONAL_FIELDS = ("quantize_embeddings", "embedding_subvector_dim", "embedding
 ROTATIONS = ("none", "hadamard")
 KMEANS_BACKENDS = ("auto", "faiss", "torch")
 KMEANS_INITS = ("kmeans++", "random")
-EQUALIZE_MODES = ("none", "norms", "balance", "full", "power")
+EQUALIZE_MODES = ("none", "norms", "balance", "full", "power", "sampled")
 
 
 def _is_pow2(n: int) -> bool:
@@ -55,7 +55,7 @@ class FASQConfig:
     kmeans_backend: str = "auto"   # "auto": fasq's own ("torch", C++ on CPU), faiss where that cannot build
     kmeans_max_points: int = 65536  # sub-vectors sampled to train a codebook (all are assigned)
     refine_iters: int = 2          # alternate (codes -> least-squares scales) this many times
-    equalize: str = "balance"      # data-free exact rescalings before fitting: none | norms | balance | full | power
+    equalize: str = "balance"      # exact rescalings before fitting: none | norms | balance | full | power | sampled
     outlier_fraction: float = 1e-3  # largest-|w| weights kept exactly in a sparse fp16 side table (0: none)
     target_bits: float | None = None  # size target (bits/weight) for per-layer allocation when none is given
     skip_modules: tuple[str, ...] = DEFAULT_SKIP_MODULES  # every family's head and embeddings (fasq.families)
@@ -187,15 +187,18 @@ def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
 # buy richer-K layers.  At 3 bits, Hadamard blocks of 64 columns (down_proj's 1536 columns otherwise get
 # blocks of 256) gave lower perplexity over 8 seeds (docs/experiments.md row 37); the planner's extra
 # steps for v_proj (the Llama family's extra_steps in fasq.families, rows 46-47) give it K=512 there.
-# Both weigh each input column of q/k/v and gate/up by a data-free estimate of its activation power
-# (equalize="power", rows 55-62 on SmolLM2 and Gemma-3-270M), and store the token embedding and the (tied)
+# Both weigh each input column of q/k/v, gate/up and down_proj by its activation power, measured on text the
+# model samples itself (equalize="sampled", no data read; the eleventh round of docs/experiments.md: 6-8% lower
+# perplexity than the weights-only estimate of equalize="power", rows 55-62, on SmolLM2 at 4 bits and 23-26% at
+# 3 bits, 0-1% / 7% on Gemma-3-270M, where that estimate was already good), and store the token embedding and the (tied)
 # head as an 8-bit table (d=1, K=256: +0.02-0.05% perplexity, rows in the sixth round; the head is the layer
 # whose error costs the most), so the whole model, not only its linears, is compressed.
 _TABLE8 = dict(quantize_embeddings=True, embedding_subvector_dim=1, embedding_codebook_size=256)
 PRESETS: dict[str, dict[str, Any]] = {
-    "4bit": dict(subvector_dim=2, codebook_size=256, group_size=256, target_bits=4.25, equalize="power", **_TABLE8),
+    "4bit": dict(subvector_dim=2, codebook_size=256, group_size=256, target_bits=4.25, equalize="sampled",
+                 **_TABLE8),
     "3bit": dict(subvector_dim=2, codebook_size=64, group_size=256, target_bits=3.25, rotation_block=64,
-                 equalize="power", **_TABLE8),
+                 equalize="sampled", **_TABLE8),
     "2bit": dict(subvector_dim=4, codebook_size=256, group_size=128),
     "8bit": dict(subvector_dim=1, codebook_size=256, group_size=128),
 }

@@ -27,6 +27,9 @@ channel.  Without calibration data we can still know part of that power from the
   also tracks the stream's mean, which finds the MLP units that are on for every token, and down_proj's
   columns then weigh their estimated input power ``** POWER_EXPONENT`` too.  docs/experiments.md (eighth and
   ninth rounds) measures it on SmolLM2 and Gemma-3-270M.
+* ``sampled``: ``power`` with every power (q/k/v and gate/up inputs, and down_proj's inputs on every family)
+  measured on text the model samples from its own start token instead of estimated from the weights
+  (:mod:`fasq.fit.samples`: no data is read; the model first runs for a few thousand tokens).
 
 Everything here is exact in real arithmetic; logits change only by float rounding.  Which modules are a
 model's blocks, norms and projections (and whether a norm scales by ``w`` or ``1 + w``) comes from its entry
@@ -43,7 +46,8 @@ from ..families import GENERIC, Family, family_of
 
 log = logging.getLogger(__name__)
 
-MODES = ("none", "norms", "balance", "full", "power")
+MODES = ("none", "norms", "balance", "full", "power", "sampled")
+POWER_MODES = ("power", "sampled")   # the modes that scale input columns by a channel power
 
 # ``power``: columns weigh p ** POWER_EXPONENT in the fitted error (0: the weight error, 1: the output error
 # for inputs of the estimated power p).  0.5 was best of 0.25 / 0.5 / 1 on both models (docs/experiments.md).
@@ -332,13 +336,16 @@ def equalize(model: nn.Module, mode: str,
     blocks = list(fam.blocks(model))   # list: every block is checked before any is changed
     if mode == "power" and powers is None:
         powers = block_input_powers(model)
-    if mode == "power" and len(powers) != len(blocks):
-        raise ValueError(f"equalize='power': {len(powers)} power estimates for {len(blocks)} decoder blocks")
+    if mode == "sampled" and powers is None:
+        from .samples import sampled_powers
+        powers = sampled_powers(model)
+    if mode in POWER_MODES and len(powers) != len(blocks):
+        raise ValueError(f"equalize={mode!r}: {len(powers)} power estimates for {len(blocks)} decoder blocks")
     for i, (_, blk) in enumerate(blocks):
         attn, mlp = getattr(blk, fam.attention), getattr(blk, fam.mlp)
         attn_norm, mlp_norm = getattr(blk, fam.attention_norm), getattr(blk, fam.mlp_norm)
         g_attn = g_mlp = None
-        if mode == "power":
+        if mode in POWER_MODES:
             done["inputs_scaled"] += scale_inputs(attn_norm, _linears(attn, fam.attention_inputs), powers[i][0], fam)
             done["inputs_scaled"] += scale_inputs(mlp_norm, _linears(mlp, fam.mlp_inputs), powers[i][1], fam)
         if mode in ("norms", "full"):
@@ -347,8 +354,8 @@ def equalize(model: nn.Module, mode: str,
         else:  # balance without folding: the gains still shape the channel power estimates
             g_attn = (_gain(attn_norm, fam) or (None,))[0]
             g_mlp = (_gain(mlp_norm, fam) or (None,))[0]
-        if mode in ("balance", "full", "power"):
-            done["mlp_balanced"] += balance_mlp(mlp, g_mlp, fam, powers[i][2] if mode == "power" else None)
+        if mode in ("balance", "full") + POWER_MODES:
+            done["mlp_balanced"] += balance_mlp(mlp, g_mlp, fam, powers[i][2] if mode in POWER_MODES else None)
             if cfg is not None:
                 done["attention_balanced"] += balance_attention(attn, cfg, g_attn, fam)
     log.info("equalize(%s, %s): %s", mode, fam.name, done)

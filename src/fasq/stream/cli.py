@@ -59,8 +59,7 @@ def cmd_quantize_stream(args) -> int:
         print(f"\nfasq: interrupted; finished tensors are kept in {partial_dir(Path(args.output))}: rerun the same "
               "command to resume", file=sys.stderr)
         return 130
-    r["peak_rss_mb"] = peak_rss_mb()
-    r["config"] = config.to_dict()
+    r["peak_rss_mb"] = peak_rss_mb()   # r["config"]: the config the run used (see fasq.stream.run.streamable)
     if args.json:
         print(json.dumps({k: v for k, v in r.items() if k != "unit_seconds"}, indent=2))
     else:

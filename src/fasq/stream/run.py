@@ -113,7 +113,7 @@ class Workspace:
         self.scratch = root / SCRATCH_DIR
         self.writers: dict[str, FileWriter] = {}
         self.done: dict[str, dict] = {}
-        self.powers: dict[str, tuple] = {}  # equalize="power": ResidualPower.step's result, by equalize unit
+        self.powers: dict[str, tuple] = {}  # equalize="power" / "sampled": each block's powers, by equalize unit
         self.overrides: dict[str, TensorEntry] = {}  # checkpoint tensor -> its equalized copy in scratch/
         self.resumed = 0
         self._lock_fd: int | None = None
@@ -313,6 +313,22 @@ class Workspace:
         for u in self.plan.prep_units:
             self.powers[u.name] = res.step(self._load_block(u, hashed=False)[0])
 
+    def sampled_powers(self, device: torch.device) -> None:
+        """equalize="sampled": load the checkpoint whole, in its stored dtype, on ``device`` (the run checked that it
+        fits the memory budget), measure every block's input powers on text it samples
+        (:func:`fasq.fit.samples.sampled_powers`, as fasq.quantize does on the loaded model), and free it."""
+        from transformers import AutoModelForCausalLM
+
+        from ..fit.samples import sampled_powers
+        from ..io import stored_dtype
+
+        path = self.plan.source.path
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=stored_dtype(str(path)) or torch.float32)
+        powers = sampled_powers(model.to(device).eval())
+        for u, p in zip(self.plan.prep_units, powers, strict=True):
+            self.powers[u.name] = p
+        del model
+
     def _run_equalize(self, u: Unit) -> dict:
         """Load one decoder block in its stored dtype, run fasq.fit.equalize.equalize on it exactly as
         fasq.quantize runs it on the whole model (the transforms act block by block; equalize="power" with the
@@ -320,7 +336,7 @@ class Workspace:
         scratch/<block>.safetensors (atomically)."""
         from safetensors.torch import save_file
 
-        from ..fit.equalize import equalize
+        from ..fit.equalize import POWER_MODES, equalize
 
         prefix = u.name.split(":", 1)[1]
         blk, before = self._load_block(u)
@@ -328,7 +344,7 @@ class Workspace:
         holder.block = blk
         holder.config = self.plan.source.hf_config
         mode = self.plan.config.equalize
-        equalize(holder, mode, powers=[self.powers[u.name]] if mode == "power" else None)
+        equalize(holder, mode, powers=[self.powers[u.name]] if mode in POWER_MODES else None)
         changed, hashes = {}, {}
         for local, t in blk.state_dict().items():
             h = hashlib.sha256(tensor_bytes(t)).hexdigest()
@@ -425,6 +441,18 @@ class Workspace:
 
 
 # ----------------------------------------------------------------------------------------------
+def streamable(config: FASQConfig, model_bytes: int, budget: int) -> FASQConfig:
+    """The config a streaming run uses.  ``equalize="sampled"`` samples text with the whole model, so the run loads
+    the checkpoint once for that (then frees it) where its stored size fits the memory budget; where it does
+    not, the run uses ``"power"`` (estimated from the weights alone, one block at a time) and says so."""
+    if config.equalize != "sampled" or model_bytes <= budget:
+        return config
+    log.warning("equalize='sampled' samples text with the whole model, which takes %s, more than this run's memory "
+                "budget of %s: this streaming run uses equalize='power' (estimated from the weights alone) instead, "
+                "and records that. Raise --max-memory for 'sampled'.", human_bytes(model_bytes), human_bytes(budget))
+    return config.replace(equalize="power")
+
+
 def quantize_checkpoint(source, output, config: FASQConfig | None = None, *,
                         layer_configs: dict[str, FASQConfig] | None = None, device=None, workers: int | None = None,
                         max_memory=None, max_shard_size="5GB", target_bits: float | None = None,
@@ -452,8 +480,9 @@ def quantize_checkpoint(source, output, config: FASQConfig | None = None, *,
         raise ValueError(f"device={device!r}: no CUDA GPU is available here")
     budget = parse_size(max_memory) if max_memory is not None else default_memory_budget()
     workers = int(workers or ((os.cpu_count() or 1) if dev.type == "cpu" else 2))
-    plan = build_plan(open_source(source), config, layer_configs, parse_size(max_shard_size), target_bits,
-                      target_fraction)
+    src = open_source(source)
+    config = streamable(config, sum((src.path / f).stat().st_size for f in src.files), budget)
+    plan = build_plan(src, config, layer_configs, parse_size(max_shard_size), target_bits, target_fraction)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Workspace.open(work_root, plan, restart=restart)
     prep = [u for u in plan.prep_units if u.name not in work.done]
@@ -462,6 +491,8 @@ def quantize_checkpoint(source, output, config: FASQConfig | None = None, *,
         if prep:
             if plan.config.equalize == "power":
                 work.block_powers()
+            elif plan.config.equalize == "sampled":
+                work.sampled_powers(dev)
             run_units(work, prep, dev, workers, budget, progress, desc="equalize")
         work.load_overrides()
         run_units(work, todo, dev, workers, budget, progress)
@@ -488,4 +519,4 @@ def quantize_checkpoint(source, output, config: FASQConfig | None = None, *,
     return {"output": str(output), "units": len(plan.prep_units) + len(plan.units), "units_resumed": work.resumed,
             "units_run": len(prep) + len(todo), "blocks_equalized": len(plan.prep_units),
             "files": [f for f in manifest["files"] if f not in (fasq_manifest.CONFIG_NAME, fasq_manifest.GENERATION_NAME)], "seconds": time.perf_counter() - t0, "unit_seconds": secs,
-            "workers": workers, "max_memory": budget, **plan.size_report()}
+            "workers": workers, "max_memory": budget, "config": plan.config.to_dict(), **plan.size_report()}
