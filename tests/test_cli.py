@@ -29,6 +29,20 @@ def test_quantize_info_eval_generate(model_dir, text_file, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("It is a truth")
 
 
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_presets_sample_text_and_say_so(model_dir, tmp_path, capsys, monkeypatch, in_memory):
+    """--preset 4bit equalizes with "sampled" (streamed or in memory), tells the user it samples text first,
+    and records the mode it used."""
+    monkeypatch.setattr("fasq.fit.samples.LENGTH", 16)
+    out = tmp_path / "q"
+    args = ["quantize", str(model_dir), "-o", str(out), "--preset", "4bit", "--json"]
+    assert main(args + (["--in-memory"] if in_memory else [])) == 0
+    cap = capsys.readouterr()
+    assert json.loads(cap.out)["config"]["equalize"] == "sampled"
+    assert "equalize=sampled: measuring the activations on 8 x 16 tokens the model samples itself" in cap.err
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["equalize"] == "sampled"
+
+
 def test_existing_output_needs_overwrite(model_dir, tmp_path, capsys):
     out = tmp_path / "exists"
     out.mkdir()

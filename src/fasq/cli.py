@@ -28,6 +28,14 @@ def model_max_positions(model) -> int | None:
 
 
 # ----------------------------------------------------------------------------------------------
+def sampling_note() -> str:
+    """What ``equalize="sampled"`` is doing during the first half minute or so of a quantization."""
+    from .fit.samples import LENGTH, SEQUENCES
+
+    return (f"equalize=sampled: measuring the activations on {SEQUENCES} x {LENGTH} tokens the model samples itself "
+            "(no data is read)")
+
+
 def cmd_quantize(args) -> int:
     from . import io
     from .model import model_size_report, quantize
@@ -44,6 +52,8 @@ def cmd_quantize(args) -> int:
     model, tok = load_any(args.model, dtype="stored")  # a local checkpoint as streaming reads it: same output
     t_load = time.perf_counter() - t0
     t1 = time.perf_counter()
+    if config.equalize == "sampled" and not args.quiet:
+        print(sampling_note(), file=sys.stderr)
     quantize(model, config, progress=not args.quiet, device=args.device, target_bits=args.bits,
              target_fraction=args.target_size)
     t_q = time.perf_counter() - t1
@@ -209,6 +219,8 @@ def cmd_demo(args) -> int:
                       progress=not args.quiet)
     fp16_bytes = model_size_report(model)["fp16_bytes"]
     t0 = time.perf_counter()
+    if config.equalize == "sampled" and not args.quiet:
+        print(sampling_note(), file=sys.stderr)
     quantize(model, config, progress=not args.quiet)
     t_q = time.perf_counter() - t0
     io.save(model, out, tokenizer=tok, overwrite=True)

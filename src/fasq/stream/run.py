@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -492,6 +493,9 @@ def quantize_checkpoint(source, output, config: FASQConfig | None = None, *,
             if plan.config.equalize == "power":
                 work.block_powers()
             elif plan.config.equalize == "sampled":
+                if progress:
+                    from ..cli import sampling_note
+                    print(sampling_note(), file=sys.stderr)
                 work.sampled_powers(dev)
             run_units(work, prep, dev, workers, budget, progress, desc="equalize")
         work.load_overrides()
