@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from .cli_args import (_int_at_least, add_quant_args, config_from_args, nonnegative_int,  # noqa: F401
-                       peak_rss_mb, positive_int)
+                       peak_rss_mb, positive_int, sampling_note)
 from .data import embedded_checkpoint
 from .decode import ENGINES, lean_decoder
 from .io import is_fasq_dir, load_any, source_of
@@ -28,14 +28,6 @@ def model_max_positions(model) -> int | None:
 
 
 # ----------------------------------------------------------------------------------------------
-def sampling_note() -> str:
-    """What ``equalize="sampled"`` is doing during the first half minute or so of a quantization."""
-    from .fit.samples import LENGTH, SEQUENCES
-
-    return (f"equalize=sampled: measuring the activations on {SEQUENCES} x {LENGTH} tokens the model samples itself "
-            "(no data is read)")
-
-
 def cmd_quantize(args) -> int:
     from . import io
     from .model import model_size_report, quantize

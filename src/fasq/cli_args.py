@@ -72,3 +72,11 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--size-of", dest="size_scope", choices=["linears", "model"],
                    help="what --bits and a preset's size target measure: the quantized linears (default) or the "
                         "whole model (embeddings, norms and all)")
+
+
+def sampling_note() -> str:
+    """What ``equalize="sampled"`` is doing during the first half minute or so of a quantization."""
+    from .fit.samples import LENGTH, SEQUENCES
+
+    return (f"equalize=sampled: measuring the activations on {SEQUENCES} x {LENGTH} tokens the model samples itself "
+            "(no data is read)")

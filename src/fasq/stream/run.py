@@ -494,7 +494,7 @@ def quantize_checkpoint(source, output, config: FASQConfig | None = None, *,
                 work.block_powers()
             elif plan.config.equalize == "sampled":
                 if progress:
-                    from ..cli import sampling_note
+                    from ..cli_args import sampling_note
                     print(sampling_note(), file=sys.stderr)
                 work.sampled_powers(dev)
             run_units(work, prep, dev, workers, budget, progress, desc="equalize")
