@@ -59,14 +59,16 @@ def test_bad_mode():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_power_mode_preserves_the_function(arch):
-    """equalize="power" scales q/k/v and gate/up columns by the estimated input power and divides the norm
-    gains by the same factors, then balances: exact in real arithmetic."""
+@pytest.mark.parametrize("mode", ["power", "sampled"])
+def test_power_mode_preserves_the_function(arch, mode, monkeypatch):
+    """equalize="power" ("sampled") scales q/k/v and gate/up columns by the estimated (measured) input power and
+    divides the norm gains by the same factors, then balances: exact in real arithmetic."""
+    monkeypatch.setattr("fasq.fit.samples.LENGTH", 32)
     m = with_random_norms(arch)
     ids = torch.randint(0, 320, (2, 16))
     with torch.no_grad():
         ref = m(ids).logits
-    done = equalize(m, "power")
+    done = equalize(m, mode)
     assert done["inputs_scaled"] == 4 and done["mlp_balanced"] == 2
     with torch.no_grad():
         out = m(ids).logits

@@ -11,7 +11,7 @@ from fasq.fit import samples
 from fasq.fit.equalize import equalize
 from fasq.fit.samples import _nucleus, channel_powers, sample_tokens, sampled_powers, start_token
 
-from conftest import ARCHS, tiny_model
+from conftest import tiny_model
 
 
 def test_samples_start_from_the_start_token_and_repeat_with_the_seed():
@@ -53,19 +53,6 @@ def test_channel_powers_are_the_mean_square_of_each_input():
         x = blk.input_layernorm(m.model.embed_tokens(ids))               # q/k/v's input in the first block
     torch.testing.assert_close(p[0][0], x.pow(2).mean((0, 1)), rtol=1e-5, atol=1e-7)
     assert all(bool((t >= 0).all()) and t.dtype == torch.float32 for blk_p in p for t in blk_p)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_sampled_mode_preserves_the_function(arch):
-    m = tiny_model(arch)
-    ids = torch.randint(0, 320, (2, 16))
-    with torch.no_grad():
-        ref = m(ids).logits
-    done = equalize(m, "sampled")
-    assert done["inputs_scaled"] == 4 and done["mlp_balanced"] == 2
-    with torch.no_grad():
-        out = m(ids).logits
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_sampled_mode_weighs_columns_by_the_measured_power():
