@@ -2,7 +2,6 @@
 import json
 import logging
 
-import pytest
 import torch
 
 import fasq
