@@ -38,7 +38,6 @@ def main(argv=None):
     ap.add_argument("--preset", default="4bit")
     ap.add_argument("--seqs", type=int, default=samples.SEQUENCES)
     ap.add_argument("--length", type=int, default=samples.LENGTH)
-    ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)   # older runs' flag: always on now
     ap.add_argument("--exponent", type=float, default=eq.POWER_EXPONENT)
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--texts", default="lee,austen")

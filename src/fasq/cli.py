@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from .cli_args import (_int_at_least, add_quant_args, config_from_args, nonnegative_int,  # noqa: F401
-                       peak_rss_mb, positive_int, sampling_note)
+                       peak_rss_mb, positive_int, announce_sampling)
 from .data import embedded_checkpoint
 from .decode import ENGINES, lean_decoder
 from .io import is_fasq_dir, load_any, source_of
@@ -44,8 +44,7 @@ def cmd_quantize(args) -> int:
     model, tok = load_any(args.model, dtype="stored")  # a local checkpoint as streaming reads it: same output
     t_load = time.perf_counter() - t0
     t1 = time.perf_counter()
-    if config.equalize == "sampled" and not args.quiet:
-        print(sampling_note(), file=sys.stderr)
+    announce_sampling(config, show=not args.quiet)
     quantize(model, config, progress=not args.quiet, device=args.device, target_bits=args.bits,
              target_fraction=args.target_size)
     t_q = time.perf_counter() - t1
@@ -211,8 +210,7 @@ def cmd_demo(args) -> int:
                       progress=not args.quiet)
     fp16_bytes = model_size_report(model)["fp16_bytes"]
     t0 = time.perf_counter()
-    if config.equalize == "sampled" and not args.quiet:
-        print(sampling_note(), file=sys.stderr)
+    announce_sampling(config, show=not args.quiet)
     quantize(model, config, progress=not args.quiet)
     t_q = time.perf_counter() - t0
     io.save(model, out, tokenizer=tok, overwrite=True)

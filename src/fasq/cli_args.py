@@ -1,9 +1,10 @@
 """Command-line argument plumbing shared by ``fasq``'s commands and their sub-packages (``stream``,
-``sweep``): the quantization options, their config, checked integer types, peak memory."""
+``sweep``): the quantization options, their config, checked integer types, peak memory, the sampling notice."""
 from __future__ import annotations
 
 import argparse
 import resource
+import sys
 
 from .config import EQUALIZE_MODES, PRESETS, FASQConfig, preset
 
@@ -74,9 +75,12 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
                         "whole model (embeddings, norms and all)")
 
 
-def sampling_note() -> str:
-    """What ``equalize="sampled"`` is doing during the first half minute or so of a quantization."""
+def announce_sampling(config, show: bool = True) -> None:
+    """Tell the user (stderr) what ``equalize="sampled"`` does during the first half minute or so of a
+    quantization, before it starts; nothing for other modes or when ``show`` is false (--quiet)."""
+    if config.equalize != "sampled" or not show:
+        return
     from .fit.samples import LENGTH, SEQUENCES
 
-    return (f"equalize=sampled: measuring the activations on {SEQUENCES} x {LENGTH} tokens the model samples itself "
-            "(no data is read)")
+    print(f"equalize=sampled: measuring the activations on {SEQUENCES} x {LENGTH} tokens the model samples itself "
+          "(no data is read)", file=sys.stderr)

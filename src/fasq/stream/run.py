@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -325,10 +324,9 @@ class Workspace:
 
         path = self.plan.source.path
         model = AutoModelForCausalLM.from_pretrained(path, dtype=stored_dtype(str(path)) or torch.float32)
-        powers = sampled_powers(model.to(device).eval())
+        powers = sampled_powers(model.to(device))
         for u, p in zip(self.plan.prep_units, powers, strict=True):
             self.powers[u.name] = p
-        del model
 
     def _run_equalize(self, u: Unit) -> dict:
         """Load one decoder block in its stored dtype, run fasq.fit.equalize.equalize on it exactly as
@@ -493,9 +491,8 @@ def quantize_checkpoint(source, output, config: FASQConfig | None = None, *,
             if plan.config.equalize == "power":
                 work.block_powers()
             elif plan.config.equalize == "sampled":
-                if progress:
-                    from ..cli_args import sampling_note
-                    print(sampling_note(), file=sys.stderr)
+                from ..cli_args import announce_sampling
+                announce_sampling(plan.config, show=progress)
                 work.sampled_powers(dev)
             run_units(work, prep, dev, workers, budget, progress, desc="equalize")
         work.load_overrides()
