@@ -31,16 +31,22 @@ def test_quantize_info_eval_generate(model_dir, text_file, tmp_path, capsys):
 
 @pytest.mark.parametrize("in_memory", [False, True])
 def test_presets_sample_text_and_say_so(model_dir, tmp_path, capsys, monkeypatch, in_memory):
-    """--preset 4bit equalizes with "sampled" (streamed or in memory), tells the user it samples text first,
-    and records the mode it used."""
+    """--preset 4bit equalizes with "sampled" and codes with error feedback (streamed or in memory), tells the user
+    it samples text first, and records both."""
     monkeypatch.setattr("fasq.fit.samples.LENGTH", 16)
     out = tmp_path / "q"
     args = ["quantize", str(model_dir), "-o", str(out), "--preset", "4bit", "--json"]
     assert main(args + (["--in-memory"] if in_memory else [])) == 0
     cap = capsys.readouterr()
     assert json.loads(cap.out)["config"]["equalize"] == "sampled"
-    assert "equalize=sampled: measuring the activations on 8 x 16 tokens the model samples itself" in cap.err
-    assert json.loads((out / "config.json").read_text())["quantization_config"]["equalize"] == "sampled"
+    assert ("sampling: measuring the activations' powers and each layer's input covariance on 32 x 16 tokens the "
+            "model samples itself") in cap.err
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["equalize"] == "sampled" and qc["error_feedback"] is True and qc["sample_sequences"] == 32
+    assert main(["quantize", str(model_dir), "-o", str(tmp_path / "plain"), "--preset", "4bit", "--no-error-feedback",
+                 "--sample-sequences", "2", "--overwrite", "--json"]) == 0
+    cap = capsys.readouterr()
+    assert "activations' powers on 2 x 16 tokens" in cap.err and "error_feedback" not in json.loads(cap.out)["config"]
 
 
 def test_existing_output_needs_overwrite(model_dir, tmp_path, capsys):

@@ -77,24 +77,29 @@ def nothing_written(out: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch,dtype,layer,equalize,outliers", [
-    ("llama", torch.bfloat16, None, "balance", 0.0),                         # untied lm_head, bf16 kept as bf16
-    ("qwen3", torch.float32, "model.layers.1.mlp.down_proj", "full", 0.003), # tied lm_head stored once, fp32 -> fp16
-    ("gemma3", torch.bfloat16, None, "power", 0.001),   # residual powers block by block, embedding in row blocks
-    ("llama", torch.bfloat16, None, "sampled", 0.0),    # the model loaded once to sample text, then streamed
+@pytest.mark.parametrize("arch,dtype,layer,equalize,outliers,feedback", [
+    ("llama", torch.bfloat16, None, "balance", 0.0, False),                  # untied lm_head, bf16 kept as bf16
+    ("qwen3", torch.float32, "model.layers.1.mlp.down_proj", "full", 0.003, False),  # tied lm_head stored once
+    ("gemma3", torch.bfloat16, None, "power", 0.001, False),  # residual powers block by block, embedding in row blocks
+    ("llama", torch.bfloat16, None, "sampled", 0.0, False),   # the model loaded once to sample text, then streamed
+    ("gemma3", torch.bfloat16, "model.layers.0.mlp.up_proj", "sampled", 0.001, True),  # and covariances measured
 ])
-def test_equals_in_memory_bit_for_bit(tmp_path, monkeypatch, arch, dtype, layer, equalize, outliers):
-    """Equalized blocks (a pre-pass through scratch/), per-layer configs and outlier side tables included."""
+def test_equals_in_memory_bit_for_bit(tmp_path, monkeypatch, arch, dtype, layer, equalize, outliers, feedback):
+    """Equalized blocks (a pre-pass through scratch/), per-layer configs, outlier side tables and error feedback
+    included."""
     monkeypatch.setattr("fasq.fit.equalize.EMBEDDING_ROWS", 100)   # "power": several row blocks of the table
-    cfg = CFG.replace(equalize=equalize, outlier_fraction=outliers)
+    monkeypatch.setattr("fasq.fit.samples.LENGTH", 24)
+    cfg = CFG.replace(equalize=equalize, outlier_fraction=outliers, error_feedback=feedback, sample_sequences=3)
     src = make_checkpoint(tmp_path / "src", arch, dtype)
     model_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     assert len(list(src.glob("*.safetensors"))) > 3
     layer_configs = {layer: cfg.replace(codebook_size=32, group_size=32)} if layer else None
     budget = model_bytes * 2 if equalize == "sampled" else model_bytes // 2   # "sampled" holds the model once
+    budget += stream_run.covariance_bytes(stream_run.build_plan(stream_run.open_source(src), cfg)) if feedback else 0
     r = quantize_checkpoint(src, tmp_path / "out", cfg, layer_configs=layer_configs, workers=2,
                             max_memory=budget, max_shard_size="40KB", progress=False)
     assert r["blocks_equalized"] == 2 and r["config"]["equalize"] == equalize
+    assert r["config"].get("error_feedback", False) == feedback
     ref = in_memory(src, dtype, cfg, tmp_path / "ref", layer_configs=layer_configs)
     out = tmp_path / "out"
     assert len(r["files"]) > 2 and (out / "model.safetensors.index.json").is_file()
@@ -116,6 +121,19 @@ def test_sampled_beyond_the_memory_budget_streams_with_power(tmp_path, llama_ckp
     qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert qc["equalize"] == "power"
     ref = in_memory(llama_ckpt, torch.bfloat16, CFG.replace(equalize="power"), tmp_path / "ref")
+    assert_same_tensors(stored_tensors(ref), stored_tensors(tmp_path / "out"))
+
+
+def test_feedback_beyond_the_memory_budget_streams_without_it(tmp_path, llama_ckpt, caplog, monkeypatch):
+    """The model fits the budget but not with every layer's input covariance: no error feedback, as recorded."""
+    monkeypatch.setattr("fasq.fit.samples.LENGTH", 16)
+    model_bytes = sum(f.stat().st_size for f in llama_ckpt.glob("*.safetensors"))
+    cfg = CFG.replace(equalize="sampled", error_feedback=True, sample_sequences=2)
+    with caplog.at_level("WARNING"):
+        r = quantize_checkpoint(llama_ckpt, tmp_path / "out", cfg, max_memory=model_bytes + 1000, progress=False)
+    assert "error_feedback" not in r["config"] and r["config"]["equalize"] == "sampled"
+    assert "codes without it" in caplog.text
+    ref = in_memory(llama_ckpt, torch.bfloat16, cfg.replace(error_feedback=False), tmp_path / "ref")
     assert_same_tensors(stored_tensors(ref), stored_tensors(tmp_path / "out"))
 
 
@@ -226,6 +244,21 @@ def interrupt_after(monkeypatch, n: int) -> None:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(stream_run.Workspace, "commit", commit)
+
+
+def test_feedback_run_resumes_to_the_same_result(tmp_path, llama_ckpt, monkeypatch):
+    """A resumed run with error feedback, its equalize units done, samples and measures again (the same tokens)."""
+    monkeypatch.setattr("fasq.fit.samples.LENGTH", 16)
+    cfg = CFG.replace(equalize="sampled", error_feedback=True, sample_sequences=2)
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        interrupt_after(m, 6)    # 2 equalize units, then 4 others
+        with pytest.raises(KeyboardInterrupt):
+            quantize_checkpoint(llama_ckpt, out, cfg, workers=1, max_memory="1GB", progress=False)
+    r = quantize_checkpoint(llama_ckpt, out, cfg, workers=2, max_memory="1GB", progress=False)
+    assert r["units_resumed"] == 6 and r["config"]["error_feedback"]
+    ref = in_memory(llama_ckpt, torch.bfloat16, cfg, tmp_path / "ref")
+    assert_same_tensors(stored_tensors(ref), stored_tensors(out))
 
 
 def test_resume_redoes_a_damaged_unit_and_checks_settings(tmp_path, llama_ckpt, monkeypatch):

@@ -13,7 +13,8 @@ def config_from_args(args) -> FASQConfig:
     fields = {}
     for name in ("subvector_dim", "codebook_size", "num_codebooks", "group_size", "rotation", "scale_mode",
                  "kmeans_iters", "refine_iters", "seed", "equalize", "rotation_block", "outlier_fraction",
-                 "quantize_embeddings", "embedding_subvector_dim", "embedding_codebook_size", "size_scope"):
+                 "quantize_embeddings", "embedding_subvector_dim", "embedding_codebook_size", "size_scope",
+                 "error_feedback", "sample_sequences"):
         v = getattr(args, name, None)
         if v is not None:
             fields[name] = v
@@ -70,17 +71,24 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
                    help="d of the embedding/head table")
     g.add_argument("--embedding-codebook-size", dest="embedding_codebook_size", type=int,
                    help="K of the embedding/head table")
+    g.add_argument("--error-feedback", dest="error_feedback", action=argparse.BooleanOptionalAction, default=None,
+                   help="choose codes with GPTQ-style error feedback against each layer's input covariance, measured "
+                        "on text the model samples itself (no data is read; the 4bit and 3bit presets do)")
+    g.add_argument("--sample-sequences", dest="sample_sequences", type=positive_int,
+                   help="sequences of 256 tokens the model samples for equalize=sampled and --error-feedback")
     g.add_argument("--size-of", dest="size_scope", choices=["linears", "model"],
                    help="what --bits and a preset's size target measure: the quantized linears (default) or the "
                         "whole model (embeddings, norms and all)")
 
 
 def announce_sampling(config, show: bool = True) -> None:
-    """Tell the user (stderr) what ``equalize="sampled"`` does during the first half minute or so of a
-    quantization, before it starts; nothing for other modes or when ``show`` is false (--quiet)."""
-    if config.equalize != "sampled" or not show:
+    """Tell the user (stderr) what ``equalize="sampled"`` and ``error_feedback`` do during the first minute or so
+    of a quantization, before it starts; nothing where neither is on or when ``show`` is false (--quiet)."""
+    if not (config.equalize == "sampled" or config.error_feedback) or not show:
         return
-    from .fit.samples import LENGTH, SEQUENCES
+    from .fit.samples import LENGTH
 
-    print(f"equalize=sampled: measuring the activations on {SEQUENCES} x {LENGTH} tokens the model samples itself "
+    what = " and ".join(w for w, on in (("the activations' powers", config.equalize == "sampled"),
+                                        ("each layer's input covariance", config.error_feedback)) if on)
+    print(f"sampling: measuring {what} on {config.sample_sequences} x {LENGTH} tokens the model samples itself "
           "(no data is read)", file=sys.stderr)

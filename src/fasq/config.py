@@ -20,7 +20,8 @@ SCALE_MODES = ("rms", "absmax", "none")
 SIZE_SCOPES = ("linears", "model")    # what target_bits / --bits measure: the quantized linears, or the whole model
 # Fields newer than the first config version: to_dict leaves each out while it holds its default, so a model
 # that does not use them stays readable by fasq versions that predate them.
-_OPTIONAL_FIELDS = ("quantize_embeddings", "embedding_subvector_dim", "embedding_codebook_size", "size_scope")
+_OPTIONAL_FIELDS = ("quantize_embeddings", "embedding_subvector_dim", "embedding_codebook_size", "size_scope",
+                    "error_feedback", "sample_sequences")
 ROTATIONS = ("none", "hadamard")
 KMEANS_BACKENDS = ("auto", "faiss", "torch")
 KMEANS_INITS = ("kmeans++", "random")
@@ -65,6 +66,11 @@ class FASQConfig:
     embedding_subvector_dim: int = 2
     embedding_codebook_size: int = 512
     size_scope: str = "linears"    # target_bits / target sizes in bits: of the quantized linears or the whole "model"
+    # Codes chosen with GPTQ-style error feedback against each layer's input covariance, measured on text the
+    # model samples itself (fasq.fit.feedback; no data is read), and how many sequences it samples for that and
+    # for equalize="sampled" (fasq.fit.samples: LENGTH tokens each).
+    error_feedback: bool = False
+    sample_sequences: int = 8
     seed: int = 0
     version: int = CONFIG_VERSION
 
@@ -74,7 +80,7 @@ class FASQConfig:
             object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
         ints = ("subvector_dim", "codebook_size", "num_codebooks", "group_size", "rotation_block",
                 "kmeans_iters", "kmeans_max_points", "refine_iters", "seed", "version", "embedding_subvector_dim",
-                "embedding_codebook_size")
+                "embedding_codebook_size", "sample_sequences")
         for name in ints:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
@@ -116,6 +122,9 @@ class FASQConfig:
                self.embedding_subvector_dim, f"a divisor of group_size={self.group_size}")
         _check(2 <= self.embedding_codebook_size <= 65536, "embedding_codebook_size", self.embedding_codebook_size,
                "an integer from 2 to 65536")
+        _check(isinstance(self.error_feedback, bool), "error_feedback", self.error_feedback, "true or false")
+        _check(1 <= self.sample_sequences <= 1024, "sample_sequences", self.sample_sequences,
+               "an integer from 1 to 1024")
         _check(self.size_scope in SIZE_SCOPES, "size_scope", self.size_scope, f"one of {SIZE_SCOPES}")
         _check(all(isinstance(s, str) and s for s in self.skip_modules), "skip_modules", self.skip_modules,
                "a tuple of non-empty module-name patterns")
@@ -194,11 +203,14 @@ def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
 # head as an 8-bit table (d=1, K=256: +0.02-0.05% perplexity, rows in the sixth round; the head is the layer
 # whose error costs the most), so the whole model, not only its linears, is compressed.
 _TABLE8 = dict(quantize_embeddings=True, embedding_subvector_dim=1, embedding_codebook_size=256)
+# Both also choose their codes with error feedback (GPTQ's update over sub-vectors) against each layer's input
+# covariance, measured on the same sampled text, 32 sequences of it (fasq.fit.feedback; the twelfth round of
+# docs/experiments.md: with 8 sequences the update fits the samples more than text in general).
+_SAMPLED = dict(equalize="sampled", error_feedback=True, sample_sequences=32)
 PRESETS: dict[str, dict[str, Any]] = {
-    "4bit": dict(subvector_dim=2, codebook_size=256, group_size=256, target_bits=4.25, equalize="sampled",
-                 **_TABLE8),
+    "4bit": dict(subvector_dim=2, codebook_size=256, group_size=256, target_bits=4.25, **_SAMPLED, **_TABLE8),
     "3bit": dict(subvector_dim=2, codebook_size=64, group_size=256, target_bits=3.25, rotation_block=64,
-                 equalize="sampled", **_TABLE8),
+                 **_SAMPLED, **_TABLE8),
     "2bit": dict(subvector_dim=4, codebook_size=256, group_size=128),
     "8bit": dict(subvector_dim=1, codebook_size=256, group_size=128),
 }

@@ -14,6 +14,8 @@ from tqdm.auto import tqdm
 
 from .config import FASQConfig
 from .fit.equalize import equalize
+from .fit.feedback import covariance_passes, covariances
+from .fit.samples import draw, evaluating, sampled_powers
 from .fit.pq import NonFiniteWeightError, quantize_weight
 from .format import LayerSpec
 from .nn import PQLinear
@@ -86,20 +88,31 @@ def quantize(model: nn.Module, config: FASQConfig | None = None, *, progress: bo
     config = config or FASQConfig()
     check_finite(model)  # before equalize, which would spread one NaN over whole rows and columns
     plan = plan_quantization(model, config, layer_configs, target_bits, target_fraction)
+    ids = draw(model, sequences=config.sample_sequences) if config.equalize == "sampled" or config.error_feedback \
+        else None
     if config.equalize != "none":
-        equalize(model, config.equalize)
+        equalize(model, config.equalize, powers=sampled_powers(model, ids) if config.equalize == "sampled" else None)
     targets = plan.layers
     modules: dict[str, dict] = {}
     workers = num_workers or (os.cpu_count() or 1)
     bar = tqdm(total=len(targets), desc="quantize", unit="layer", disable=not progress)
     t_all = time.perf_counter()
 
+    cov: dict[str, torch.Tensor] = {}
+
     def fit(layer: LayerPlan):
         t0 = time.perf_counter()
         lin = layer.linear
         spec, tensors = quantize_weight(lin.weight, layer.config, layer.name, bias=lin.bias, device=device,
-                                        table=layer.table)
+                                        table=layer.table, hessian=cov.get(layer.name))
         return layer.name, lin, spec, tensors, time.perf_counter() - t0
+
+    # Error feedback: the layers' input covariances, at most PASS_BYTES of them at a time (a forward over the samples
+    # per pass), all measured on the unquantized model: layers are replaced only once every layer is fit.
+    fed = [layer.name for layer in targets if not layer.table] if config.error_feedback else []
+    passes = covariance_passes(model, fed) if fed else []
+    batches = [[t for t in targets if t.name in set(p)] for p in passes] + [[t for t in targets if t.name not in set(fed)]]
+    fitted = []
 
     # Layers are independent: fit them on a thread pool (faiss and torch release the GIL), each
     # single-threaded, which beats one layer on all cores (k-means on one layer scales poorly and
@@ -108,16 +121,24 @@ def quantize(model: nn.Module, config: FASQConfig | None = None, *, progress: bo
     with single_threaded(workers > 1), ThreadPoolExecutor(max_workers=workers) as pool:
         # An untied embedding table is fit like one more layer (a tied one is the head's, fit above).
         emb_job = pool.submit(_fit_table, emb, device) if emb is not None and emb.tied_head is None else None
-        for name, lin, spec, tensors, dt in pool.map(fit, targets):
+        for names, batch in zip(passes + [None], batches):
+            cov.clear()
+            if names:
+                with evaluating(model):
+                    cov.update(covariances(model, ids, names))
+            for name, lin, spec, tensors, dt in pool.map(fit, batch):
+                fitted.append((name, lin, spec, tensors))
+                modules[name] = spec.to_dict()
+                bar.set_postfix_str(name, refresh=False)
+                bar.update(1)
+                log.debug("%s: %s in %.2fs", name, spec, dt)
+                if callback:
+                    callback(name, spec, dt)
+        cov.clear()
+        for name, lin, spec, tensors in fitted:
             dev = lin.weight.device
-            q = PQLinear.from_tensors(spec, **{k: v.to(dev) for k, v in tensors.items()})
-            _set_module(model, name, q)
-            modules[name] = spec.to_dict()
-            bar.set_postfix_str(name, refresh=False)
-            bar.update(1)
-            log.debug("%s: %s in %.2fs", name, spec, dt)
-            if callback:
-                callback(name, spec, dt)
+            _set_module(model, name, PQLinear.from_tensors(spec, **{k: v.to(dev) for k, v in tensors.items()}))
+        del fitted
         emb_tensors = emb_job.result() if emb_job is not None else None
     bar.close()
     embeddings = None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import zlib
 
 import torch
@@ -10,7 +11,10 @@ from ..config import FASQConfig
 from ..errors import check_fp16_range
 from ..format import LayerSpec, outlier_count, pack_codes, packed_words
 from ..reference import dequantize, rotate, rotation_block_for
+from . import feedback
 from .kmeans import assign, few_distinct, kmeans, sample_indices, train_centroids
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteWeightError(ValueError):
@@ -80,14 +84,16 @@ def _non_finite(name: str, bad: int) -> NonFiniteWeightError:
 
 
 def quantize_weight(weight: torch.Tensor, config: FASQConfig, name: str = "weight", bias=None,
-                    device=None, *, table: bool = False,
-                    block_rows: int | None = None) -> tuple[LayerSpec, dict[str, torch.Tensor]]:
+                    device=None, *, table: bool = False, block_rows: int | None = None,
+                    hessian: torch.Tensor | None = None) -> tuple[LayerSpec, dict[str, torch.Tensor]]:
     """Product-quantize ``weight`` [out, in]; returns (spec, buffers for :class:`fasq.nn.PQLinear`).
 
     Runs on ``device`` (default: the weight's device).  Deterministic for a config seed and name.
     A matrix over :data:`CHUNK_FROM_WEIGHTS` weights, or any with ``table`` (an embedding table, or the head
     that shares or mirrors it), is fit in blocks of rows (:func:`_quantize_blocked`); ``block_rows`` sets
     the block instead of :func:`fit_block_rows` (0: the whole matrix at once, the unblocked fit).
+    ``hessian`` ``[in, in]``, the covariance of the layer's inputs: the codes are then chosen with error feedback
+    (:mod:`fasq.fit.feedback`; one codebook, unblocked fits only: elsewhere it is ignored, with a log line).
     """
     if weight.dim() != 2:
         raise ValueError(f"{name}: expected a 2-D weight, got shape {tuple(weight.shape)}")
@@ -97,6 +103,9 @@ def quantize_weight(weight: torch.Tensor, config: FASQConfig, name: str = "weigh
     spec = planned_spec(out_f, in_f, config, bias is not None)
     signs = rotation_signs(in_f, seed) if spec.rotation_block else torch.zeros(0, dtype=torch.int8)
     rows = fit_block_rows(out_f, in_f, table) if block_rows is None else block_rows
+    if hessian is not None and (rows or config.num_codebooks != 1):
+        log.info("%s: error feedback needs one codebook and a fit of the whole matrix; coding it without", name)
+        hessian = None
     if rows:
         return _quantize_blocked(weight, config, name, bias, dev, spec, seed, signs, rows)
     w = weight.detach().to(dev, torch.float32)
@@ -129,6 +138,12 @@ def quantize_weight(weight: torch.Tensor, config: FASQConfig, name: str = "weigh
 
     # 5. Alternate: least-squares scales for the current codes, then re-assign codes.
     s, codes = _refine(wp, s, g, books, codes, spec, config)
+
+    # 6. Error feedback: re-code column pair by column pair against the input covariance (fasq.fit.feedback).
+    if hessian is not None:
+        h = feedback.rotated(hessian.to(dev, torch.float32), signs.to(dev), spec.rotation_block)
+        fed = feedback.feedback_codes(wp, s, g, books[0], spec.padded_in, h)
+        codes = codes if fed is None else [fed]
 
     codes_t = torch.stack([c.reshape(out_f, spec.n_sub) for c in codes])       # [M, out, n_sub]
     return spec, _stored(spec, name, pack_codes(codes_t, spec.bits).cpu(), torch.stack(books), s, signs, bias,

@@ -5,16 +5,19 @@ alone (:class:`fasq.fit.equalize.ResidualPower`).  That model is good where ever
 (Gemma 2/3) and poor where a few massive activations carry the stream (Llama-style models such as SmolLM2, whose
 massive channels sit on a few tokens the weights do not show).  No dataset is needed to see them: the model
 itself, sampled from its start token, writes text whose activations have them.  Here the model writes
-:data:`SEQUENCES` sequences of :data:`LENGTH` tokens (temperature 1, nucleus :data:`TOP_P`, a fixed seed), and
+:data:`SEQUENCES` sequences (``FASQConfig.sample_sequences``; the presets: 32) of :data:`LENGTH` tokens
+(temperature 1, nucleus :data:`TOP_P`, a fixed seed), and
 the mean square of every input channel of the attention projections, of gate/up and of down_proj over those
 tokens replaces the estimate.  No text, file or download is involved: the quantizer stays calibration-free in
 the sense that matters to a user (nothing but the model is needed), at the price of running the model for
-``SEQUENCES * LENGTH`` tokens of decoding (SmolLM2-135M: about 25 s on 2 CPU cores).
+``sequences * LENGTH`` tokens of decoding (SmolLM2-135M: about 25 s for 8 sequences on 2 CPU cores, about 60 s
+for 32).  The same tokens give the input covariances of error feedback (:mod:`fasq.fit.feedback`).
 
 Measured on SmolLM2-135M and Gemma-3-270M in docs/experiments.md (eleventh round).
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 
@@ -25,7 +28,7 @@ from ..families import family_of
 
 log = logging.getLogger(__name__)
 
-SEQUENCES = 8     # sequences sampled at once (one batch)
+SEQUENCES = 8     # sequences sampled at once (one batch), where the caller names no number
 LENGTH = 256      # tokens per sequence, the start token included
 TOP_P = 0.95      # nucleus sampling: the smallest set of tokens holding this much probability
 SEED = 0          # the sampler's seed: the same model gives the same tokens on the same device
@@ -45,7 +48,7 @@ def start_token(model: nn.Module) -> int:
 
 
 def _cache_kwarg(model: nn.Module) -> str:
-    """transformers renamed ``past_key_values`` to ``cache`` (5.2x); the name this model's forward takes."""
+    """transformers renamed ``past_key_values`` to ``cache`` (in the 5.2x releases); the name this model's forward takes."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
 
@@ -69,7 +72,8 @@ def sample_tokens(model: nn.Module, sequences: int | None = None, length: int | 
     constants).  One batch, with a KV cache; an EOS is just another token (the model goes on past it)."""
     from transformers import DynamicCache
 
-    sequences, length = sequences or SEQUENCES, length or LENGTH
+    sequences = SEQUENCES if sequences is None else sequences
+    length = LENGTH if length is None else length
     top_p, seed = top_p or TOP_P, SEED if seed is None else seed
     if length < 2 or sequences < 1:
         raise ValueError(f"sample_tokens: needs length >= 2 and sequences >= 1, got {length} and {sequences}")
@@ -117,13 +121,28 @@ def channel_powers(model: nn.Module, ids: torch.Tensor) -> list[tuple[torch.Tens
     return [tuple(sums[i, j] / n for j in range(3)) for i in range(len(blocks))]
 
 
-def sampled_powers(model: nn.Module, **sampling) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """:func:`channel_powers` over :func:`sample_tokens` (``sampling``: its keyword arguments)."""
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """``model`` in eval mode (no dropout while sampling and measuring), its mode restored after."""
     training = model.training
-    model.eval()   # no dropout while sampling and measuring
+    model.eval()
     try:
-        ids = sample_tokens(model, **sampling)
-        log.info("sampled_powers: %d x %d tokens from token %d", *ids.shape, start_token(model))
-        return channel_powers(model, ids)
+        yield model
     finally:
         model.train(training)
+
+
+def draw(model: nn.Module, **sampling) -> torch.Tensor:
+    """:func:`sample_tokens` in eval mode, logged (``sampling``: its keyword arguments)."""
+    with evaluating(model):
+        ids = sample_tokens(model, **sampling)
+    log.info("sampled %d x %d tokens from token %d", *ids.shape, start_token(model))
+    return ids
+
+
+def sampled_powers(model: nn.Module, ids: torch.Tensor | None = None,
+                   **sampling) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`channel_powers` over ``ids``, else over :func:`draw` (``sampling``: its keyword arguments)."""
+    ids = draw(model, **sampling) if ids is None else ids
+    with evaluating(model):
+        return channel_powers(model, ids)

@@ -114,6 +114,7 @@ class Workspace:
         self.writers: dict[str, FileWriter] = {}
         self.done: dict[str, dict] = {}
         self.powers: dict[str, tuple] = {}  # equalize="power" / "sampled": each block's powers, by equalize unit
+        self.covariances: dict[str, torch.Tensor] = {}  # error_feedback: each quantized layer's input covariance
         self.overrides: dict[str, TensorEntry] = {}  # checkpoint tensor -> its equalized copy in scratch/
         self.resumed = 0
         self._lock_fd: int | None = None
@@ -238,7 +239,8 @@ class Workspace:
         if u.kind == "quantize":
             weight = self._read(u.sources[0])
             bias = self._read(u.sources[1]) if len(u.sources) > 1 else None
-            spec, tensors = quantize_weight(weight, u.config, u.name, bias=bias, device=device, table=u.table)
+            spec, tensors = quantize_weight(weight, u.config, u.name, bias=bias, device=device, table=u.table,
+                                            hessian=self.covariances.get(u.name))
             del weight, bias
             if spec != u.spec:
                 raise RuntimeError(f"internal: {u.name}: quantize_weight made {spec}, the plan expected {u.spec} "
@@ -313,20 +315,33 @@ class Workspace:
         for u in self.plan.prep_units:
             self.powers[u.name] = res.step(self._load_block(u, hashed=False)[0])
 
-    def sampled_powers(self, device: torch.device) -> None:
-        """equalize="sampled": load the checkpoint whole, in its stored dtype, on ``device`` (the run checked that it
-        fits the memory budget), measure every block's input powers on text it samples
-        (:func:`fasq.fit.samples.sampled_powers`, as fasq.quantize does on the loaded model), and free it."""
+    def sample(self, device: torch.device) -> None:
+        """equalize="sampled" and error feedback: load the checkpoint whole, in its stored dtype, on ``device`` (the
+        run checked that it fits the memory budget), draw the samples (:func:`fasq.fit.samples.draw`) and measure
+        every block's input powers on them (equalize="sampled") and, with ``error_feedback``, every quantized layer's
+        input covariance after equalizing the loaded model as the equalize units do (:mod:`fasq.fit.feedback`), as
+        fasq.quantize does on the loaded model; then free it."""
         from transformers import AutoModelForCausalLM
 
-        from ..fit.samples import sampled_powers
+        from ..fit.equalize import equalize
+        from ..fit.feedback import covariances
+        from ..fit.samples import draw, evaluating, sampled_powers
         from ..io import stored_dtype
 
+        cfg = self.plan.config
         path = self.plan.source.path
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=stored_dtype(str(path)) or torch.float32)
-        powers = sampled_powers(model.to(device))
-        for u, p in zip(self.plan.prep_units, powers, strict=True):
-            self.powers[u.name] = p
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=stored_dtype(str(path)) or torch.float32).to(device)
+        ids = draw(model, sequences=cfg.sample_sequences)
+        powers = None
+        if cfg.equalize == "sampled":
+            powers = sampled_powers(model, ids)
+            for u, p in zip(self.plan.prep_units, powers, strict=True):
+                self.powers[u.name] = p
+        if cfg.error_feedback:
+            if cfg.equalize != "none":
+                equalize(model, cfg.equalize, powers=powers)
+            with evaluating(model):
+                self.covariances = covariances(model, ids, feedback_layers(self.plan))
 
     def _run_equalize(self, u: Unit) -> dict:
         """Load one decoder block in its stored dtype, run fasq.fit.equalize.equalize on it exactly as
@@ -440,10 +455,29 @@ class Workspace:
 
 
 # ----------------------------------------------------------------------------------------------
-def streamable(config: FASQConfig, model_bytes: int, budget: int) -> FASQConfig:
-    """The config a streaming run uses.  ``equalize="sampled"`` samples text with the whole model, so the run loads
-    the checkpoint once for that (then frees it) where its stored size fits the memory budget; where it does
-    not, the run uses ``"power"`` (estimated from the weights alone, one block at a time) and says so."""
+def feedback_layers(plan: Plan) -> list[str]:
+    """The layers a run with ``error_feedback`` measures input covariances for: every quantized linear but the
+    embedding tables (fit in blocks of rows, without feedback)."""
+    return [u.name for u in plan.units if u.kind == "quantize" and not u.table]
+
+
+def covariance_bytes(plan: Plan) -> int:
+    """What :meth:`Workspace.sample` holds for ``error_feedback``: one fp32 [in, in] per layer (an upper bound:
+    layers fed the same input share one)."""
+    return sum(4 * u.spec.in_features ** 2 for u in plan.units if u.kind == "quantize" and not u.table)
+
+
+def streamable(config: FASQConfig, model_bytes: int, budget: int, covariances: int = 0) -> FASQConfig:
+    """The config a streaming run uses.  ``equalize="sampled"`` and ``error_feedback`` sample text with the whole
+    model, so the run loads the checkpoint once for that (then frees it) where its stored size (and, for error
+    feedback, the ``covariances`` bytes it then holds) fits the memory budget; where it does not, the run uses
+    ``"power"`` (estimated from the weights alone, one block at a time) and no error feedback, and says so."""
+    if config.error_feedback and model_bytes + covariances > budget:
+        log.warning("error feedback samples text with the whole model and holds each layer's input covariance, "
+                    "%s in all, more than this run's memory budget of %s: this streaming run codes without it, and "
+                    "records that. Raise --max-memory for error feedback.", human_bytes(model_bytes + covariances),
+                    human_bytes(budget))
+        config = config.replace(error_feedback=False)
     if config.equalize != "sampled" or model_bytes <= budget:
         return config
     log.warning("equalize='sampled' samples text with the whole model, which takes %s, more than this run's memory "
@@ -480,20 +514,25 @@ def quantize_checkpoint(source, output, config: FASQConfig | None = None, *,
     budget = parse_size(max_memory) if max_memory is not None else default_memory_budget()
     workers = int(workers or ((os.cpu_count() or 1) if dev.type == "cpu" else 2))
     src = open_source(source)
-    config = streamable(config, sum((src.path / f).stat().st_size for f in src.files), budget)
+    model_bytes = sum((src.path / f).stat().st_size for f in src.files)
     plan = build_plan(src, config, layer_configs, parse_size(max_shard_size), target_bits, target_fraction)
+    usable = streamable(config, model_bytes, budget, covariance_bytes(plan) if config.error_feedback else 0)
+    if usable != config:
+        config = usable
+        plan = build_plan(src, config, layer_configs, parse_size(max_shard_size), target_bits, target_fraction)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Workspace.open(work_root, plan, restart=restart)
     prep = [u for u in plan.prep_units if u.name not in work.done]
     todo = [u for u in plan.units if u.name not in work.done]
     try:
+        todo_feedback = set(feedback_layers(plan)) & {u.name for u in todo} if plan.config.error_feedback else set()
+        if prep and plan.config.equalize == "power":
+            work.block_powers()
+        if (prep and plan.config.equalize == "sampled") or todo_feedback:   # a resumed run measures again
+            from ..cli_args import announce_sampling
+            announce_sampling(plan.config, show=progress)
+            work.sample(dev)
         if prep:
-            if plan.config.equalize == "power":
-                work.block_powers()
-            elif plan.config.equalize == "sampled":
-                from ..cli_args import announce_sampling
-                announce_sampling(plan.config, show=progress)
-                work.sampled_powers(dev)
             run_units(work, prep, dev, workers, budget, progress, desc="equalize")
         work.load_overrides()
         run_units(work, todo, dev, workers, budget, progress)

@@ -1,0 +1,60 @@
+"""Experiment: the preset with error feedback (``error_feedback=True``, :mod:`fasq.fit.feedback`): codes chosen
+column pair by column pair with GPTQ's update against each layer's input covariance, measured on the tokens the
+model samples itself (no data is read).
+
+    python benchmarks/feedback_experiment.py --name NAME [--model M] [--preset 4bit] [--seqs 32] [--damp 0.01]
+        [--off] key=value ...
+
+--off      the control: the preset with the same samples (sample_sequences) and no error feedback.
+--seqs     sequences of 256 tokens sampled (config.sample_sequences).
+--damp     added to the covariance's diagonal, as a fraction of its mean (fasq.fit.feedback.DAMP, patched).
+
+One JSON line per run goes to benchmarks/results/experiments.jsonl, as benchmarks/experiments.py writes.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from datetime import date
+
+import torch
+
+import fasq.fit.feedback as feedback
+from experiments import parse_kv, score_and_record
+from fasq.cli import load_any
+from fasq.config import preset
+from fasq.data import embedded_checkpoint
+from fasq.model import model_size_report, quantize
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--preset", default="4bit")
+    ap.add_argument("--seqs", type=int, default=32)
+    ap.add_argument("--damp", type=float, default=feedback.DAMP)
+    ap.add_argument("--off", action="store_true")
+    ap.add_argument("--max-tokens", type=int, default=8192)
+    ap.add_argument("--texts", default="lee,austen")
+    ap.add_argument("settings", nargs="*")
+    a = ap.parse_intermixed_args(argv)
+    torch.set_num_threads(2)
+    feedback.DAMP = a.damp
+    model, tok = load_any(str(embedded_checkpoint(a.model)))
+    rec = {"name": a.name, "model": a.model, "date": str(date.today()),
+           "machine": platform.processor() or platform.machine(), "max_tokens": a.max_tokens,
+           "feedback": not a.off, "damp": a.damp, "seqs": a.seqs}
+    cfg = preset(a.preset, **{"error_feedback": not a.off, "sample_sequences": a.seqs, **parse_kv(a.settings)})
+    t0 = time.perf_counter()
+    quantize(model, cfg, progress=False)
+    rec["quantize_seconds"] = round(time.perf_counter() - t0, 1)
+    rep = model_size_report(model)
+    rec.update(config={k: v for k, v in cfg.to_dict().items() if k not in ("skip_modules", "quant_method")},
+               bits_per_weight=round(rep["bits_per_weight"], 4), fraction_of_fp16=round(rep["fraction_of_fp16"], 4))
+    score_and_record(model, tok, rec, a.texts.split(","), a.max_tokens)
+
+
+if __name__ == "__main__":
+    main()
