@@ -48,6 +48,17 @@ def score_and_record(model, tok, rec: dict, texts, max_tokens: int) -> None:
         f.write(json.dumps(rec) + "\n")
 
 
+def quantize_score_and_record(model, tok, cfg, rec: dict, texts, max_tokens: int, **quantize_kw) -> None:
+    """Quantize ``model`` with ``cfg`` (timed), add its config and size to ``rec``, then :func:`score_and_record`."""
+    t0 = time.perf_counter()
+    quantize(model, cfg, progress=False, **quantize_kw)
+    rec["quantize_seconds"] = round(time.perf_counter() - t0, 1)
+    rep = model_size_report(model)
+    rec.update(config={k: v for k, v in cfg.to_dict().items() if k not in ("skip_modules", "quant_method")},
+               bits_per_weight=round(rep["bits_per_weight"], 4), fraction_of_fp16=round(rep["fraction_of_fp16"], 4))
+    score_and_record(model, tok, rec, texts, max_tokens)
+
+
 def main(argv=None):
     """Run one experiment; ``argv`` as on the command line (wrappers such as
     restarts_experiment.py patch the library first, then call this)."""
@@ -64,15 +75,12 @@ def main(argv=None):
     model, tok = load_any(str(embedded_checkpoint(a.model)))
     rec = {"name": a.name, "model": a.model, "date": str(date.today()), "machine": platform.processor() or platform.machine(),
            "max_tokens": a.max_tokens}
-    if not a.original:
-        cfg = FASQConfig(**parse_kv(a.settings))
-        t0 = time.perf_counter()
-        quantize(model, cfg, progress=False, target_bits=a.bits)
-        rec["quantize_seconds"] = round(time.perf_counter() - t0, 1)
-        rep = model_size_report(model)
-        rec.update(config={k: v for k, v in cfg.to_dict().items() if k not in ("skip_modules", "quant_method")},
-                   target_bits=a.bits, bits_per_weight=round(rep["bits_per_weight"], 4), fraction_of_fp16=round(rep["fraction_of_fp16"], 4))
-    score_and_record(model, tok, rec, a.texts.split(","), a.max_tokens)
+    if a.original:
+        score_and_record(model, tok, rec, a.texts.split(","), a.max_tokens)
+    else:
+        rec["target_bits"] = a.bits
+        quantize_score_and_record(model, tok, FASQConfig(**parse_kv(a.settings)), rec, a.texts.split(","),
+                                  a.max_tokens, target_bits=a.bits)
 
 
 if __name__ == "__main__":

@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 from datetime import date
 
 import torch
 
 import fasq.fit.feedback as feedback
-from experiments import parse_kv, score_and_record
+from experiments import parse_kv, quantize_score_and_record
 from fasq.cli import load_any
 from fasq.config import preset
 from fasq.data import embedded_checkpoint
-from fasq.model import model_size_report, quantize
 
 
 def main(argv=None):
@@ -47,13 +45,7 @@ def main(argv=None):
            "machine": platform.processor() or platform.machine(), "max_tokens": a.max_tokens,
            "feedback": not a.off, "damp": a.damp, "seqs": a.seqs}
     cfg = preset(a.preset, **{"error_feedback": not a.off, "sample_sequences": a.seqs, **parse_kv(a.settings)})
-    t0 = time.perf_counter()
-    quantize(model, cfg, progress=False)
-    rec["quantize_seconds"] = round(time.perf_counter() - t0, 1)
-    rep = model_size_report(model)
-    rec.update(config={k: v for k, v in cfg.to_dict().items() if k not in ("skip_modules", "quant_method")},
-               bits_per_weight=round(rep["bits_per_weight"], 4), fraction_of_fp16=round(rep["fraction_of_fp16"], 4))
-    score_and_record(model, tok, rec, a.texts.split(","), a.max_tokens)
+    quantize_score_and_record(model, tok, cfg, rec, a.texts.split(","), a.max_tokens)
 
 
 if __name__ == "__main__":
