@@ -13,7 +13,8 @@ from fasq.fit import feedback
 from fasq.fit.kmeans import assign
 from fasq.fit.pq import quantize_weight
 from fasq.fit.samples import sample_tokens
-from fasq.reference import add_outliers_to_weight, dequantize, rotate
+from fasq.nn import PQLinear
+from fasq.reference import rotate
 
 from conftest import tiny_model
 
@@ -31,8 +32,7 @@ def _correlated(n: int, dim: int, seed: int = 0) -> torch.Tensor:
 
 
 def _stored_weight(spec, t):
-    w = dequantize(spec, t["codes"], t["codebooks"], t["scales"], t["rot_signs"])
-    return add_outliers_to_weight(w, (t["outlier_idx"], t["outlier_val"]) if "outlier_idx" in t else None)
+    return PQLinear.from_tensors(spec, **t).dequantize()
 
 
 def test_identity_covariance_codes_each_sub_vector_by_its_nearest_centroid():

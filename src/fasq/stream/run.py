@@ -341,7 +341,7 @@ class Workspace:
             if cfg.equalize != "none":
                 equalize(model, cfg.equalize, powers=powers)
             with evaluating(model):
-                self.covariances = covariances(model, ids, feedback_layers(self.plan))
+                self.covariances = covariances(model, ids, list(feedback_layers(self.plan)))
 
     def _run_equalize(self, u: Unit) -> dict:
         """Load one decoder block in its stored dtype, run fasq.fit.equalize.equalize on it exactly as
@@ -455,16 +455,16 @@ class Workspace:
 
 
 # ----------------------------------------------------------------------------------------------
-def feedback_layers(plan: Plan) -> list[str]:
-    """The layers a run with ``error_feedback`` measures input covariances for: every quantized linear but the
-    embedding tables (fit in blocks of rows, without feedback)."""
-    return [u.name for u in plan.units if u.kind == "quantize" and not u.table]
+def feedback_layers(plan: Plan) -> dict[str, Unit]:
+    """The layers a run with ``error_feedback`` measures input covariances for, by name: every quantized linear but
+    the embedding tables (fit in blocks of rows, without feedback)."""
+    return {u.name: u for u in plan.units if u.kind == "quantize" and not u.table}
 
 
 def covariance_bytes(plan: Plan) -> int:
     """What :meth:`Workspace.sample` holds for ``error_feedback``: one fp32 [in, in] per layer (an upper bound:
     layers fed the same input share one)."""
-    return sum(4 * u.spec.in_features ** 2 for u in plan.units if u.kind == "quantize" and not u.table)
+    return sum(4 * u.spec.in_features ** 2 for u in feedback_layers(plan).values())
 
 
 def streamable(config: FASQConfig, model_bytes: int, budget: int, covariances: int = 0) -> FASQConfig:
@@ -525,7 +525,7 @@ def quantize_checkpoint(source, output, config: FASQConfig | None = None, *,
     prep = [u for u in plan.prep_units if u.name not in work.done]
     todo = [u for u in plan.units if u.name not in work.done]
     try:
-        todo_feedback = set(feedback_layers(plan)) & {u.name for u in todo} if plan.config.error_feedback else set()
+        todo_feedback = feedback_layers(plan).keys() & {u.name for u in todo} if plan.config.error_feedback else set()
         if prep and plan.config.equalize == "power":
             work.block_powers()
         if (prep and plan.config.equalize == "sampled") or todo_feedback:   # a resumed run measures again
