@@ -16,7 +16,7 @@ from fasq.fit.samples import sample_tokens
 from fasq.nn import PQLinear
 from fasq.reference import rotate
 
-from conftest import tiny_model
+from conftest import tiny_config, tiny_model
 
 
 def _weighted_error(w, wq, h):
@@ -87,6 +87,73 @@ def test_covariances_are_each_inputs_second_moment_shared_where_inputs_are(llama
     assert torch.allclose(cov["model.layers.0.mlp.down_proj"], x.T @ x / ids.numel(), rtol=1e-4, atol=1e-6)
 
 
+def _linears(model, part=".layers."):
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and part in n]
+
+
+def test_steps_go_block_by_block(llama):
+    names = _linears(llama)
+    steps = [sorted(s) for s in feedback.sequential_covariances(llama, torch.randint(0, 320, (2, 8)), names)]
+    assert steps == [sorted(n for n in names if f".layers.{i}." in n) for i in range(len(llama.model.layers))]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_each_step_measures_the_model_as_the_steps_before_it_left_it(arch):
+    """Changing each step's layers before the next (as the caller quantizes them) gives every later block's layers
+    the covariance of the changed model's inputs, exactly as whole forwards of that model measure it: the blocks
+    are replayed one by one with each block's own masks and position embeddings (Gemma 3 mixes sliding and full
+    attention)."""
+    def make():
+        if arch == "llama":
+            return tiny_model(arch).eval()
+        from transformers import AutoModelForCausalLM
+        cfg = tiny_config(arch, 320)
+        cfg.sliding_window, cfg.layer_types = 4, ["sliding_attention", "full_attention"]   # masks differ by block
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+    model = make()
+    ids = torch.randint(0, 320, (3, 12))
+    names = _linears(model)
+    got = {}
+    for step in feedback.sequential_covariances(model, ids, names):
+        got.update(step)
+        for n in step:
+            with torch.no_grad():
+                model.get_submodule(n).weight.mul_(0.5).add_(0.01)   # any change, as quantizing makes one
+    want = feedback.covariances(make(), ids, names[:1])  # the first layer sees the unchanged model
+    assert torch.allclose(got[names[0]], want[names[0]], rtol=1e-4, atol=1e-6)
+    changed = make()
+    for n in names:
+        if ".layers.0." in n:
+            with torch.no_grad():
+                changed.get_submodule(n).weight.mul_(0.5).add_(0.01)
+    later = [n for n in names if ".layers.1." in n]
+    want = feedback.covariances(changed, ids, later)
+    assert all(torch.allclose(got[n], want[n], rtol=1e-4, atol=1e-6) for n in later)
+
+
+def test_a_layer_no_sample_reaches_is_in_a_step_without_a_covariance(llama):
+    """(an MoE expert never routed to): it is still fit, with the plain codes."""
+    llama.model.layers[0].mlp.unused = torch.nn.Linear(64, 64)
+    names = _linears(llama)
+    steps = list(feedback.sequential_covariances(llama, torch.randint(0, 320, (2, 8)), names))
+    assert sorted(n for s in steps for n in s) == sorted(names)
+    assert [s["model.layers.0.mlp.unused"] for s in steps if "model.layers.0.mlp.unused" in s] == [None]
+
+
+def test_blocks_that_cannot_be_called_alone_are_measured_by_whole_forwards(llama, monkeypatch, caplog):
+    monkeypatch.setattr(feedback, "_replays", lambda *a: False)
+    ids = torch.randint(0, 320, (2, 8))
+    names = _linears(llama)
+    with caplog.at_level("WARNING"):
+        steps = list(feedback.sequential_covariances(llama, ids, names))
+    assert "cannot be called one by one" in caplog.text
+    assert len(steps) == 1 and set(steps[0]) == set(names)
+    want = feedback.covariances(llama, ids, names)
+    assert all(torch.equal(steps[0][n], want[n]) for n in names)
+
+
 def test_passes_split_by_bytes_and_keep_every_layer(llama):
     names = [n for n, m in llama.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
     one = feedback.covariance_passes(llama, names)
@@ -95,14 +162,13 @@ def test_passes_split_by_bytes_and_keep_every_layer(llama):
     assert [n for p in small for n in p] == names and all(len(p) == 1 for p in small)
 
 
-def test_quantize_with_feedback_records_it_reloads_and_passes_do_not_change_it(tmp_path, monkeypatch):
-    """fasq.quantize(error_feedback=True): the codes do not depend on how many forward passes measure the
-    covariances (all on the unquantized model); the saved model records it and reloads."""
+def test_quantize_with_feedback_records_it_reloads_and_workers_do_not_change_it(tmp_path, monkeypatch):
+    """fasq.quantize(error_feedback=True): the codes do not depend on how many threads fit the layers; the saved
+    model records the feedback and reloads."""
     monkeypatch.setattr("fasq.fit.samples.LENGTH", 16)
     cfg = preset("4bit", error_feedback=True, sample_sequences=3, target_bits=None)
-    a = fasq.quantize(tiny_model("llama"), cfg, progress=False)
-    monkeypatch.setattr("fasq.fit.feedback.PASS_BYTES", 1)
-    b = fasq.quantize(tiny_model("llama"), cfg, progress=False)
+    a = fasq.quantize(tiny_model("llama"), cfg, progress=False, num_workers=2)
+    b = fasq.quantize(tiny_model("llama"), cfg, progress=False, num_workers=1)
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     c = fasq.quantize(tiny_model("llama"), cfg.replace(error_feedback=False), progress=False)

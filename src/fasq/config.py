@@ -67,7 +67,8 @@ class FASQConfig:
     embedding_codebook_size: int = 512
     size_scope: str = "linears"    # target_bits / target sizes in bits: of the quantized linears or the whole "model"
     # Codes chosen with GPTQ-style error feedback against each layer's input covariance, measured on text the
-    # model samples itself (fasq.fit.feedback; no data is read), and how many sequences it samples for that and
+    # model samples itself with the layers before it quantized (fasq.fit.feedback; no data is read), and how many
+    # sequences it samples for that and
     # for equalize="sampled" (fasq.fit.samples: LENGTH tokens each).
     error_feedback: bool = False
     sample_sequences: int = 8

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .config import FASQConfig
 from .fit.equalize import equalize
-from .fit.feedback import covariance_passes, covariances
+from .fit.feedback import sequential_covariances
 from .fit.samples import draw, evaluating, sampled_powers
 from .fit.pq import NonFiniteWeightError, quantize_weight
 from .format import LayerSpec
@@ -107,38 +107,36 @@ def quantize(model: nn.Module, config: FASQConfig | None = None, *, progress: bo
                                         table=layer.table, hessian=cov.get(layer.name))
         return layer.name, lin, spec, tensors, time.perf_counter() - t0
 
-    # Error feedback: the layers' input covariances, at most PASS_BYTES of them at a time (a forward over the samples
-    # per pass), all measured on the unquantized model: layers are replaced only once every layer is fit.
-    fed = [layer.name for layer in targets if not layer.table] if config.error_feedback else []
-    passes = covariance_passes(model, fed) if fed else []
-    batches = [[t for t in targets if t.name in set(p)] for p in passes] + [[t for t in targets if t.name not in set(fed)]]
-    fitted = []
+    def fit_all(batch: list[LayerPlan]) -> None:
+        for name, lin, spec, tensors, dt in pool.map(fit, batch):
+            dev = lin.weight.device
+            _set_module(model, name, PQLinear.from_tensors(spec, **{k: v.to(dev) for k, v in tensors.items()}))
+            modules[name] = spec.to_dict()
+            bar.set_postfix_str(name, refresh=False)
+            bar.update(1)
+            log.debug("%s: %s in %.2fs", name, spec, dt)
+            if callback:
+                callback(name, spec, dt)
 
-    # Layers are independent: fit them on a thread pool (faiss and torch release the GIL), each
-    # single-threaded, which beats one layer on all cores (k-means on one layer scales poorly and
-    # OpenMP spin-waits badly when the machine is busy).  Results are the same for any worker count.
+    # Error feedback: each step's covariances measured with the layers of the steps before it already quantized
+    # (GPTQ's order, fasq.fit.feedback.sequential_covariances); the layers without feedback come after.
+    fed = [layer.name for layer in targets if not layer.table] if config.error_feedback else []
+    done = set(fed)
+
+    # Layers are independent given their covariances: fit them on a thread pool (faiss and torch release the GIL),
+    # each single-threaded, which beats one layer on all cores (k-means on one layer scales poorly and OpenMP
+    # spin-waits badly when the machine is busy).  Results are the same for any worker count.
     emb = plan.embedding
     with single_threaded(workers > 1), ThreadPoolExecutor(max_workers=workers) as pool:
         # An untied embedding table is fit like one more layer (a tied one is the head's, fit above).
         emb_job = pool.submit(_fit_table, emb, device) if emb is not None and emb.tied_head is None else None
-        for names, batch in zip(passes + [None], batches):
-            cov.clear()
-            if names:
-                with evaluating(model):
-                    cov.update(covariances(model, ids, names))
-            for name, lin, spec, tensors, dt in pool.map(fit, batch):
-                fitted.append((name, lin, spec, tensors))
-                modules[name] = spec.to_dict()
-                bar.set_postfix_str(name, refresh=False)
-                bar.update(1)
-                log.debug("%s: %s in %.2fs", name, spec, dt)
-                if callback:
-                    callback(name, spec, dt)
-        cov.clear()
-        for name, lin, spec, tensors in fitted:
-            dev = lin.weight.device
-            _set_module(model, name, PQLinear.from_tensors(spec, **{k: v.to(dev) for k, v in tensors.items()}))
-        del fitted
+        if fed:
+            with evaluating(model):
+                for step in sequential_covariances(model, ids, fed):
+                    cov.update(step)
+                    fit_all([layer for layer in targets if layer.name in step])
+                    cov.clear()
+        fit_all([layer for layer in targets if layer.name not in done])
         emb_tensors = emb_job.result() if emb_job is not None else None
     bar.close()
     embeddings = None

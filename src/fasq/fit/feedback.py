@@ -9,20 +9,24 @@ coded in the metric of ``H``'s inverse restricted to its columns, against the fi
 usual fit (:func:`fasq.fit.pq.quantize_weight`), in the rotated basis the codes live in.
 
 ``H`` comes from the tokens :mod:`fasq.fit.samples` draws (the model's own text, no data is read): over
-:data:`fasq.fit.samples.SEQUENCES` x :data:`fasq.fit.samples.LENGTH` tokens after equalization, so it is the
-covariance of the very inputs the stored weights see.  Too few tokens make the update fit those tokens rather than
-text in general (docs/experiments.md, twelfth round), hence the presets' larger ``sample_sequences``.
+``sample_sequences`` x :data:`fasq.fit.samples.LENGTH` tokens after equalization, so it is the covariance of the
+very inputs the stored weights see.  It is measured in GPTQ's order (:func:`sequential_covariances`): block by
+block, each block's with the blocks before it already quantized, so each layer is coded for the inputs the
+quantized model will feed it.  Too few tokens make the update fit those
+tokens rather than text in general (docs/experiments.md, twelfth round), hence the presets' larger
+``sample_sequences``.
 """
 from __future__ import annotations
 
-import inspect
 import logging
+from typing import Iterator
 
 import torch
 from torch import nn
 
 from ..reference import rotate
 from .kmeans import assign
+from .samples import forward_each
 
 log = logging.getLogger(__name__)
 
@@ -31,46 +35,161 @@ BLOCK = 128          # columns updated together before the rest of the matrix is
 PASS_BYTES = 1 << 30  # covariances held at once; more layers take more forward passes over the samples
 
 
+class _Covariances:
+    """Forward hooks that sum ``x^T x`` over the input ``x`` of each named linear (fp32, on the CPU).  Layers fed the
+    same tensor within one forward (q/k/v, gate/up) share one matrix: a forward's inputs are held until
+    :meth:`next_forward`, so no freed tensor's memory is taken for a shared input."""
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.alias: dict[str, str] = {}
+        self.seen: list[tuple[torch.Tensor, str]] = []
+        self.hooks = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
+
+    def _hook(self, name: str):
+        def hook(_m, args, _out):
+            x = args[0]
+            if name in self.alias:
+                return
+            owner = next((n for t, n in self.seen if t is x), None)
+            if owner is not None and name not in self.sums:
+                self.alias[name] = owner
+                return
+            self.seen.append((x, name))
+            x = x.detach().float().reshape(-1, x.shape[-1])
+            h = (x.T @ x).cpu()
+            self.sums[name] = self.sums[name] + h if name in self.sums else h
+        return hook
+
+    def next_forward(self) -> None:
+        self.seen.clear()
+
+    def result(self, tokens: int) -> dict[str, torch.Tensor]:
+        """The means over ``tokens`` inputs; shared inputs give one matrix object.  Removes the hooks."""
+        self.remove()
+        out = {k: v / tokens for k, v in self.sums.items()}
+        for k, v in self.alias.items():
+            out[k] = out[v]
+        return out
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+
 @torch.no_grad()
 def covariances(model: nn.Module, ids: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
     """``E[x x^T]`` (fp32, CPU) of the input of each linear in ``names`` over the tokens ``ids``
     ``[sequences, length]``, one sequence per forward.  Layers fed the same tensor (q/k/v, gate/up) share
     one matrix object."""
     modules = dict(model.named_modules())
-    sums: dict[str, torch.Tensor] = {}
-    alias: dict[str, str] = {}
-    seen: list[tuple[torch.Tensor, str]] = []   # this forward's inputs (held, so no other tensor takes their place)
+    acc = _Covariances({n: modules[n] for n in names})
+    try:
+        forward_each(model, ids, acc.next_forward)
+    finally:
+        acc.remove()
+    return acc.result(ids.numel())
 
-    def keep(name: str):
-        def hook(_m, args, _out):
-            x = args[0]
-            if name in alias:
-                return
-            owner = next((n for t, n in seen if t is x), None)
-            if owner is not None and name not in sums:
-                alias[name] = owner
-                return
-            seen.append((x, name))
-            x = x.detach().float().reshape(-1, x.shape[-1])
-            h = (x.T @ x).cpu()
-            sums[name] = sums[name] + h if name in sums else h
+
+def decoder_blocks(model: nn.Module, names: list[str]) -> list[tuple[str, nn.Module]]:
+    """``(name, block)`` for each element of the ``nn.ModuleList`` of ``model`` that holds the most of ``names``
+    (a decoder's blocks), in order; ``[]`` where no list holds layers of two of its elements."""
+    best, count = [], 0
+    for lname, m in model.named_modules():
+        if not lname or not isinstance(m, nn.ModuleList) or len(m) < 2:
+            continue
+        held = [n for n in names if n.startswith(lname + ".")]
+        if len({n[len(lname) + 1:].split(".", 1)[0] for n in held}) >= 2 and len(held) > count:
+            best, count = [(f"{lname}.{i}", b) for i, b in enumerate(m)], len(held)
+    return best
+
+
+def _block_calls(model: nn.Module, ids: torch.Tensor, blocks: list[tuple[str, nn.Module]]):
+    """One forward per sequence: the first block's input hidden states, and the other arguments every block is
+    called with (masks, position embeddings: each block's own), per sequence; also the second block's input for
+    the first sequence (:func:`_replays` checks against it)."""
+    hidden: list[torch.Tensor] = []
+    calls: list[list[tuple[tuple, dict]]] = [[] for _ in blocks]
+    second: list[torch.Tensor] = []
+
+    def pre(i: int):
+        def hook(_m, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            if i == 0:
+                hidden.append(x)
+            elif i == 1 and not second:
+                second.append(x)
+            calls[i].append((args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"}))
         return hook
 
-    hooks = [modules[n].register_forward_hook(keep(n)) for n in names]
-    device = next(model.parameters()).device
-    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    hooks = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, (_, b) in enumerate(blocks)]
     try:
-        for row in ids:
-            seen.clear()
-            model(input_ids=row[None].to(device), use_cache=False, **keep_last)
+        forward_each(model, ids)
     finally:
         for h in hooks:
             h.remove()
-    n = ids.numel()
-    out = {k: v / n for k, v in sums.items()}
-    for k, v in alias.items():
-        out[k] = out[v]
-    return out
+    return hidden, calls, second[0]
+
+
+def _call(block: nn.Module, x: torch.Tensor, call: tuple[tuple, dict]) -> torch.Tensor:
+    y = block(x, *call[0], **call[1])
+    return y[0] if isinstance(y, (tuple, list)) else y
+
+
+def _replays(block: nn.Module, x: torch.Tensor, call: tuple[tuple, dict], want: torch.Tensor) -> bool:
+    """Whether calling ``block`` alone on what it was given in the model's forward gives the next block's input."""
+    try:
+        y = _call(block, x, call)
+    except Exception as e:   # noqa: BLE001  (a block that cannot be called alone: the caller falls back)
+        log.debug("replaying a decoder block failed: %r", e)
+        return False
+    return isinstance(y, torch.Tensor) and y.shape == want.shape and torch.allclose(y, want, rtol=1e-4, atol=1e-5)
+
+
+def sequential_covariances(model: nn.Module, ids: torch.Tensor, names: list[str]
+                           ) -> Iterator[dict[str, torch.Tensor | None]]:
+    """The input covariances of ``names`` in GPTQ's order, a step at a time: **the caller replaces each step's layers
+    by their quantized form before asking for the next step**, so each layer's covariance is that of the inputs the
+    quantized blocks before it give it.  A step is a decoder block (:func:`decoder_blocks`): the samples' hidden
+    states enter the block, its layers' covariances are measured (within the block on its unquantized layers: GPTQ's
+    "true sequential" order, each layer after the ones before it in the block are quantized, scored worse here,
+    docs/experiments.md, thirteenth round), then the quantized block's outputs feed the next block.  Layers outside
+    the blocks come last, measured by whole forwards (at most :data:`PASS_BYTES` of covariances a pass).  Where the
+    blocks cannot be called one by one (the check: block 0 alone must give block 1's input), every layer is measured
+    by whole forwards, pass after pass, with a warning.  Each step is a dict name -> covariance (layers fed one
+    tensor share a matrix; None for a layer no sample reached, such as an expert never routed to); ``model`` must
+    stay in eval mode while the iterator runs."""
+    blocks = decoder_blocks(model, names)
+    hidden: list[torch.Tensor] = []
+    if blocks:
+        with torch.no_grad():
+            hidden, calls, second = _block_calls(model, ids, blocks)
+            if not _replays(blocks[0][1], hidden[0], calls[0][0], second):
+                log.warning("error feedback: this model's decoder blocks cannot be called one by one (%s), so each "
+                            "layer's input covariance is measured by whole forward passes",
+                            type(blocks[0][1]).__name__)
+                blocks = []
+    inside = set()
+    for i, (prefix, block) in enumerate(blocks):
+        mine = [n for n in names if n.startswith(prefix + ".")]
+        inside.update(mine)
+        if mine:
+            with torch.no_grad():
+                acc = _Covariances({n: block.get_submodule(n[len(prefix) + 1:]) for n in mine})
+                try:
+                    for x, call in zip(hidden, calls[i]):
+                        acc.next_forward()
+                        _call(block, x, call)
+                finally:
+                    acc.remove()
+            yield {n: None for n in mine} | acc.result(ids.numel())
+        if i + 1 < len(blocks):
+            with torch.no_grad():
+                hidden = [_call(block, x, call) for x, call in zip(hidden, calls[i])]
+    hidden = []
+    for p in covariance_passes(model, [n for n in names if n not in inside]):
+        yield {n: None for n in p} | covariances(model, ids, p)
 
 
 def covariance_passes(model: nn.Module, names: list[str], limit: int | None = None) -> list[list[str]]:

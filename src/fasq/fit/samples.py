@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+from typing import Callable
 
 import torch
 from torch import nn
@@ -88,6 +89,19 @@ def sample_tokens(model: nn.Module, sequences: int | None = None, length: int | 
 
 
 @torch.no_grad()
+def forward_each(model: nn.Module, ids: torch.Tensor, before_each: Callable[[], None] | None = None) -> None:
+    """One forward of ``model`` per sequence of ``ids`` ``[sequences, length]``, for the hooks that measure them
+    (``before_each`` runs before each); no KV cache, and only the last position's logits where the model allows it
+    (the head's are not needed)."""
+    device = next(model.parameters()).device
+    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    for row in ids:
+        if before_each is not None:
+            before_each()
+        model(input_ids=row[None].to(device), use_cache=False, **keep_last)
+
+
+@torch.no_grad()
 def channel_powers(model: nn.Module, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per decoder block: the mean square of each input channel of the attention projections, of gate/up and of
     down_proj (fp32, on the CPU) over the tokens of ``ids`` ``[sequences, length]``, one sequence per forward.
@@ -109,11 +123,8 @@ def channel_powers(model: nn.Module, ids: torch.Tensor) -> list[tuple[torch.Tens
         for j, lin in enumerate((getattr(attn, fam.attention_inputs[0]), getattr(mlp, fam.gate),
                                  getattr(mlp, fam.down))):
             hooks.append(lin.register_forward_hook(keep(i, j)))
-    device = next(model.parameters()).device
-    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     try:
-        for row in ids:
-            model(input_ids=row[None].to(device), use_cache=False, **keep_last)   # the head's logits are not needed
+        forward_each(model, ids)
     finally:
         for h in hooks:
             h.remove()

@@ -36,7 +36,9 @@ from .. import manifest as fasq_manifest
 from ..config import FASQConfig
 from ..errors import StorageRangeError, check_fp16_range
 from ..fit.pq import NonFiniteWeightError, quantize_weight
-from ..model import warn_if_larger
+from ..format import LayerSpec
+from ..model import _set_module, warn_if_larger
+from ..nn import PQLinear
 from ..outputs import check_output, move_into_place, remove_stale_temporaries
 from .plan import COMPANION_PATTERNS, INDEX_NAME, Plan, Unit, build_plan, open_source
 from .schedule import default_memory_budget, human_bytes, parse_size, run_units
@@ -114,7 +116,8 @@ class Workspace:
         self.writers: dict[str, FileWriter] = {}
         self.done: dict[str, dict] = {}
         self.powers: dict[str, tuple] = {}  # equalize="power" / "sampled": each block's powers, by equalize unit
-        self.covariances: dict[str, torch.Tensor] = {}  # error_feedback: each quantized layer's input covariance
+        # error_feedback: the layers Workspace.sample fit (name -> (spec, tensors)), written by their quantize units
+        self.fitted: dict[str, tuple[LayerSpec, dict[str, torch.Tensor]]] = {}
         self.overrides: dict[str, TensorEntry] = {}  # checkpoint tensor -> its equalized copy in scratch/
         self.resumed = 0
         self._lock_fd: int | None = None
@@ -237,11 +240,15 @@ class Workspace:
         hashes = {}
         src = self.plan.source.path
         if u.kind == "quantize":
-            weight = self._read(u.sources[0])
-            bias = self._read(u.sources[1]) if len(u.sources) > 1 else None
-            spec, tensors = quantize_weight(weight, u.config, u.name, bias=bias, device=device, table=u.table,
-                                            hessian=self.covariances.get(u.name))
-            del weight, bias
+            if u.name in self.fitted:
+                spec, tensors = self.fitted.pop(u.name)
+            elif self.plan.config.error_feedback and u.name in feedback_layers(self.plan):
+                raise RuntimeError(f"internal: {u.name}: error feedback's layer was not fit by Workspace.sample")
+            else:
+                weight = self._read(u.sources[0])
+                bias = self._read(u.sources[1]) if len(u.sources) > 1 else None
+                spec, tensors = quantize_weight(weight, u.config, u.name, bias=bias, device=device, table=u.table)
+                del weight, bias
             if spec != u.spec:
                 raise RuntimeError(f"internal: {u.name}: quantize_weight made {spec}, the plan expected {u.spec} "
                                    "(fasq.fit.pq.planned_spec is out of date)")
@@ -318,13 +325,14 @@ class Workspace:
     def sample(self, device: torch.device) -> None:
         """equalize="sampled" and error feedback: load the checkpoint whole, in its stored dtype, on ``device`` (the
         run checked that it fits the memory budget), draw the samples (:func:`fasq.fit.samples.draw`) and measure
-        every block's input powers on them (equalize="sampled") and, with ``error_feedback``, every quantized layer's
-        input covariance after equalizing the loaded model as the equalize units do (:mod:`fasq.fit.feedback`), as
-        fasq.quantize does on the loaded model; then free it."""
+        every block's input powers on them (equalize="sampled"); with ``error_feedback``, equalize the loaded model
+        as the equalize units do and fit every layer that takes feedback in GPTQ's order, as fasq.quantize does
+        (:func:`fasq.fit.feedback.sequential_covariances`: each layer's covariance needs the layers before it
+        quantized), keeping the results for the quantize units to write; then free the model."""
         from transformers import AutoModelForCausalLM
 
         from ..fit.equalize import equalize
-        from ..fit.feedback import covariances
+        from ..fit.feedback import sequential_covariances
         from ..fit.samples import draw, evaluating, sampled_powers
         from ..io import stored_dtype
 
@@ -340,8 +348,15 @@ class Workspace:
         if cfg.error_feedback:
             if cfg.equalize != "none":
                 equalize(model, cfg.equalize, powers=powers)
+            units = feedback_layers(self.plan)
             with evaluating(model):
-                self.covariances = covariances(model, ids, list(feedback_layers(self.plan)))
+                for step in sequential_covariances(model, ids, list(units)):
+                    for name in [n for n in units if n in step]:
+                        lin = model.get_submodule(name)
+                        spec, tensors = quantize_weight(lin.weight, units[name].config, name, bias=lin.bias,
+                                                        device=device, hessian=step[name])
+                        _set_module(model, name, PQLinear.from_tensors(spec, **tensors))
+                        self.fitted[name] = spec, {k: v.cpu() for k, v in tensors.items()}
 
     def _run_equalize(self, u: Unit) -> dict:
         """Load one decoder block in its stored dtype, run fasq.fit.equalize.equalize on it exactly as
@@ -456,15 +471,15 @@ class Workspace:
 
 # ----------------------------------------------------------------------------------------------
 def feedback_layers(plan: Plan) -> dict[str, Unit]:
-    """The layers a run with ``error_feedback`` measures input covariances for, by name: every quantized linear but
+    """The layers a run with ``error_feedback`` fits in :meth:`Workspace.sample`, by name: every quantized linear but
     the embedding tables (fit in blocks of rows, without feedback)."""
     return {u.name: u for u in plan.units if u.kind == "quantize" and not u.table}
 
 
 def covariance_bytes(plan: Plan) -> int:
-    """What :meth:`Workspace.sample` holds for ``error_feedback``: one fp32 [in, in] per layer (an upper bound:
-    layers fed the same input share one)."""
-    return sum(4 * u.spec.in_features ** 2 for u in feedback_layers(plan).values())
+    """What :meth:`Workspace.sample` holds for ``error_feedback`` besides the model: the layers it fits until their
+    units write them, and one fp32 [in, in] covariance per layer (an upper bound: it holds one block's at a time)."""
+    return sum(4 * u.spec.in_features ** 2 + u.spec.weight_storage_bytes() for u in feedback_layers(plan).values())
 
 
 def streamable(config: FASQConfig, model_bytes: int, budget: int, covariances: int = 0) -> FASQConfig:
@@ -473,8 +488,8 @@ def streamable(config: FASQConfig, model_bytes: int, budget: int, covariances: i
     feedback, the ``covariances`` bytes it then holds) fits the memory budget; where it does not, the run uses
     ``"power"`` (estimated from the weights alone, one block at a time) and no error feedback, and says so."""
     if config.error_feedback and model_bytes + covariances > budget:
-        log.warning("error feedback samples text with the whole model and holds each layer's input covariance, "
-                    "%s in all, more than this run's memory budget of %s: this streaming run codes without it, and "
+        log.warning("error feedback samples text with the whole model and fits its layers there (with their input "
+                    "covariances), %s in all, more than this run's memory budget of %s: this streaming run codes without it, and "
                     "records that. Raise --max-memory for error feedback.", human_bytes(model_bytes + covariances),
                     human_bytes(budget))
         config = config.replace(error_feedback=False)
