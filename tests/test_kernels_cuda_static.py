@@ -6,7 +6,8 @@ loop's SASS instructions per code no higher than today's (a regression guard).  
 compiles the representative set (every compile-time branch, about 30 s on two cores);
 FASQ_STATIC_FULL=1 compiles every distinct build the planner makes (264 builds x 2 archs: 6-12
 12 minutes on two shared cores).  Skipped
-where nvcc or cuobjdump is missing (pip install nvidia-cuda-cuobjdump provides cuobjdump).
+where nvcc, cuobjdump or nvdisasm is missing (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm provide
+the last two).
 """
 from __future__ import annotations
 

@@ -177,7 +177,8 @@ def find_tool(name: str) -> Optional[str]:
 
 
 def missing_tools() -> list[str]:
-    return [t for t in ("nvcc", "cuobjdump") if find_tool(t) is None]
+    """The tools this module needs and cannot find (``cuobjdump -sass`` runs ``nvdisasm``)."""
+    return [t for t in ("nvcc", "cuobjdump", "nvdisasm") if find_tool(t) is None]
 
 
 @functools.lru_cache(maxsize=None)
