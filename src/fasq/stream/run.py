@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -37,7 +38,7 @@ from ..config import FASQConfig
 from ..errors import StorageRangeError, check_fp16_range
 from ..fit.pq import NonFiniteWeightError, quantize_weight
 from ..format import LayerSpec
-from ..model import _set_module, warn_if_larger
+from ..model import _set_module, single_threaded, warn_if_larger
 from ..nn import PQLinear
 from ..outputs import check_output, move_into_place, remove_stale_temporaries
 from .plan import COMPANION_PATTERNS, INDEX_NAME, Plan, Unit, build_plan, open_source
@@ -322,13 +323,14 @@ class Workspace:
         for u in self.plan.prep_units:
             self.powers[u.name] = res.step(self._load_block(u, hashed=False)[0])
 
-    def sample(self, device: torch.device) -> None:
+    def sample(self, device: torch.device, workers: int = 1) -> None:
         """equalize="sampled" and error feedback: load the checkpoint whole, in its stored dtype, on ``device`` (the
         run checked that it fits the memory budget), draw the samples (:func:`fasq.fit.samples.draw`) and measure
         every block's input powers on them (equalize="sampled"); with ``error_feedback``, equalize the loaded model
         as the equalize units do and fit every layer that takes feedback in GPTQ's order, as fasq.quantize does
         (:func:`fasq.fit.feedback.sequential_covariances`: each layer's covariance needs the layers before it
-        quantized), keeping the results for the quantize units to write; then free the model."""
+        quantized; a block's layers on ``workers`` threads, as fasq.quantize fits them), keeping the results for the
+        quantize units to write; then free the model."""
         from transformers import AutoModelForCausalLM
 
         from ..fit.equalize import equalize
@@ -349,12 +351,16 @@ class Workspace:
             if cfg.equalize != "none":
                 equalize(model, cfg.equalize, powers=powers)
             units = feedback_layers(self.plan)
-            with evaluating(model):
+
+            def fit(name: str, h: torch.Tensor | None):
+                lin = model.get_submodule(name)
+                return name, quantize_weight(lin.weight, units[name].config, name, bias=lin.bias, device=device,
+                                             hessian=h)
+
+            with single_threaded(workers > 1), ThreadPoolExecutor(max_workers=workers) as pool, evaluating(model):
                 for step in sequential_covariances(model, ids, list(units)):
-                    for name in [n for n in units if n in step]:
-                        lin = model.get_submodule(name)
-                        spec, tensors = quantize_weight(lin.weight, units[name].config, name, bias=lin.bias,
-                                                        device=device, hessian=step[name])
+                    names = [n for n in units if n in step]
+                    for name, (spec, tensors) in pool.map(fit, names, [step[n] for n in names]):
                         _set_module(model, name, PQLinear.from_tensors(spec, **tensors))
                         self.fitted[name] = spec, {k: v.cpu() for k, v in tensors.items()}
 
@@ -546,7 +552,7 @@ def quantize_checkpoint(source, output, config: FASQConfig | None = None, *,
         if (prep and plan.config.equalize == "sampled") or todo_feedback:   # a resumed run measures again
             from ..cli_args import announce_sampling
             announce_sampling(plan.config, show=progress)
-            work.sample(dev)
+            work.sample(dev, workers)
         if prep:
             run_units(work, prep, dev, workers, budget, progress, desc="equalize")
         work.load_overrides()
