@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -484,8 +485,18 @@ def feedback_layers(plan: Plan) -> dict[str, Unit]:
 
 def covariance_bytes(plan: Plan) -> int:
     """What :meth:`Workspace.sample` holds for ``error_feedback`` besides the model: the layers it fits until their
-    units write them, and one fp32 [in, in] covariance per layer (an upper bound: it holds one block's at a time)."""
-    return sum(4 * u.spec.in_features ** 2 + u.spec.weight_storage_bytes() for u in feedback_layers(plan).values())
+    units write them, one decoder block's fp32 [in, in] input covariances at a time (the largest block's: an upper
+    bound, layers fed the same input share one), and the samples' hidden states (fp32, and the next block's)."""
+    from ..fit.samples import LENGTH
+
+    blocks: dict[str, int] = {}
+    for name, u in feedback_layers(plan).items():
+        m = re.match(r"(.*?\.\d+)\.", name)
+        key = m.group(1) if m else name
+        blocks[key] = blocks.get(key, 0) + 4 * u.spec.in_features ** 2
+    hidden = getattr(plan.source.hf_config, "hidden_size", 0) or 0
+    return (sum(u.spec.weight_storage_bytes() for u in feedback_layers(plan).values()) + max(blocks.values(), default=0)
+            + 2 * 4 * plan.config.sample_sequences * LENGTH * hidden)
 
 
 def streamable(config: FASQConfig, model_bytes: int, budget: int, covariances: int = 0) -> FASQConfig:
