@@ -489,13 +489,14 @@ def covariance_bytes(plan: Plan) -> int:
     bound, layers fed the same input share one), and the samples' hidden states (fp32, and the next block's)."""
     from ..fit.samples import LENGTH
 
+    units = feedback_layers(plan)
     blocks: dict[str, int] = {}
-    for name, u in feedback_layers(plan).items():
+    for name, u in units.items():
         m = re.match(r"(.*?\.\d+)\.", name)
         key = m.group(1) if m else name
         blocks[key] = blocks.get(key, 0) + 4 * u.spec.in_features ** 2
     hidden = getattr(plan.source.hf_config, "hidden_size", 0) or 0
-    return (sum(u.spec.weight_storage_bytes() for u in feedback_layers(plan).values()) + max(blocks.values(), default=0)
+    return (sum(u.spec.weight_storage_bytes() for u in units.values()) + max(blocks.values(), default=0)
             + 2 * 4 * plan.config.sample_sequences * LENGTH * hidden)
 
 
@@ -506,8 +507,8 @@ def streamable(config: FASQConfig, model_bytes: int, budget: int, covariances: i
     ``"power"`` (estimated from the weights alone, one block at a time) and no error feedback, and says so."""
     if config.error_feedback and model_bytes + covariances > budget:
         log.warning("error feedback samples text with the whole model and fits its layers there (with their input "
-                    "covariances), %s in all, more than this run's memory budget of %s: this streaming run codes without it, and "
-                    "records that. Raise --max-memory for error feedback.", human_bytes(model_bytes + covariances),
+                    "covariances), %s in all, more than this run's memory budget of %s: this streaming run codes "
+                    "without it, and records that. Raise --max-memory for error feedback.", human_bytes(model_bytes + covariances),
                     human_bytes(budget))
         config = config.replace(error_feedback=False)
     if config.equalize != "sampled" or model_bytes <= budget:
