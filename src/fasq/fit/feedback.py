@@ -222,6 +222,9 @@ def _inverse_factor(h: torch.Tensor) -> torch.Tensor:
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
 
+ACT_ORDER = False   # experiment: code the sub-vectors in descending order of their input power (GPTQ's act order)
+
+
 def feedback_codes(wp: torch.Tensor, s: torch.Tensor, g: int, book: torch.Tensor, padded_in: int,
                    h: torch.Tensor, damp: float | None = None) -> torch.Tensor | None:
     """Codes ``[rows * n_sub]`` for the rotated, padded weight ``wp`` ``[rows, cols]`` with per-(row, group)
@@ -240,6 +243,12 @@ def feedback_codes(wp: torch.Tensor, s: torch.Tensor, g: int, book: torch.Tensor
     dead = torch.diag(hp) <= 0
     hp[dead, dead] = 1.0
     damp = DAMP if damp is None else damp
+    order = torch.arange(cols, device=dev)
+    if ACT_ORDER:
+        power = torch.diag(hp)[:padded_in].reshape(-1, d).sum(1)
+        units = torch.argsort(-power, stable=True)
+        order[:padded_in] = (units[:, None] * d + torch.arange(d, device=dev)).reshape(-1)
+        hp = hp[order][:, order]
     for _ in range(4):   # a covariance too near singular for fp32 gets 10x the damping, then 100x, ...
         try:
             u = _inverse_factor(hp + damp * torch.diag(hp).mean() * torch.eye(cols, device=dev))
@@ -249,16 +258,17 @@ def feedback_codes(wp: torch.Tensor, s: torch.Tensor, g: int, book: torch.Tensor
     else:
         log.warning("error feedback: the input covariance is singular even with damping; coding without it")
         return None
-    w = wp.clone()
+    w = wp[:, order].clone()
     codes = torch.empty(rows, padded_in // d, dtype=torch.int64, device=dev)
     for b0 in range(0, padded_in, BLOCK):
         b1 = min(b0 + BLOCK, padded_in)
         err = torch.empty(rows, b1 - b0, device=dev)
         for j in range(b0, b1, d):
             a = torch.linalg.inv(u[j:j + d, j:j + d])          # the metric of the pair: (U_jj^T U_jj)^-1 = A A^T
-            sc = s[:, j // g, None]
+            j0 = int(order[j])
+            sc = s[:, j0 // g, None]
             idx = assign((w[:, j:j + d] / sc @ a).contiguous(), (book @ a).contiguous())
-            codes[:, j // d] = idx
+            codes[:, j0 // d] = idx
             e = (w[:, j:j + d] - book[idx] * sc) @ a
             err[:, j - b0: j - b0 + d] = e
             w[:, j + d:b1] -= e @ u[j:j + d, j + d:b1]
