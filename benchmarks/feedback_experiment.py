@@ -3,7 +3,7 @@ column pair by column pair with GPTQ's update against each layer's input covaria
 model samples itself (no data is read).
 
     python benchmarks/feedback_experiment.py --name NAME [--model M] [--preset 4bit] [--seqs 32] [--damp 0.01]
-        [--off] [--within-blocks] [--act-order] key=value ...
+        [--off] [--within-blocks] key=value ...
 
 --off      the control: the preset with the same samples (sample_sequences) and no error feedback.
 --seqs     sequences of 256 tokens sampled (config.sample_sequences).
@@ -11,8 +11,6 @@ model samples itself (no data is read).
 --within-blocks
            GPTQ's "true sequential" order (patched in): within each block q/k/v, then o, then gate/up, then down,
            each measured with the block's layers before it quantized (fasq measures a block's layers together).
---act-order
-           code each layer's sub-vectors in descending order of their input power (GPTQ's act order; patched in).
 
 One JSON line per run goes to benchmarks/results/experiments.jsonl, as benchmarks/experiments.py writes.
 """
@@ -31,7 +29,7 @@ from fasq.config import preset
 from fasq.data import embedded_checkpoint
 
 
-def _groups(block, prefix, x, call, names):
+def _groups(block, prefix, x, call, names):  # a fasq.fit.feedback.Split
     """``names`` in the order one call of ``block`` first feeds them, layers fed the same tensor together."""
     order = []
 
@@ -53,24 +51,12 @@ def _groups(block, prefix, x, call, names):
     return [g for _, g in order]
 
 
+_SEQUENTIAL = feedback.sequential_covariances
+
+
 def within_blocks(model, ids, names):
     """fasq.fit.feedback.sequential_covariances with each block's step split into its layers' groups."""
-    blocks = feedback.decoder_blocks(model, names)
-    with torch.no_grad():
-        hidden, calls, _ = feedback._block_calls(model, ids, blocks)
-    for i, (prefix, block) in enumerate(blocks):
-        mine = [n for n in names if n.startswith(prefix + ".")]
-        with torch.no_grad():
-            groups = _groups(block, prefix, hidden[0], calls[i][0], mine)
-        for group in groups:
-            with torch.no_grad():
-                acc = feedback._Covariances({n: block.get_submodule(n[len(prefix) + 1:]) for n in group})
-                for x, call in zip(hidden, calls[i]):
-                    acc.next_forward()
-                    feedback._call(block, x, call)
-            yield acc.result(ids.numel())
-        with torch.no_grad():
-            hidden = [feedback._call(block, x, call) for x, call in zip(hidden, calls[i])]
+    return _SEQUENTIAL(model, ids, names, split=_groups)
 
 
 def main(argv=None):
@@ -82,22 +68,19 @@ def main(argv=None):
     ap.add_argument("--damp", type=float, default=feedback.DAMP)
     ap.add_argument("--off", action="store_true")
     ap.add_argument("--within-blocks", action="store_true")
-    ap.add_argument("--act-order", action="store_true")
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--texts", default="lee,austen")
     ap.add_argument("settings", nargs="*")
     a = ap.parse_intermixed_args(argv)
     torch.set_num_threads(2)
     feedback.DAMP = a.damp
-    feedback.ACT_ORDER = a.act_order
     if a.within_blocks:
-        import fasq.model
-        fasq.model.sequential_covariances = within_blocks
+        feedback.sequential_covariances = within_blocks
     model, tok = load_any(str(embedded_checkpoint(a.model)))
     rec = {"name": a.name, "model": a.model, "date": str(date.today()),
            "machine": platform.processor() or platform.machine(), "max_tokens": a.max_tokens,
            "feedback": not a.off, "damp": a.damp, "seqs": a.seqs,
-           "order": "within blocks" if a.within_blocks else "blocks", "act_order": a.act_order}
+           "order": "within blocks" if a.within_blocks else "blocks"}
     cfg = preset(a.preset, **{"error_feedback": not a.off, "sample_sequences": a.seqs, **parse_kv(a.settings)})
     quantize_score_and_record(model, tok, cfg, rec, a.texts.split(","), a.max_tokens)
 

@@ -2,6 +2,7 @@
 text the model samples itself."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -152,6 +153,54 @@ def test_blocks_that_cannot_be_called_alone_are_measured_by_whole_forwards(llama
     assert len(steps) == 1 and set(steps[0]) == set(names)
     want = feedback.covariances(llama, ids, names)
     assert all(torch.equal(steps[0][n], want[n]) for n in names)
+
+
+def test_a_second_block_never_called_falls_back_to_whole_forwards(caplog):
+    """A list of blocks of which the forward calls only the first (as an early-exit model might): nothing to check
+    the replay against, so whole forwards measure, and the unreached block's layers get no covariance."""
+    class TwoBlocks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(16, 8)
+            self.layers = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(8, 8)) for _ in range(2))
+
+        def forward(self, input_ids, **_):
+            return self.layers[0](self.emb(input_ids))
+
+    torch.manual_seed(0)
+    model = TwoBlocks().eval()
+    ids = torch.randint(0, 16, (2, 5))
+    with caplog.at_level("WARNING"):
+        steps = list(feedback.sequential_covariances(model, ids, ["layers.0.0", "layers.1.0"]))
+    assert "cannot be called one by one" in caplog.text
+    got = {n: h for s in steps for n, h in s.items()}
+    assert got["layers.1.0"] is None
+    assert torch.allclose(got["layers.0.0"], feedback.covariances(model, ids, ["layers.0.0"])["layers.0.0"])
+
+
+def test_a_split_block_is_measured_group_after_group(llama):
+    """The ``split`` hook (experiments: GPTQ's "true sequential" order): each group is a step of its own, measured
+    with the groups before it changed as the caller changes them."""
+    names = _linears(llama)
+    attn = lambda ns: [[n for n in ns if ".self_attn." in n], [n for n in ns if ".mlp." in n]]   # noqa: E731
+    ids = torch.randint(0, 320, (2, 8))
+    changed = copy.deepcopy(llama)
+    steps, got = [], {}
+    for step in feedback.sequential_covariances(llama, ids, names, split=lambda b, p, x, c, ns: attn(ns)):
+        steps.append(sorted(step))
+        got.update(step)
+        for n in step:
+            with torch.no_grad():
+                llama.get_submodule(n).weight.mul_(0.5)
+    want = [sorted(g) for i in range(len(llama.model.layers))
+            for g in attn([n for n in names if f".layers.{i}." in n])]
+    assert steps == want
+    first_attn, first_mlp = attn([n for n in names if ".layers.0." in n])
+    for n in first_attn:
+        with torch.no_grad():
+            changed.get_submodule(n).weight.mul_(0.5)
+    measured = feedback.covariances(changed, ids, first_mlp)
+    assert all(torch.allclose(got[n], measured[n], rtol=1e-4, atol=1e-6) for n in first_mlp)
 
 
 def test_passes_split_by_bytes_and_keep_every_layer(llama):

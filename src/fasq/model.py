@@ -14,14 +14,14 @@ from tqdm.auto import tqdm
 
 from .config import FASQConfig
 from .fit.equalize import equalize
-from .fit.feedback import sequential_covariances
-from .fit.samples import draw, evaluating, sampled_powers
+from .fit.feedback import fitted_in_order
+from .fit.samples import draw, sampled_powers
 from .fit.pq import NonFiniteWeightError, quantize_weight
 from .format import LayerSpec
 from .nn import PQLinear
 from .planning import is_skipped, quantizable_linears  # noqa: F401  (their home is fasq.planning)
 from .embedding import PQEmbedding, replace_embedding
-from .planning import EmbeddingPlan, LayerPlan, plan_quantization, quantization_record
+from .planning import EmbeddingPlan, plan_quantization, quantization_record
 from .storage import round_unquantized_to_16bit
 
 log = logging.getLogger(__name__)
@@ -98,30 +98,29 @@ def quantize(model: nn.Module, config: FASQConfig | None = None, *, progress: bo
     bar = tqdm(total=len(targets), desc="quantize", unit="layer", disable=not progress)
     t_all = time.perf_counter()
 
-    cov: dict[str, torch.Tensor] = {}
+    by_name = {layer.name: layer for layer in targets}
 
-    def fit(layer: LayerPlan):
+    def fit(name: str, hessian: torch.Tensor | None = None):
         t0 = time.perf_counter()
+        layer = by_name[name]
         lin = layer.linear
-        spec, tensors = quantize_weight(lin.weight, layer.config, layer.name, bias=lin.bias, device=device,
-                                        table=layer.table, hessian=cov.get(layer.name))
-        return layer.name, lin, spec, tensors, time.perf_counter() - t0
+        spec, tensors = quantize_weight(lin.weight, layer.config, name, bias=lin.bias, device=device,
+                                        table=layer.table, hessian=hessian)
+        return name, lin, spec, tensors, time.perf_counter() - t0
 
-    def fit_all(batch: list[LayerPlan]) -> None:
-        for name, lin, spec, tensors, dt in pool.map(fit, batch):
-            dev = lin.weight.device
-            _set_module(model, name, PQLinear.from_tensors(spec, **{k: v.to(dev) for k, v in tensors.items()}))
-            modules[name] = spec.to_dict()
-            bar.set_postfix_str(name, refresh=False)
-            bar.update(1)
-            log.debug("%s: %s in %.2fs", name, spec, dt)
-            if callback:
-                callback(name, spec, dt)
+    def place(name: str, lin: nn.Linear, spec: LayerSpec, tensors: dict, dt: float) -> None:
+        dev = lin.weight.device
+        _set_module(model, name, PQLinear.from_tensors(spec, **{k: v.to(dev) for k, v in tensors.items()}))
+        modules[name] = spec.to_dict()
+        bar.set_postfix_str(name, refresh=False)
+        bar.update(1)
+        log.debug("%s: %s in %.2fs", name, spec, dt)
+        if callback:
+            callback(name, spec, dt)
 
     # Error feedback: each step's covariances measured with the layers of the steps before it already quantized
-    # (GPTQ's order, fasq.fit.feedback.sequential_covariances); the layers without feedback come after.
+    # (GPTQ's order, fasq.fit.feedback.fitted_in_order); the layers without feedback come after.
     fed = [layer.name for layer in targets if not layer.table] if config.error_feedback else []
-    done = set(fed)
 
     # Layers are independent given their covariances: fit them on a thread pool (faiss and torch release the GIL),
     # each single-threaded, which beats one layer on all cores (k-means on one layer scales poorly and OpenMP
@@ -130,13 +129,10 @@ def quantize(model: nn.Module, config: FASQConfig | None = None, *, progress: bo
     with single_threaded(workers > 1), ThreadPoolExecutor(max_workers=workers) as pool:
         # An untied embedding table is fit like one more layer (a tied one is the head's, fit above).
         emb_job = pool.submit(_fit_table, emb, device) if emb is not None and emb.tied_head is None else None
-        if fed:
-            with evaluating(model):
-                for step in sequential_covariances(model, ids, fed):
-                    cov.update(step)
-                    fit_all([layer for layer in targets if layer.name in step])
-                    cov.clear()
-        fit_all([layer for layer in targets if layer.name not in done])
+        for result in fitted_in_order(model, ids, fed, fit, pool) if fed else ():
+            place(*result)
+        for result in pool.map(fit, [name for name in by_name if name not in set(fed)]):
+            place(*result)
         emb_tensors = emb_job.result() if emb_job is not None else None
     bar.close()
     embeddings = None

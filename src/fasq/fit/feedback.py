@@ -19,20 +19,25 @@ tokens rather than text in general (docs/experiments.md, twelfth round), hence t
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from concurrent.futures import Executor
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from torch import nn
 
 from ..reference import rotate
 from .kmeans import assign
-from .samples import forward_each
+from .samples import evaluating, forward_each
 
 log = logging.getLogger(__name__)
 
 DAMP = 0.01          # added to H's diagonal, as a fraction of its mean (GPTQ's default)
 BLOCK = 128          # columns updated together before the rest of the matrix is (GPTQ's lazy batch)
 PASS_BYTES = 1 << 30  # covariances held at once; more layers take more forward passes over the samples
+
+R = TypeVar("R")
+# (block, its name, the first sample's hidden states, its call's other arguments, its layers) -> groups of them
+Split = Callable[[nn.Module, str, torch.Tensor, tuple, list[str]], list[list[str]]]
 
 
 class _Covariances:
@@ -129,7 +134,7 @@ def _block_calls(model: nn.Module, ids: torch.Tensor, blocks: list[tuple[str, nn
     finally:
         for h in hooks:
             h.remove()
-    return hidden, calls, second[0]
+    return hidden, calls, second[0] if second else None
 
 
 def _call(block: nn.Module, x: torch.Tensor, call: tuple[tuple, dict]) -> torch.Tensor:
@@ -137,8 +142,11 @@ def _call(block: nn.Module, x: torch.Tensor, call: tuple[tuple, dict]) -> torch.
     return y[0] if isinstance(y, (tuple, list)) else y
 
 
-def _replays(block: nn.Module, x: torch.Tensor, call: tuple[tuple, dict], want: torch.Tensor) -> bool:
-    """Whether calling ``block`` alone on what it was given in the model's forward gives the next block's input."""
+def _replays(block: nn.Module, x: torch.Tensor, call: tuple[tuple, dict], want: torch.Tensor | None) -> bool:
+    """Whether calling ``block`` alone on what it was given in the model's forward gives the next block's input
+    (False where the next block was never called)."""
+    if want is None:
+        return False
     try:
         y = _call(block, x, call)
     except Exception as e:   # noqa: BLE001  (a block that cannot be called alone: the caller falls back)
@@ -147,19 +155,20 @@ def _replays(block: nn.Module, x: torch.Tensor, call: tuple[tuple, dict], want: 
     return isinstance(y, torch.Tensor) and y.shape == want.shape and torch.allclose(y, want, rtol=1e-4, atol=1e-5)
 
 
-def sequential_covariances(model: nn.Module, ids: torch.Tensor, names: list[str]
+def sequential_covariances(model: nn.Module, ids: torch.Tensor, names: list[str], split: Split | None = None
                            ) -> Iterator[dict[str, torch.Tensor | None]]:
     """The input covariances of ``names`` in GPTQ's order, a step at a time: **the caller replaces each step's layers
     by their quantized form before asking for the next step**, so each layer's covariance is that of the inputs the
     quantized blocks before it give it.  A step is a decoder block (:func:`decoder_blocks`): the samples' hidden
-    states enter the block, its layers' covariances are measured (within the block on its unquantized layers: GPTQ's
-    "true sequential" order, each layer after the ones before it in the block are quantized, scored worse here,
-    docs/experiments.md, thirteenth round), then the quantized block's outputs feed the next block.  Layers outside
-    the blocks come last, measured by whole forwards (at most :data:`PASS_BYTES` of covariances a pass).  Where the
-    blocks cannot be called one by one (the check: block 0 alone must give block 1's input), every layer is measured
-    by whole forwards, pass after pass, with a warning.  Each step is a dict name -> covariance (layers fed one
-    tensor share a matrix; None for a layer no sample reached, such as an expert never routed to); ``model`` must
-    stay in eval mode while the iterator runs."""
+    states enter the block, its layers' covariances are measured, then the quantized block's outputs feed the next
+    block.  Within a block all layers are measured on the block as it was unquantized; ``split(block, prefix, x,
+    call, layers)`` (an experiment's hook) may cut a block's layers into groups, each its own step, measured with
+    the groups before it quantized: GPTQ's "true sequential" order, which scored worse here (docs/experiments.md,
+    thirteenth round).  Layers outside the blocks come last, measured by whole forwards (at most :data:`PASS_BYTES`
+    of covariances a pass).  Where the blocks cannot be called one by one (the check: block 0 alone must give block
+    1's input), every layer is measured by whole forwards, pass after pass, with a warning.  Each step is a dict name
+    -> covariance (layers fed one tensor share a matrix; None for a layer no sample reached, such as an expert never
+    routed to); ``model`` must stay in eval mode while the iterator runs."""
     blocks = decoder_blocks(model, names)
     hidden: list[torch.Tensor] = []
     if blocks:
@@ -174,22 +183,35 @@ def sequential_covariances(model: nn.Module, ids: torch.Tensor, names: list[str]
     for i, (prefix, block) in enumerate(blocks):
         mine = [n for n in names if n.startswith(prefix + ".")]
         inside.update(mine)
-        if mine:
+        with torch.no_grad():
+            groups = split(block, prefix, hidden[0], calls[i][0], mine) if split and mine else [mine]
+        for group in filter(None, groups):
             with torch.no_grad():
-                acc = _Covariances({n: block.get_submodule(n[len(prefix) + 1:]) for n in mine})
+                acc = _Covariances({n: block.get_submodule(n[len(prefix) + 1:]) for n in group})
                 try:
                     for x, call in zip(hidden, calls[i]):
                         acc.next_forward()
                         _call(block, x, call)
                 finally:
                     acc.remove()
-            yield {n: None for n in mine} | acc.result(ids.numel())
+            yield {n: None for n in group} | acc.result(ids.numel())
         if i + 1 < len(blocks):
             with torch.no_grad():
                 hidden = [_call(block, x, call) for x, call in zip(hidden, calls[i])]
     hidden = []
     for p in covariance_passes(model, [n for n in names if n not in inside]):
         yield {n: None for n in p} | covariances(model, ids, p)
+
+
+def fitted_in_order(model: nn.Module, ids: torch.Tensor, names: list[str], fit: Callable[[str, Any], R],
+                    pool: Executor) -> Iterator[R]:
+    """``fit(name, covariance)`` of each of ``names`` in GPTQ's order (:func:`sequential_covariances`), a step's
+    layers on ``pool`` together; yields the results.  **The caller replaces each layer by its fit as it gets it**:
+    the next step is measured only when the caller asks for the result after a step's last."""
+    with evaluating(model):
+        for step in sequential_covariances(model, ids, names):
+            mine = [n for n in names if n in step]
+            yield from pool.map(fit, mine, [step[n] for n in mine])
 
 
 def covariance_passes(model: nn.Module, names: list[str], limit: int | None = None) -> list[list[str]]:
@@ -222,9 +244,6 @@ def _inverse_factor(h: torch.Tensor) -> torch.Tensor:
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
 
-ACT_ORDER = False   # experiment: code the sub-vectors in descending order of their input power (GPTQ's act order)
-
-
 def feedback_codes(wp: torch.Tensor, s: torch.Tensor, g: int, book: torch.Tensor, padded_in: int,
                    h: torch.Tensor, damp: float | None = None) -> torch.Tensor | None:
     """Codes ``[rows * n_sub]`` for the rotated, padded weight ``wp`` ``[rows, cols]`` with per-(row, group)
@@ -243,12 +262,6 @@ def feedback_codes(wp: torch.Tensor, s: torch.Tensor, g: int, book: torch.Tensor
     dead = torch.diag(hp) <= 0
     hp[dead, dead] = 1.0
     damp = DAMP if damp is None else damp
-    order = torch.arange(cols, device=dev)
-    if ACT_ORDER:
-        power = torch.diag(hp)[:padded_in].reshape(-1, d).sum(1)
-        units = torch.argsort(-power, stable=True)
-        order[:padded_in] = (units[:, None] * d + torch.arange(d, device=dev)).reshape(-1)
-        hp = hp[order][:, order]
     for _ in range(4):   # a covariance too near singular for fp32 gets 10x the damping, then 100x, ...
         try:
             u = _inverse_factor(hp + damp * torch.diag(hp).mean() * torch.eye(cols, device=dev))
@@ -258,17 +271,16 @@ def feedback_codes(wp: torch.Tensor, s: torch.Tensor, g: int, book: torch.Tensor
     else:
         log.warning("error feedback: the input covariance is singular even with damping; coding without it")
         return None
-    w = wp[:, order].clone()
+    w = wp.clone()
     codes = torch.empty(rows, padded_in // d, dtype=torch.int64, device=dev)
     for b0 in range(0, padded_in, BLOCK):
         b1 = min(b0 + BLOCK, padded_in)
         err = torch.empty(rows, b1 - b0, device=dev)
         for j in range(b0, b1, d):
             a = torch.linalg.inv(u[j:j + d, j:j + d])          # the metric of the pair: (U_jj^T U_jj)^-1 = A A^T
-            j0 = int(order[j])
-            sc = s[:, j0 // g, None]
+            sc = s[:, j // g, None]
             idx = assign((w[:, j:j + d] / sc @ a).contiguous(), (book @ a).contiguous())
-            codes[:, j0 // d] = idx
+            codes[:, j // d] = idx
             e = (w[:, j:j + d] - book[idx] * sc) @ a
             err[:, j - b0: j - b0 + d] = e
             w[:, j + d:b1] -= e @ u[j:j + d, j + d:b1]

@@ -329,14 +329,14 @@ class Workspace:
         run checked that it fits the memory budget), draw the samples (:func:`fasq.fit.samples.draw`) and measure
         every block's input powers on them (equalize="sampled"); with ``error_feedback``, equalize the loaded model
         as the equalize units do and fit every layer that takes feedback in GPTQ's order, as fasq.quantize does
-        (:func:`fasq.fit.feedback.sequential_covariances`: each layer's covariance needs the layers before it
-        quantized; a block's layers on ``workers`` threads, as fasq.quantize fits them), keeping the results for the
-        quantize units to write; then free the model."""
+        (:func:`fasq.fit.feedback.fitted_in_order`: each layer's covariance needs the layers before it quantized; a
+        block's layers on ``workers`` threads), keeping the results for the quantize units to write; then free the
+        model."""
         from transformers import AutoModelForCausalLM
 
         from ..fit.equalize import equalize
-        from ..fit.feedback import sequential_covariances
-        from ..fit.samples import draw, evaluating, sampled_powers
+        from ..fit.feedback import fitted_in_order
+        from ..fit.samples import draw, sampled_powers
         from ..io import stored_dtype
 
         cfg = self.plan.config
@@ -358,12 +358,10 @@ class Workspace:
                 return name, quantize_weight(lin.weight, units[name].config, name, bias=lin.bias, device=device,
                                              hessian=h)
 
-            with single_threaded(workers > 1), ThreadPoolExecutor(max_workers=workers) as pool, evaluating(model):
-                for step in sequential_covariances(model, ids, list(units)):
-                    names = [n for n in units if n in step]
-                    for name, (spec, tensors) in pool.map(fit, names, [step[n] for n in names]):
-                        _set_module(model, name, PQLinear.from_tensors(spec, **tensors))
-                        self.fitted[name] = spec, {k: v.cpu() for k, v in tensors.items()}
+            with single_threaded(workers > 1), ThreadPoolExecutor(max_workers=workers) as pool:
+                for name, (spec, tensors) in fitted_in_order(model, ids, list(units), fit, pool):
+                    _set_module(model, name, PQLinear.from_tensors(spec, **tensors))
+                    self.fitted[name] = spec, {k: v.cpu() for k, v in tensors.items()}
 
     def _run_equalize(self, u: Unit) -> dict:
         """Load one decoder block in its stored dtype, run fasq.fit.equalize.equalize on it exactly as
