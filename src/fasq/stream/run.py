@@ -506,8 +506,8 @@ def streamable(config: FASQConfig, model_bytes: int, budget: int, covariances: i
     if config.error_feedback and model_bytes + covariances > budget:
         log.warning("error feedback samples text with the whole model and fits its layers there (with their input "
                     "covariances), %s in all, more than this run's memory budget of %s: this streaming run codes "
-                    "without it, and records that. Raise --max-memory for error feedback.", human_bytes(model_bytes + covariances),
-                    human_bytes(budget))
+                    "without it, and records that. Raise --max-memory for error feedback.",
+                    human_bytes(model_bytes + covariances), human_bytes(budget))
         config = config.replace(error_feedback=False)
     if config.equalize != "sampled" or model_bytes <= budget:
         return config
