@@ -68,27 +68,19 @@ def main(argv=None):
     ap.add_argument("--damp", type=float, default=feedback.DAMP)
     ap.add_argument("--off", action="store_true")
     ap.add_argument("--within-blocks", action="store_true")
-    ap.add_argument("--original", action="store_true")
-    ap.add_argument("--alpha", type=float, default=1.0)
-    ap.add_argument("--drift-damp", type=float, default=0.01)
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--texts", default="lee,austen")
     ap.add_argument("settings", nargs="*")
     a = ap.parse_intermixed_args(argv)
     torch.set_num_threads(2)
     feedback.DAMP = a.damp
-    if a.original:
-        import fasq.model
-        fasq.model.ORIGINAL = True
-        feedback.DRIFT_ALPHA, feedback.DRIFT_DAMP = a.alpha, a.drift_damp
     if a.within_blocks:
         feedback.sequential_covariances = within_blocks
     model, tok = load_any(str(embedded_checkpoint(a.model)))
     rec = {"name": a.name, "model": a.model, "date": str(date.today()),
            "machine": platform.processor() or platform.machine(), "max_tokens": a.max_tokens,
            "feedback": not a.off, "damp": a.damp, "seqs": a.seqs,
-           "order": "within blocks" if a.within_blocks else "blocks",
-           **({"aim": "original", "alpha": a.alpha, "drift_damp": a.drift_damp} if a.original else {})}
+           "order": "within blocks" if a.within_blocks else "blocks"}
     cfg = preset(a.preset, **{"error_feedback": not a.off, "sample_sequences": a.seqs, **parse_kv(a.settings)})
     quantize_score_and_record(model, tok, cfg, rec, a.texts.split(","), a.max_tokens)
 

@@ -25,7 +25,6 @@ from .planning import EmbeddingPlan, plan_quantization, quantization_record
 from .storage import round_unquantized_to_16bit
 
 log = logging.getLogger(__name__)
-ORIGINAL = False  # prototype switch
 
 
 @contextlib.contextmanager
@@ -101,13 +100,12 @@ def quantize(model: nn.Module, config: FASQConfig | None = None, *, progress: bo
 
     by_name = {layer.name: layer for layer in targets}
 
-    def fit(name: str, hessian=None):
+    def fit(name: str, hessian: torch.Tensor | None = None):
         t0 = time.perf_counter()
         layer = by_name[name]
         lin = layer.linear
-        hessian, drift = hessian if isinstance(hessian, tuple) else (hessian, None)
         spec, tensors = quantize_weight(lin.weight, layer.config, name, bias=lin.bias, device=device,
-                                        table=layer.table, hessian=hessian, drift=drift)
+                                        table=layer.table, hessian=hessian)
         return name, lin, spec, tensors, time.perf_counter() - t0
 
     def place(name: str, lin: nn.Linear, spec: LayerSpec, tensors: dict, dt: float) -> None:
@@ -131,7 +129,7 @@ def quantize(model: nn.Module, config: FASQConfig | None = None, *, progress: bo
     with single_threaded(workers > 1), ThreadPoolExecutor(max_workers=workers) as pool:
         # An untied embedding table is fit like one more layer (a tied one is the head's, fit above).
         emb_job = pool.submit(_fit_table, emb, device) if emb is not None and emb.tied_head is None else None
-        for result in fitted_in_order(model, ids, fed, fit, pool, ORIGINAL) if fed else ():
+        for result in fitted_in_order(model, ids, fed, fit, pool) if fed else ():
             place(*result)
         for result in pool.map(fit, [name for name in by_name if name not in set(fed)]):
             place(*result)

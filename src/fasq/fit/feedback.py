@@ -43,23 +43,18 @@ Split = Callable[[nn.Module, str, torch.Tensor, tuple, list[str]], list[list[str
 class _Covariances:
     """Forward hooks that sum ``x^T x`` over the input ``x`` of each named linear (fp32, on the CPU).  Layers fed the
     same tensor within one forward (q/k/v, gate/up) share one matrix: a forward's inputs are held until
-    :meth:`next_forward`, so no freed tensor's memory is taken for a shared input.  With ``originals`` (a forward's
-    inputs of the same layers in the original model, name -> tensor, set before each forward) it also sums the drift
-    ``(x0 - x)^T x`` of each input from the original model's, ``x0``."""
+    :meth:`next_forward`, so no freed tensor's memory is taken for a shared input."""
 
     def __init__(self, modules: dict[str, nn.Module]):
         self.sums: dict[str, torch.Tensor] = {}
-        self.drifts: dict[str, torch.Tensor] = {}
         self.alias: dict[str, str] = {}
         self.seen: list[tuple[torch.Tensor, str]] = []
-        self.originals: dict[str, torch.Tensor] | None = None
-        self.paused = False
         self.hooks = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
 
     def _hook(self, name: str):
         def hook(_m, args, _out):
             x = args[0]
-            if self.paused or name in self.alias:
+            if name in self.alias:
                 return
             owner = next((n for t, n in self.seen if t is x), None)
             if owner is not None and name not in self.sums:
@@ -67,23 +62,17 @@ class _Covariances:
                 return
             self.seen.append((x, name))
             x = x.detach().float().reshape(-1, x.shape[-1])
-            _add(self.sums, name, (x.T @ x).cpu())
-            if self.originals is not None:
-                x0 = self.originals[name].detach().float().reshape(-1, x.shape[-1])
-                _add(self.drifts, name, ((x0 - x).T @ x).cpu())
+            h = (x.T @ x).cpu()
+            self.sums[name] = self.sums[name] + h if name in self.sums else h
         return hook
 
-    def next_forward(self, originals: dict[str, torch.Tensor] | None = None) -> None:
+    def next_forward(self) -> None:
         self.seen.clear()
-        self.originals = originals
 
     def result(self, tokens: int) -> dict[str, torch.Tensor]:
-        """The means over ``tokens`` inputs; shared inputs give one matrix object (with drifts measured: a pair
-        (covariance, drift) per layer).  Removes the hooks."""
+        """The means over ``tokens`` inputs; shared inputs give one matrix object.  Removes the hooks."""
         self.remove()
         out = {k: v / tokens for k, v in self.sums.items()}
-        if self.drifts:
-            out = {k: (v, self.drifts[k] / tokens) for k, v in out.items()}
         for k, v in self.alias.items():
             out[k] = out[v]
         return out
@@ -92,27 +81,6 @@ class _Covariances:
         for h in self.hooks:
             h.remove()
         self.hooks = []
-
-
-def _add(sums: dict[str, torch.Tensor], name: str, m: torch.Tensor) -> None:
-    sums[name] = sums[name] + m if name in sums else m
-
-
-class _Inputs:
-    """Forward hooks that keep, for one forward, the input of each named linear (name -> tensor)."""
-
-    def __init__(self, modules: dict[str, nn.Module]):
-        self.seen: dict[str, torch.Tensor] = {}
-        self.hooks = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
-
-    def _hook(self, name: str):
-        def hook(_m, args, _out):
-            self.seen[name] = args[0].detach()
-        return hook
-
-    def remove(self) -> None:
-        for h in self.hooks:
-            h.remove()
 
 
 @torch.no_grad()
@@ -187,8 +155,8 @@ def _replays(block: nn.Module, x: torch.Tensor, call: tuple[tuple, dict], want: 
     return isinstance(y, torch.Tensor) and y.shape == want.shape and torch.allclose(y, want, rtol=1e-4, atol=1e-5)
 
 
-def sequential_covariances(model: nn.Module, ids: torch.Tensor, names: list[str], split: Split | None = None,
-                           original: bool = False) -> Iterator[dict[str, Any]]:
+def sequential_covariances(model: nn.Module, ids: torch.Tensor, names: list[str], split: Split | None = None
+                           ) -> Iterator[dict[str, torch.Tensor | None]]:
     """The input covariances of ``names`` in GPTQ's order, a step at a time: **the caller replaces each step's layers
     by their quantized form before asking for the next step**, so each layer's covariance is that of the inputs the
     quantized blocks before it give it.  A step is a decoder block (:func:`decoder_blocks`): the samples' hidden
@@ -212,31 +180,17 @@ def sequential_covariances(model: nn.Module, ids: torch.Tensor, names: list[str]
                             type(blocks[0][1]).__name__)
                 blocks = []
     inside = set()
-    hidden0 = list(hidden) if original else None   # the original model's hidden states
     for i, (prefix, block) in enumerate(blocks):
         mine = [n for n in names if n.startswith(prefix + ".")]
         inside.update(mine)
         with torch.no_grad():
             groups = split(block, prefix, hidden[0], calls[i][0], mine) if split and mine else [mine]
-        next0 = []
         for group in filter(None, groups):
             with torch.no_grad():
-                modules = {n: block.get_submodule(n[len(prefix) + 1:]) for n in group}
-                acc = _Covariances(modules)
+                acc = _Covariances({n: block.get_submodule(n[len(prefix) + 1:]) for n in group})
                 try:
-                    for s, (x, call) in enumerate(zip(hidden, calls[i])):
-                        originals = None
-                        if hidden0 is not None:
-                            rec, acc.paused = _Inputs(modules), True
-                            try:
-                                y0 = _call(block, hidden0[s], call)
-                            finally:
-                                rec.remove()
-                                acc.paused = False
-                            originals = rec.seen
-                            if len(next0) < len(hidden):
-                                next0.append(y0)
-                        acc.next_forward(originals)
+                    for x, call in zip(hidden, calls[i]):
+                        acc.next_forward()
                         _call(block, x, call)
                 finally:
                     acc.remove()
@@ -244,19 +198,18 @@ def sequential_covariances(model: nn.Module, ids: torch.Tensor, names: list[str]
         if i + 1 < len(blocks):
             with torch.no_grad():
                 hidden = [_call(block, x, call) for x, call in zip(hidden, calls[i])]
-            hidden0 = next0 if hidden0 is not None else None
-    hidden, hidden0 = [], None
+    hidden = []
     for p in covariance_passes(model, [n for n in names if n not in inside]):
         yield {n: None for n in p} | covariances(model, ids, p)
 
 
 def fitted_in_order(model: nn.Module, ids: torch.Tensor, names: list[str], fit: Callable[[str, Any], R],
-                    pool: Executor, original: bool = False) -> Iterator[R]:
+                    pool: Executor) -> Iterator[R]:
     """``fit(name, covariance)`` of each of ``names`` in GPTQ's order (:func:`sequential_covariances`), a step's
     layers on ``pool`` together; yields the results.  **The caller replaces each layer by its fit as it gets it**:
     the next step is measured only when the caller asks for the result after a step's last."""
     with evaluating(model):
-        for step in sequential_covariances(model, ids, names, original=original):
+        for step in sequential_covariances(model, ids, names):
             mine = [n for n in names if n in step]
             yield from pool.map(fit, mine, [step[n] for n in mine])
 
@@ -284,30 +237,6 @@ def rotated(h: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
     if not block:
         return h
     return rotate(rotate(h, signs, block).T.contiguous(), signs, block)
-
-
-DRIFT_DAMP = 0.01
-DRIFT_ALPHA = 1.0
-
-
-def aimed_at_original(w: torch.Tensor, h: torch.Tensor, drift: torch.Tensor) -> torch.Tensor:
-    """The weight ``W' = W + W D (H + damping)^-1`` whose output on the quantized model's inputs ``x`` best matches
-    (least squares over the samples) the original layer's output on the original model's inputs ``x0``: with
-    ``H = E[x x^T]`` and the drift ``D = E[(x0 - x) x^T]``, ``E|W x0 - Q x|^2 = E|(W' - Q) x|^2 + const`` for any
-    ``Q`` (GPTAQ's asymmetric objective), so feedback on ``W'`` against ``H`` aims at the original model."""
-    n = h.shape[0]
-    hp = h.double() + DRIFT_DAMP * torch.diag(h).double().mean().clamp_min(1e-30) * torch.eye(n, dtype=torch.float64,
-                                                                                              device=h.device)
-    dead = torch.diag(h) <= 0
-    hp[dead, dead] = 1.0
-    try:
-        l = torch.linalg.cholesky(hp)
-    except torch.linalg.LinAlgError:
-        log.warning("error feedback: cannot aim at the original model's outputs (singular covariance)")
-        return w
-    # W D M^-1 = (M^-1 D^T W^T)^T, M symmetric
-    shift = torch.cholesky_solve(drift.double().T @ w.double().T, l).T
-    return (w.double() + DRIFT_ALPHA * shift).float()
 
 
 def _inverse_factor(h: torch.Tensor) -> torch.Tensor:

@@ -85,8 +85,7 @@ def _non_finite(name: str, bad: int) -> NonFiniteWeightError:
 
 def quantize_weight(weight: torch.Tensor, config: FASQConfig, name: str = "weight", bias=None,
                     device=None, *, table: bool = False, block_rows: int | None = None,
-                    hessian: torch.Tensor | None = None,
-                    drift: torch.Tensor | None = None) -> tuple[LayerSpec, dict[str, torch.Tensor]]:
+                    hessian: torch.Tensor | None = None) -> tuple[LayerSpec, dict[str, torch.Tensor]]:
     """Product-quantize ``weight`` [out, in]; returns (spec, buffers for :class:`fasq.nn.PQLinear`).
 
     Runs on ``device`` (default: the weight's device).  Deterministic for a config seed and name.
@@ -112,8 +111,6 @@ def quantize_weight(weight: torch.Tensor, config: FASQConfig, name: str = "weigh
     w = weight.detach().to(dev, torch.float32)
     if not bool(torch.isfinite(w).all()):
         raise _non_finite(name, int((~torch.isfinite(w)).sum()))
-    if hessian is not None and drift is not None:
-        w = feedback.aimed_at_original(w, hessian.to(dev, torch.float32), drift.to(dev, torch.float32))
     d, k, m_books = config.subvector_dim, config.codebook_size, config.num_codebooks
 
     # 0. Outliers: the largest-magnitude weights leave the matrix (set to 0, so that they neither set a
