@@ -239,6 +239,97 @@ def rotated(h: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
     return rotate(rotate(h, signs, block).T.contiguous(), signs, block)
 
 
+CG_ITERS = 25   # conjugate-gradient steps for a codebook's K * d unknowns in :func:`refit`
+
+
+def _stored_weight(s: torch.Tensor, g: int, book: torch.Tensor, codes: torch.Tensor, padded_in: int,
+                   shape: tuple[int, int]) -> torch.Tensor:
+    """The rotated, padded weight ``[rows, cols]`` that codes ``[rows * n_sub]`` into ``book`` ``[K, d]`` with scales
+    ``s`` ``[rows, cols / g]`` store."""
+    rows, cols = shape
+    q = torch.zeros(rows, cols, device=book.device, dtype=book.dtype)
+    q[:, :padded_in] = book[codes].reshape(rows, padded_in)
+    return (q.reshape(rows, -1, g) * s[..., None]).reshape(rows, cols)
+
+
+def output_error(wp: torch.Tensor, s: torch.Tensor, g: int, book: torch.Tensor, codes: torch.Tensor, padded_in: int,
+                 hp: torch.Tensor) -> float:
+    """``tr((W - Q) H (W - Q)^T)`` for the weight ``wp`` ``[rows, cols]`` and what the codes store, ``hp`` ``[cols,
+    cols]`` the covariance padded with zeros."""
+    e = wp - _stored_weight(s, g, book, codes, padded_in, wp.shape)
+    return float((e @ hp * e).sum())
+
+
+def refit(wp: torch.Tensor, s: torch.Tensor, g: int, book: torch.Tensor, codes: torch.Tensor, padded_in: int,
+          h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codebook ``[K, d]`` and scales ``[rows, cols / g]`` refit by least squares for the output error
+    ``tr((W - Q) H (W - Q)^T)`` with the codes (``[rows * n_sub]``, feedback's) fixed: the codebook by conjugate
+    gradients on its normal equations from the current one, then each row's scales for it (a G x G solve), each
+    rounded to fp16 as stored.  ``wp``, ``h`` as for :func:`feedback_codes`.  Returns ``book`` and ``s`` themselves
+    where the refit does not lower that error.
+
+    The k-means codebook and the scales were fit to the weights, one sub-vector at a time; once feedback has chosen
+    the codes against ``H``, the stored weight is linear in the codebook for fixed scales and in the scales for a
+    fixed codebook, so each has a least-squares optimum for the error feedback minimizes (docs/experiments.md,
+    sixteenth round)."""
+    rows, cols = wp.shape
+    k, d = book.shape
+    hp = torch.zeros(cols, cols, device=wp.device)
+    hp[:h.shape[0], :h.shape[0]] = h.to(wp.device)
+    code_rows = codes.reshape(rows, -1)                                          # [rows, n_sub]
+    n_sub = code_rows.shape[1]
+
+    def placed(v: torch.Tensor, sub_scale: torch.Tensor) -> torch.Tensor:      # codebook [K, d] -> [rows, cols]
+        q = torch.zeros(rows, cols, device=v.device)
+        q[:, :padded_in] = (v[code_rows] * sub_scale[..., None]).reshape(rows, padded_in)
+        return q
+
+    def gathered(r: torch.Tensor, sub_scale: torch.Tensor) -> torch.Tensor:    # its transpose: [rows, cols] -> [K, d]
+        v = (r[:, :padded_in].reshape(rows, -1, d) * sub_scale[..., None]).reshape(-1, d)
+        return torch.zeros(k, d, device=r.device).index_add_(0, code_rows.reshape(-1), v)
+
+    # 1. The codebook: (L^T H L) B = L^T H W, L the map codebook -> stored weight at the current scales.
+    sub_scale = s.repeat_interleave(g // d, dim=1)[:, :n_sub]                    # [rows, n_sub]
+    rhs = gathered(wp @ hp, sub_scale)
+    x = book.clone()
+    r = rhs - gathered(placed(x, sub_scale) @ hp, sub_scale)
+    p = r.clone()
+    rr = float((r * r).sum())
+    for _ in range(CG_ITERS):
+        ap = gathered(placed(p, sub_scale) @ hp, sub_scale)
+        pap = float((p * ap).sum())
+        if pap <= 0 or rr == 0:
+            break
+        a = rr / pap
+        x += a * p
+        r -= a * ap
+        rr_new = float((r * r).sum())
+        p = r + (rr_new / rr) * p
+        rr = rr_new
+    new_book = x.half().float()
+
+    # 2. The scales for it, row by row: M s = v with M[g, g'] = q_g H q_g'^T, v[g] = q_g H w^T (q_g: the row's codebook
+    #    vectors in group g's columns, zero elsewhere).
+    qn = _stored_weight(torch.ones_like(s), g, new_book, codes, padded_in, wp.shape)  # unscaled [rows, cols]
+    n_g = cols // g
+    m = torch.empty(rows, n_g, n_g, device=wp.device)
+    v = torch.empty(rows, n_g, device=wp.device)
+    for gi in range(n_g):
+        xg = qn[:, gi * g:(gi + 1) * g] @ hp[gi * g:(gi + 1) * g, :]              # [rows, cols]
+        v[:, gi] = (xg * wp).sum(-1)
+        m[:, gi] = (xg * qn).reshape(rows, n_g, g).sum(-1)
+    ridge = 1e-6 * m.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)
+    m = m + ridge[:, None, None] * torch.eye(n_g, device=wp.device)
+    solved = torch.linalg.solve(m, v[..., None])[..., 0]                         # [rows, G]
+    ok = torch.isfinite(solved).all(-1, keepdim=True) & (solved.abs() > 0).all(-1, keepdim=True)
+    new_s = torch.where(ok, solved, s).half().float()
+
+    before = output_error(wp, s, g, book, codes, padded_in, hp)
+    after = output_error(wp, new_s, g, new_book, codes, padded_in, hp)
+    log.debug("refit: output error %.4g -> %.4g", before, after)
+    return (new_book, new_s) if after < before else (book, s)
+
+
 def _inverse_factor(h: torch.Tensor) -> torch.Tensor:
     """The upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``)."""
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
