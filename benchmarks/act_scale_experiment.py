@@ -31,6 +31,7 @@ from fasq.cli import load_any
 from fasq.data import embedded_checkpoint
 from fasq.eval import load_text
 from fasq.fit.equalize import _act_rms, _gain
+from fasq.fit.samples import channel_powers
 from fasq.families import family_of
 from fasq.model import model_size_report, quantize
 
@@ -79,28 +80,10 @@ def residual_model(model) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 @torch.no_grad()
 def measured(model, tok, tokens: int = 1024) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Mean square of each input channel of q_proj and gate_proj, per block, over Lee's first tokens."""
-    fam = family_of(model)
-    ids = tok(load_text("lee"))["input_ids"][:tokens]
-    ids = torch.tensor(ids).view(tokens // 512, 512)
-    acc: dict[str, torch.Tensor] = {}
-
-    def keep(name):
-        def hook(m, a, o):
-            x = a[0].detach().float().reshape(-1, a[0].shape[-1])
-            acc[name] = x.pow(2).mean(0)
-        return hook
-
-    hooks, names = [], []
-    for i, (_, blk) in enumerate(fam.blocks(model)):
-        attn, mlp = getattr(blk, fam.attention), getattr(blk, fam.mlp)
-        hooks.append(getattr(attn, fam.attention_inputs[0]).register_forward_hook(keep(f"a{i}")))
-        hooks.append(getattr(mlp, fam.gate).register_forward_hook(keep(f"m{i}")))
-        names.append(i)
-    model(input_ids=ids)
-    for h in hooks:
-        h.remove()
-    return [(acc[f"a{i}"], acc[f"m{i}"]) for i in names]
+    """Mean square of each input channel of q_proj and gate_proj, per block, over Lee's first tokens (calibration
+    text: a diagnosis only), by :func:`fasq.fit.samples.channel_powers`."""
+    ids = torch.tensor(tok(load_text("lee"))["input_ids"][:tokens]).view(tokens // 512, 512)
+    return [(attn, gate) for attn, gate, _down in channel_powers(model, ids)]
 
 
 def log_corr(a: torch.Tensor, b: torch.Tensor) -> float:
