@@ -18,21 +18,20 @@ benchmarks/results/experiments.jsonl, as benchmarks/experiments.py writes.
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import time
 from datetime import date
 
 import torch
-
 from experiments import parse_kv, score_and_record
+
 from fasq import FASQConfig
 from fasq.cli import load_any
 from fasq.data import embedded_checkpoint
 from fasq.eval import load_text
+from fasq.families import family_of
 from fasq.fit.equalize import _act_rms, _gain
 from fasq.fit.samples import channel_powers
-from fasq.families import family_of
 from fasq.model import model_size_report, quantize
 
 
