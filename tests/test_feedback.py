@@ -62,32 +62,6 @@ def test_feedback_lowers_the_output_error_it_measures(rotation):
     assert e_fed < 0.7 * e_plain
 
 
-@pytest.mark.parametrize("k", [16, 64])
-def test_refit_lowers_the_output_error_on_other_inputs_too_and_keeps_the_codes(k):
-    """feedback_refit: the codebook and scales refit for feedback's codes lower tr((W - Q) H (W - Q)^T) on the inputs
-    measured and on other inputs of the same distribution; the codes are feedback's own."""
-    x, held_out = _correlated(8192, 256).split(4096)                   # one distribution, two samples of it
-    h, h2 = x.T @ x / 4096, held_out.T @ held_out / 4096
-    w = torch.randn(64, 256)
-    cfg = fasq.FASQConfig(codebook_size=k, group_size=64, rotation_block=64, error_feedback=True)
-    spec, fed = quantize_weight(w, cfg, "layer", hessian=h)
-    _, refit = quantize_weight(w, cfg.replace(feedback_refit=True), "layer", hessian=h)
-    assert torch.equal(refit["codes"], fed["codes"])
-    assert not torch.equal(refit["codebooks"], fed["codebooks"]) and not torch.equal(refit["scales"], fed["scales"])
-    for cov in (h, h2):
-        assert _weighted_error(w, _stored_weight(spec, refit), cov) < 0.995 * _weighted_error(
-            w, _stored_weight(spec, fed), cov)
-
-
-def test_refit_keeps_the_fit_where_it_cannot_lower_the_error():
-    g = torch.Generator().manual_seed(0)
-    w, book = torch.randn(8, 64, generator=g), torch.randn(16, 2, generator=g)
-    s = w.reshape(8, 2, 32).abs().amax(-1)
-    codes = feedback.feedback_codes(w, s, 32, book, 64, torch.eye(64))
-    new_book, new_s = feedback.refit(w, s, 32, book, codes, 64, torch.zeros(64, 64))   # no input: no error to lower
-    assert new_book is book and new_s is s
-
-
 def test_rotated_covariance_is_that_of_the_rotated_inputs():
     x = _correlated(512, 64)
     signs = (torch.randint(0, 2, (64,)) * 2 - 1).to(torch.int8)
@@ -276,10 +250,6 @@ def test_config_checks_the_new_fields():
         fasq.FASQConfig(error_feedback="yes")
     assert "error_feedback" not in fasq.FASQConfig().to_dict()    # older fasq versions read configs without it
     assert fasq.FASQConfig.from_dict(fasq.FASQConfig(error_feedback=True).to_dict()).error_feedback
-    with pytest.raises(ValueError, match="feedback_refit"):
-        fasq.FASQConfig(feedback_refit=1)
-    assert "feedback_refit" not in fasq.FASQConfig().to_dict()
-    assert fasq.FASQConfig.from_dict(preset("3bit").to_dict()).feedback_refit
 
 
 def test_a_covariance_that_cannot_be_used_leaves_the_plain_codes(caplog):

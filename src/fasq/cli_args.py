@@ -14,7 +14,7 @@ def config_from_args(args) -> FASQConfig:
     for name in ("subvector_dim", "codebook_size", "num_codebooks", "group_size", "rotation", "scale_mode",
                  "kmeans_iters", "refine_iters", "seed", "equalize", "rotation_block", "outlier_fraction",
                  "quantize_embeddings", "embedding_subvector_dim", "embedding_codebook_size", "size_scope",
-                 "error_feedback", "sample_sequences", "feedback_refit"):
+                 "error_feedback", "sample_sequences"):
         v = getattr(args, name, None)
         if v is not None:
             fields[name] = v
@@ -74,9 +74,6 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--error-feedback", dest="error_feedback", action=argparse.BooleanOptionalAction, default=None,
                    help="choose codes with GPTQ-style error feedback against each layer's input covariance, measured "
                         "on text the model samples itself (no data is read; the 4bit and 3bit presets do)")
-    g.add_argument("--feedback-refit", dest="feedback_refit", action=argparse.BooleanOptionalAction, default=None,
-                   help="after --error-feedback, refit each layer's codebook and scales by least squares for its "
-                        "output error (the 3bit preset does)")
     g.add_argument("--sample-sequences", dest="sample_sequences", type=positive_int,
                    help="sequences of 256 tokens the model samples for equalize=sampled and --error-feedback")
     g.add_argument("--size-of", dest="size_scope", choices=["linears", "model"],

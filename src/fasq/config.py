@@ -21,7 +21,7 @@ SIZE_SCOPES = ("linears", "model")    # what target_bits / --bits measure: the q
 # Fields newer than the first config version: to_dict leaves each out while it holds its default, so a model
 # that does not use them stays readable by fasq versions that predate them.
 _OPTIONAL_FIELDS = ("quantize_embeddings", "embedding_subvector_dim", "embedding_codebook_size", "size_scope",
-                    "error_feedback", "sample_sequences", "feedback_refit")
+                    "error_feedback", "sample_sequences")
 ROTATIONS = ("none", "hadamard")
 KMEANS_BACKENDS = ("auto", "faiss", "torch")
 KMEANS_INITS = ("kmeans++", "random")
@@ -72,8 +72,6 @@ class FASQConfig:
     # for equalize="sampled" (fasq.fit.samples: LENGTH tokens each).
     error_feedback: bool = False
     sample_sequences: int = 8
-    # After error feedback, each layer's codebook and scales refit by least squares for its output error (codes fixed).
-    feedback_refit: bool = False
     seed: int = 0
     version: int = CONFIG_VERSION
 
@@ -126,7 +124,6 @@ class FASQConfig:
         _check(2 <= self.embedding_codebook_size <= 65536, "embedding_codebook_size", self.embedding_codebook_size,
                "an integer from 2 to 65536")
         _check(isinstance(self.error_feedback, bool), "error_feedback", self.error_feedback, "true or false")
-        _check(isinstance(self.feedback_refit, bool), "feedback_refit", self.feedback_refit, "true or false")
         _check(1 <= self.sample_sequences <= 1024, "sample_sequences", self.sample_sequences,
                "an integer from 1 to 1024")
         _check(self.size_scope in SIZE_SCOPES, "size_scope", self.size_scope, f"one of {SIZE_SCOPES}")
@@ -215,7 +212,7 @@ _SAMPLED = dict(equalize="sampled", error_feedback=True, sample_sequences=32)
 PRESETS: dict[str, dict[str, Any]] = {
     "4bit": dict(subvector_dim=2, codebook_size=256, group_size=256, target_bits=4.25, **_SAMPLED, **_TABLE8),
     "3bit": dict(subvector_dim=2, codebook_size=64, group_size=256, target_bits=3.25, rotation_block=64,
-                 **{**_SAMPLED, "sample_sequences": 64, "feedback_refit": True}, **_TABLE8),
+                 **{**_SAMPLED, "sample_sequences": 64}, **_TABLE8),
     "2bit": dict(subvector_dim=4, codebook_size=256, group_size=128),
     "8bit": dict(subvector_dim=1, codebook_size=256, group_size=128),
 }

@@ -144,9 +144,6 @@ def quantize_weight(weight: torch.Tensor, config: FASQConfig, name: str = "weigh
         h = feedback.rotated(hessian.to(dev, torch.float32), signs.to(dev), spec.rotation_block)
         fed = feedback.feedback_codes(wp, s, g, books[0], spec.padded_in, h)
         codes = codes if fed is None else [fed]
-        # 7. The codebook and scales refit for those codes by least squares against the covariance.
-        if fed is not None and config.feedback_refit:
-            books[0], s = feedback.refit(wp, s, g, books[0], fed, spec.padded_in, h)
 
     codes_t = torch.stack([c.reshape(out_f, spec.n_sub) for c in codes])       # [M, out, n_sub]
     return spec, _stored(spec, name, pack_codes(codes_t, spec.bits).cpu(), torch.stack(books), s, signs, bias,
