@@ -129,12 +129,56 @@ def test_feedback_beyond_the_memory_budget_streams_without_it(tmp_path, llama_ck
     monkeypatch.setattr("fasq.fit.samples.LENGTH", 16)
     model_bytes = sum(f.stat().st_size for f in llama_ckpt.glob("*.safetensors"))
     cfg = CFG.replace(equalize="sampled", error_feedback=True, sample_sequences=2)
+    plan = stream_run.build_plan(stream_run.open_source(llama_ckpt), cfg)
+    sampling = stream_run.sampling_bytes(plan)
+    assert stream_run.covariance_bytes(plan) > sampling + 1000
     with caplog.at_level("WARNING"):
-        r = quantize_checkpoint(llama_ckpt, tmp_path / "out", cfg, max_memory=model_bytes + 1000, progress=False)
+        r = quantize_checkpoint(llama_ckpt, tmp_path / "out", cfg, max_memory=model_bytes + sampling + 1000,
+                                progress=False)
     assert "error_feedback" not in r["config"] and r["config"]["equalize"] == "sampled"
     assert "codes without it" in caplog.text
     ref = in_memory(llama_ckpt, torch.bfloat16, cfg.replace(error_feedback=False), tmp_path / "ref")
     assert_same_tensors(stored_tensors(ref), stored_tensors(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_sampling_bytes_covers_the_kv_cache_sampling_fills(tmp_path, monkeypatch, arch):
+    """The memory check counts what drawing the samples holds besides the model: the KV cache of every sampled
+    sequence in the checkpoint's dtype (measured here on the cache a forward fills), an allowance for its growth
+    and some logits."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from fasq.fit.samples import _cache_kwarg
+
+    monkeypatch.setattr("fasq.fit.samples.LENGTH", 24)
+    src = make_checkpoint(tmp_path / "src", arch, torch.bfloat16)
+    cfg = CFG.replace(equalize="sampled", sample_sequences=5)
+    estimate = stream_run.sampling_bytes(stream_run.build_plan(stream_run.open_source(src), cfg))
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():   # a whole sequence at once fills what sample_tokens' steps fill one token at a time
+        out = model(input_ids=torch.randint(0, 320, (5, 24)), use_cache=True, **{_cache_kwarg(model): cache})
+    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    logits_step = out.logits[:, -1].float()
+    assert held * 4 // 3 <= estimate <= held * 4 // 3 + 4 * logits_step.numel() * logits_step.element_size()
+    assert stream_run.sampling_bytes(stream_run.build_plan(stream_run.open_source(src),
+                                                           cfg.replace(sample_sequences=10))) == 2 * estimate
+
+
+def test_the_budget_check_counts_the_sampling_besides_the_model(caplog):
+    from fasq.stream.run import streamable
+
+    cfg = FASQConfig(equalize="sampled")
+    assert streamable(cfg, model_bytes=100, budget=150, sampling=50) == cfg
+    with caplog.at_level("WARNING"):
+        assert streamable(cfg, model_bytes=100, budget=150, sampling=51) == cfg.replace(equalize="power")
+    assert "KV cache" in caplog.text
+    fb = cfg.replace(error_feedback=True)
+    # covariances and the sampling's cache are not held at once: the larger of the two counts
+    assert streamable(fb, model_bytes=100, budget=150, covariances=50, sampling=40) == fb
+    assert streamable(fb, model_bytes=100, budget=150, covariances=40, sampling=50) == fb
+    assert streamable(fb, model_bytes=100, budget=150, covariances=51, sampling=10) == cfg
+    assert streamable(fb, model_bytes=100, budget=150, covariances=10, sampling=51) == cfg.replace(equalize="power")
 
 
 def test_size_target_equals_in_memory(tmp_path, llama_ckpt):

@@ -206,13 +206,14 @@ def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
 _TABLE8 = dict(quantize_embeddings=True, embedding_subvector_dim=1, embedding_codebook_size=256)
 # Both also choose their codes with error feedback (GPTQ's update over sub-vectors) against each layer's input
 # covariance, measured on the same sampled text, 32 sequences of it (fasq.fit.feedback; the twelfth round of
-# docs/experiments.md: with 8 sequences the update fits the samples more than text in general).  At 3 bits 64
-# sequences (the fourteenth round: lower perplexity on both models, at about twice the sampling time).
+# docs/experiments.md: with 8 sequences the update fits the samples more than text in general).  At 3 bits 128
+# sequences (the fourteenth round: 64 gave lower perplexity than 32 on both models; the seventeenth round: 128 lower
+# again, at about 1.6 times the quantize time).
 _SAMPLED = dict(equalize="sampled", error_feedback=True, sample_sequences=32)
 PRESETS: dict[str, dict[str, Any]] = {
     "4bit": dict(subvector_dim=2, codebook_size=256, group_size=256, target_bits=4.25, **_SAMPLED, **_TABLE8),
     "3bit": dict(subvector_dim=2, codebook_size=64, group_size=256, target_bits=3.25, rotation_block=64,
-                 **{**_SAMPLED, "sample_sequences": 64}, **_TABLE8),
+                 **{**_SAMPLED, "sample_sequences": 128}, **_TABLE8),
     "2bit": dict(subvector_dim=4, codebook_size=256, group_size=128),
     "8bit": dict(subvector_dim=1, codebook_size=256, group_size=128),
 }

@@ -131,7 +131,8 @@ def quantize(model: nn.Module, config: FASQConfig | None = None, *, progress: bo
         emb_job = pool.submit(_fit_table, emb, device) if emb is not None and emb.tied_head is None else None
         for result in fitted_in_order(model, ids, fed, fit, pool) if fed else ():
             place(*result)
-        for result in pool.map(fit, [name for name in by_name if name not in set(fed)]):
+        fed_names = set(fed)
+        for result in pool.map(fit, [name for name in by_name if name not in fed_names]):
             place(*result)
         emb_tensors = emb_job.result() if emb_job is not None else None
     bar.close()

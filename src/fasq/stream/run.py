@@ -44,8 +44,8 @@ from ..nn import PQLinear
 from ..outputs import check_output, move_into_place, remove_stale_temporaries
 from .plan import COMPANION_PATTERNS, INDEX_NAME, Plan, Unit, build_plan, open_source
 from .schedule import default_memory_budget, human_bytes, parse_size, run_units
-from .safetensors_io import (DTYPES, CheckpointError, FileWriter, TensorEntry, hash_file_and_ranges, hash_ranges,
-                             iter_chunks, read_header, read_tensor, tensor_bytes)
+from .safetensors_io import (DTYPES, ITEMSIZE, CheckpointError, FileWriter, TensorEntry, hash_file_and_ranges,
+                             hash_ranges, iter_chunks, read_header, read_tensor, tensor_bytes)
 
 log = logging.getLogger(__name__)
 
@@ -481,6 +481,13 @@ def feedback_layers(plan: Plan) -> dict[str, Unit]:
     return {u.name: u for u in plan.units if u.kind == "quantize" and not u.table}
 
 
+def _text_config(plan: Plan):
+    """The decoder's config (a multimodal checkpoint's text config; a text model's own)."""
+    cfg = plan.source.hf_config
+    get = getattr(cfg, "get_text_config", None)
+    return get() if callable(get) else cfg
+
+
 def covariance_bytes(plan: Plan) -> int:
     """What :meth:`Workspace.sample` holds for ``error_feedback`` besides the model: the layers it fits until their
     units write them, one decoder block's fp32 [in, in] input covariances at a time (the largest block's: an upper
@@ -493,27 +500,55 @@ def covariance_bytes(plan: Plan) -> int:
         m = re.match(r"(.*?\.\d+)\.", name)
         key = m.group(1) if m else name
         blocks[key] = blocks.get(key, 0) + 4 * u.spec.in_features ** 2
-    hidden = getattr(plan.source.hf_config, "hidden_size", 0) or 0
+    hidden = getattr(_text_config(plan), "hidden_size", 0) or 0
     return (sum(u.spec.weight_storage_bytes() for u in units.values()) + max(blocks.values(), default=0)
             + 2 * 4 * plan.config.sample_sequences * LENGTH * hidden)
 
 
-def streamable(config: FASQConfig, model_bytes: int, budget: int, covariances: int = 0) -> FASQConfig:
+def sampling_bytes(plan: Plan) -> int:
+    """What drawing the samples (:func:`fasq.fit.samples.sample_tokens`: all ``sample_sequences`` in one batch)
+    holds besides the model: the KV cache of ``sample_sequences`` x LENGTH tokens in the checkpoint's floating
+    dtype (keys and values of every layer), a third more for the cache's growth (each step reallocates it), and a
+    few fp32 copies of one step's logits (the nucleus sampling's probabilities and candidates).  An estimate from
+    the config, checked against the quantizations' peak RSS: from 64 to 128 sequences at 3 bits it rose by 1035 MiB
+    (SmolLM2-135M, fp32) and 1113 MiB (Gemma-3-270M) on the mean of the sweep's seeds 0-3, where this rises by 1008
+    and 1024 MiB."""
+    from ..fit.samples import LENGTH
+
+    c = _text_config(plan)
+    layers = getattr(c, "num_hidden_layers", 0) or 0
+    heads = getattr(c, "num_attention_heads", 0) or 0
+    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    hidden = getattr(c, "hidden_size", 0) or 0
+    head_dim = getattr(c, "head_dim", None) or (hidden // heads if heads else 0)
+    floats = [e for e in plan.source.entries.values() if e.dtype in ("F32", "F16", "BF16")]
+    itemsize = ITEMSIZE[max(floats, key=lambda e: e.end - e.begin).dtype] if floats else 4
+    seqs = plan.config.sample_sequences
+    kv = seqs * LENGTH * layers * 2 * kv_heads * head_dim * itemsize * 4 // 3
+    logits = 4 * 4 * seqs * (getattr(c, "vocab_size", 0) or 0)
+    return kv + logits
+
+
+def streamable(config: FASQConfig, model_bytes: int, budget: int, covariances: int = 0,
+               sampling: int = 0) -> FASQConfig:
     """The config a streaming run uses.  ``equalize="sampled"`` and ``error_feedback`` sample text with the whole
-    model, so the run loads the checkpoint once for that (then frees it) where its stored size (and, for error
-    feedback, the ``covariances`` bytes it then holds) fits the memory budget; where it does not, the run uses
-    ``"power"`` (estimated from the weights alone, one block at a time) and no error feedback, and says so."""
-    if config.error_feedback and model_bytes + covariances > budget:
+    model, so the run loads the checkpoint once for that (then frees it) where its stored size, with what drawing
+    the samples holds (``sampling`` bytes: :func:`sampling_bytes`) and, for error feedback, the ``covariances``
+    bytes it then holds (:func:`covariance_bytes`; the two are not held at once), fits the memory budget; where it
+    does not, the run uses ``"power"`` (estimated from the weights alone, one block at a time) and no error
+    feedback, and says so."""
+    if config.error_feedback and model_bytes + max(covariances, sampling) > budget:
         log.warning("error feedback samples text with the whole model and fits its layers there (with their input "
                     "covariances), %s in all, more than this run's memory budget of %s: this streaming run codes "
                     "without it, and records that. Raise --max-memory for error feedback.",
-                    human_bytes(model_bytes + covariances), human_bytes(budget))
+                    human_bytes(model_bytes + max(covariances, sampling)), human_bytes(budget))
         config = config.replace(error_feedback=False)
-    if config.equalize != "sampled" or model_bytes <= budget:
+    if config.equalize != "sampled" or model_bytes + sampling <= budget:
         return config
-    log.warning("equalize='sampled' samples text with the whole model, which takes %s, more than this run's memory "
-                "budget of %s: this streaming run uses equalize='power' (estimated from the weights alone) instead, "
-                "and records that. Raise --max-memory for 'sampled'.", human_bytes(model_bytes), human_bytes(budget))
+    log.warning("equalize='sampled' samples text with the whole model, which takes %s with the sampling's KV cache, "
+                "more than this run's memory budget of %s: this streaming run uses equalize='power' (estimated from "
+                "the weights alone) instead, and records that. Raise --max-memory for 'sampled'.",
+                human_bytes(model_bytes + sampling), human_bytes(budget))
     return config.replace(equalize="power")
 
 
@@ -547,7 +582,9 @@ def quantize_checkpoint(source, output, config: FASQConfig | None = None, *,
     src = open_source(source)
     model_bytes = sum((src.path / f).stat().st_size for f in src.files)
     plan = build_plan(src, config, layer_configs, parse_size(max_shard_size), target_bits, target_fraction)
-    usable = streamable(config, model_bytes, budget, covariance_bytes(plan) if config.error_feedback else 0)
+    sampled = config.equalize == "sampled" or config.error_feedback
+    usable = streamable(config, model_bytes, budget, covariance_bytes(plan) if config.error_feedback else 0,
+                        sampling_bytes(plan) if sampled else 0)
     if usable != config:
         config = usable
         plan = build_plan(src, config, layer_configs, parse_size(max_shard_size), target_bits, target_fraction)
