@@ -44,8 +44,8 @@ from ..nn import PQLinear
 from ..outputs import check_output, move_into_place, remove_stale_temporaries
 from .plan import COMPANION_PATTERNS, INDEX_NAME, Plan, Unit, build_plan, open_source
 from .schedule import default_memory_budget, human_bytes, parse_size, run_units
-from .safetensors_io import (DTYPES, ITEMSIZE, CheckpointError, FileWriter, TensorEntry, hash_file_and_ranges,
-                             hash_ranges, iter_chunks, read_header, read_tensor, tensor_bytes)
+from .safetensors_io import (DTYPES, CheckpointError, FileWriter, TensorEntry, hash_file_and_ranges, hash_ranges,
+                             iter_chunks, read_header, read_tensor, tensor_bytes)
 
 log = logging.getLogger(__name__)
 
@@ -513,18 +513,16 @@ def sampling_bytes(plan: Plan) -> int:
     the config, checked against the quantizations' peak RSS: from 64 to 128 sequences at 3 bits it rose by 1035 MiB
     (SmolLM2-135M, fp32) and 1113 MiB (Gemma-3-270M) on the mean of the sweep's seeds 0-3, where this rises by 1008
     and 1024 MiB."""
+    from ..fit.equalize import _head_layout
     from ..fit.samples import LENGTH
+    from ..io import stored_dtype
 
     c = _text_config(plan)
-    layers = getattr(c, "num_hidden_layers", 0) or 0
-    heads = getattr(c, "num_attention_heads", 0) or 0
-    kv_heads = getattr(c, "num_key_value_heads", None) or heads
-    hidden = getattr(c, "hidden_size", 0) or 0
-    head_dim = getattr(c, "head_dim", None) or (hidden // heads if heads else 0)
-    floats = [e for e in plan.source.entries.values() if e.dtype in ("F32", "F16", "BF16")]
-    itemsize = ITEMSIZE[max(floats, key=lambda e: e.end - e.begin).dtype] if floats else 4
+    layout = _head_layout(c)                                    # (heads, key/value heads, head dim)
+    kv_width = 2 * layout[1] * layout[2] if layout else 0       # keys and values, per token and layer
+    itemsize = (stored_dtype(str(plan.source.path)) or torch.float32).itemsize   # the dtype Workspace.sample loads
     seqs = plan.config.sample_sequences
-    kv = seqs * LENGTH * layers * 2 * kv_heads * head_dim * itemsize * 4 // 3
+    kv = seqs * LENGTH * (getattr(c, "num_hidden_layers", 0) or 0) * kv_width * itemsize * 4 // 3
     logits = 4 * 4 * seqs * (getattr(c, "vocab_size", 0) or 0)
     return kv + logits
 
@@ -582,9 +580,8 @@ def quantize_checkpoint(source, output, config: FASQConfig | None = None, *,
     src = open_source(source)
     model_bytes = sum((src.path / f).stat().st_size for f in src.files)
     plan = build_plan(src, config, layer_configs, parse_size(max_shard_size), target_bits, target_fraction)
-    sampled = config.equalize == "sampled" or config.error_feedback
     usable = streamable(config, model_bytes, budget, covariance_bytes(plan) if config.error_feedback else 0,
-                        sampling_bytes(plan) if sampled else 0)
+                        sampling_bytes(plan))
     if usable != config:
         config = usable
         plan = build_plan(src, config, layer_configs, parse_size(max_shard_size), target_bits, target_fraction)
