@@ -325,3 +325,20 @@ def test_gemma3_awq_fix_keeps_the_function():
         ref = lin(norm(x))
         scale_ln_fcs(norm, [lin], torch.rand(16) + 0.5)
         torch.testing.assert_close(lin(norm(x)), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_distill_point_runs_and_is_hashed_with_the_distillation(settings, swept, tmp_path):
+    from fasq.sweep.worker import fasq_code_hash
+
+    plain = dict(FASQ_POINTS[0].settings)
+    point = Point("fasq", {**plain, "distill_steps": 2})
+    assert fasq_config(point.settings) == fasq_config(plain)
+    with pytest.raises(ValueError, match="distill_steps"):
+        fasq_config({**plain, "distill_steps": -1})
+    assert fasq_code_hash(plain) == fasq_code_hash() != fasq_code_hash(point.settings)
+    (doc,) = run_sweep(settings, tmp_path, points=[point], progress=False, isolate=False).values()
+    (row,) = doc["rows"]
+    assert row["status"] == "ok", row.get("error")
+    assert row["fasq_code"] == fasq_code_hash(point.settings) and "distill_steps=2" in row["label"]
+    before = next(r for r in swept[1]["rows"] if r["key"] == FASQ_POINTS[0].key)
+    assert row["bits_per_weight"] == before["bits_per_weight"] and row["perplexity"] != before["perplexity"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import sys
@@ -38,20 +39,26 @@ def cmd_quantize(args) -> int:
     source = str(embedded_checkpoint(args.model) or args.model)
     check_output(out, sources=(source,), overwrite=args.overwrite, force=args.force)
     config = config_from_args(args)   # a bad setting is refused before any loading
-    if should_stream(args):  # a local safetensors checkpoint: tensor by tensor, bounded memory, resumable
+    # A local safetensors checkpoint streams (tensor by tensor, bounded memory, resumable), unless --distill-steps
+    # asks for the original and the quantized model in memory together.
+    if should_stream(args) and not args.distill_steps:
         return cmd_quantize_stream(args)
     t0 = time.perf_counter()
     model, tok = load_any(args.model, dtype="stored")  # a local checkpoint as streaming reads it: same output
     t_load = time.perf_counter() - t0
     t1 = time.perf_counter()
     announce_sampling(config, show=not args.quiet)
+    teacher = copy.deepcopy(model) if args.distill_steps else None
     quantize(model, config, progress=not args.quiet, device=args.device, target_bits=args.bits,
              target_fraction=args.target_size)
     t_q = time.perf_counter() - t1
+    distilled = _distill(args, model, teacher, config.seed) if teacher is not None else None
     io.save(model, out, tokenizer=tok, overwrite=args.overwrite, force=args.force)
     rep = model_size_report(model)
     result = {"output": str(out), "config": config.to_dict(), "load_seconds": t_load, "quantize_seconds": t_q,
               "peak_rss_mb": peak_rss_mb(), **{k: v for k, v in rep.items() if k != "layers"}}
+    if distilled is not None:
+        result["distill"] = distilled
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -60,6 +67,21 @@ def cmd_quantize(args) -> int:
               f"of FP16 ({rep['model_bits_per_weight']:.3f} bits/weight); quantized in {t_q:.1f}s, "
               f"peak RSS {result['peak_rss_mb']:.0f} MiB")
     return 0
+
+
+def _distill(args, model, teacher, seed: int) -> dict:
+    """--distill-steps: fasq.distill on the quantized model, against the original (``teacher``, then freed)."""
+    from .distill import DistillSettings, distill
+
+    settings = DistillSettings(steps=args.distill_steps, seed=seed)
+    if not args.quiet:
+        print(f"distill: tuning norms, codebooks and scales to the original model's outputs on {settings.sequences} "
+              f"sequences it samples itself, {settings.steps} steps", file=sys.stderr)
+    r = distill(model, teacher, settings, progress=not args.quiet)
+    kl = r["kl"]
+    tail = kl[-8:]
+    return {"steps": settings.steps, "sequences": settings.sequences, "seconds": r["seconds"],
+            "kl_first": kl[0], "kl_last": sum(tail) / len(tail)}
 
 
 def _embedding_note(rep: dict) -> str:
@@ -284,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "with --size-of model, of the whole model")
     size.add_argument("--target-size", dest="target_size", type=float,
                       help="target whole-model size as a fraction of FP16, e.g. 0.35")
+    p.add_argument("--distill-steps", dest="distill_steps", type=nonnegative_int, default=0,
+                   help="after quantizing, tune the norms, codebooks and scales this many steps to the original "
+                        "model's outputs on text it samples itself (fasq.distill; needs both models in memory, so "
+                        "it does not stream; 0: off)")
     p.add_argument("--json", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
     add_quant_args(p)

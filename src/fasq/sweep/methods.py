@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..format import pack_codes, packed_words, unpack_codes
-from .points import Point, fasq_config
+from .points import Point, distill_steps, fasq_config
 from .texts import Calibration
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,14 @@ def run_fasq(point: Point, ctx: Context) -> Quantized:
     config = fasq_config(point.settings)
     model = load_original(ctx.model_path)
     _, dt = _timed(lambda: quantize(model, config, progress=ctx.progress))
+    steps = distill_steps(point.settings)
+    if steps:   # the quantize time includes the distillation (and loading the original again for it)
+        from ..distill import DistillSettings, distill
+
+        def tune():
+            distill(model, load_original(ctx.model_path), DistillSettings(steps=steps, seed=config.seed),
+                    progress=ctx.progress)
+        dt += _timed(tune)[1]
     table_names = _embedding_tables(model)
     layers = pq_layers(model)
     tables = [(n, m) for n, m in layers if n in table_names] + [

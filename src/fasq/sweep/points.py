@@ -134,12 +134,23 @@ def parse_setting(text: str) -> dict[str, Any]:
 
 
 def fasq_config(settings: dict[str, Any]):
-    """The FASQConfig a fasq point stands for (validates the settings)."""
+    """The FASQConfig a fasq point stands for (validates the settings; ``distill_steps``: see :func:`distill_steps`)."""
     from ..config import FASQConfig, preset
 
     s = dict(settings)
+    distill_steps(s)
+    s.pop("distill_steps", None)
     name = s.pop("preset", None)
     return preset(name, **s) if name else FASQConfig(**s)
+
+
+def distill_steps(settings: dict[str, Any]) -> int:
+    """A fasq point's ``distill_steps`` (0 where it names none): after quantizing, :func:`fasq.distill.distill` runs
+    this many steps (``fasq quantize --distill-steps``)."""
+    n = settings.get("distill_steps", 0)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"distill_steps={n!r}: must be an integer >= 0")
+    return n
 
 
 def default_points(methods: tuple[str, ...] | None = None,

@@ -226,7 +226,8 @@ def run_sweep(settings: SweepSettings, out: str | os.PathLike, *, texts: Sequenc
     for point in bar:
         bar.set_postfix_str(point.key, refresh=True)
         paths = {t: dirs[t] / "runs" / f"{point.key}.json" for t in texts}
-        got = {t: None if force else _cached(paths[t], point, keys[t], code_hash, report_only) for t in texts}
+        point_hash = fasq_code_hash(point.settings) if point.method == "fasq" else code_hash
+        got = {t: None if force else _cached(paths[t], point, keys[t], point_hash, report_only) for t in texts}
         pending = [] if report_only else [t for t in texts if got[t] is None]
         if pending:
             log_path = dirs[pending[0]] / "logs" / f"{point.key}.log"
@@ -234,7 +235,7 @@ def run_sweep(settings: SweepSettings, out: str | os.PathLike, *, texts: Sequenc
                             python_for(point, python), timeout, isolate)
             for t, row in zip(pending, new):
                 row.update(eval_key=keys[t], finished=dt.datetime.now().astimezone().isoformat(timespec="seconds"))
-                row.setdefault("fasq_code", code_hash if point.method == "fasq" else None)
+                row.setdefault("fasq_code", point_hash if point.method == "fasq" else None)
                 write_json_atomic(paths[t], row)
                 got[t] = row
                 msg = (f"{point.key} on {Path(t).stem}: perplexity {row['perplexity']:.3f} at "

@@ -32,11 +32,16 @@ FASQ_CODE = ("config.py", "families.py", "planning.py", "format.py", "model.py",
              "fit")
 
 
-def fasq_code_hash() -> str:
-    """A hash of :data:`FASQ_CODE`, the fasq sources this process imports to make a fasq row."""
+# ... and, for a point with ``distill_steps``, the distillation's (rows without it keep the hash they had).
+DISTILL_CODE = ("distill.py",)
+
+
+def fasq_code_hash(settings: dict | None = None) -> str:
+    """A hash of :data:`FASQ_CODE` (and :data:`DISTILL_CODE` where ``settings`` distill), the fasq sources this
+    process imports to make a fasq row of those settings."""
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
-    for name in FASQ_CODE:
+    for name in FASQ_CODE + (DISTILL_CODE if (settings or {}).get("distill_steps") else ()):
         p = root / name
         for f in sorted(p.rglob("*.py")) if p.is_dir() else [p]:
             if f.is_file():
@@ -112,10 +117,10 @@ def run(req: dict) -> list[dict]:
     from .methods import ADAPTERS, Context, load_original, peak_rss_mb
 
     t_start = time.perf_counter()
-    code_hash = fasq_code_hash()   # the fasq sources this process imports (a cached fasq row is checked against it)
+    point = Point(req["point"]["method"], req["point"]["settings"])
+    code_hash = fasq_code_hash(point.settings)   # the fasq sources this row is made by (a cached row is checked against it)
     torch.set_num_threads(int(req.get("threads", 2)))
     torch.manual_seed(0)
-    point = Point(req["point"]["method"], req["point"]["settings"])
     model_path = req["model_path"]
     texts = list(req["texts"])
     tok = AutoTokenizer.from_pretrained(model_path)

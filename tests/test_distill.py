@@ -1,0 +1,131 @@
+"""fasq.distill: the continuous parameters of a quantized model tuned to the original model's outputs."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import fasq
+from fasq.distill import DistillSettings, _kl, distill
+from fasq.fit.samples import sample_tokens
+from fasq.nn import PQLinear
+
+CFG = fasq.FASQConfig(subvector_dim=2, codebook_size=16, group_size=32, kmeans_iters=8, outlier_fraction=0.0)
+
+
+def _quantized(arch: str = "llama"):
+    teacher = tiny_model(arch)
+    model = fasq.quantize(copy.deepcopy(teacher), CFG, progress=False)
+    return model, teacher
+
+
+def _buffers(model):
+    return {n: b.clone() for n, b in model.named_buffers()}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_distill_lowers_the_divergence_on_text_it_did_not_tune_on(arch):
+    model, teacher = _quantized(arch)
+    train = sample_tokens(teacher, sequences=8, length=48, seed=1)
+    held_out = sample_tokens(teacher, sequences=8, length=48, seed=2)
+    with torch.no_grad():
+        before = _kl(model, teacher, held_out).item()
+    r = distill(model, teacher, DistillSettings(steps=24, batch=4, lr_norms=1e-2, lr_scales=1e-2, lr_codebooks=3e-3),
+                ids=train, progress=False)
+    with torch.no_grad():
+        after = _kl(model, teacher, held_out).item()
+    assert len(r["kl"]) == 24 and r["parameters"] > 0
+    assert after < 0.9 * before, (before, after)
+
+
+def test_distill_changes_only_scales_codebooks_and_norms_and_keeps_the_format(tmp_path, tokenizer):
+    model, teacher = _quantized("gemma3")   # tied head: the head's (and the embedding's) table stays as it was
+    before, norms = _buffers(model), {n: p.clone() for n, p in model.named_parameters() if "norm" in n}
+    for n, p in model.named_parameters():
+        p.requires_grad_("layers.0" in n)
+    specs = {n: m.spec for n, m in model.named_modules() if isinstance(m, PQLinear)}
+    distill(model, teacher, DistillSettings(steps=4, batch=2, lr_norms=1e-2, lr_scales=1e-2, lr_codebooks=1e-2),
+            ids=sample_tokens(teacher, sequences=4, length=32, seed=1), progress=False)
+    after = _buffers(model)
+    assert set(after) == set(before)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all(n.endswith((".scales", ".codebooks")) for n in changed), changed
+    assert not any("lm_head" in n or "embed" in n for n in changed)
+    assert all(after[n].dtype == before[n].dtype for n in before)
+    assert {n: m.spec for n, m in model.named_modules() if isinstance(m, PQLinear)} == specs
+    assert any(not torch.equal(p, norms[n]) for n, p in model.named_parameters() if "norm" in n)
+    assert all(p.requires_grad == ("layers.0" in n) for n, p in model.named_parameters())   # as they were
+    # Saved and loaded, the tuned model is the same model.
+    ids = torch.randint(0, 320, (1, 20), generator=torch.Generator().manual_seed(0))
+    fasq.save(model, tmp_path / "q", tokenizer=tokenizer)
+    loaded = fasq.load(tmp_path / "q")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_an_interrupted_distill_leaves_the_model_as_it_was(monkeypatch):
+    import fasq.distill as mod
+
+    model, teacher = _quantized()
+    before = {**_buffers(model), **{n: p.detach().clone() for n, p in model.named_parameters()}}
+    real, calls = mod._kl, []
+
+    def failing(student, t, ids):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(student, t, ids)
+
+    monkeypatch.setattr(mod, "_kl", failing)
+    with pytest.raises(KeyboardInterrupt):
+        distill(model, teacher, DistillSettings(steps=5, batch=2, lr_norms=1e-2),
+                ids=sample_tokens(teacher, sequences=4, length=16, seed=1), progress=False)
+    after = {**_buffers(model), **{n: p.detach() for n, p in model.named_parameters()}}
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert all(isinstance(m, PQLinear) for n, m in model.named_modules() if n.endswith("proj"))
+
+
+def test_settings_and_an_unquantized_model_are_refused():
+    with pytest.raises(ValueError, match="steps"):
+        DistillSettings(steps=0)
+    with pytest.raises(ValueError, match="lr_scales"):
+        DistillSettings(lr_scales=-1.0)
+    with pytest.raises(ValueError, match="nothing would be tuned"):
+        DistillSettings(lr_norms=0.0, lr_scales=0.0, lr_codebooks=0.0)
+    teacher = tiny_model()
+    with pytest.raises(ValueError, match="no quantized"):
+        distill(copy.deepcopy(teacher), teacher, progress=False)
+
+
+def test_cli_quantize_distills_in_memory(model_dir, tmp_path, capsys):
+    from fasq.cli import main
+
+    out = tmp_path / "q"
+    assert main(["quantize", str(model_dir), "-o", str(out), "-d", "2", "-k", "16", "--group-size", "32",
+                 "--distill-steps", "2", "--json", "-q"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["distill"]["steps"] == 2 and r["distill"]["kl_first"] > 0
+    assert fasq.load(out) is not None
+
+
+def test_a_rate_of_zero_leaves_that_part_as_it_was():
+    model, teacher = _quantized()
+    before = _buffers(model)
+    distill(model, teacher, DistillSettings(steps=3, batch=2, lr_norms=1e-2, lr_scales=0.0, lr_codebooks=0.0),
+            ids=sample_tokens(teacher, sequences=4, length=16, seed=1), progress=False)
+    assert all(torch.equal(b, before[n]) for n, b in model.named_buffers())
+
+
+def test_a_bf16_model_gets_steps_smaller_than_its_rounding():
+    """Steps of 1e-3 on bf16 gains near 1 (spacing 2^-7) round away one by one: fp32 copies take them."""
+    model, teacher = _quantized()
+    model, teacher = model.to(torch.bfloat16), teacher.to(torch.bfloat16)
+    before = {n: p.clone() for n, p in model.named_parameters() if "norm" in n}
+    distill(model, teacher, DistillSettings(steps=12, batch=2, lr_norms=1e-3, lr_scales=0.0, lr_codebooks=0.0),
+            ids=sample_tokens(teacher, sequences=4, length=16, seed=1), progress=False)
+    after = {n: p for n, p in model.named_parameters() if "norm" in n}
+    assert all(p.dtype == torch.bfloat16 for p in after.values())
+    assert sum(int((after[n] != before[n]).sum()) for n in before) > 0
