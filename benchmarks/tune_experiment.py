@@ -78,9 +78,8 @@ def main(argv=None):
                                lr_scales=a.lr_scales if "scales" in train else 0.0,
                                lr_codebooks=a.lr_codebooks if "codebooks" in train else 0.0)
     r = distill(model, teacher, settings)
-    curve = r["kl"]
     rec["tune_seconds"] = round(r["seconds"], 1)   # the sampling included
-    rec["kl_first"], rec["kl_last8"] = round(curve[0], 5), round(sum(curve[-8:]) / len(curve[-8:]), 5)
+    rec["kl_first"], rec["kl_last8"] = round(r["kl_first"], 5), round(r["kl_last"], 5)
     score_and_record(model, tok, rec, texts, a.max_tokens)
 
 

@@ -95,6 +95,8 @@ def test_settings_and_an_unquantized_model_are_refused():
         DistillSettings(lr_scales=-1.0)
     with pytest.raises(ValueError, match="nothing would be tuned"):
         DistillSettings(lr_norms=0.0, lr_scales=0.0, lr_codebooks=0.0)
+    with pytest.raises(ValueError, match="micro_batch"):
+        DistillSettings(micro_batch=0)
     teacher = tiny_model()
     with pytest.raises(ValueError, match="no quantized"):
         distill(copy.deepcopy(teacher), teacher, progress=False)
@@ -129,3 +131,35 @@ def test_a_bf16_model_gets_steps_smaller_than_its_rounding():
     after = {n: p for n, p in model.named_parameters() if "norm" in n}
     assert all(p.dtype == torch.bfloat16 for p in after.values())
     assert sum(int((after[n] != before[n]).sum()) for n in before) > 0
+
+
+def test_micro_batches_take_the_same_steps_as_the_whole_batch():
+    """The gradient summed over micro-batches (each layer's weight built once a step) is the whole batch's."""
+    model, teacher = _quantized("gemma3")
+    ids = sample_tokens(teacher, sequences=8, length=24, seed=1)
+    runs = []
+    for micro in (4, 1, 3):   # 3: an uneven last micro-batch
+        m = copy.deepcopy(model)
+        r = distill(m, teacher, DistillSettings(steps=3, batch=4, lr_norms=1e-2, lr_scales=1e-2, lr_codebooks=1e-2,
+                                                micro_batch=micro), ids=ids, progress=False)
+        assert r["micro_batch"] == micro
+        runs.append((r, {**_buffers(m), **{n: p.detach() for n, p in m.named_parameters()}}))
+    (whole, params), *parts = runs
+    assert any(not torch.equal(b, params[n]) for n, b in _buffers(model).items())   # it did tune
+    for r, other in parts:
+        torch.testing.assert_close(r["kl"], whole["kl"], rtol=1e-5, atol=1e-7)
+        for n in params:
+            torch.testing.assert_close(other[n].float(), params[n].float(), rtol=1e-3, atol=1e-3)
+    assert whole["kl_last"] == pytest.approx(sum(whole["kl"]) / 3) and whole["kl_first"] == whole["kl"][0]
+
+
+def test_the_micro_batch_keeps_the_logits_under_the_budget(monkeypatch):
+    import fasq.distill as mod
+
+    model, _ = _quantized()
+    vocab = model.config.vocab_size
+    monkeypatch.setattr(mod, "LOGITS_BYTES", 4 * 16 * vocab * 3)   # three sequences of 16 tokens
+    assert mod.micro_batch(DistillSettings(batch=8), model, 16) == 3
+    assert mod.micro_batch(DistillSettings(batch=2), model, 16) == 2
+    assert mod.micro_batch(DistillSettings(batch=8), model, 1000) == 1   # never fewer than one
+    assert mod.micro_batch(DistillSettings(batch=8, micro_batch=5), model, 1000) == 5

@@ -12,7 +12,8 @@ The scales are tuned as a factor on the stored ones (so Adam's steps are relativ
 and the norms' gains directly.  The output head stays as it is (a tied head's table is also the token
 embedding's).  Cost: the original and the quantized model in memory together, and ``steps`` forward and backward
 passes of ``batch`` sequences (SmolLM2-135M: about 10 s a step on 2 CPU cores); measured in docs/experiments.md
-(eighteenth round).
+(eighteenth round).  A step's sequences go through the models in micro-batches whose fp32 logits stay under
+:data:`LOGITS_BYTES` (Gemma's 262144-token vocabulary), each layer's weight built once per step.
 """
 from __future__ import annotations
 
@@ -28,11 +29,14 @@ from tqdm.auto import tqdm
 
 from . import reference
 from .fit.samples import LENGTH, draw, evaluating
+from .model import _set_module, pq_layers
 from .nn import PQLinear
 
 log = logging.getLogger(__name__)
 
 SAMPLE_SEED = 1000   # the distillation's text is sampled with seed SAMPLE_SEED + seed (the quantizer's: the seed)
+LOGITS_BYTES = 256 * 2**20   # a micro-batch's fp32 logits at most this large (by default; one sequence at least)
+TAIL = 8             # "kl_last": the mean of the last TAIL steps' KL
 
 
 @dataclass(frozen=True)
@@ -46,11 +50,15 @@ class DistillSettings:
     lr_scales: float = 1e-3    # on the factor each stored scale is multiplied by
     lr_codebooks: float = 3e-4
     seed: int = 0
+    micro_batch: int | None = None   # sequences per forward/backward pass (None: fp32 logits <= LOGITS_BYTES)
 
     def __post_init__(self) -> None:
         for name in ("steps", "sequences", "batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DistillSettings.{name} must be >= 1, got {getattr(self, name)}")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise ValueError(f"DistillSettings.micro_batch must be None (chosen by memory) or >= 1, got "
+                             f"{self.micro_batch}")
         for name in ("lr_norms", "lr_scales", "lr_codebooks"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"DistillSettings.{name} must be >= 0, got {getattr(self, name)}")
@@ -67,6 +75,8 @@ class _Tunable(nn.Module):
         self.codebooks = nn.Parameter(layer.codebooks.float().clone(), requires_grad=codebooks)
         self.scale_factor = nn.Parameter(torch.ones_like(layer.scales, dtype=torch.float32), requires_grad=scales)
         self.fixed = None if codebooks or scales else self.weight().detach()
+        self.built: torch.Tensor | None = None   # during a step: weight() with its graph ...
+        self.leaf: torch.Tensor | None = None    # ... and a detached copy the micro-batches use and sum gradients in
 
     def weight(self) -> torch.Tensor:
         lay = self.layer
@@ -74,8 +84,19 @@ class _Tunable(nn.Module):
         w = reference.dequantize(lay.spec, lay.codes, self.codebooks, scales, lay.rot_signs)   # [out, in]
         return reference.add_outliers_to_weight(w, lay.outliers())
 
+    def begin_step(self) -> None:
+        """Build the weight once for a step's micro-batches (the dequantization not repeated per micro-batch)."""
+        if self.fixed is None:
+            self.built = self.weight()
+            self.leaf = self.built.detach().requires_grad_(True)
+
+    def end_step(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The weight and its summed gradient, to carry back to the codebooks and scales (None: no gradient)."""
+        built, leaf, self.built, self.leaf = self.built, self.leaf, None, None
+        return None if leaf is None or leaf.grad is None else (built, leaf.grad)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.fixed if self.fixed is not None else self.weight()
+        w = self.fixed if self.fixed is not None else self.leaf if self.leaf is not None else self.weight()
         bias = self.layer.bias
         return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
@@ -85,11 +106,6 @@ class _Tunable(nn.Module):
         lay = self.layer
         lay.codebooks.copy_(self.codebooks.to(lay.codebooks.dtype))
         lay.scales.copy_((lay.scales.float() * self.scale_factor).to(lay.scales.dtype))
-
-
-def _set_module(model: nn.Module, name: str, mod: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, mod)
 
 
 def _norm_gains(model: nn.Module) -> list[nn.Parameter]:
@@ -106,16 +122,52 @@ def _kl(student: nn.Module, teacher: nn.Module, ids: torch.Tensor) -> torch.Tens
     return F.kl_div(s[:, 1:], t[:, 1:], log_target=True, reduction="none").sum(-1).mean()
 
 
+def _vocab_size(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "vocab_size", None)
+
+
+def micro_batch(settings: DistillSettings, model: nn.Module, length: int) -> int:
+    """Sequences per forward/backward pass: ``settings.micro_batch``, else as many as keep a pass's fp32 logits
+    ``[n, length, vocab]`` under :data:`LOGITS_BYTES` (at least 1, at most ``settings.batch``)."""
+    if settings.micro_batch is not None:
+        return min(settings.micro_batch, settings.batch)
+    vocab = _vocab_size(model)
+    fits = LOGITS_BYTES // (4 * length * vocab) if vocab else settings.batch
+    return max(1, min(settings.batch, fits))
+
+
+def _step(model: nn.Module, teacher: nn.Module, tunables: list[_Tunable], ids: torch.Tensor, micro: int) -> float:
+    """One step's gradient, summed over micro-batches of ``micro`` sequences: the mean KL over ``ids`` [batch, T]."""
+    for t in tunables:
+        t.begin_step()
+    try:
+        total = 0.0
+        for part in ids.split(micro):
+            loss = _kl(model, teacher, part) * (part.shape[0] / ids.shape[0])
+            loss.backward()
+            total += loss.item()
+        carried = [c for c in (t.end_step() for t in tunables) if c is not None]
+        if carried:   # each layer's summed weight gradient on through its dequantization, once
+            torch.autograd.backward([w for w, _ in carried], [g for _, g in carried])
+    finally:
+        for t in tunables:
+            t.end_step()
+    return total
+
+
 def distill(model: nn.Module, teacher: nn.Module, settings: DistillSettings | None = None, *,
             ids: torch.Tensor | None = None, progress: bool = True) -> dict:
     """Tune ``model``'s (quantized, in place) norms, codebooks and scales to ``teacher`` (the original model); a
     part whose rate in ``settings`` is 0 stays as it is.
 
     ``ids`` ``[sequences, length]``: the text to tune on; by default ``settings.sequences`` sequences the teacher
-    samples itself.  Returns ``{"kl": per-step losses, "seconds": ..., "parameters": ...}``.
+    samples itself.  Returns ``{"kl": per-step losses, "kl_first", "kl_last": the mean of the last TAIL steps',
+    "seconds": ..., "parameters": ..., "micro_batch": ...}``.
     """
     s = settings or DistillSettings()
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, PQLinear)]
+    layers = pq_layers(model)
     if not layers:
         raise ValueError("distill: the model has no quantized (PQLinear) layers; quantize it first")
     device = next(teacher.parameters()).device
@@ -141,6 +193,7 @@ def distill(model: nn.Module, teacher: nn.Module, settings: DistillSettings | No
     for n, t in tunables.items():
         _set_module(model, n, t)
     saved_norms = [p.detach().clone() for p in norms]
+    micro = micro_batch(s, teacher, ids.shape[1])
     curve: list[float] = []
     done = False
     try:
@@ -150,9 +203,8 @@ def distill(model: nn.Module, teacher: nn.Module, settings: DistillSettings | No
         with evaluating(model), evaluating(teacher):
             for _ in tqdm(range(s.steps), desc="distill", unit="step", disable=not progress):
                 pick = torch.randperm(ids.shape[0], generator=gen)[:s.batch]
-                loss = _kl(model, teacher, ids[pick].to(device))     # ids: [batch, LENGTH]
                 opt.zero_grad()
-                loss.backward()
+                loss = _step(model, teacher, list(tunables.values()), ids[pick].to(device), micro)  # [batch, T]
                 for p, m in zip(norms, masters):
                     if p.grad is not None:
                         m.grad, p.grad = p.grad.float(), None
@@ -161,7 +213,7 @@ def distill(model: nn.Module, teacher: nn.Module, settings: DistillSettings | No
                 with torch.no_grad():
                     for p, m in zip(norms, masters):
                         p.copy_(m)
-                curve.append(loss.item())
+                curve.append(loss)
         done = True
     finally:   # an interrupted run leaves the model as it was
         with torch.no_grad():
@@ -175,6 +227,9 @@ def distill(model: nn.Module, teacher: nn.Module, settings: DistillSettings | No
         for p, r in requires.items():
             p.requires_grad_(r)
     seconds = time.perf_counter() - t0
-    log.info("distill: %d parameters, %d steps, KL %.4f -> %.4f (last 8 steps) in %.0f s", n_params, s.steps,
-             curve[0] if curve else float("nan"), sum(curve[-8:]) / max(1, len(curve[-8:])), seconds)
-    return {"kl": curve, "seconds": seconds, "parameters": n_params}
+    tail = curve[-TAIL:]
+    r = {"kl": curve, "kl_first": curve[0], "kl_last": sum(tail) / len(tail), "seconds": seconds,
+         "parameters": n_params, "micro_batch": micro}
+    log.info("distill: %d parameters, %d steps of %d sequences (%d per pass), KL %.4f -> %.4f (last %d steps) in "
+             "%.0f s", n_params, s.steps, s.batch, micro, r["kl_first"], r["kl_last"], TAIL, seconds)
+    return r
