@@ -163,3 +163,35 @@ def test_the_micro_batch_keeps_the_logits_under_the_budget(monkeypatch):
     assert mod.micro_batch(DistillSettings(batch=2), model, 16) == 2
     assert mod.micro_batch(DistillSettings(batch=8), model, 1000) == 1   # never fewer than one
     assert mod.micro_batch(DistillSettings(batch=8, micro_batch=5), model, 1000) == 5
+
+
+def test_cli_distill_of_a_saved_model_is_quantize_with_distill_steps(model_dir, tmp_path, capsys):
+    """`fasq quantize` then `fasq distill` gives the model `fasq quantize --distill-steps` gives, and keeps the
+    manifest's source the original (so `fasq eval --reference` still finds it)."""
+    from fasq.cli import main
+    from fasq.io import source_of
+
+    quant = ["-d", "2", "-k", "16", "--group-size", "32", "-q"]
+    assert main(["quantize", str(model_dir), "-o", str(tmp_path / "one"), *quant, "--distill-steps", "2"]) == 0
+    assert main(["quantize", str(model_dir), "-o", str(tmp_path / "q"), *quant]) == 0
+    capsys.readouterr()
+    assert main(["distill", str(tmp_path / "q"), "-o", str(tmp_path / "two"), "--steps", "2", "--json", "-q"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["distill"]["steps"] == 2 and r["distill"]["kl_first"] > 0 and r["distill"]["seed"] == 0
+    one, two, q = (fasq.load(tmp_path / n) for n in ("one", "two", "q"))
+    ids = torch.randint(0, 320, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(two(ids).logits, one(ids).logits, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(two(ids).logits, q(ids).logits, rtol=1e-4, atol=1e-4)
+    assert source_of(tmp_path / "two") == source_of(tmp_path / "q") == str(model_dir.resolve())
+
+
+def test_cli_distill_refuses_what_it_cannot_tune(model_dir, tmp_path, capsys):
+    from fasq.cli import main
+
+    assert main(["distill", str(model_dir), "-o", str(tmp_path / "d"), "-q"]) == 2   # not quantized
+    assert "not a fasq-quantized directory" in capsys.readouterr().err
+    assert main(["quantize", str(model_dir), "-o", str(tmp_path / "q"), "-d", "2", "-k", "16", "-q"]) == 0
+    assert main(["distill", str(tmp_path / "q"), "-o", str(tmp_path / "q"), "--overwrite", "-q"]) == 2
+    assert "input model" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

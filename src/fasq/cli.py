@@ -52,7 +52,7 @@ def cmd_quantize(args) -> int:
     quantize(model, config, progress=not args.quiet, device=args.device, target_bits=args.bits,
              target_fraction=args.target_size)
     t_q = time.perf_counter() - t1
-    distilled = _distill(args, model, teacher, config.seed) if teacher is not None else None
+    distilled = _distill(args, model, teacher, config.seed, args.distill_steps) if teacher is not None else None
     io.save(model, out, tokenizer=tok, overwrite=args.overwrite, force=args.force)
     rep = model_size_report(model)
     result = {"output": str(out), "config": config.to_dict(), "load_seconds": t_load, "quantize_seconds": t_q,
@@ -69,17 +69,52 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def _distill(args, model, teacher, seed: int) -> dict:
-    """--distill-steps: fasq.distill on the quantized model, against the original (``teacher``, then freed)."""
+def _distill(args, model, teacher, seed: int, steps: int) -> dict:
+    """fasq.distill on the quantized ``model`` against the original (``teacher``), as --distill-steps and
+    ``fasq distill`` run it; the JSON record of the run."""
     from .distill import DistillSettings, distill
 
-    settings = DistillSettings(steps=args.distill_steps, seed=seed)
+    settings = DistillSettings(steps=steps, seed=seed)
     if not args.quiet:
         print(f"distill: tuning norms, codebooks and scales to the original model's outputs on {settings.sequences} "
               f"sequences it samples itself, {settings.steps} steps", file=sys.stderr)
     r = distill(model, teacher, settings, progress=not args.quiet)
-    return {"steps": settings.steps, "sequences": settings.sequences, "seconds": r["seconds"],
-            "kl_first": r["kl_first"], "kl_last": r["kl_last"]}
+    return {"steps": settings.steps, "sequences": settings.sequences, "seed": seed, "seconds": r["seconds"],
+            "kl_first": r["kl_first"], "kl_last": r["kl_last"], "micro_batch": r["micro_batch"]}
+
+
+def cmd_distill(args) -> int:
+    """A saved fasq model tuned to the model it was quantized from (what --distill-steps does after quantizing)."""
+    from . import io
+    from .outputs import check_output
+
+    if not is_fasq_dir(args.model):
+        raise ValueError(f"{args.model} is not a fasq-quantized directory: fasq distill tunes one (to quantize and "
+                         "distill in one go: fasq quantize MODEL -o OUT --distill-steps N)")
+    original = args.original or source_of(args.model)
+    if original is None:
+        raise ValueError(f"{args.model} does not record the model it was quantized from: pass --original")
+    source = str(embedded_checkpoint(original) or original)
+    out = check_output(args.output, sources=(args.model, source), overwrite=args.overwrite, force=args.force)
+    t0 = time.perf_counter()
+    teacher, _ = load_any(original, dtype="stored")
+    dtype = next(teacher.parameters()).dtype
+    model, tok = io.load(args.model, dtype=dtype, with_tokenizer=True)
+    t_load = time.perf_counter() - t0
+    seed = args.seed if args.seed is not None else model.fasq_config.seed
+    distilled = _distill(args, model, teacher, seed, args.steps)
+    del teacher
+    model.config._name_or_path = source   # the manifest's source stays the original (fasq eval --reference)
+    io.save(model, out, tokenizer=tok, overwrite=args.overwrite, force=args.force)
+    result = {"output": str(out), "input": str(args.model), "original": source, "load_seconds": t_load,
+              "distill": distilled, "peak_rss_mb": peak_rss_mb()}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"wrote {out}: {args.model} tuned {args.steps} steps to {source}, KL {distilled['kl_first']:.4f} -> "
+              f"{distilled['kl_last']:.4f} (mean of the last steps) in {distilled['seconds']:.0f}s, peak RSS "
+              f"{result['peak_rss_mb']:.0f} MiB")
+    return 0
 
 
 def _embedding_note(rep: dict) -> str:
@@ -313,6 +348,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_quant_args(p)
     add_stream_args(p)
     p.set_defaults(fn=cmd_quantize)
+
+    p = sub.add_parser("distill", help="tune a quantized model's norms, codebooks and scales to its original model")
+    p.add_argument("model", help="a fasq directory (from fasq quantize)")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--original", default=None,
+                   help="the model it was quantized from (default: the one its manifest records)")
+    p.add_argument("--steps", type=positive_int, default=64, help="Adam steps (default 64, as measured)")
+    p.add_argument("--seed", type=nonnegative_int, default=None,
+                   help="seed of the sampled text and the batches (default: the quantization's seed)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing fasq output (or empty directory) at -o")
+    p.add_argument("--force", action="store_true",
+                   help="with --overwrite: replace -o even when it is not a fasq output (it is deleted)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(fn=cmd_distill)
 
     p = sub.add_parser("info", help="per-layer settings and sizes of a quantized model")
     p.add_argument("path")
