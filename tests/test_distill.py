@@ -175,7 +175,8 @@ def test_cli_distill_of_a_saved_model_is_quantize_with_distill_steps(model_dir, 
     assert main(["quantize", str(model_dir), "-o", str(tmp_path / "one"), *quant, "--distill-steps", "2"]) == 0
     assert main(["quantize", str(model_dir), "-o", str(tmp_path / "q"), *quant]) == 0
     capsys.readouterr()
-    assert main(["distill", str(tmp_path / "q"), "-o", str(tmp_path / "two"), "--steps", "2", "--json", "-q"]) == 0
+    assert main(["distill", str(tmp_path / "q"), "-o", str(tmp_path / "two"), "--steps", "2", "--json", "-q",
+                 "--device", "cpu"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["distill"]["steps"] == 2 and r["distill"]["kl_first"] > 0 and r["distill"]["seed"] == 0
     one, two, q = (fasq.load(tmp_path / n) for n in ("one", "two", "q"))
@@ -194,4 +195,11 @@ def test_cli_distill_refuses_what_it_cannot_tune(model_dir, tmp_path, capsys):
     assert main(["quantize", str(model_dir), "-o", str(tmp_path / "q"), "-d", "2", "-k", "16", "-q"]) == 0
     assert main(["distill", str(tmp_path / "q"), "-o", str(tmp_path / "q"), "--overwrite", "-q"]) == 2
     assert "input model" in capsys.readouterr().err
+    if not torch.cuda.is_available():   # a device the machine lacks is refused before anything loads
+        with pytest.raises(SystemExit):
+            main(["distill", str(tmp_path / "q"), "-o", str(tmp_path / "d"), "--device", "cuda"])
+        assert "no CUDA device" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["distill", str(tmp_path / "q"), "-o", str(tmp_path / "d"), "--device", "banana"])
+    assert "not a device" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()

@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from .cli_args import (_int_at_least, add_quant_args, config_from_args, nonnegative_int,  # noqa: F401
-                       peak_rss_mb, positive_int, announce_sampling)
+from .cli_args import (_int_at_least, add_quant_args, config_from_args, device_name,  # noqa: F401
+                       nonnegative_int, peak_rss_mb, positive_int, announce_sampling)
 from .data import embedded_checkpoint
 from .decode import ENGINES, lean_decoder
 from .io import is_fasq_dir, load_any, source_of
@@ -71,14 +71,24 @@ def cmd_quantize(args) -> int:
 
 def _distill(args, model, teacher, seed: int, steps: int) -> dict:
     """fasq.distill on the quantized ``model`` against the original (``teacher``), as --distill-steps and
-    ``fasq distill`` run it; the JSON record of the run."""
+    ``fasq distill`` run it, on ``args.device`` where one is named (both models moved there, ``model`` back to
+    the CPU after); the JSON record of the run."""
     from .distill import DistillSettings, distill
 
     settings = DistillSettings(steps=steps, seed=seed)
+    device = getattr(args, "device", None)
     if not args.quiet:
         print(f"distill: tuning norms, codebooks and scales to the original model's outputs on {settings.sequences} "
-              f"sequences it samples itself, {settings.steps} steps", file=sys.stderr)
-    r = distill(model, teacher, settings, progress=not args.quiet)
+              f"sequences it samples itself, {settings.steps} steps{f' on {device}' if device else ''}",
+              file=sys.stderr)
+    if device:
+        model.to(device)
+        teacher.to(device)
+    try:
+        r = distill(model, teacher, settings, progress=not args.quiet)
+    finally:
+        if device:
+            model.to("cpu")
     return {"steps": settings.steps, "sequences": settings.sequences, "seed": seed, "seconds": r["seconds"],
             "kl_first": r["kl_first"], "kl_last": r["kl_last"], "micro_batch": r["micro_batch"]}
 
@@ -333,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing fasq output (or empty directory) at -o")
     p.add_argument("--force", action="store_true",
                    help="with --overwrite: replace -o even when it is not a fasq output (it is deleted)")
-    p.add_argument("--device", default=None, help="where k-means runs (default: the weights' device)")
+    p.add_argument("--device", default=None, type=device_name,
+                   help="where k-means (and --distill-steps) runs (default: the weights' device)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--bits", type=float, help="target bits/weight of the quantized layers (per-layer d, K chosen); "
                       "with --size-of model, of the whole model")
@@ -357,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, default=64, help="Adam steps (default 64, as measured)")
     p.add_argument("--seed", type=nonnegative_int, default=None,
                    help="seed of the sampled text and the batches (default: the quantization's seed)")
+    p.add_argument("--device", default=None, type=device_name, help="where the tuning runs, e.g. cuda (default: the CPU)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing fasq output (or empty directory) at -o")
     p.add_argument("--force", action="store_true",
                    help="with --overwrite: replace -o even when it is not a fasq output (it is deleted)")

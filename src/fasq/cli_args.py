@@ -45,6 +45,24 @@ def _int_at_least(lo: int):
 positive_int, nonnegative_int = _int_at_least(1), _int_at_least(0)
 
 
+def device_name(text: str) -> str:
+    """A ``--device`` value: a torch device this machine has (refused before anything is loaded)."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: allowed are cpu, cuda, cuda:N, ...") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has no CUDA device (torch {torch.__version__})")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
+device_name.__name__ = "device"
+
+
 def add_quant_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantization settings (defaults: FASQConfig)")
     g.add_argument("--preset", choices=sorted(PRESETS), help="named operating point")
