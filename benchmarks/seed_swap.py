@@ -19,7 +19,8 @@ from fasq.config import PRESETS, preset
 from fasq.data import embedded_checkpoint
 from fasq.eval import load_text
 from fasq.eval.perplexity import perplexity
-from fasq.model import _set_module, pq_layers, quantize
+from fasq.model import pq_layers, quantize
+from fasq.nn import set_module
 
 
 def main(argv=None) -> None:
@@ -67,11 +68,11 @@ def main(argv=None) -> None:
     for group, names in groups.items():
         t0 = time.perf_counter()
         for n in names:
-            _set_module(model_a, n, layers_b[n])
+            set_module(model_a, n, layers_b[n])
         key = f"seed {seed_a} with seed {seed_b}'s {group}"
         res[key] = score(model_a)
         for n in names:
-            _set_module(model_a, n, layers_a[n])
+            set_module(model_a, n, layers_a[n])
         print(f"{key:40s} {res[key]:9.2f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
     if a.out:
         with open(a.out, "w") as f:

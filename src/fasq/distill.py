@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 
 from . import reference
 from .fit.samples import LENGTH, draw, evaluating
-from .model import _set_module, pq_layers
-from .nn import PQLinear
+from .model import pq_layers
+from .nn import PQLinear, set_module
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def distill(model: nn.Module, teacher: nn.Module, settings: DistillSettings | No
         p.requires_grad_(True)
         m.requires_grad_(True)
     for n, t in tunables.items():
-        _set_module(model, n, t)
+        set_module(model, n, t)
     saved_norms = [p.detach().clone() for p in norms]
     micro = micro_batch(s, teacher, ids.shape[1])
     curve: list[float] = []
@@ -220,7 +220,7 @@ def distill(model: nn.Module, teacher: nn.Module, settings: DistillSettings | No
             for n, t in tunables.items():
                 if done:
                     t.write_back()
-                _set_module(model, n, t.layer)
+                set_module(model, n, t.layer)
             if not done:
                 for p, v in zip(norms, saved_norms):
                     p.copy_(v)

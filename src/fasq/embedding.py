@@ -19,7 +19,7 @@ from torch import nn
 
 from . import reference
 from .format import BUFFER_DTYPES, LayerSpec
-from .nn import _CACHE_PREFIX, PQLinear
+from .nn import _CACHE_PREFIX, PQLinear, set_module
 
 
 # From this many ids a lookup decodes each distinct id once (torch.unique); below, every id as it comes.
@@ -175,11 +175,6 @@ def embed_scale_of(module: nn.Module) -> float:
     return float(s.float()) if torch.is_tensor(s) else float(s)
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def replace_embedding(model: nn.Module, name: str, spec: LayerSpec, tied_head: str | None = None,
                       tensors: dict[str, torch.Tensor] | None = None, device=None) -> PQEmbedding:
     """Swap the ``nn.Embedding`` at ``name`` for a PQEmbedding of ``spec``: reading the PQLinear at
@@ -206,7 +201,7 @@ def replace_embedding(model: nn.Module, name: str, spec: LayerSpec, tied_head: s
         new = PQEmbedding.from_tensors(spec, tensors, scale, pad, dtype=dtype)
     else:
         new = PQEmbedding(spec, scale, pad, device=device, dtype=dtype)
-    _set_module(model, name, new)
+    set_module(model, name, new)
     untie_in_transformers(model)
     return new
 

@@ -10,7 +10,10 @@ type priority), :mod:`fasq.planning` (skipped modules, the blocks a streaming ru
 A model is matched by its Hugging Face ``config.model_type``; a model no entry names gets :data:`GENERIC`,
 the Llama layout with today's norm detection by class name.  Whatever the entry, a decoder block with a
 norm the entry does not place (e.g. Gemma 2/3's pre-/post-feedforward norms under the generic entry) is
-refused with :class:`UnknownLayoutError` when equalizing, instead of being equalized wrongly.
+refused with :class:`UnknownLayoutError` when equalizing, instead of being equalized wrongly; a layer with the
+block's four children whose attention or MLP holds other projections than the entry's (Phi-3's fused
+``qkv_proj``, a mixture-of-experts MLP, Starcoder2's ``c_fc``) is not a block the entry can equalize, so it is
+left as it is (:meth:`Family.unmatched_blocks`; equalizing it would not be exact) and quantized all the same.
 
 Pure Python on purpose (no torch import): :mod:`fasq.config` reads it at import.
 """
@@ -97,8 +100,21 @@ class Family:
         return dataclasses.replace(self, **changes)
 
     # -- the block walk --------------------------------------------------------------------------------
-    def is_block(self, module) -> bool:
+    def has_block_children(self, module) -> bool:
         return all(hasattr(module, a) for a in (self.attention, self.mlp, self.attention_norm, self.mlp_norm))
+
+    def is_block(self, module) -> bool:
+        """A decoder block in this entry's layout: the four children, the attention's projections exactly
+        ``attention_inputs`` and ``output``, the MLP's exactly ``gate``, ``up`` and ``down`` (and its activation)."""
+        if not self.has_block_children(module):
+            return False
+        attn, mlp = getattr(module, self.attention), getattr(module, self.mlp)
+        return (_projections(attn) == {*self.attention_inputs, self.output} and self.value in self.attention_inputs
+                and _projections(mlp) == {self.gate, self.up, self.down} and hasattr(mlp, self.activation))
+
+    def unmatched_blocks(self, model) -> list[str]:
+        """The layers with a block's four children whose projections are not this entry's layout (not equalized)."""
+        return [name for name, m in model.named_modules() if self.has_block_children(m) and not self.is_block(m)]
 
     def blocks(self, model) -> Iterator[tuple[str, object]]:
         """(name, block) for each decoder block of ``model``, in module order.  Raises
@@ -129,6 +145,11 @@ class Family:
         if self.norm_kind == "by_class_name":   # the generic entry: Gemma's norms name themselves
             return "gemma" in type(norm).__name__.lower()
         return self.norm_kind == "rms_plus_one"
+
+
+def _projections(module) -> set[str]:
+    """The names of ``module``'s children that are linear layers (nn.Linear, a PQLinear: an ``in_features``)."""
+    return {n for n, c in module.named_children() if hasattr(c, "in_features") and hasattr(c, "out_features")}
 
 
 # ------------------------------------------------------------------------------------------------------

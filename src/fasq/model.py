@@ -18,7 +18,7 @@ from .fit.feedback import fitted_in_order
 from .fit.samples import draw, sampled_powers
 from .fit.pq import NonFiniteWeightError, quantize_weight
 from .format import LayerSpec
-from .nn import PQLinear
+from .nn import PQLinear, set_module
 from .planning import is_skipped, quantizable_linears  # noqa: F401  (their home is fasq.planning)
 from .embedding import PQEmbedding, replace_embedding
 from .planning import EmbeddingPlan, plan_quantization, quantization_record
@@ -50,12 +50,6 @@ def single_threaded(active: bool = True):
             faiss.omp_set_num_threads(prev_f)
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def replace_with_pq(model: nn.Module, specs: dict[str, LayerSpec], device=None) -> None:
     """Swap the named linears for empty PQLinear modules of the given specs (used by loading)."""
     for name, spec in specs.items():
@@ -68,7 +62,7 @@ def replace_with_pq(model: nn.Module, specs: dict[str, LayerSpec], device=None) 
         if (old.in_features, old.out_features) != (spec.in_features, spec.out_features):
             raise ValueError(f"module {name!r}: the model has a {old.out_features}x{old.in_features} linear, "
                              f"the quantization config says {spec.out_features}x{spec.in_features}")
-        _set_module(model, name, PQLinear(spec, device=device))
+        set_module(model, name, PQLinear(spec, device=device))
 
 
 @torch.no_grad()
@@ -110,7 +104,7 @@ def quantize(model: nn.Module, config: FASQConfig | None = None, *, progress: bo
 
     def place(name: str, lin: nn.Linear, spec: LayerSpec, tensors: dict, dt: float) -> None:
         dev = lin.weight.device
-        _set_module(model, name, PQLinear.from_tensors(spec, **{k: v.to(dev) for k, v in tensors.items()}))
+        set_module(model, name, PQLinear.from_tensors(spec, **{k: v.to(dev) for k, v in tensors.items()}))
         modules[name] = spec.to_dict()
         bar.set_postfix_str(name, refresh=False)
         bar.update(1)

@@ -12,6 +12,12 @@ from .kernels import layer_op
 # Attributes under this prefix are per-layer kernel caches (registry choices, prepared tensors, the
 # C++ plan): rebuilt on demand, dropped when buffers move and left out of copies and pickles.
 _CACHE_PREFIX = "_fasq_"
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at the dotted module path ``name`` of ``model`` (the swap every quantizer and loader does)."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 # torch.compile traces a call of this as True (one Python frame eagerly; torch.compiler.is_compiling
 # costs a few more, which count when a decode step's interpreter state is out of the caches).
 _is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)

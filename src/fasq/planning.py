@@ -12,6 +12,8 @@ meta device as on a loaded model.
 from __future__ import annotations
 
 import fnmatch
+import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -23,6 +25,12 @@ from .fit.allocate import allocate
 from .fit.equalize import MODES as EQUALIZE_MODES
 from .fit.pq import planned_spec
 from .format import FORMAT_VERSION, LayerSpec
+from .nn import PQLinear
+
+log = logging.getLogger(__name__)
+
+# nn.Linear subclasses whose forward is F.linear(x, weight, bias) (so a PQLinear computes what they do).
+PLAIN_LINEAR_SUBCLASSES = ("FalconLinear",)
 
 
 class NoLayersError(ValueError):
@@ -42,7 +50,21 @@ def quantizable_linears(model: nn.Module, config: FASQConfig) -> list[tuple[str,
     head = model.get_output_embeddings() if config.quantize_embeddings and hasattr(model, "get_output_embeddings") \
         else None
     return [(n, m) for n, m in model.named_modules()
-            if type(m) is nn.Linear and (m is head or not is_skipped(n, skip))]
+            if _plain_linear(m) and (m is head or not is_skipped(n, skip))]
+
+
+def _plain_linear(m: nn.Module) -> bool:
+    return type(m) is nn.Linear or (isinstance(m, nn.Linear) and type(m).__name__ in PLAIN_LINEAR_SUBCLASSES)
+
+
+def _no_layers(model: nn.Module, config: FASQConfig, what: str) -> NoLayersError:
+    """The error for a model with nothing to quantize, naming the layer types it has instead."""
+    others = Counter(type(m).__name__ for m in model.modules() if not _plain_linear(m)
+                     and not isinstance(m, nn.Embedding) and getattr(getattr(m, "weight", None), "ndim", 0) == 2)
+    found = ", ".join(f"{n} ({k})" for n, k in others.most_common(4)) or "none"
+    return NoLayersError(f"{type(model).__name__}: no nn.Linear layers to quantize {what} (skip_modules="
+                         f"{config.skip_modules}); fasq quantizes torch.nn.Linear layers, and this model's other "
+                         f"layers with a matrix are: {found}")
 
 
 @dataclass(frozen=True)
@@ -127,7 +149,33 @@ def equalize_blocks(model: nn.Module, mode: str) -> list[tuple[str, nn.Module]]:
         raise ValueError(f"equalize={mode!r}: allowed are {EQUALIZE_MODES}")
     if mode == "none":
         return []
-    return list(family_of(model).blocks(model))
+    fam = family_of(model)
+    unmatched = fam.unmatched_blocks(model)
+    if unmatched:
+        log.warning("equalize=%s: %d decoder layer(s) of %s (e.g. %s) hold other projections than the %r layout of "
+                    "fasq.families: they are quantized without equalization (add the layout there to equalize "
+                    "them)", mode, len(unmatched), type(model).__name__, unmatched[0], fam.name)
+    return list(fam.blocks(model))
+
+
+def _warn_unquantized(model: nn.Module, config: FASQConfig, targets: list[tuple[str, nn.Linear]]) -> None:
+    """Warn where a large share of the model's matrices is in layers fasq does not quantize (not skipped on
+    purpose, not embeddings): e.g. a mixture-of-experts block that keeps its experts as one 3-D parameter."""
+    skip = (*config.skip_modules, *family_of(model).skip)
+    quantized = {id(lin.weight) for _, lin in targets}
+    left: Counter = Counter()
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Embedding) or (name and is_skipped(name, skip)):
+            continue
+        for p in m.parameters(recurse=False):
+            if p.ndim >= 2 and id(p) not in quantized:
+                left[type(m).__name__] += p.numel()
+    done = sum(lin.weight.numel() for _, lin in targets)
+    if sum(left.values()) > 0.1 * done:
+        what = ", ".join(f"{n} ({k / 1e6:.1f}M weights)" for n, k in left.most_common(3))
+        log.warning("%s: %.0f%% of its matrix weights are in layers fasq does not quantize (only nn.Linear is): %s; "
+                    "they stay as they are, so the model shrinks less than the bits/weight of its linears say",
+                    type(model).__name__, 100 * sum(left.values()) / (sum(left.values()) + done), what)
 
 
 def plan_quantization(model: nn.Module, config: FASQConfig, layer_configs: dict[str, FASQConfig] | None = None,
@@ -138,10 +186,12 @@ def plan_quantization(model: nn.Module, config: FASQConfig, layer_configs: dict[
     arch = type(model).__name__
     targets = quantizable_linears(model, config)
     if not targets:
-        raise NoLayersError("no nn.Linear layers to quantize (all skipped by skip_modules="
-                            f"{config.skip_modules}?)")
+        raise _no_layers(model, config, "")
     emb_plan, head, fixed = _embedding_plan(model, config)
     body = [t for t in targets if head is None or t[0] != head[0]]
+    if not body and not any(isinstance(m, PQLinear) for m in model.modules()):   # (a quantized body: the table only)
+        raise _no_layers(model, config, "besides the output head")
+    _warn_unquantized(model, config, targets)
     layer_configs, allocation = allocate(model, body, config, target_bits, target_fraction,
                                          dict(layer_configs or {}), fixed_bytes=fixed)
     if head is not None:   # the head takes the embedding's settings, never the planner's

@@ -80,8 +80,8 @@ def fold_norm(norm: nn.Module, linears: list[nn.Linear], family: Family = GENERI
     if g is None or not linears:
         return False
     gain, ident = g
-    if any(lin.in_features != gain.numel() for lin in linears):
-        return False
+    if any(lin.in_features != gain.numel() for lin in linears) or getattr(norm, "bias", None) is not None:
+        return False   # a norm's bias (LayerNorm) would need dividing by the gain, which may be 0
     for lin in linears:
         lin.weight.mul_(gain.to(lin.weight.dtype)[None, :])
     norm.weight.fill_(ident)
@@ -302,7 +302,8 @@ def block_input_powers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tenso
 @torch.no_grad()
 def scale_inputs(norm: nn.Module, linears: list[nn.Linear], power: torch.Tensor, family: Family = GENERIC) -> bool:
     """Multiply the linears' input columns by ``s = power ** (POWER_EXPONENT / 2)`` (geometric mean 1) and
-    divide the norm's gain by ``s``: exact, and the linears' Frobenius error then weighs column i by s_i^2."""
+    divide the norm's gain (and bias) by ``s``: exact, and the linears' Frobenius error then weighs column i by
+    s_i^2."""
     g = _gain(norm, family)
     if g is None or not linears or any(lin.in_features != power.numel() for lin in linears):
         return False
@@ -310,6 +311,8 @@ def scale_inputs(norm: nn.Module, linears: list[nn.Linear], power: torch.Tensor,
     s = power.float().clamp_min(float(power.max()) * 1e-8 + 1e-30).pow(POWER_EXPONENT / 2)
     s = s / torch.exp(s.log().mean())
     norm.weight.copy_((gain / s - (1.0 - ident)).to(norm.weight.dtype))
+    if getattr(norm, "bias", None) is not None:   # LayerNorm: x_hat * w + b, all of it divided by s
+        norm.bias.div_(s.to(norm.bias.dtype))
     for lin in linears:
         lin.weight.mul_(s.to(lin.weight.dtype)[None, :])
     return True

@@ -7,7 +7,8 @@ massive channels sit on a few tokens the weights do not show).  No dataset is ne
 itself, sampled from its start token, writes text whose activations have them.  Here the model writes
 :data:`SEQUENCES` sequences (``FASQConfig.sample_sequences``; the presets: 32 at 4 bits, 128 at 3) of
 :data:`LENGTH` tokens (temperature 1, nucleus :data:`TOP_P`, a fixed seed), and the mean square of every input
-channel of the attention projections, of gate/up and of down_proj over those tokens replaces the estimate.  No text, file or download is involved: the quantizer stays calibration-free in
+channel of the attention projections, of gate/up and of down_proj over those tokens replaces the estimate.  No
+text, file or download is involved: the quantizer stays calibration-free in
 the sense that matters to a user (nothing but the model is needed), at the price of running the model for
 ``sequences * LENGTH`` tokens of decoding (SmolLM2-135M: about 25 s for 8 sequences on 2 CPU cores, about 60 s
 for 32, twice that for 64).  The same tokens give the input covariances of error feedback

@@ -297,7 +297,10 @@ def build_plan(source: Source, config: FASQConfig, layer_configs: dict[str, FASQ
         for k in (key, *tied.get(key, ())):
             if k in entries:
                 return entries[k]
-        raise CheckpointError(f"{source.path}: the checkpoint has no tensor {key!r}, which {arch} needs ({role})")
+        raise CheckpointError(f"{source.path}: the checkpoint has no tensor {key!r}, which {arch} needs ({role}); "
+                              "streaming reads tensors by the model's module names, and transformers renames or "
+                              "merges some on loading (e.g. a mixture-of-experts checkpoint's experts): quantize "
+                              "it with --in-memory (fasq.quantize), which loads it through transformers")
 
     try:
         qplan = plan_quantization(model, config, layer_configs, target_bits, target_fraction)

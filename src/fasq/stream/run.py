@@ -39,7 +39,8 @@ from ..config import FASQConfig
 from ..errors import StorageRangeError, check_fp16_range
 from ..fit.pq import NonFiniteWeightError, quantize_weight
 from ..format import LayerSpec
-from ..model import _set_module, single_threaded, warn_if_larger
+from ..model import single_threaded, warn_if_larger
+from ..nn import set_module
 from ..nn import PQLinear
 from ..outputs import check_output, move_into_place, remove_stale_temporaries
 from .plan import COMPANION_PATTERNS, INDEX_NAME, Plan, Unit, build_plan, open_source
@@ -360,7 +361,7 @@ class Workspace:
 
             with single_threaded(workers > 1), ThreadPoolExecutor(max_workers=workers) as pool:
                 for name, (spec, tensors) in fitted_in_order(model, ids, list(units), fit, pool):
-                    _set_module(model, name, PQLinear.from_tensors(spec, **tensors))
+                    set_module(model, name, PQLinear.from_tensors(spec, **tensors))
                     self.fitted[name] = spec, {k: v.cpu() for k, v in tensors.items()}
 
     def _run_equalize(self, u: Unit) -> dict:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..format import pack_codes, packed_words, unpack_codes
+from ..nn import set_module
 from .points import Point, distill_steps, fasq_config
 from .texts import Calibration
 
@@ -83,11 +84,6 @@ def load_original(model_path: str, dtype=torch.float32) -> nn.Module:
 def target_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     """The layers every method quantizes: all linears but the (tied) output head."""
     return [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and not n.endswith("lm_head")]
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -187,7 +183,7 @@ def run_rtn(point: Point, ctx: Context) -> Quantized:
         out = []
         for name, lin in target_linears(model):
             q = RTNLinear.from_linear(lin, bits, group)
-            _set_module(model, name, q)
+            set_module(model, name, q)
             out.append((name, q))
         return out
 
@@ -235,7 +231,7 @@ def run_nf4(point: Point, ctx: Context) -> Quantized:
             if lin.bias is not None:
                 q.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
             q = q.to("cpu")                           # Params4bit quantizes on its move to a device
-            _set_module(model, name, q)
+            set_module(model, name, q)
             out.append((name, q))
         return out
 

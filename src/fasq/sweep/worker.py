@@ -77,7 +77,7 @@ def dequant_check(q, n_layers: int = 2) -> dict:
 @torch.no_grad()
 def densify(q) -> nn.Module:
     """Replace each quantized layer by an fp32 nn.Linear holding its decoded weight; round the rest to fp16."""
-    from .methods import _set_module
+    from ..nn import set_module
 
     model = q.model
     dense_ids = set()
@@ -91,7 +91,7 @@ def densify(q) -> nn.Module:
         lin.weight.copy_(w)
         if bias is not None:
             lin.bias.copy_(bias.float())
-        _set_module(model, name, lin)
+        set_module(model, name, lin)
         dense_ids.add(id(lin.weight))
     if getattr(model, "is_quantized", False):   # transformers' flag from loading a quantized checkpoint: no
         model.is_quantized = False               # quantized layer is left, and a flagged model refuses .float()
