@@ -53,6 +53,7 @@ def cmd_quantize(args) -> int:
              target_fraction=args.target_size)
     t_q = time.perf_counter() - t1
     distilled = _distill(args, model, teacher, config.seed, args.distill_steps) if teacher is not None else None
+    del teacher   # the original is not needed to save (fasq distill frees it the same way)
     io.save(model, out, tokenizer=tok, overwrite=args.overwrite, force=args.force)
     rep = model_size_report(model)
     result = {"output": str(out), "config": config.to_dict(), "load_seconds": t_load, "quantize_seconds": t_q,
