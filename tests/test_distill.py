@@ -113,6 +113,21 @@ def test_cli_quantize_distills_in_memory(model_dir, tmp_path, capsys):
     assert fasq.load(out) is not None
 
 
+def test_cli_distill_sequences(model_dir, tmp_path, capsys):
+    """--distill-sequences (fasq distill --sequences) sets how many sequences are sampled; alone it is refused."""
+    from fasq.cli import main
+
+    quant = ["-d", "2", "-k", "16", "--group-size", "32", "--json", "-q"]
+    assert main(["quantize", str(model_dir), "-o", str(tmp_path / "q"), *quant, "--distill-steps", "1",
+                 "--distill-sequences", "5"]) == 0
+    assert json.loads(capsys.readouterr().out)["distill"]["sequences"] == 5
+    assert main(["distill", str(tmp_path / "q"), "-o", str(tmp_path / "d"), "--steps", "1", "--sequences", "6",
+                 "--json", "-q"]) == 0
+    assert json.loads(capsys.readouterr().out)["distill"]["sequences"] == 6
+    assert main(["quantize", str(model_dir), "-o", str(tmp_path / "x"), *quant, "--distill-sequences", "5"]) == 2
+    assert "--distill-steps" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_a_rate_of_zero_leaves_that_part_as_it_was():
     model, teacher = _quantized()
     before = _buffers(model)

@@ -335,6 +335,10 @@ def test_a_distill_point_runs_and_is_hashed_with_the_distillation(settings, swep
     assert fasq_config(point.settings) == fasq_config(plain)
     with pytest.raises(ValueError, match="distill_steps"):
         fasq_config({**plain, "distill_steps": -1})
+    assert fasq_config({**point.settings, "distill_sequences": 8}) == fasq_config(plain)
+    for bad in ({"distill_sequences": 0, "distill_steps": 2}, {"distill_sequences": 8}):   # (none: without steps)
+        with pytest.raises(ValueError, match="distill_sequences"):
+            fasq_config({**plain, **bad})
     assert fasq_code_hash(plain) == fasq_code_hash() != fasq_code_hash(point.settings)
     (doc,) = run_sweep(settings, tmp_path, points=[point], progress=False, isolate=False).values()
     (row,) = doc["rows"]

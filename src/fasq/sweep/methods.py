@@ -26,7 +26,7 @@ from torch import nn
 
 from ..format import pack_codes, packed_words, unpack_codes
 from ..nn import set_module
-from .points import Point, distill_steps, fasq_config
+from .points import Point, distill_sequences, distill_steps, fasq_config
 from .texts import Calibration
 
 log = logging.getLogger(__name__)
@@ -109,8 +109,9 @@ def run_fasq(point: Point, ctx: Context) -> Quantized:
         from ..distill import DistillSettings, distill
 
         def tune():
-            distill(model, load_original(ctx.model_path), DistillSettings(steps=steps, seed=config.seed),
-                    progress=ctx.progress)
+            n = distill_sequences(point.settings)
+            settings = DistillSettings(steps=steps, seed=config.seed, **({"sequences": n} if n else {}))
+            distill(model, load_original(ctx.model_path), settings, progress=ctx.progress)
         dt += _timed(tune)[1]
     table_names = _embedding_tables(model)
     layers = pq_layers(model)

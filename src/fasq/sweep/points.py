@@ -134,12 +134,14 @@ def parse_setting(text: str) -> dict[str, Any]:
 
 
 def fasq_config(settings: dict[str, Any]):
-    """The FASQConfig a fasq point stands for (validates the settings; ``distill_steps``: see :func:`distill_steps`)."""
+    """The FASQConfig a fasq point stands for (validates the settings; ``distill_steps`` and ``distill_sequences``:
+    see :func:`distill_steps`)."""
     from ..config import FASQConfig, preset
 
     s = dict(settings)
     distill_steps(s)
     s.pop("distill_steps", None)
+    s.pop("distill_sequences", None)
     name = s.pop("preset", None)
     return preset(name, **s) if name else FASQConfig(**s)
 
@@ -150,7 +152,19 @@ def distill_steps(settings: dict[str, Any]) -> int:
     n = settings.get("distill_steps", 0)
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"distill_steps={n!r}: must be an integer >= 0")
+    m = settings.get("distill_sequences")
+    if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+        raise ValueError(f"distill_sequences={m!r}: must be an integer >= 1")
+    if m is not None and not n:
+        raise ValueError(f"distill_sequences={m} without distill_steps: nothing would be distilled")
     return n
+
+
+def distill_sequences(settings: dict[str, Any]) -> int | None:
+    """A fasq point's ``distill_sequences``: how many sequences the distillation samples (``fasq quantize
+    --distill-sequences``); None: the library's default (:class:`fasq.distill.DistillSettings`)."""
+    distill_steps(settings)
+    return settings.get("distill_sequences")
 
 
 def default_points(methods: tuple[str, ...] | None = None,
