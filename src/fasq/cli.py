@@ -79,7 +79,7 @@ def _distill(args, model, teacher, seed: int, steps: int, sequences: int | None 
     the CPU after); the JSON record of the run."""
     from .distill import DistillSettings, distill
 
-    settings = DistillSettings(steps=steps, seed=seed, **({"sequences": sequences} if sequences else {}))
+    settings = DistillSettings(steps=steps, seed=seed, sequences=sequences or DistillSettings.sequences)
     device = getattr(args, "device", None)
     if not args.quiet:
         print(f"distill: tuning norms, codebooks and scales to the original model's outputs on {settings.sequences} "

@@ -109,8 +109,8 @@ def run_fasq(point: Point, ctx: Context) -> Quantized:
         from ..distill import DistillSettings, distill
 
         def tune():
-            n = distill_sequences(point.settings)
-            settings = DistillSettings(steps=steps, seed=config.seed, **({"sequences": n} if n else {}))
+            settings = DistillSettings(steps=steps, seed=config.seed,
+                                       sequences=distill_sequences(point.settings) or DistillSettings.sequences)
             distill(model, load_original(ctx.model_path), settings, progress=ctx.progress)
         dt += _timed(tune)[1]
     table_names = _embedding_tables(model)
