@@ -68,9 +68,11 @@ def equal_size(rows: list[dict]) -> list[dict]:
 
     Issue 25 compares fasq's presets with llama.cpp's types by name (4.25 b/w against IQ4_XS, 3.25 b/w against
     the 3-bit types), but on these models llama.cpp's types store 4.1-5.5 bits/weight: their 576- and 640-wide
-    rows fall back to 32-wide 4- and 5-bit types.  This is the comparison at equal or smaller size."""
+    rows fall back to 32-wide 4- and 5-bit types.  This is the comparison at equal or smaller size, of fasq's
+    quantization alone: rows with the opt-in distillation (``distill_steps``) have their own table in
+    docs/accuracy.md, and would make a row here jump between settings as they are added."""
     fasq = [r for r in rows if r.get("method") == "fasq" and r.get("status") == "ok"
-            and "seed" not in r.get("settings", {})]
+            and "seed" not in r.get("settings", {}) and not r.get("settings", {}).get("distill_steps")]
     out = []
     for r in rows:
         if r.get("method") != "llamacpp" or r.get("status") != "ok":
